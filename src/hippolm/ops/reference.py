@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import itertools
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -145,49 +147,86 @@ def chunk(
     return o.to(q.dtype), (S if output_final_state else None)
 
 
-def _chunk_core(q, k, v, g, beta, S0, C):
-    """q (pre-scaled), k [N, T, H, K]; v [N, T, H, V]; g, beta [N, T, H]; T a multiple of C."""
-    N, T, H, K = q.shape
-    V = v.shape[-1]
-    n = T // C
+def to_blocks(x: torch.Tensor, C: int) -> torch.Tensor:
+    """[N, T, H, ...] -> [N, H, n, C, ...] with T = n * C."""
+    N, T, H = x.shape[:3]
+    x = x.reshape(N, T // C, C, H, *x.shape[3:])
+    return x.permute(0, 3, 1, 2, *range(4, x.ndim))
 
-    def blocks(x):  # [N, T, H, ...] -> [N, H, n, C, ...]
-        x = x.reshape(N, n, C, H, *x.shape[3:])
-        return x.permute(0, 3, 1, 2, *range(4, x.ndim))
 
-    q, k, v = blocks(q), blocks(k), blocks(v)
+@dataclass
+class ChunkFactors:
+    """Per-chunk matrices of the recurrence, for all chunks at once ([N, H, n, ...]).
+
+    Within a chunk, with S the state before it and V the chunk's values:
+        outputs   = q_eff @ S + attn @ (mix @ V)
+        end state = gamma_end * S - k_end^T (w @ S) + k_end^T (mix @ V)
+    ``mix`` and ``w`` are the WY / UT-transform factors of the delta rule (None without it).
+    Zeroing a row of V removes exactly that token's write and keeps its transition.
+    """
+
+    attn: torch.Tensor  # [.., C, C] causal q.k scores with decay, diagonal included
+    q_eff: torch.Tensor  # [.., C, K] maps the incoming state to outputs
+    k_end: torch.Tensor  # [.., C, K] keys decayed to the chunk end
+    gamma_end: torch.Tensor | None  # [.., ] decay across the chunk
+    mix: torch.Tensor | None  # [.., C, C] values -> pseudo-values (delta rule)
+    w: torch.Tensor | None  # [.., C, K] incoming state -> pseudo-value correction (delta rule)
+
+    def pseudo_values(self, v: torch.Tensor) -> torch.Tensor:
+        return v if self.mix is None else self.mix @ v
+
+    def carry(self, S: torch.Tensor, i: int) -> torch.Tensor:
+        """The state S at the start of chunk i moved to its end, without chunk i's writes."""
+        out = S if self.gamma_end is None else S * self.gamma_end[:, :, i, None, None]
+        if self.w is not None:
+            out = out - self.k_end[:, :, i].transpose(-1, -2) @ (self.w[:, :, i] @ S)
+        return out
+
+    def write(self, u: torch.Tensor, i: int) -> torch.Tensor:
+        """What chunk i's pseudo-values u add to the state at its end."""
+        return self.k_end[:, :, i].transpose(-1, -2) @ u
+
+
+def chunk_factors(q, k, g, beta, C: int) -> ChunkFactors:
+    """q (pre-scaled), k [N, T, H, K]; g, beta [N, T, H] or None; T a multiple of C."""
+    q, k = to_blocks(q, C), to_blocks(k, C)
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     if g is not None:
-        G = blocks(g).cumsum(-1)  # log of the decay from the chunk start to each position
+        G = to_blocks(g, C).cumsum(-1)  # log of the decay from the chunk start to each position
         # Mask before exp: above the diagonal G_i - G_j > 0 can overflow.
         decay = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-        gamma = G.exp()[..., None]  # decay from the chunk start, [N, H, n, C, 1]
-        gamma_end = G[..., -1].exp()  # decay across the whole chunk, [N, H, n]
-        k_to_end = k * (G[..., -1:] - G).exp()[..., None]
+        gamma = G.exp()[..., None]
+        gamma_end = G[..., -1].exp()
+        k_end = k * (G[..., -1:] - G).exp()[..., None]
     else:
         decay = causal.to(q.dtype)
-        gamma, gamma_end, k_to_end = None, None, k
-    kq_attn = (q @ k.transpose(-1, -2)) * decay  # [N, H, n, C, C], inclusive causal
+        gamma, gamma_end, k_end = None, None, k
+    attn = (q @ k.transpose(-1, -2)) * decay
+    q_eff = q if gamma is None else q * gamma
+    mix = w = None
     if beta is not None:
         # Within a chunk S_r = gamma_r S_0 + sum_{j<=r} (gamma_r/gamma_j) k_j u_j^T, where the
         # pseudo-values u solve a unit lower-triangular system (the WY / UT transform):
         #   (I + tril_strict(diag(b) (K K^T * decay))) U = diag(b) V - diag(b gamma) K S_0.
-        b = blocks(beta)[..., None]
+        b = to_blocks(beta, C)
         eye = torch.eye(C, dtype=q.dtype, device=q.device)
-        A = eye + (b * (k @ k.transpose(-1, -2)) * decay).tril(-1)
-        u_free = torch.linalg.solve_triangular(A, b * v, upper=False, unitriangular=True)
-        w = torch.linalg.solve_triangular(
-            A, b * (k if gamma is None else gamma * k), upper=False, unitriangular=True
-        )
-    else:
-        u_free, w = v, None
+        A = eye + (b[..., None] * (k @ k.transpose(-1, -2)) * decay).tril(-1)
+        mix = torch.linalg.solve_triangular(A, eye * b[..., None, :], upper=False, unitriangular=True)
+        w = mix @ (k if gamma is None else gamma * k)
+        q_eff = q_eff - attn @ w
+    return ChunkFactors(attn, q_eff, k_end, gamma_end, mix, w)
+
+
+def _chunk_core(q, k, v, g, beta, S0, C):
+    """q (pre-scaled), k [N, T, H, K]; v [N, T, H, V]; g, beta [N, T, H]; T a multiple of C."""
+    N, T, H, K = q.shape
+    V = v.shape[-1]
+    f = chunk_factors(q, k, g, beta, C)
+    u = f.pseudo_values(to_blocks(v, C))
     S = q.new_zeros(N, H, K, V) if S0 is None else S0
     outs = []
-    for i in range(n):
-        u = u_free[:, :, i] if w is None else u_free[:, :, i] - w[:, :, i] @ S
-        q_i = q[:, :, i] if gamma is None else q[:, :, i] * gamma[:, :, i]
-        outs.append(q_i @ S + kq_attn[:, :, i] @ u)
-        S_carry = S if gamma_end is None else S * gamma_end[:, :, i, None, None]
-        S = S_carry + k_to_end[:, :, i].transpose(-1, -2) @ u
+    for i in range(T // C):
+        outs.append(f.q_eff[:, :, i] @ S + f.attn[:, :, i] @ u[:, :, i])
+        S = f.carry(S, i) + f.write(u[:, :, i], i)
     o = torch.stack(outs, dim=2)  # [N, H, n, C, V]
     return o.permute(0, 2, 3, 1, 4).reshape(N, T, H, V), S
