@@ -2,7 +2,8 @@
 
 Each recurrence has a dispatching entry point (``ssd``, ``delta_rule``, ``gated_delta_rule``),
 its reference forms (``*_recurrent``: token by token, the oracle; ``*_chunk``: chunkwise
-parallel; always plain PyTorch) and a decode step (``*_step``).
+parallel; always plain PyTorch) and a decode step (``*_step``). The log-linear (Fenwick-tree)
+variants ``loglinear_ssd`` and ``loglinear_gated_delta_rule`` take per-level weights ``lam``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,14 @@ from .dispatch import (
     gated_delta_rule_step,
     ssd,
     ssd_step,
+)
+from .loglinear import (
+    LogLinearState,
+    loglinear_gated_delta_rule,
+    loglinear_gated_delta_rule_step,
+    loglinear_ssd,
+    loglinear_ssd_step,
+    num_levels,
 )
 
 
@@ -38,6 +47,7 @@ gated_delta_rule_recurrent = _reference_form(gated_delta_rule, "recurrent")
 gated_delta_rule_chunk = _reference_form(gated_delta_rule, "chunk")
 
 __all__ = [
+    "LogLinearState",
     "delta_rule",
     "delta_rule_chunk",
     "delta_rule_recurrent",
@@ -46,6 +56,11 @@ __all__ = [
     "gated_delta_rule_chunk",
     "gated_delta_rule_recurrent",
     "gated_delta_rule_step",
+    "loglinear_gated_delta_rule",
+    "loglinear_gated_delta_rule_step",
+    "loglinear_ssd",
+    "loglinear_ssd_step",
+    "num_levels",
     "ssd",
     "ssd_chunk",
     "ssd_recurrent",

@@ -17,7 +17,6 @@ inputs are computed in float32 and states are kept in float32 (float64 for float
 from __future__ import annotations
 
 import itertools
-
 from dataclasses import dataclass
 
 import torch

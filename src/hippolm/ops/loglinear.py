@@ -1,0 +1,415 @@
+"""Log-linear (Fenwick-tree) attention over the Mamba-2 and Gated DeltaNet transitions.
+
+Positions are 0-indexed. A query t sees key s <= t at level ``level(t, s) = bit_length(t ^ s)``
+(0 for s == t); level l >= 1 holds the aligned block of 2^(l-1) keys just before
+``t - t mod 2^(l-1)`` when bit l-1 of t is set. With P(t, s) the product of transitions between
+s and t (scalar decays for Mamba-2, decayed Householder steps for Gated DeltaNet):
+
+    o_t = scale * sum_{s <= t} lam[t, level(t, s)] * q_t^T P(t, s) w_s v_s^T      (w_s = beta_s or 1)
+
+so equal ``lam`` across levels gives the linear op scaled by that value. Three forms:
+``naive`` (O(T^2) masked matrix, the oracle), ``recurrent`` (O(log T) level states per sequence,
+with a per-sequence token counter, batch-safe) and ``chunk`` (O(T log T): one dense block per
+chunk plus one inter-chunk pass per level above the chunk). Levels are computed with integer bit
+operations; a sequence longer than the levels cover is an error, never a silent truncation.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from ._checks import check_sequence_inputs, check_step_inputs
+from .reference import compute_dtype, resolve_scale, to_blocks
+
+
+@dataclass
+class LogLinearState:
+    """Decode state of a log-linear op for N sequences.
+
+    ``slots[:, :, l]`` holds the keys of level l of the last query's Fenwick partition (slot 0:
+    the last token); ``position`` counts the tokens each sequence has consumed.
+    """
+
+    slots: torch.Tensor  # [N, H, L, K, V]
+    position: torch.Tensor  # [N] int64
+
+    @property
+    def num_levels(self) -> int:
+        return self.slots.shape[2]
+
+
+def num_levels(max_len: int) -> int:
+    """Levels needed for sequences of up to ``max_len`` tokens: ceil(log2 max_len) + 1."""
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}.")
+    return (max_len - 1).bit_length() + 1
+
+
+def bit_length(x: torch.Tensor) -> torch.Tensor:
+    """Integer bit length of a non-negative int64 tensor (no float log2: exact at every power of two)."""
+    out = torch.zeros_like(x)
+    for b in range(max(int(x.max()), 0).bit_length() if x.numel() else 0):
+        out += (x >> b) > 0
+    return out
+
+
+def block_start(last: torch.Tensor, level: int) -> torch.Tensor:
+    """First position of the level-``level`` block of query ``last`` (slot 0: ``last`` itself)."""
+    if level == 0:
+        return last
+    half = 1 << (level - 1)
+    return last - last % half - half
+
+
+def _slot_occupied(last: torch.Tensor, level: int) -> torch.Tensor:
+    """Whether query ``last`` (-1: nothing seen yet) has a non-empty level-``level`` block."""
+    if level == 0:
+        return last >= 0
+    return (last >= 0) & (((last >> (level - 1)) & 1) == 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _check(q, k, v, g, beta, lam, initial_state, cu_seqlens, scale) -> tuple[int, torch.Tensor]:
+    """Validate; return (N, start positions [N])."""
+    n = check_sequence_inputs(q, k, v, {"g": g, "beta": beta}, None, cu_seqlens, scale)
+    B, T, H, K = q.shape
+    if not isinstance(lam, torch.Tensor) or lam.ndim != 4 or lam.shape[:3] != (B, T, H):
+        shape = tuple(lam.shape) if isinstance(lam, torch.Tensor) else type(lam).__name__
+        raise ValueError(f"lam must have shape [batch, time, heads, levels] with {(B, T, H)} leading, got {shape}.")
+    if not lam.dtype.is_floating_point:
+        raise ValueError(f"lam must be a floating tensor, got {lam.dtype}.")
+    if not bool(torch.isfinite(lam).all()):
+        raise ValueError("lam contains NaN or infinite values.")
+    L = lam.shape[-1]
+    if initial_state is None:
+        start = torch.zeros(n, dtype=torch.long, device=q.device)
+    else:
+        if not isinstance(initial_state, LogLinearState):
+            raise ValueError(f"initial_state must be a LogLinearState, got {type(initial_state).__name__}.")
+        want = (n, H, L, K, v.shape[-1])
+        if tuple(initial_state.slots.shape) != want:
+            raise ValueError(f"initial_state.slots must have shape [sequences, heads, levels, k_dim, v_dim] = "
+                             f"{want}, got {tuple(initial_state.slots.shape)}.")
+        if tuple(initial_state.position.shape) != (n,):
+            got = tuple(initial_state.position.shape)
+            raise ValueError(f"initial_state.position must have shape [{n}], got {got}.")
+        start = initial_state.position.to(device=q.device, dtype=torch.long)
+    lengths = (cu_seqlens.diff().to(start.device) if cu_seqlens is not None
+               else torch.full((n,), T, dtype=torch.long, device=start.device))
+    last = int((start + lengths).max()) - 1
+    if last >= 1 << (L - 1):
+        raise ValueError(f"position {last} needs {num_levels(last + 1)} levels but lam has {L}; "
+                         f"configure num_levels >= {num_levels(last + 1)} (covers {1 << (num_levels(last + 1) - 1)} "
+                         f"tokens).")
+    return n, start
+
+
+# ---------------------------------------------------------------------------------------------
+# Step and recurrent forms
+
+
+def _step(q, k, v, g, beta, lam, state: LogLinearState | None, scale):
+    N, H, K = q.shape
+    V, L = v.shape[-1], lam.shape[-1]
+    cd = compute_dtype(q.dtype)
+    scale = resolve_scale(scale, K)
+    if state is None:
+        slots = q.new_zeros(N, H, L, K, V, dtype=cd)
+        pos = torch.zeros(N, dtype=torch.long, device=q.device)
+    else:
+        slots, pos = state.slots.to(cd), state.position.to(q.device)
+    if int(pos.max()) >= 1 << (L - 1):
+        raise ValueError(f"a sequence reached position {int(pos.max())}, beyond the {1 << (L - 1)} tokens that "
+                         f"{L} levels cover; configure more levels.")
+    # Carry: going from query t-1 to t, slots 0..z merge into slot z+1 = level(t, t-1).
+    target = bit_length(pos ^ (pos - 1).clamp_min(0))  # [N]; unused where pos == 0
+    levels = torch.arange(L, device=q.device)
+    merging = (levels[None] < target[:, None]) & (pos[:, None] > 0)  # [N, L]
+    merged = (slots * merging[:, None, :, None, None]).sum(2)
+    into = (levels[None] == target[:, None]) & (pos[:, None] > 0)
+    slots = slots * ~merging[:, None, :, None, None] + into[:, None, :, None, None] * merged[:, :, None]
+    qc, kc, vc = q.to(cd), k.to(cd), v.to(cd)
+    if g is not None:
+        slots = slots * g.to(cd).exp()[..., None, None, None]
+    if beta is not None:
+        b = beta.to(cd)
+        pred = torch.einsum("nhlkv,nhk->nhlv", slots, kc)
+        slots = slots - b[..., None, None, None] * kc[:, :, None, :, None] * pred[:, :, :, None, :]
+        vc = vc * b[..., None]
+    slots = slots.clone()
+    slots[:, :, 0] = kc[..., :, None] * vc[..., None, :]
+    o = torch.einsum("nhlkv,nhk,nhl->nhv", slots, qc, lam.to(cd)) * scale
+    return o.to(q.dtype), LogLinearState(slots, pos + 1)
+
+
+def _recurrent(q, k, v, g, beta, lam, scale, initial_state, cu_seqlens):
+    _B, _T, H, K = q.shape
+    L, V = lam.shape[-1], v.shape[-1]
+    if cu_seqlens is None:  # all sequences step together; positions may differ (batch-safe step)
+        groups = [(slice(None), slice(None), initial_state)]
+    else:
+        offsets = cu_seqlens.tolist()
+        groups = [(0, slice(s, e), None if initial_state is None else LogLinearState(
+            initial_state.slots[i : i + 1], initial_state.position[i : i + 1]))
+            for i, (s, e) in enumerate(itertools.pairwise(offsets))]
+    outs, finals = [], []
+    for b, sl, state in groups:
+        xs = [None if x is None else (x[b, sl] if cu_seqlens is not None else x)
+              for x in (q, k, v, g, beta, lam)]
+        if cu_seqlens is not None:
+            xs = [None if x is None else x[None] for x in xs]
+        for t in range(xs[0].shape[1]):
+            o, state = _step(*(None if x is None else x[:, t] for x in xs), state, scale)
+            outs.append(o)
+        if state is None:  # an empty packed sequence and no initial state
+            state = LogLinearState(q.new_zeros(1, H, L, K, V, dtype=compute_dtype(q.dtype)),
+                                   torch.zeros(1, dtype=torch.long, device=q.device))
+        finals.append(state)
+    o = torch.stack(outs, 1) if cu_seqlens is None else torch.cat(outs)[None]
+    final = LogLinearState(torch.cat([f.slots for f in finals]), torch.cat([f.position for f in finals]))
+    return o, final
+
+
+# ---------------------------------------------------------------------------------------------
+# Naive O(T^2) form (the oracle)
+
+
+def _naive(q, k, v, g, beta, lam, scale, initial_state, cu_seqlens, start):
+    B, T, H, _K = q.shape
+    cd = compute_dtype(q.dtype)
+    out = torch.zeros(B, T, H, v.shape[-1], dtype=q.dtype, device=q.device)
+    for idx, (b, s, e) in enumerate(reference._sequence_bounds(T, cu_seqlens, B)):
+        if e == s:
+            continue
+        sl = slice(s, e)
+        qs, ks, vs, lams = q[b, sl][None].to(cd), k[b, sl][None].to(cd), v[b, sl][None].to(cd), lam[b, sl].to(cd)
+        gs = None if g is None else g[b, sl][None]
+        bs = None if beta is None else beta[b, sl][None]
+        n_tok = e - s
+        # The linear op on one-hot values gives its attention matrix A[t, s] = scale q_t^T P(t,s) w_s k_s.
+        onehot = torch.eye(n_tok, dtype=cd, device=q.device)[None, :, None, :].expand(1, n_tok, H, n_tok)
+        A = reference.recurrent(qs, ks, onehot, gs, bs, scale)[0][0]  # [t, H, s]
+        pos = int(start[idx]) + torch.arange(n_tok, device=q.device)
+        level = bit_length(pos[:, None] ^ pos[None, :])  # [t, s]
+        mask = lams.gather(-1, level[:, None, :].expand(n_tok, H, n_tok))  # lam[t, h, level(t, s)]
+        o = torch.einsum("ths,shv->thv", A * mask, vs[0])
+        if initial_state is not None:
+            last = start[idx : idx + 1] - 1
+            for lvl in range(lam.shape[-1]):
+                if not bool(_slot_occupied(last, lvl)):
+                    continue
+                S = initial_state.slots[idx : idx + 1, :, lvl].to(cd)
+                zeros = torch.zeros_like(vs)
+                read = reference.recurrent(qs, ks, zeros, gs, bs, scale, initial_state=S)[0][0]  # [t, H, V]
+                lvl_t = bit_length(pos ^ block_start(last, lvl))
+                o = o + read * lams.gather(-1, lvl_t[:, None, None].expand(n_tok, H, 1))
+        out[b, sl] = o.to(q.dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunkwise O(T log T) form
+
+
+def _chunk(q, k, v, g, beta, lam, scale, initial_state, output_final_state, cu_seqlens, start, C):
+    if C & (C - 1):
+        raise ValueError(f"chunk_size must be a power of two for log-linear ops, got {C}.")
+    B, T, H, K = q.shape
+    V, L = v.shape[-1], lam.shape[-1]
+    cd = compute_dtype(q.dtype)
+    scale = resolve_scale(scale, K)
+    dev = q.device
+    bounds = reference._sequence_bounds(T, cu_seqlens, B)
+    N = len(bounds)
+    # Align chunks to absolute positions: sequence n is placed after start_n mod C dummy tokens
+    # (zero keys/values, no decay, beta 0: they neither write nor transition).
+    left = start % C
+    lengths = torch.tensor([e - s for _, s, e in bounds], device=dev)
+    span = int((left + lengths).max())
+    n_chunks = max(1, -(-span // C))
+    Tp = n_chunks * C
+    first_chunk = start // C  # absolute chunk index of padded chunk 0, [N]
+    # Enough level columns for every padded position (real pairs never exceed L - 1).
+    L_pad = max(L, int(bit_length((first_chunk * C + Tp - 1).max().reshape(1))) + 1)
+
+    def place(x):
+        if x is None:
+            return None
+        buf = x.new_zeros(N, Tp, *x.shape[2:])
+        for idx, (b, s, e) in enumerate(bounds):
+            buf[idx, int(left[idx]) : int(left[idx]) + e - s] = x[b, s:e]
+        return buf
+
+    qp, kp, vp, gp, bp = (place(x) for x in (q, k, v, g, beta))
+    lamp = F.pad(place(lam).to(cd), (0, L_pad - L))
+    f = reference.chunk_factors(qp.to(cd) * scale, kp.to(cd), None if gp is None else gp.to(cd),
+                                None if bp is None else bp.to(cd), C)
+    vb = to_blocks(vp.to(cd), C)  # [N, H, n, C, V]
+    u = f.pseudo_values(vb)
+    lamb = to_blocks(lamp, C)  # [N, H, n, C, L_pad]
+    c_bits = C.bit_length() - 1
+
+    # Intra-chunk: levels 0..log2(C) are the same in every aligned chunk.
+    r = torch.arange(C, device=dev)
+    lvl_in = bit_length(r[:, None] ^ r[None, :])
+    lam_in = lamb.gather(-1, lvl_in.expand(*lamb.shape[:3], C, C))
+    attn_full = f.attn if f.mix is None else f.attn @ f.mix
+    o = (attn_full * lam_in) @ vb  # [N, H, n, C, V]
+
+    # Inter-chunk, one pass per chunk-level bit j: chunks with bit j clear write, chunks with
+    # bit j set read (at level log2(C) + 1 + j); the state restarts every 2^(j+1) chunks.
+    outs = list(o.unbind(2))
+    last_abs_chunk = int((first_chunk + n_chunks - 1).max())
+    for j in range(last_abs_chunk.bit_length()):
+        S = q.new_zeros(N, H, K, V, dtype=cd)
+        lvl = c_bits + 1 + j
+        for i in range(n_chunks):
+            ci = first_chunk + i
+            S = S * (ci % (1 << (j + 1)) != 0).view(N, 1, 1, 1)
+            reads = ((ci >> j) & 1).bool().view(N, 1, 1, 1)
+            outs[i] = outs[i] + reads * lamb[:, :, i, :, lvl, None] * (f.q_eff[:, :, i] @ S)
+            S = f.carry(S, i) + ~reads * f.write(u[:, :, i], i)
+
+    pos = first_chunk[:, None] * C + torch.arange(Tp, device=dev)[None]  # absolute positions [N, Tp]
+    carried = None
+    if initial_state is not None:
+        # Every slot of the initial state is one aligned block; blocks only merge later, so all
+        # its keys share one level for every later query. All slots move together, stacked.
+        last = start - 1
+        starts = torch.stack([block_start(last, lv) for lv in range(L)], 1)  # [N, L]
+        occupied = torch.stack([_slot_occupied(last, lv) for lv in range(L)], 1)
+        S = (initial_state.slots.to(cd) * occupied[:, None, :, None, None]).permute(0, 1, 3, 2, 4)
+        S = S.reshape(N, H, K, L * V)
+        lvl_all = bit_length(pos[:, :, None] ^ starts.clamp_min(0)[:, None, :])  # [N, Tp, L]
+        lvl_b = to_blocks(lvl_all[:, :, None].expand(N, Tp, H, L), C)  # [N, H, n, C, L]
+        for i in range(n_chunks):
+            read = (f.q_eff[:, :, i] @ S).reshape(N, H, C, L, V)
+            outs[i] = outs[i] + (read * lamb[:, :, i].gather(-1, lvl_b[:, :, i])[..., None]).sum(3)
+            S = f.carry(S, i)
+        carried = (S.reshape(N, H, K, L, V), starts, occupied)
+
+    o = torch.stack(outs, 2).permute(0, 2, 3, 1, 4).reshape(N, Tp, H, V)
+    o = torch.cat([o[idx, int(left[idx]) : int(left[idx]) + e - s] for idx, (_, s, e) in enumerate(bounds)])
+    o = o[None] if cu_seqlens is not None else o.reshape(B, T, H, V)
+    if not output_final_state:
+        return o.to(q.dtype), None
+
+    # Final slots: bucket the new keys by their level to the last query, in one stacked pass.
+    end = start + lengths
+    last_q = (end - 1)[:, None]
+    real = (pos >= start[:, None]) & (pos < end[:, None])
+    key_level = torch.where(real, bit_length((last_q ^ pos).clamp_min(0)), -1)  # [N, Tp]
+    masks = (key_level[..., None] == torch.arange(L, device=dev)).to(cd)  # [N, Tp, L]
+    vm = to_blocks((vp.to(cd)[..., None, :] * masks[:, :, None, :, None]).reshape(N, Tp, H, L * V), C)
+    um = f.pseudo_values(vm)
+    S = q.new_zeros(N, H, K, L * V, dtype=cd)
+    for i in range(n_chunks):
+        S = f.carry(S, i) + f.write(um[:, :, i], i)
+    slots = S.reshape(N, H, K, L, V).permute(0, 1, 3, 2, 4).contiguous()
+    if carried is not None:
+        S_old, starts, occupied = carried
+        old_level = bit_length((last_q ^ starts.clamp_min(0)).clamp_min(0))  # [N, L]
+        route = F.one_hot(old_level.clamp_max(L - 1), L).to(cd) * occupied[..., None]  # [N, from, to]
+        slots = slots + torch.einsum("nhklv,nlm->nhmkv", S_old, route)
+    return o.to(q.dtype), LogLinearState(slots, end)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def _run(q, k, v, g, beta, lam, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size):
+    _, start = _check(q, k, v, g, beta, lam, initial_state, cu_seqlens, scale)
+    if mode == "chunk":
+        return _chunk(q, k, v, g, beta, lam, scale, initial_state, output_final_state, cu_seqlens, start,
+                      chunk_size)
+    if mode == "recurrent":
+        o, final = _recurrent(q, k, v, g, beta, lam, scale, initial_state, cu_seqlens)
+        return o, (final if output_final_state else None)
+    if mode == "naive":
+        if output_final_state:
+            raise ValueError("mode='naive' returns outputs only; use mode='recurrent' or 'chunk' for states.")
+        return _naive(q, k, v, g, beta, lam, scale, initial_state, cu_seqlens, start), None
+    raise ValueError(f"mode must be 'chunk', 'recurrent' or 'naive', got {mode!r}.")
+
+
+def loglinear_ssd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    lam: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: LogLinearState | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    mode: str = "chunk",
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, LogLinearState | None]:
+    """Log-linear Mamba-2: ``o_t = scale sum_s lam[t, level(t,s)] (prod_{r=s+1..t} a_r) (q_t . k_s) v_s``.
+
+    Args as :func:`hippolm.ops.ssd`, plus ``lam`` [B, T, H, L]: per-token, per-head weight of
+    each level (L = :func:`num_levels` of the longest sequence). States are
+    :class:`LogLinearState`; ``mode`` is ``"chunk"``, ``"recurrent"`` or ``"naive"`` (outputs only).
+    """
+    return _run(q, k, v, g, None, lam, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size)
+
+
+def loglinear_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    lam: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: LogLinearState | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    mode: str = "chunk",
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, LogLinearState | None]:
+    """Log-linear Gated DeltaNet: the hierarchical mask of :func:`loglinear_ssd` applied to the
+    gated delta rule's attention matrix (exact: scalar weights commute with the transitions)."""
+    return _run(q, k, v, g, beta, lam, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size)
+
+
+def _check_step(q, k, v, g, beta, lam, state):
+    check_step_inputs(q, k, v, {"g": g, "beta": beta}, None)
+    if not isinstance(lam, torch.Tensor) or lam.ndim != 3 or lam.shape[:2] != q.shape[:2]:
+        shape = tuple(lam.shape) if isinstance(lam, torch.Tensor) else type(lam).__name__
+        raise ValueError(f"lam must have shape [batch, heads, levels] with {tuple(q.shape[:2])} leading, got {shape}.")
+    if state is not None:
+        want = (q.shape[0], q.shape[1], lam.shape[-1], q.shape[-1], v.shape[-1])
+        if not isinstance(state, LogLinearState) or tuple(state.slots.shape) != want:
+            raise ValueError(f"state must be a LogLinearState with slots of shape {want}.")
+
+
+def loglinear_ssd_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, lam: torch.Tensor,
+    state: LogLinearState | None, scale: float | None = None,
+) -> tuple[torch.Tensor, LogLinearState]:
+    """One decode step, O(log T): q, k [B, H, K], v [B, H, V], g [B, H], lam [B, H, L].
+
+    Sequences in the batch may be at different positions (``state.position``)."""
+    _check_step(q, k, v, g, None, lam, state)
+    return _step(q, k, v, g, None, lam, state, scale)
+
+
+def loglinear_gated_delta_rule_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, lam: torch.Tensor,
+    state: LogLinearState | None, scale: float | None = None,
+) -> tuple[torch.Tensor, LogLinearState]:
+    """One decode step of :func:`loglinear_gated_delta_rule` (shapes as :func:`loglinear_ssd_step`)."""
+    _check_step(q, k, v, g, beta, lam, state)
+    return _step(q, k, v, g, beta, lam, state, scale)
