@@ -12,7 +12,8 @@ from hippolm.ops import fla_backend
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-SHAPES = [(2, 100, 4, 64, 64), (1, 1000, 2, 128, 128), (3, 64, 2, 32, 64)]
+# Head dims 128 only: every new head dim costs minutes of Triton autotuning on the GPU.
+SHAPES = [(2, 100, 4, 128, 128), (1, 1000, 2, 128, 128)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}H{}K{}V{}".format(*s))
@@ -32,7 +33,7 @@ def test_cuda_dispatch_matches_reference(op_name, shape, dtype, tol, mode):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 5e-3), (torch.bfloat16, 5e-2)])
 def test_cuda_dispatch_gradients_match_reference(op_name, dtype, tol):
-    B, T, H, K, V = 2, 200, 2, 64, 64
+    B, T, H, K, V = 2, 200, 2, 128, 128
     ref_in = make_inputs(op_name, B, T, H, K, V, seed=1)
     grads = {}
     for where in ("reference", "cuda"):
@@ -50,7 +51,7 @@ def test_cuda_dispatch_gradients_match_reference(op_name, dtype, tol):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_packed_variable_lengths(op_name, dtype):
     lengths = [300, 1, 77, 128]
-    T, H, K, V = sum(lengths), 2, 64, 64
+    T, H, K, V = sum(lengths), 2, 128, 128
     ref_in = make_inputs(op_name, 1, T, H, K, V, seed=2)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
     o_ref, s_ref = getattr(ops, f"{op_name}_chunk")(*ref_in, cu_seqlens=cu, output_final_state=True)
@@ -61,9 +62,12 @@ def test_cuda_packed_variable_lengths(op_name, dtype):
 
 
 def test_report_backend():
-    """Not an assertion of speed: prints which backend the dispatch picks here."""
-    q = torch.zeros(1, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
-    for op in OP_GATES:
-        for grad in (False, True):
-            t = q.clone().requires_grad_(grad)
-            print(op, "grad" if grad else "no-grad", "->", fla_backend.unsupported_reason(op, t, t, [t]) or "fla")
+    """Prints which kernel the dispatch picks here; asserts FLA is used where it is right."""
+    for dtype in (torch.bfloat16, torch.float32):
+        for op in OP_GATES:
+            for grad in (False, True):
+                t = torch.zeros(1, 8, 1, 128, device="cuda", dtype=dtype, requires_grad=grad)
+                form, why = fla_backend.plan(op, "chunk", t, t, [t])
+                print(f"{dtype} {op} {'grad' if grad else 'no-grad'} -> {form or 'torch'} ({why})")
+                if not grad and fla_backend.fla_available():
+                    assert form is not None

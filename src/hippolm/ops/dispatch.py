@@ -43,12 +43,11 @@ def _run(
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
     if backend != "torch":
         tensors = [x for x in (q, k, v, g, beta, initial_state) if x is not None]
-        why_not = fla_backend.unsupported_reason(op, q, v, tensors)
-        if why_not is None:
-            return fla_backend.run(op, mode, q, k, v, g, beta, scale, initial_state,
-                                   output_final_state, cu_seqlens)
+        form, why = fla_backend.plan(op, mode, q, v, tensors)
+        if form is not None:
+            return fla_backend.run(op, form, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
         if backend == "fla":
-            raise ValueError(f"backend='fla' cannot run {op} here: {why_not}. Use backend='auto'.")
+            raise ValueError(f"backend='fla' cannot run {op} here: {why}. Use backend='auto'.")
     form = reference.chunk if mode == "chunk" else reference.recurrent
     kwargs = {"chunk_size": chunk_size} if mode == "chunk" else {}
     return form(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, **kwargs)

@@ -1,18 +1,27 @@
-"""FLA (flash-linear-attention, optional ``[cuda]`` extra) kernels behind the dispatch.
+"""FLA (flash-linear-attention 0.6.0, optional ``[cuda]`` extra) kernels behind the dispatch.
 
-:func:`unsupported_reason` says why FLA must not run a call (None when it may); the dispatch
-then falls back to the reference. FLA is imported lazily so CPU installs never need it.
+:func:`plan` returns the FLA kernel to run a call with, or the reason none is right for it (the
+dispatch then runs the reference). What FLA 0.6.0 gets wrong or refuses, and how we route:
+
+- gated chunk backward (``chunk_simple_gla`` with ``g``, ``chunk_gated_delta_rule``) on Hopper
+  with Triton in [3.4, 3.7.1) raises (FLA: "produces incorrect results"): Mamba-2/SSD then uses
+  FLA's fused recurrent kernel, which has a correct backward; Gated DeltaNet has no FLA kernel
+  with a backward there, so it falls back to the reference;
+- ``chunk_delta_rule`` rejects float32: use ``fused_recurrent_delta_rule``;
+- ``fused_recurrent_gated_delta_rule`` has no backward: use the chunk kernel when gradients flow;
+- no float64, head dims up to 256, even head dims for 16-bit backward.
+FLA is imported lazily so CPU installs never need it.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Callable
 
 import torch
 
 _FLA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_GATED_OPS = ("ssd", "gated_delta_rule")
 
 
 @functools.cache
@@ -21,47 +30,61 @@ def fla_available() -> bool:
 
 
 @functools.cache
-def _gated_backward_refused(device_index: int) -> bool:
-    """FLA 0.6.0 refuses the backward of its gated chunk kernels on Hopper with Triton in
-    [3.4, 3.7.1) because they give wrong results there; we must not call it then."""
+def gated_chunk_backward_broken(device_index: int) -> bool:
+    """FLA 0.6.0's own guard: Hopper (sm_90) with Triton >= 3.4 and < 3.7.1."""
     import triton
 
-    major, _minor = torch.cuda.get_device_capability(device_index)
-    version = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:3] if p.isdigit())
-    return major == 9 and (3, 4, 0) <= version < (3, 7, 1)
+    major, _ = torch.cuda.get_device_capability(device_index)
+    parts = [int(p) for p in triton.__version__.split("+")[0].split(".")[:3] if p.isdigit()]
+    return major == 9 and (3, 4, 0) <= tuple(parts) < (3, 7, 1)
 
 
-def unsupported_reason(op: str, q: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor]) -> str | None:
-    if not q.is_cuda:
-        return "inputs are not on a CUDA device"
-    if not fla_available():
-        return "FLA is not installed (pip install 'hippolm[cuda]')"
-    if q.dtype not in _FLA_DTYPES:
-        return f"FLA kernels do not take {q.dtype}"
-    if q.shape[-1] > 256 or v.shape[-1] > 256:
-        return "FLA kernels take head dims up to 256"
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if needs_grad and op in _GATED_OPS and _gated_backward_refused(q.device.index or 0):
-        return "FLA's gated backward is incorrect on Hopper with this Triton version"
-    return None
-
-
-def run(op, mode, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
-    kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-                  cu_seqlens=cu_seqlens)
-    if initial_state is not None:
-        kwargs["initial_state"] = initial_state.float()
+def _kernel(op: str, form: str) -> Callable:
     if op == "ssd":
         from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
 
-        fn = chunk_simple_gla if mode == "chunk" else fused_recurrent_simple_gla
-        return fn(q, k, v, g=g, **kwargs)
+        return chunk_simple_gla if form == "chunk" else fused_recurrent_simple_gla
     if op == "delta_rule":
         from fla.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
 
-        fn = chunk_delta_rule if mode == "chunk" else fused_recurrent_delta_rule
-        return fn(q, k, v, beta=beta, **kwargs)
+        return chunk_delta_rule if form == "chunk" else fused_recurrent_delta_rule
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
-    fn = chunk_gated_delta_rule if mode == "chunk" else fused_recurrent_gated_delta_rule
+    return chunk_gated_delta_rule if form == "chunk" else fused_recurrent_gated_delta_rule
+
+
+def plan(op: str, mode: str, q: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor]) -> tuple[str | None, str]:
+    """Return (FLA form to use: "chunk" | "recurrent" | None, reason)."""
+    if not q.is_cuda:
+        return None, "inputs are not on a CUDA device"
+    if not fla_available():
+        return None, "FLA is not installed (pip install 'hippolm[cuda]')"
+    if q.dtype not in _FLA_DTYPES:
+        return None, f"FLA kernels do not take {q.dtype}"
+    K, V = q.shape[-1], v.shape[-1]
+    if K > 256 or V > 256:
+        return None, "FLA kernels take head dims up to 256"
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if needs_grad and q.element_size() == 2 and (K % 2 or V % 2):
+        return None, "FLA's 16-bit backward needs even head dims"
+    form = mode
+    if op == "delta_rule" and q.dtype == torch.float32:
+        form = "recurrent"  # chunk_delta_rule rejects float32
+    if op == "gated_delta_rule" and needs_grad:
+        form = "chunk"  # the fused recurrent kernel has no backward
+    if needs_grad and form == "chunk" and op != "delta_rule" and gated_chunk_backward_broken(q.device.index or 0):
+        if op == "gated_delta_rule":
+            return None, "FLA's gated chunk backward is wrong on Hopper with Triton 3.4-3.7.0 and it has no other"
+        form = "recurrent"
+    return form, "fla"
+
+
+def run(op, form, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
+    kwargs = dict(scale=scale, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                  initial_state=None if initial_state is None else initial_state.float())
+    fn = _kernel(op, form)
+    if op == "ssd":
+        return fn(q, k, v, g=g, **kwargs)
+    if op == "delta_rule":
+        return fn(q, k, v, beta=beta, **kwargs)
     return fn(q, k, v, g=g, beta=beta, **kwargs)
