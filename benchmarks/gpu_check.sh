@@ -7,11 +7,16 @@ what=${1:-all}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+# Triton autotuning of FLA kernels takes minutes per new shape: reuse a cache carried from a
+# previous call (.gpu_cache, git-ignored) and hand the updated one back in $OUT.
+if [ -f .gpu_cache/triton_cache.tgz ]; then mkdir -p ~/.triton && tar -xzf .gpu_cache/triton_cache.tgz -C ~/.triton; fi
+trap 'tar -czf "$OUT/triton_cache.tgz" -C ~/.triton cache 2>/dev/null' EXIT
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton, fla; print('torch', torch.__version__, 'triton', triton.__version__, 'fla', fla.__version__)"
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  python3 -m pytest -q -p no:cacheprovider -s tests/test_ops_cuda.py 2>&1 | tee "$OUT/test_ops_cuda.log" | tail -40
+  timeout ${TEST_TIMEOUT:-280} python3 -m pytest -q -p no:cacheprovider -s tests/test_ops_cuda.py 2>&1 \
+    | tee "$OUT/test_ops_cuda.log" | tail -40
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  python3 benchmarks/ops_gpu.py --json "$OUT/ops_gpu.json" 2>&1 | tee "$OUT/ops_gpu.log"
+  timeout ${BENCH_TIMEOUT:-280} python3 benchmarks/ops_gpu.py --json "$OUT/ops_gpu.json" 2>&1 | tee "$OUT/ops_gpu.log"
 fi
