@@ -94,7 +94,21 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     H, d = args.heads, args.dim
+    import fla
+    import triton
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "fla": getattr(fla, "__version__", "?"), "python": platform.python_version(),
+            "date": datetime.date.today().isoformat(), "dtype": "bfloat16", "heads": H, "head_dim": d,
+            "tokens_per_batch": args.tokens}
     rows = []
+
+    def save():  # after every length, so a run cut short still leaves its numbers
+        for r in rows:
+            r["tokens_per_s"] = None if r["ms"] is None else r["B"] * r["T"] / (r["ms"] / 1e3)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "results": rows}, f, indent=2)
+
     for T in (int(x) for x in args.lengths.split(",")):
         B = max(1, args.tokens // T)
         for backward in (False, True):
@@ -115,23 +129,14 @@ def main() -> None:
                 rows.append({"T": T, "B": B, "impl": "fla_direct", "op": op, "backward": backward,
                              "ms": ms, "error": err})
                 del x
-    for r in rows:
-        r["tokens_per_s"] = None if r["ms"] is None else r["B"] * r["T"] / (r["ms"] / 1e3)
-    import fla
-    import triton
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "fla": getattr(fla, "__version__", "?"), "python": platform.python_version(),
-            "date": datetime.date.today().isoformat(), "dtype": "bfloat16", "heads": H, "head_dim": d,
-            "tokens_per_batch": args.tokens}
+        save()
+        print(f"T={T} done", flush=True)
     print(json.dumps(meta))
     print(f"{'T':>6} {'pass':>8} {'op':<18}{'impl':<16}{'ms':>10}  note")
     for r in rows:
         ms = "-" if r["ms"] is None else f"{r['ms']:.2f}"
         note = r.get("error") or ""
         print(f"{r['T']:>6} {'fwd+bwd' if r['backward'] else 'fwd':>8} {r['op']:<18}{r['impl']:<16}{ms:>10}  {note}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": rows}, f, indent=2)
 
 
 if __name__ == "__main__":
