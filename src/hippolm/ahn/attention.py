@@ -1,0 +1,173 @@
+"""Attention with a multi-store memory, swapped into a pretrained model's attention modules.
+
+Per query token with real position p (padding excluded):
+- short-term, lossless: softmax attention over keys with position < ``sinks`` or > p - ``window``;
+- long-term, compressed: once p >= sinks + window, the token at p - window leaves the window and
+  is written into the memory, which the query then reads (write first, read after).
+The memory's per-head read-out is added to the attention output before the frozen ``o_proj``.
+
+The same rule runs for a whole sequence at once (training, prefill) and chunk by chunk or token by
+token with an :class:`~hippolm.ahn.cache.AHNCache`, so all three give the same outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from .cache import AHNCache, AHNLayerCache
+from .config import validate_window
+
+
+def _merge_state(valid: torch.Tensor, new, old):
+    """Keep ``old`` for sequences that did not step."""
+    if isinstance(new, ops.LogLinearState):
+        return ops.LogLinearState(torch.where(valid[:, None, None, None, None], new.slots, old.slots),
+                                  torch.where(valid, new.position, old.position))
+    return torch.where(valid[:, None, None, None], new, old)
+
+
+def _select_state(state, idx: torch.Tensor):
+    if isinstance(state, ops.LogLinearState):
+        return ops.LogLinearState(state.slots[idx], state.position[idx])
+    return state[idx]
+
+
+def _scatter_state(state, idx: torch.Tensor, part):
+    if isinstance(state, ops.LogLinearState):
+        slots, pos = state.slots.clone(), state.position.clone()
+        slots[idx], pos[idx] = part.slots.to(slots.dtype), part.position
+        return ops.LogLinearState(slots, pos)
+    out = state.clone()
+    out[idx] = part.to(out.dtype)
+    return out
+
+
+class AHNAttentionMixin:
+    """Mixed into the class of each attention module by :func:`hippolm.ahn.convert`.
+
+    Uses the module's own ``q_proj``/``k_proj``/``v_proj``/``o_proj`` (and ``q_norm``/``k_norm``
+    where the family has them) and the family's ``apply_rotary_pos_emb``; adds ``self.ahn``.
+    """
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                **kwargs):
+        B, T, _ = hidden_states.shape
+        d = self.head_dim
+        q = self.q_proj(hidden_states).view(B, T, -1, d)
+        k = self.k_proj(hidden_states).view(B, T, -1, d)
+        v = self.v_proj(hidden_states).view(B, T, -1, d)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = self.ahn_rope(q, k, cos, sin)
+
+        window, sinks = kwargs.get("ahn_window"), kwargs.get("ahn_sinks")
+        window = self.ahn_config.window if window is None else window
+        sinks = self.ahn_config.sinks if sinks is None else sinks
+        if isinstance(past_key_values, AHNCache):
+            cache = past_key_values.layers[self.layer_idx]
+            if (window, sinks) != (cache.window, cache.sinks) and (
+                    kwargs.get("ahn_window") is not None or kwargs.get("ahn_sinks") is not None):
+                raise ValueError(f"this cache was made for window={cache.window}, sinks={cache.sinks}; "
+                                 f"got window={window}, sinks={sinks}. Start a new cache to change them.")
+            window, sinks = cache.window, cache.sinks
+            persistent = True
+        elif past_key_values is None:
+            validate_window(window, sinks)
+            cache, persistent = AHNLayerCache(window, sinks), False
+        else:
+            got = type(past_key_values).__name__
+            raise ValueError(f"an AHN model needs an AHNCache (model.new_cache()), got {got}.")
+
+        real = kwargs.get("ahn_attention_mask")
+        real = (torch.ones(B, T, dtype=torch.bool, device=q.device) if real is None
+                else real[:, -T:].to(device=q.device, dtype=torch.bool))
+        write_gates = self.ahn.write_gates(hidden_states)
+        if persistent and not cache.is_initialized:
+            cache.lazy_initialization(k, v, write_gates)
+            cache.memory = self.ahn.empty_state(B, q.device)  # allocated up front: the cache never grows
+        seen = cache.real_seen if persistent else torch.zeros(B, dtype=torch.long, device=q.device)
+        pos = torch.where(real, seen[:, None] + real.long().cumsum(1) - 1, -1)  # real positions, -1: padding
+        has_past = persistent and cache.stream_len > 0
+
+        out = self._ahn_short_term(q, k, v, pos, cache if has_past else None, window, sinks)
+        out = out + self._ahn_long_term(q, k, v, write_gates, pos, hidden_states, cache, has_past, persistent,
+                                        window, sinks)
+        if persistent:
+            cache.append(k, v, write_gates, pos)
+        return self.o_proj(out.reshape(B, T, -1)), None
+
+    def _ahn_short_term(self, q, k, v, pos, cache: AHNLayerCache | None, window: int, sinks: int):
+        """Softmax attention over sinks + window, as one SDPA call with a boolean mask."""
+        T = q.shape[2]
+        if cache is not None:
+            rk, rv, _, rpos = cache.ring_in_stream_order()
+            rpos = torch.where(rpos >= sinks, rpos, -1)  # sink tokens are attended from the sink store
+            ck = torch.cat([cache.sink_keys, rk, k], 2)
+            cv = torch.cat([cache.sink_values, rv, v], 2)
+            cpos = torch.cat([cache.sink_pos, rpos, pos], 1)
+        else:
+            ck, cv, cpos = k, v, pos
+        n_old = ck.shape[2] - T
+        kp, qp = cpos[:, None, :], pos[:, :, None]
+        mask = (kp >= 0) & ((kp < sinks) | (qp - kp < window))
+        causal = torch.ones(T, n_old + T, dtype=torch.bool, device=q.device).tril(n_old)
+        diag = torch.zeros_like(causal)
+        diag[:, n_old:] = torch.eye(T, dtype=torch.bool, device=q.device)
+        # Padding queries see only themselves (their outputs are ignored), so no row is empty.
+        mask = (mask & causal) | (diag & (qp < 0))
+        o = F.scaled_dot_product_attention(q, ck, cv, attn_mask=mask[:, None], scale=self.scaling,
+                                           enable_gqa=q.shape[1] != ck.shape[1])
+        return o.transpose(1, 2)  # [B, T, H, d]
+
+    def _ahn_long_term(self, q, k, v, write_gates, pos, x, cache, has_past, persistent, window, sinks):
+        """Write each token leaving the window into the memory, then read it with the query."""
+        B, H, T, _ = q.shape
+        if has_past:
+            rk, rv, rg, rpos = cache.ring_in_stream_order()
+            src = [torch.cat([a, b], 2)[:, :, :T] for a, b in ((rk, k), (rv, v))]
+            src_gates = torch.cat([rg, write_gates], 1)[:, :T]
+            src_pos = torch.cat([rpos, pos], 1)[:, :T]
+        else:  # the token leaving at query t is the one `window` stream steps earlier
+            src = [F.pad(a, (0, 0, window, 0))[:, :, :T] for a in (k, v)]
+            src_gates = F.pad(write_gates, (0, 0) * (write_gates.ndim - 2) + (window, 0))[:, :T]
+            src_pos = F.pad(pos, (window, 0), value=-1)[:, :T]
+        valid = src_pos >= sinks  # [B, T]: a real, non-sink token leaves the window here
+        zero = torch.zeros_like(q).transpose(1, 2)
+        if not bool(valid.any()):
+            return zero
+        n_valid = valid.sum(1)
+        if not bool((valid == (torch.arange(T, device=q.device)[None] >= (T - n_valid)[:, None])).all()):
+            raise ValueError("AHN models take left padding only: attention_mask must be 0s then 1s per sequence.")
+        rep = H // src[0].shape[1]
+        km, vm = (a.repeat_interleave(rep, 1).transpose(1, 2) for a in src)  # GQA-expanded [B, T, H, d]
+        qm = q.transpose(1, 2)
+        out_gate, lam = self.ahn.read_gates(x)
+        state = cache.memory if persistent else self.ahn.empty_state(B, q.device)
+        if T == 1:
+            o, new = self.ahn.step(qm[:, 0], km[:, 0], vm[:, 0], src_gates[:, 0], None if lam is None else lam[:, 0],
+                                   state)
+            o = (o * valid[:, 0, None, None]).unsqueeze(1)
+            state = _merge_state(valid[:, 0], new, state)
+        else:
+            first = T - n_valid
+            if bool((first == first[0]).all()):
+                f = int(first[0])
+                o_part, state = self.ahn.sequence(qm[:, f:], km[:, f:], vm[:, f:], src_gates[:, f:],
+                                                  None if lam is None else lam[:, f:], state)
+                o = torch.cat([zero[:, :f], o_part], 1)
+            else:  # pack each sequence's stepping suffix; sequences that do not step keep their state
+                idx = (n_valid > 0).nonzero().squeeze(1)
+                flat = lambda a: a[valid].unsqueeze(0)  # noqa: E731
+                cu = F.pad(n_valid[idx].cumsum(0), (1, 0))
+                o_part, part = self.ahn.sequence(flat(qm), flat(km), flat(vm), flat(src_gates),
+                                                 None if lam is None else flat(lam), _select_state(state, idx), cu)
+                o = zero.clone()
+                o[valid] = o_part[0]
+                state = _scatter_state(state, idx, part)
+        if persistent:
+            cache.memory = state
+        return self.ahn.readout(o, out_gate)  # exactly 0 where nothing was read (Norm(0) = 0)

@@ -1,0 +1,136 @@
+"""The bounded cache of an AHN model: per layer, sinks + a ring-buffer window + the memory state.
+
+Its size is fixed once the context passes the window (the memory state of log-linear memories
+grows with the log of the tokens it holds). It is a transformers ``Cache`` so ``generate`` and
+multi-turn reuse work as with any other cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .. import ops
+from .config import validate_window
+
+
+class AHNLayerCache(CacheLayerMixin):
+    """State of one layer for B sequences (stream index = token index in the padded batch).
+
+    - sinks: the first ``sinks`` real tokens of each sequence (keys, values);
+    - ring: the last ``window`` stream tokens at slot ``stream_index % window`` (keys, values, the
+      memory write gates computed when the token arrived, its real position or -1 for padding);
+    - memory: the long-term state; ``real_seen``: real tokens seen per sequence.
+    """
+
+    is_compileable = False
+    is_sliding = True
+
+    def __init__(self, window: int, sinks: int):
+        super().__init__()
+        self.window, self.sinks = window, sinks
+        self.stream_len = 0
+        self.sink_keys = self.sink_values = self.sink_pos = None
+        self.ring_gates = self.ring_pos = None
+        self.real_seen: torch.Tensor | None = None
+        self.memory = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, gates: torch.Tensor) -> None:
+        B, Hkv, _, d = key_states.shape
+        W, S, dev = self.window, self.sinks, key_states.device
+        self.keys = key_states.new_zeros(B, Hkv, W, d)
+        self.values = value_states.new_zeros(B, Hkv, W, value_states.shape[-1])
+        self.ring_gates = gates.new_zeros(B, W, *gates.shape[2:])
+        self.ring_pos = torch.full((B, W), -1, dtype=torch.long, device=dev)
+        self.sink_keys = key_states.new_zeros(B, Hkv, S, d)
+        self.sink_values = value_states.new_zeros(B, Hkv, S, value_states.shape[-1])
+        self.sink_pos = torch.full((B, S), -1, dtype=torch.long, device=dev)
+        self.real_seen = torch.zeros(B, dtype=torch.long, device=dev)
+        self.is_initialized = True
+
+    def ring_in_stream_order(self) -> tuple[torch.Tensor, ...]:
+        """Ring entries ordered so that index j holds stream token ``stream_len - window + j``."""
+        W = self.window
+        order = (torch.arange(W, device=self.keys.device) + self.stream_len) % W
+        return (self.keys[:, :, order], self.values[:, :, order], self.ring_gates[:, order], self.ring_pos[:, order])
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, pos: torch.Tensor) -> None:
+        """Add new stream tokens: k, v [B, Hkv, T, d]; gates [B, T, ...]; pos [B, T] (-1: padding)."""
+        T, W, S = k.shape[2], self.window, self.sinks
+        keep = min(T, W)
+        slots = (torch.arange(self.stream_len + T - keep, self.stream_len + T, device=k.device)) % W
+        self.keys[:, :, slots] = k[:, :, T - keep :]
+        self.values[:, :, slots] = v[:, :, T - keep :]
+        self.ring_gates[:, slots] = gates[:, T - keep :]
+        self.ring_pos[:, slots] = pos[:, T - keep :]
+        if S:
+            is_sink = (pos >= 0) & (pos < S)
+            if bool(is_sink.any()):
+                b, t = is_sink.nonzero(as_tuple=True)
+                slot = pos[b, t]
+                self.sink_keys[b, :, slot] = k[b, :, t]
+                self.sink_values[b, :, slot] = v[b, :, t]
+                self.sink_pos[b, slot] = slot
+        self.stream_len += T
+        self.real_seen = self.real_seen + (pos >= 0).sum(1)
+
+    # --- transformers Cache protocol -------------------------------------------------------------
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise RuntimeError("AHNLayerCache is written by the AHN attention itself, not through update().")
+
+    def get_seq_length(self) -> int:
+        return self.stream_len
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.stream_len + query_length, 0
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the layer holds (for measuring the cache size)."""
+        out = [self.keys, self.values, self.ring_gates, self.ring_pos, self.sink_keys, self.sink_values,
+               self.sink_pos, self.real_seen]
+        if isinstance(self.memory, ops.LogLinearState):
+            out += [self.memory.slots, self.memory.position]
+        elif self.memory is not None:
+            out.append(self.memory)
+        return [t for t in out if t is not None]
+
+    def _map_batch(self, fn) -> None:
+        for name in ("keys", "values", "ring_gates", "ring_pos", "sink_keys", "sink_values", "sink_pos", "real_seen"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+        if isinstance(self.memory, ops.LogLinearState):
+            self.memory = ops.LogLinearState(fn(self.memory.slots), fn(self.memory.position))
+        elif self.memory is not None:
+            self.memory = fn(self.memory)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices])
+
+    def reset(self) -> None:
+        self.__init__(self.window, self.sinks)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("An AHN cache cannot be cropped: evicted tokens are already in the memory.")
+
+
+class AHNCache(Cache):
+    """Cache for a model converted with :func:`hippolm.ahn.convert`; one layer cache per decoder layer."""
+
+    def __init__(self, num_layers: int, window: int, sinks: int):
+        validate_window(window, sinks)
+        super().__init__(layers=[AHNLayerCache(window, sinks) for _ in range(num_layers)])
+        self.window, self.sinks = window, sinks
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor the cache holds."""
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())

@@ -1,0 +1,124 @@
+"""The long-term memory module of one decoder layer (the Artificial Hippocampus Network).
+
+It has no q/k/v projections of its own: it compresses the layer's own RoPE'd keys and values
+(GQA-expanded to every query head) of tokens leaving the sliding window, and is read with the
+layer's own queries. Write gates come from the input-normed hidden state of the evicted token,
+read gates (output gate, log-linear level weights) from that of the current token. The read-out
+``o_proj(Norm(S^T q) * silu(gate(x_t)))`` is block-diagonal per head and zero-initialised, so an
+untrained memory adds exactly nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from .config import MEMORY_TYPES
+
+State = torch.Tensor | ops.LogLinearState
+
+
+class MemoryModule(nn.Module):
+    def __init__(self, kind: str, hidden_size: int, num_heads: int, head_dim: int, levels: int = 21,
+                 eps: float = 1e-6):
+        super().__init__()
+        if kind not in MEMORY_TYPES:
+            raise ValueError(f"memory must be one of {', '.join(MEMORY_TYPES)}, got {kind!r}.")
+        self.kind, self.num_heads, self.head_dim, self.eps = kind, num_heads, head_dim, eps
+        self.base_kind = kind.removeprefix("loglinear_")
+        self.levels = levels if kind.startswith("loglinear_") else 0
+        H = num_heads
+        if self.base_kind in ("gdn", "mamba2"):
+            # Decay a = exp(-exp(A_log) * softplus(a_proj(x) + dt_bias)), initialised as Mamba-2:
+            # A ~ U(1, 16), dt log-uniform in [1e-3, 0.1].
+            self.a_proj = nn.Linear(hidden_size, H, bias=False)
+            self.A_log = nn.Parameter(torch.empty(H).uniform_(1, 16).log())
+            dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(0.1)))
+            self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        if self.base_kind in ("gdn", "deltanet"):
+            self.b_proj = nn.Linear(hidden_size, H, bias=False)
+        self.g_proj = nn.Linear(hidden_size, H, bias=False)  # scalar output gate per head
+        self.norm_weight = nn.Parameter(torch.ones(head_dim))
+        self.o_proj = nn.Parameter(torch.zeros(H, head_dim, head_dim))  # block-diagonal, zero init
+        if self.levels:
+            self.lam_proj = nn.Linear(hidden_size, H * self.levels, bias=False)
+            nn.init.zeros_(self.lam_proj.weight)  # all levels equal: starts as the linear memory
+            self.lam_scale = nn.Parameter(torch.ones(H, self.levels))
+            self.lam_scale._no_weight_decay = True
+
+    def _lin(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return layer(x.to(layer.weight.dtype))
+
+    @property
+    def num_write_gates(self) -> int:
+        return {"gdn": 2, "mamba2": 2, "deltanet": 1}[self.base_kind]
+
+    def write_gates(self, x: torch.Tensor) -> torch.Tensor:
+        """Gates of tokens as they will be written, [..., H, G] float32, from their normed hidden state."""
+        gates = []
+        if self.base_kind in ("gdn", "mamba2"):
+            dt = F.softplus(self._lin(self.a_proj, x).float() + self.dt_bias.float())
+            gates.append(-self.A_log.float().exp() * dt)  # log decay
+            if self.base_kind == "mamba2":
+                gates.append(dt)  # write strength: h <- a h + dt k v^T
+        if self.base_kind in ("gdn", "deltanet"):
+            gates.append(torch.sigmoid(self._lin(self.b_proj, x).float()))
+        return torch.stack(gates, -1)
+
+    def read_gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(output gate [..., H], level weights [..., H, L] or None) of the reading tokens."""
+        lam = None
+        if self.levels:
+            raw = self._lin(self.lam_proj, x).float().unflatten(-1, (self.num_heads, self.levels))
+            lam = F.softplus(self.lam_scale.float() * raw)
+        return self._lin(self.g_proj, x), lam
+
+    def _op_args(self, k, v, wg):
+        if self.base_kind == "gdn":
+            return (k, v, wg[..., 0], wg[..., 1])
+        if self.base_kind == "deltanet":
+            return (k, v, wg[..., 0])
+        return ((k * wg[..., 1:2]).to(k.dtype), v, wg[..., 0])
+
+    def empty_state(self, batch: int, device, dtype=torch.float32) -> State:
+        H, d = self.num_heads, self.head_dim
+        if self.levels:
+            return ops.LogLinearState(torch.zeros(batch, H, self.levels, d, d, device=device, dtype=dtype),
+                                      torch.zeros(batch, dtype=torch.long, device=device))
+        return torch.zeros(batch, H, d, d, device=device, dtype=dtype)
+
+    def sequence(self, q, k, v, wg, lam, state: State | None, cu_seqlens=None) -> tuple[torch.Tensor, State]:
+        """Write tokens and read after each write: q, k [B, T, H, d], v [B, T, H, d], wg [B, T, H, G]."""
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        args = self._op_args(k, v, wg)
+        kw = dict(initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens)
+        if self.base_kind == "gdn":
+            fn = ops.loglinear_gated_delta_rule if self.levels else ops.gated_delta_rule
+        elif self.base_kind == "mamba2":
+            fn = ops.loglinear_ssd if self.levels else ops.ssd
+        else:
+            fn = ops.delta_rule
+        return fn(q, *args, lam, **kw) if self.levels else fn(q, *args, **kw)
+
+    def step(self, q, k, v, wg, lam, state: State | None) -> tuple[torch.Tensor, State]:
+        """One write + read per sequence: q, k [B, H, d], v [B, H, d], wg [B, H, G]."""
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        args = self._op_args(k, v, wg)
+        if self.base_kind == "gdn":
+            fn = ops.loglinear_gated_delta_rule_step if self.levels else ops.gated_delta_rule_step
+        elif self.base_kind == "mamba2":
+            fn = ops.loglinear_ssd_step if self.levels else ops.ssd_step
+        else:
+            fn = ops.delta_rule_step
+        return fn(q, *args, lam, state) if self.levels else fn(q, *args, state)
+
+    def readout(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """Per-head contribution [..., H, d] to add to the attention output before the frozen o_proj."""
+        of = o.float()
+        of = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight.float()
+        of = of * F.silu(gate.float())[..., None]
+        return torch.einsum("...hd,hde->...he", of.to(self.o_proj.dtype), self.o_proj).to(o.dtype)
