@@ -93,22 +93,36 @@ class AHNAttentionMixin:
         pos = torch.where(real, seen[:, None] + real.long().cumsum(1) - 1, -1)  # real positions, -1: padding
         has_past = persistent and cache.stream_len > 0
 
-        out = self._ahn_short_term(q, k, v, pos, cache if has_past else None, window, sinks)
-        out = out + self._ahn_long_term(q, k, v, write_gates, pos, hidden_states, cache, has_past, persistent,
-                                        window, sinks)
-        if persistent:
+        decode = persistent and T == 1 and has_past
+        out = self._ahn_long_term(q, k, v, write_gates, pos, hidden_states, cache, has_past, persistent, window,
+                                  sinks)
+        if decode:  # write first, then attend to the cache buffer in place (no copies)
             cache.append(k, v, write_gates, pos)
+            out = out + self._ahn_decode_attention(q, pos, cache)
+        else:
+            out = out + self._ahn_short_term(q, k, v, pos, cache if has_past else None, window, sinks)
+            if persistent:
+                cache.append(k, v, write_gates, pos)
         return self.o_proj(out.reshape(B, T, -1)), None
+
+    def _ahn_decode_attention(self, q, pos, cache: AHNLayerCache):
+        """One query per sequence over the sinks + window buffer (the new token already in it)."""
+        mask = None
+        if not cache.all_visible:
+            kp, qp = cache.visible_pos(), pos
+            mask = (kp >= 0) & ((kp < cache.sinks) | (qp - kp < cache.window))
+            mask = (mask | (qp < 0))[:, None, None]  # a padding query attends anywhere; it is ignored
+        o = F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=mask, scale=self.scaling,
+                                           enable_gqa=q.shape[1] != cache.keys.shape[1])
+        return o.transpose(1, 2)
 
     def _ahn_short_term(self, q, k, v, pos, cache: AHNLayerCache | None, window: int, sinks: int):
         """Softmax attention over sinks + window, as one SDPA call with a boolean mask."""
         T = q.shape[2]
         if cache is not None:
-            rk, rv, _, rpos = cache.ring_in_stream_order()
-            rpos = torch.where(rpos >= sinks, rpos, -1)  # sink tokens are attended from the sink store
-            ck = torch.cat([cache.sink_keys, rk, k], 2)
-            cv = torch.cat([cache.sink_values, rv, v], 2)
-            cpos = torch.cat([cache.sink_pos, rpos, pos], 1)
+            ck = torch.cat([cache.keys, k], 2)
+            cv = torch.cat([cache.values, v], 2)
+            cpos = torch.cat([cache.visible_pos(), pos], 1)
         else:
             ck, cv, cpos = k, v, pos
         n_old = ck.shape[2] - T
@@ -126,7 +140,12 @@ class AHNAttentionMixin:
     def _ahn_long_term(self, q, k, v, write_gates, pos, x, cache, has_past, persistent, window, sinks):
         """Write each token leaving the window into the memory, then read it with the query."""
         B, H, T, _ = q.shape
-        if has_past:
+        if has_past and T == 1:  # the token leaving now sits in the slot the new one will take
+            slot = cache.ring_slot(cache.stream_len)
+            src = [cache.keys[:, :, slot : slot + 1], cache.values[:, :, slot : slot + 1]]
+            src_gates = cache.ring_gates[:, slot - sinks : slot - sinks + 1]
+            src_pos = cache.slot_pos[:, slot : slot + 1]
+        elif has_past:
             rk, rv, rg, rpos = cache.ring_in_stream_order()
             src = [torch.cat([a, b], 2)[:, :, :T] for a, b in ((rk, k), (rv, v))]
             src_gates = torch.cat([rg, write_gates], 1)[:, :T]

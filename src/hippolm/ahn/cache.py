@@ -17,10 +17,11 @@ from .config import validate_window
 class AHNLayerCache(CacheLayerMixin):
     """State of one layer for B sequences (stream index = token index in the padded batch).
 
-    - sinks: the first ``sinks`` real tokens of each sequence (keys, values);
-    - ring: the last ``window`` stream tokens at slot ``stream_index % window`` (keys, values, the
-      memory write gates computed when the token arrived, its real position or -1 for padding);
-    - memory: the long-term state; ``real_seen``: real tokens seen per sequence.
+    ``keys``/``values`` [B, Hkv, sinks + window, d] hold, in one buffer so decoding attends to it
+    without copies, the first ``sinks`` real tokens of each sequence at slots [0, sinks) and the
+    last ``window`` stream tokens at slot ``sinks + stream_index % window``. ``slot_pos`` is each
+    slot's real position (-1: empty or padding); ``ring_gates`` the memory write gates computed
+    when each window token arrived; ``memory`` the long-term state; ``real_seen`` real tokens seen.
     """
 
     is_compileable = False
@@ -30,49 +31,58 @@ class AHNLayerCache(CacheLayerMixin):
         super().__init__()
         self.window, self.sinks = window, sinks
         self.stream_len = 0
-        self.sink_keys = self.sink_values = self.sink_pos = None
-        self.ring_gates = self.ring_pos = None
+        self.slot_pos = self.ring_gates = None
         self.real_seen: torch.Tensor | None = None
         self.memory = None
+        self.all_visible = False  # every slot filled by a real token of the window or the sinks
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, gates: torch.Tensor) -> None:
         B, Hkv, _, d = key_states.shape
-        W, S, dev = self.window, self.sinks, key_states.device
-        self.keys = key_states.new_zeros(B, Hkv, W, d)
-        self.values = value_states.new_zeros(B, Hkv, W, value_states.shape[-1])
-        self.ring_gates = gates.new_zeros(B, W, *gates.shape[2:])
-        self.ring_pos = torch.full((B, W), -1, dtype=torch.long, device=dev)
-        self.sink_keys = key_states.new_zeros(B, Hkv, S, d)
-        self.sink_values = value_states.new_zeros(B, Hkv, S, value_states.shape[-1])
-        self.sink_pos = torch.full((B, S), -1, dtype=torch.long, device=dev)
+        n, dev = self.sinks + self.window, key_states.device
+        self.keys = key_states.new_zeros(B, Hkv, n, d)
+        self.values = value_states.new_zeros(B, Hkv, n, value_states.shape[-1])
+        self.slot_pos = torch.full((B, n), -1, dtype=torch.long, device=dev)
+        self.ring_gates = gates.new_zeros(B, self.window, *gates.shape[2:])
         self.real_seen = torch.zeros(B, dtype=torch.long, device=dev)
         self.is_initialized = True
 
+    def ring_slot(self, stream_index: int) -> int:
+        return self.sinks + stream_index % self.window
+
     def ring_in_stream_order(self) -> tuple[torch.Tensor, ...]:
-        """Ring entries ordered so that index j holds stream token ``stream_len - window + j``."""
-        W = self.window
-        order = (torch.arange(W, device=self.keys.device) + self.stream_len) % W
-        return (self.keys[:, :, order], self.values[:, :, order], self.ring_gates[:, order], self.ring_pos[:, order])
+        """Window entries ordered so that index j holds stream token ``stream_len - window + j``."""
+        order = (torch.arange(self.window, device=self.keys.device) + self.stream_len) % self.window
+        slots = order + self.sinks
+        return (self.keys[:, :, slots], self.values[:, :, slots], self.ring_gates[:, order], self.slot_pos[:, slots])
+
+    def visible_pos(self) -> torch.Tensor:
+        """Slot positions for attention: window copies of sink tokens hidden (the sink slot serves)."""
+        S = self.sinks
+        ring = self.slot_pos[:, S:]
+        return torch.cat([self.slot_pos[:, :S], torch.where(ring >= S, ring, -1)], 1)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, pos: torch.Tensor) -> None:
         """Add new stream tokens: k, v [B, Hkv, T, d]; gates [B, T, ...]; pos [B, T] (-1: padding)."""
         T, W, S = k.shape[2], self.window, self.sinks
         keep = min(T, W)
-        slots = (torch.arange(self.stream_len + T - keep, self.stream_len + T, device=k.device)) % W
-        self.keys[:, :, slots] = k[:, :, T - keep :]
-        self.values[:, :, slots] = v[:, :, T - keep :]
-        self.ring_gates[:, slots] = gates[:, T - keep :]
-        self.ring_pos[:, slots] = pos[:, T - keep :]
-        if S:
+        order = torch.arange(self.stream_len + T - keep, self.stream_len + T, device=k.device) % W
+        self.keys[:, :, S + order] = k[:, :, T - keep :]
+        self.values[:, :, S + order] = v[:, :, T - keep :]
+        self.ring_gates[:, order] = gates[:, T - keep :]
+        self.slot_pos[:, S + order] = pos[:, T - keep :]
+        if S and not self.all_visible:
             is_sink = (pos >= 0) & (pos < S)
             if bool(is_sink.any()):
                 b, t = is_sink.nonzero(as_tuple=True)
                 slot = pos[b, t]
-                self.sink_keys[b, :, slot] = k[b, :, t]
-                self.sink_values[b, :, slot] = v[b, :, t]
-                self.sink_pos[b, slot] = slot
+                self.keys[b, :, slot] = k[b, :, t]
+                self.values[b, :, slot] = v[b, :, t]
+                self.slot_pos[b, slot] = slot
         self.stream_len += T
         self.real_seen = self.real_seen + (pos >= 0).sum(1)
+        if not self.all_visible and self.stream_len >= W + S:
+            # Checked (one sync) only until it holds; after that no slot can become hidden again.
+            self.all_visible = bool((self.visible_pos() >= 0).all())
 
     # --- transformers Cache protocol -------------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
@@ -89,8 +99,7 @@ class AHNLayerCache(CacheLayerMixin):
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the layer holds (for measuring the cache size)."""
-        out = [self.keys, self.values, self.ring_gates, self.ring_pos, self.sink_keys, self.sink_values,
-               self.sink_pos, self.real_seen]
+        out = [self.keys, self.values, self.ring_gates, self.slot_pos, self.real_seen]
         if isinstance(self.memory, ops.LogLinearState):
             out += [self.memory.slots, self.memory.position]
         elif self.memory is not None:
@@ -98,7 +107,7 @@ class AHNLayerCache(CacheLayerMixin):
         return [t for t in out if t is not None]
 
     def _map_batch(self, fn) -> None:
-        for name in ("keys", "values", "ring_gates", "ring_pos", "sink_keys", "sink_values", "sink_pos", "real_seen"):
+        for name in ("keys", "values", "ring_gates", "slot_pos", "real_seen"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
