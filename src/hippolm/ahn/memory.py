@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops import reference
+from ..ops.loglinear import step_unchecked as loglinear_step
 from .config import MEMORY_TYPES
 
 State = torch.Tensor | ops.LogLinearState
@@ -107,14 +109,13 @@ class MemoryModule(nn.Module):
     def step(self, q, k, v, wg, lam, state: State | None) -> tuple[torch.Tensor, State]:
         """One write + read per sequence: q, k [B, H, d], v [B, H, d], wg [B, H, G]."""
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        args = self._op_args(k, v, wg)
-        if self.base_kind == "gdn":
-            fn = ops.loglinear_gated_delta_rule_step if self.levels else ops.gated_delta_rule_step
-        elif self.base_kind == "mamba2":
-            fn = ops.loglinear_ssd_step if self.levels else ops.ssd_step
-        else:
-            fn = ops.delta_rule_step
-        return fn(q, *args, lam, state) if self.levels else fn(q, *args, state)
+        k, v, *gates = self._op_args(k, v, wg)
+        g = gates[0] if self.base_kind != "deltanet" else None
+        beta = gates[-1] if self.base_kind != "mamba2" else None
+        # Unchecked step forms: inputs are ours, and each check would cost a device sync per token.
+        if self.levels:
+            return loglinear_step(q, k, v, g, beta, lam, state, None)
+        return reference.step(q, k, v, g, beta, state)
 
     def readout(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """Per-head contribution [..., H, d] to add to the attention output before the frozen o_proj."""

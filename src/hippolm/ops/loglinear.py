@@ -116,7 +116,7 @@ def _check(q, k, v, g, beta, lam, initial_state, cu_seqlens, scale) -> tuple[int
 # Step and recurrent forms
 
 
-def _step(q, k, v, g, beta, lam, state: LogLinearState | None, scale):
+def step_unchecked(q, k, v, g, beta, lam, state: LogLinearState | None, scale):
     N, H, K = q.shape
     V, L = v.shape[-1], lam.shape[-1]
     cd = compute_dtype(q.dtype)
@@ -167,7 +167,7 @@ def _recurrent(q, k, v, g, beta, lam, scale, initial_state, cu_seqlens):
         if cu_seqlens is not None:
             xs = [None if x is None else x[None] for x in xs]
         for t in range(xs[0].shape[1]):
-            o, state = _step(*(None if x is None else x[:, t] for x in xs), state, scale)
+            o, state = step_unchecked(*(None if x is None else x[:, t] for x in xs), state, scale)
             outs.append(o)
         if state is None:  # an empty packed sequence and no initial state
             state = LogLinearState(q.new_zeros(1, H, L, K, V, dtype=compute_dtype(q.dtype)),
@@ -403,7 +403,7 @@ def loglinear_ssd_step(
 
     Sequences in the batch may be at different positions (``state.position``)."""
     _check_step(q, k, v, g, None, lam, state)
-    return _step(q, k, v, g, None, lam, state, scale)
+    return step_unchecked(q, k, v, g, None, lam, state, scale)
 
 
 def loglinear_gated_delta_rule_step(
@@ -412,4 +412,4 @@ def loglinear_gated_delta_rule_step(
 ) -> tuple[torch.Tensor, LogLinearState]:
     """One decode step of :func:`loglinear_gated_delta_rule` (shapes as :func:`loglinear_ssd_step`)."""
     _check_step(q, k, v, g, beta, lam, state)
-    return _step(q, k, v, g, beta, lam, state, scale)
+    return step_unchecked(q, k, v, g, beta, lam, state, scale)

@@ -1,0 +1,150 @@
+"""Decode speed and cache bytes vs context: full attention vs AHN, on a CUDA GPU.
+
+The real Qwen2.5-3B architecture with random weights (bf16), batch 8, AHN with 128 sinks +
+32,640 window. Caches are filled with random keys/values for the context length (decode time
+depends on cache size, not content), then decode steps are timed with CUDA events.
+
+    python benchmarks/ahn_decode.py --json benchmarks/results/ahn_decode_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import time
+
+import torch
+import transformers
+from transformers import Qwen2Config, Qwen2ForCausalLM, StaticCache
+
+from hippolm import AHNForCausalLM
+
+QWEN25_3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                 num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=131072 + 512,
+                 rope_theta=1000000.0, tie_word_embeddings=True, rms_norm_eps=1e-6)
+
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=4096)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def time_steps(step, n: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(n):
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def full_attention(model, B: int, L: int, n: int) -> tuple[float, int]:
+    cfg = model.config
+    d = cfg.hidden_size // cfg.num_attention_heads
+    cache = StaticCache(config=cfg, max_cache_len=L + n + 8)
+    kv = torch.randn(B, cfg.num_key_value_heads, L, d, device=DEV, dtype=model.dtype)
+    for i in range(cfg.num_hidden_layers):
+        cache.update(kv, kv, i)
+    del kv
+    pos = [L]
+    ids = torch.zeros(B, 1, dtype=torch.long, device=DEV)
+
+    def step():
+        p = torch.full((B, 1), pos[0], device=DEV)
+        model(input_ids=ids, past_key_values=cache, position_ids=p, use_cache=True, logits_to_keep=1)
+        pos[0] += 1
+
+    ms = time_steps(step, n)
+    kv_bytes = 2 * cfg.num_hidden_layers * B * cfg.num_key_value_heads * L * d * model.dtype.itemsize
+    return ms, kv_bytes
+
+
+def ahn_model(base, window: int, sinks: int) -> AHNForCausalLM:
+    return AHNForCausalLM.from_base(base, "gdn", window=window, sinks=sinks)
+
+
+def ahn_decode(model: AHNForCausalLM, B: int, L: int, n: int) -> tuple[float, int]:
+    cache = model.new_cache()
+    ids = torch.zeros(B, 1, dtype=torch.long, device=DEV)
+    model(ids, past_key_values=cache)  # allocates every layer's buffers
+    S, W = cache.sinks, cache.window
+    for layer in cache.layers:  # pretend L tokens went through: buffers full, memory non-empty
+        layer.keys.normal_()
+        layer.values.normal_()
+        layer.memory.normal_(0, 0.01)
+        ring = torch.arange(L - W, L, device=DEV) if L >= W else torch.arange(L, device=DEV)
+        layer.slot_pos[:, :S] = torch.arange(S, device=DEV)
+        layer.slot_pos[:, S + ring % W] = ring
+        layer.stream_len, layer.real_seen = L, torch.full((B,), L, device=DEV)
+        layer.all_visible = L >= W + S
+    pos = [L]
+
+    def step():
+        p = torch.full((B, 1), pos[0], device=DEV)
+        model(ids, past_key_values=cache, position_ids=p, logits_to_keep=1)
+        pos[0] += 1
+
+    ms = time_steps(step, n)
+    return ms, cache.nbytes()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--contexts", default="8192,16384,32768,65536,131072")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--window", type=int, default=32640)
+    parser.add_argument("--sinks", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU, to check the script")
+    args = parser.parse_args()
+    arch = QWEN25_3B
+    if args.tiny:
+        arch, args.contexts, args.window, args.sinks, args.steps = TINY, "64,256", 32, 4, 2
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        base = Qwen2ForCausalLM(Qwen2Config(**arch)).to(torch.bfloat16 if DEV == "cuda" else torch.float32).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    rows = []
+    meta = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "date": datetime.date.today().isoformat(), "model": "Qwen2.5-3B architecture, random weights, bf16",
+            "batch": args.batch, "window": args.window, "sinks": args.sinks, "weight_bytes": weight_bytes,
+            "mode": "eager (no CUDA graphs)"}
+
+    def save():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "results": rows}, f, indent=2)
+
+    contexts = [int(c) for c in args.contexts.split(",")]
+    with torch.no_grad():
+        for L in contexts:
+            ms, kv = full_attention(base, args.batch, L, args.steps)
+            rows.append({"context": L, "model": "full_attention", "ms_per_step": ms,
+                         "tokens_per_s": args.batch / ms * 1e3, "cache_bytes": kv,
+                         "bytes_per_s": (weight_bytes + kv) / ms * 1e3})
+            save()
+        model = ahn_model(base, args.window, args.sinks)
+        for L in contexts:
+            ms, cb = ahn_decode(model, args.batch, L, args.steps)
+            rows.append({"context": L, "model": "ahn_gdn", "ms_per_step": ms, "tokens_per_s": args.batch / ms * 1e3,
+                         "cache_bytes": cb, "bytes_per_s": (weight_bytes + cb) / ms * 1e3})
+            save()
+    print(json.dumps(meta))
+    print(f"{'context':>8} {'model':<16}{'ms/step':>9}{'tok/s':>9}{'cache GB':>10}{'TB/s':>7}")
+    for r in rows:
+        print(f"{r['context']:>8} {r['model']:<16}{r['ms_per_step']:>9.2f}{r['tokens_per_s']:>9.0f}"
+              f"{r['cache_bytes'] / 1e9:>10.2f}{r['bytes_per_s'] / 1e12:>7.2f}")
+
+
+if __name__ == "__main__":
+    main()
