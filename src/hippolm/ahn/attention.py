@@ -83,6 +83,7 @@ class AHNAttentionMixin:
             raise ValueError(f"an AHN model needs an AHNCache (model.new_cache()), got {got}.")
 
         real = kwargs.get("ahn_attention_mask")
+        padded = real is not None
         real = (torch.ones(B, T, dtype=torch.bool, device=q.device) if real is None
                 else real[:, -T:].to(device=q.device, dtype=torch.bool))
         write_gates = self.ahn.write_gates(hidden_states)
@@ -100,7 +101,12 @@ class AHNAttentionMixin:
             cache.append(k, v, write_gates, pos)
             out = out + self._ahn_decode_attention(q, pos, cache)
         else:
-            out = out + self._ahn_short_term(q, k, v, pos, cache if has_past else None, window, sinks)
+            if not has_past and not padded and window >= T:  # plain causal attention (e.g. the teacher)
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling,
+                                                   enable_gqa=q.shape[1] != k.shape[1])
+                out = out + o.transpose(1, 2)
+            else:
+                out = out + self._ahn_short_term(q, k, v, pos, cache if has_past else None, window, sinks)
             if persistent:
                 cache.append(k, v, write_gates, pos)
         return self.o_proj(out.reshape(B, T, -1)), None
