@@ -1,0 +1,154 @@
+"""Building blocks shared by the token mixers: norms, the short causal convolution, gate init.
+
+Special parameters (decay rates, convolution taps, level weights) are set by each module's
+``reset_special_parameters``. It runs at construction and again from
+``HippoPreTrainedModel._init_weights`` (after transformers' generic init of the submodules), and
+skips every tensor transformers marked as loaded from a checkpoint (``_is_hf_initialized``), so
+``from_pretrained`` never overwrites trained weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def set_param_(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy ``value`` into ``param`` unless a checkpoint already loaded it."""
+    if not getattr(param, "_is_hf_initialized", False):
+        with torch.no_grad():
+            param.copy_(value.to(dtype=param.dtype, device=param.device))
+
+
+def no_weight_decay(param: nn.Parameter) -> nn.Parameter:
+    """Mark a parameter that optimisers should not decay (gates, level scales)."""
+    param._no_weight_decay = True
+    return param
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype for gates and norms: float32 for half inputs, float64 kept (exact tests)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def map_state(state: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply ``fn`` to every tensor of a (nested) dataclass state, e.g. to reorder the batch."""
+    if isinstance(state, torch.Tensor):
+        return fn(state)
+    if dataclasses.is_dataclass(state) and not isinstance(state, type):
+        return dataclasses.replace(state, **{f.name: map_state(getattr(state, f.name), fn)
+                                             for f in dataclasses.fields(state)})
+    return state
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.to(acc_dtype(x.dtype))
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.to(xf.dtype)).to(x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """Per-head RMSNorm with a SiLU gate, on [..., heads, dim].
+
+    ``norm_before_gate=True``: norm(x) * silu(z) (Gated DeltaNet); False: norm(x * silu(z)) (Mamba-2).
+    """
+
+    def __init__(self, heads: int, dim: int, eps: float = 1e-5, norm_before_gate: bool = True):
+        super().__init__()
+        self.eps, self.norm_before_gate = eps, norm_before_gate
+        self.weight = nn.Parameter(torch.ones(heads, dim))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        cd = acc_dtype(x.dtype)
+        xf, gate = x.to(cd), F.silu(z.to(cd))
+        if not self.norm_before_gate:
+            xf = xf * gate
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(cd)
+        if self.norm_before_gate:
+            xf = xf * gate
+        return xf.to(x.dtype)
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise convolution over time followed by SiLU, with a decode state.
+
+    The state is the last ``kernel_size - 1`` inputs [B, C, K-1] (zeros before the first token),
+    so a sequence cut anywhere and continued gives the same output as one pass.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 4):
+        super().__init__()
+        if kernel_size < 1:
+            raise ValueError(f"conv kernel_size must be >= 1, got {kernel_size}.")
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(channels, kernel_size))
+        self.bias = nn.Parameter(torch.empty(channels))
+        self.reset_special_parameters()
+
+    def reset_special_parameters(self) -> None:
+        # PyTorch's default for a depthwise Conv1d: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = K.
+        bound = 1 / math.sqrt(self.kernel_size)
+        set_param_(self.weight, torch.empty_like(self.weight, device="cpu").uniform_(-bound, bound))
+        set_param_(self.bias, torch.empty_like(self.bias, device="cpu").uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, C], state [B, C, K-1] or None -> (y [B, T, C], new state)."""
+        B, _T, C = x.shape
+        K = self.kernel_size
+        xt = x.transpose(1, 2)
+        if state is None:
+            state = xt.new_zeros(B, C, K - 1)
+        full = torch.cat([state.to(xt.dtype), xt], dim=-1)  # [B, C, K-1+T]
+        y = F.conv1d(full, self.weight.to(x.dtype)[:, None, :], self.bias.to(x.dtype), groups=C)
+        return F.silu(y).transpose(1, 2), full[..., full.shape[-1] - (K - 1):]
+
+
+def decay_init(heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba-2's initialisation: A ~ U(1, 16) (returned as log A) and dt log-uniform in
+    [1e-3, 0.1], returned as ``dt_bias = softplus^-1(dt)`` so that softplus(0 + dt_bias) = dt."""
+    A_log = torch.empty(heads).uniform_(1, 16).log()
+    dt = torch.exp(torch.empty(heads).uniform_(math.log(1e-3), math.log(0.1))).clamp_min(1e-4)
+    return A_log, dt + torch.log(-torch.expm1(-dt))
+
+
+def log_decay(A_log: torch.Tensor, dt_raw: torch.Tensor, dt_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g = -exp(A_log) * dt, dt) with dt = softplus(dt_raw + dt_bias), in the accumulation dtype."""
+    cd = acc_dtype(dt_raw.dtype)
+    dt = F.softplus(dt_raw.to(cd) + dt_bias.to(cd))
+    return -A_log.to(cd).exp() * dt, dt
+
+
+class LevelWeights(nn.Module):
+    """Log-linear level weights ``lam = softplus(Lscale[h, l] * (W x)[h, l])``, [B, T, H, L].
+
+    W starts at zero, so every level gets softplus(0) and a new log-linear layer computes its
+    linear counterpart (scaled by ln 2): training starts from the linear model.
+    """
+
+    def __init__(self, hidden_size: int, heads: int, levels: int):
+        super().__init__()
+        self.heads, self.levels = heads, levels
+        self.proj = nn.Linear(hidden_size, heads * levels, bias=False)
+        self.scale = no_weight_decay(nn.Parameter(torch.ones(heads, levels)))
+        self.reset_special_parameters()
+
+    def reset_special_parameters(self) -> None:
+        set_param_(self.proj.weight, torch.zeros_like(self.proj.weight, device="cpu"))
+        set_param_(self.scale, torch.ones_like(self.scale, device="cpu"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raw = self.proj(x).unflatten(-1, (self.heads, self.levels))
+        cd = acc_dtype(x.dtype)
+        return F.softplus(self.scale.to(cd) * raw.to(cd))
