@@ -147,3 +147,19 @@ def test_unknown_mixer_is_a_clear_error():
         build_mixer("retnet", ARGS)
     with pytest.raises(ValueError, match="window"):
         build_mixer("swa", MixerArgs(hidden_size=8, num_heads=1, head_dim=8))
+
+
+@pytest.mark.parametrize("kind", ["loglinear_mamba2", "loglinear_gdn"])
+def test_loglinear_batch_of_sequences_at_different_positions(kind):
+    # States merged from prefixes of different lengths: each row continues as it would alone.
+    m, x = make(kind), inputs(B=2, T=40)
+    _, s0 = m(x[0:1, :30])
+    _, s1 = m(x[1:2, :17])
+    merged = RecurrentState(torch.cat([s0.conv, s1.conv]),
+                            type(s0.memory)(torch.cat([s0.memory.slots, s1.memory.slots]),
+                                            torch.cat([s0.memory.position, s1.memory.position])))
+    y = inputs(B=2, T=6, seed=5)
+    out, state = m(y, merged)
+    torch.testing.assert_close(out[0:1], m(y[0:1], s0)[0], rtol=0, atol=1e-11)
+    torch.testing.assert_close(out[1:2], m(y[1:2], s1)[0], rtol=0, atol=1e-11)
+    assert state.memory.position.tolist() == [36, 23]

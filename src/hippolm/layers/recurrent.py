@@ -37,6 +37,29 @@ _OPS = {
 }
 
 
+def _loglinear_folded(seq_op, q, k, v, gates, scale, memory: ops.LogLinearState | None, output_state: bool):
+    """Run a log-linear sequence op with the batch folded into the heads: [B, T, H] -> [1, T, B*H].
+
+    Exact (sequences and heads are independent, and a mixer's sequences are all at one position),
+    and 5x faster on CPU at B=128 because the op's chunk form places each sequence separately
+    (a Python loop whose backward is quadratic in B). Falls back to the plain call otherwise.
+    """
+    B, T, H = q.shape[:3]
+    if B == 1 or (memory is not None and bool((memory.position != memory.position[0]).any())):
+        return seq_op(q, k, v, *gates, scale=scale, initial_state=memory, output_final_state=output_state)
+
+    def fold(x):
+        return x.transpose(0, 1).reshape(1, T, B * H, *x.shape[3:])
+
+    init = None if memory is None else ops.LogLinearState(memory.slots.flatten(0, 1)[None], memory.position[:1])
+    o, final = seq_op(*(fold(x) for x in (q, k, v, *gates)), scale=scale, initial_state=init,
+                      output_final_state=output_state)
+    o = o[0].reshape(T, B, H, -1).transpose(0, 1)
+    if final is not None:
+        final = ops.LogLinearState(final.slots[0].unflatten(0, (B, H)), final.position.expand(B).clone())
+    return o, final
+
+
 class RecurrentMixer(nn.Module):
     """Shared pipeline; subclasses define the projections (``_inputs``, ``_qkv``, ``_output``)."""
 
@@ -87,6 +110,8 @@ class RecurrentMixer(nn.Module):
             # One token (decoding): the O(1) / O(log T) step op instead of a chunk padded to 64.
             o, memory = step_op(q[:, 0], k[:, 0], v[:, 0], *(x[:, 0] for x in gates), memory, scale=self.scale)
             o = o[:, None]
+        elif self.loglinear:
+            o, memory = _loglinear_folded(seq_op, q, k, v, gates, self.scale, memory, output_state)
         else:
             o, memory = seq_op(q, k, v, *gates, scale=self.scale, initial_state=memory,
                                output_final_state=output_state)
