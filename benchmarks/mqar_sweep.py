@@ -1,0 +1,177 @@
+"""MQAR comparison of the log-linear paper: Mamba-2 vs log-linear Mamba-2, Gated DeltaNet vs
+log-linear Gated DeltaNet, softmax attention as the ceiling, at model dims 16 / 32 / 64.
+
+    python benchmarks/mqar_sweep.py --small            # 2-core CPU, under 10 minutes
+    python benchmarks/mqar_sweep.py                    # full setting (GPU): seq 256, 4..64 pairs
+    python benchmarks/mqar_sweep.py --plot-only FILE   # redraw the plot of a result file
+
+Runs go to worker processes (``--jobs``, one thread each by default: on a small CPU several
+single-thread runs beat one multi-thread run, whose threads wait on each other). For each
+(mixer, dim) the best learning rate is kept, as in Zoology. Results: JSON (written after every
+run) and a PNG next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import datetime
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from hippolm.tasks.mqar import MQARSettings, train_mqar
+
+MIXERS = ("attention", "mamba2", "loglinear_mamba2", "gdn", "loglinear_gdn")
+LABELS = {"attention": "Transformer", "mamba2": "Mamba-2", "loglinear_mamba2": "Log-linear Mamba-2",
+          "gdn": "Gated DeltaNet", "loglinear_gdn": "Log-linear Gated DeltaNet"}
+STYLE = {"attention": ("black", ":"), "mamba2": ("tab:blue", "--"), "loglinear_mamba2": ("tab:blue", "-"),
+         "gdn": ("tab:red", "--"), "loglinear_gdn": ("tab:red", "-")}
+
+# The paper's task (seq 256, 4..64 pairs, vocab 8192) at a length of training the lent GPU affords.
+FULL = dict(seq_len=256, pairs=(4, 8, 16, 32, 64), vocab_size=8192, train_examples=100_000, eval_examples=1000,
+            steps=4000, batch_size=128, lrs=(1e-3, 3e-3))
+# Shorter sequences, fewer pairs and a small vocabulary, so that models learn within a CPU budget.
+SMALL = dict(seq_len=64, pairs=(4, 8, 16), vocab_size=256, train_examples=20_000, eval_examples=300,
+             steps=300, batch_size=64, lrs=(3e-3,))
+
+
+def _run(settings: MQARSettings, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    return train_mqar(settings, progress=False)
+
+
+def _best(runs: list[dict]) -> dict[str, dict[int, dict]]:
+    """Best run (by mean accuracy) per mixer and model dim."""
+    best: dict[str, dict[int, dict]] = {}
+    for r in runs:
+        s = r["settings"]
+        cur = best.setdefault(s["mixer"], {}).get(s["d_model"])
+        if cur is None or r["mean_accuracy"] > cur["mean_accuracy"]:
+            best[s["mixer"]][s["d_model"]] = r
+    return best
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = _best(result["runs"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for mixer in MIXERS:
+        if mixer not in best:
+            continue
+        color, ls = STYLE[mixer]
+        dims = sorted(best[mixer])
+        left.plot(dims, [best[mixer][d]["mean_accuracy"] for d in dims], color=color, ls=ls, marker="o",
+                  label=LABELS[mixer])
+        top = best[mixer][dims[-1]]["accuracy"]
+        pairs = sorted(top, key=int)
+        right.plot([int(p) for p in pairs], [top[p] for p in pairs], color=color, ls=ls, marker="o",
+                   label=f"{LABELS[mixer]} (d={dims[-1]})")
+    s = result["setting"]
+    left.set(xlabel="model dimension", ylabel="accuracy (mean over pairs)", xscale="log", ylim=(-0.02, 1.02),
+             title=f"MQAR, seq {s['seq_len']}, pairs {','.join(map(str, s['pairs']))}")
+    left.set_xticks(sorted({d for m in best.values() for d in m}), [str(d) for d in sorted({d for m in best.values()
+                                                                                           for d in m})])
+    right.set(xlabel="key-value pairs", ylabel="accuracy", xscale="log", ylim=(-0.02, 1.02),
+              title="by number of pairs, largest dim")
+    right.set_xticks([int(p) for p in s["pairs"]], [str(p) for p in s["pairs"]])
+    for ax in (left, right):
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    fig.suptitle(f"{result['name']}: {result['device']}, {s['steps']} steps x batch {s['batch_size']}, "
+                 f"vocab {s['vocab_size']}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--small", action="store_true", help="the CPU setting (under 10 minutes on 2 cores)")
+    p.add_argument("--mixers", default=",".join(MIXERS))
+    p.add_argument("--dims", default="16,32,64")
+    p.add_argument("--lrs", default=None, help="comma-separated learning rates (best one is kept)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-limit", type=float, default=None, help="seconds of training per run (stops early)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--jobs", type=int, default=None, help="parallel runs (default: CPU count, at most 8)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/mqar_sweep[_small].json)")
+    p.add_argument("--plot-only", default=None, metavar="JSON", help="only redraw the plot of this result file")
+    args = p.parse_args()
+
+    if args.plot_only:
+        path = Path(args.plot_only)
+        plot(json.loads(path.read_text()), path.with_suffix(".png"))
+        return
+
+    name = "mqar_sweep_small" if args.small else "mqar_sweep"
+    out = Path(args.out or Path(__file__).parent / "results" / f"{name}.json")
+    setting = dict(SMALL if args.small else FULL)
+    if args.lrs:
+        setting["lrs"] = tuple(float(x) for x in args.lrs.split(","))
+    if args.steps:
+        setting["steps"] = args.steps
+    lrs = setting.pop("lrs")
+    base = MQARSettings(num_layers=2, num_heads=1, seed=args.seed, device=args.device, time_limit=args.time_limit,
+                        **setting)
+    grid = [replace(base, mixer=m, d_model=int(d), lr=lr)
+            for d in args.dims.split(",") for m in args.mixers.split(",") for lr in lrs]
+    for s in grid:
+        if s.mixer not in MIXERS:
+            raise SystemExit(f"unknown mixer {s.mixer!r}; choose from {', '.join(MIXERS)}")
+    jobs = args.jobs or min(8, os.cpu_count() or 1, len(grid))
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    result = {
+        "name": name,
+        "setting": {**setting, "pairs": list(setting["pairs"]), "lrs": list(lrs), "num_layers": 2, "num_heads": 1},
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)",
+        "jobs": jobs, "threads_per_job": args.threads,
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "runs": [],
+    }
+    start = time.perf_counter()
+    ctx = mp.get_context("spawn")  # CUDA and fork do not mix
+    with cf.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+        futures = [pool.submit(_run, s, args.threads) for s in grid]
+        for fut in tqdm(cf.as_completed(futures), total=len(futures), desc="MQAR sweep"):
+            r = fut.result()
+            result["runs"].append(r)
+            result["wall_seconds"] = round(time.perf_counter() - start, 1)
+            s = r["settings"]
+            tqdm.write(f"{s['mixer']:>17} d={s['d_model']:<3} lr={s['lr']:.0e}  mean acc {r['mean_accuracy']:.3f}  "
+                       + " ".join(f"{k}:{v:.2f}" for k, v in r["accuracy"].items())
+                       + f"  ({r['steps_done']} steps, {r['train_seconds']:.0f} s)")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=2) + "\n")
+    result["best"] = {m: {str(d): {"mean_accuracy": r["mean_accuracy"], "accuracy": r["accuracy"],
+                                   "lr": r["settings"]["lr"]} for d, r in sorted(by_dim.items())}
+                      for m, by_dim in _best(result["runs"]).items()}
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')} in {result['wall_seconds']:.0f} s")
+    print("mean accuracy (best lr)   " + "  ".join(f"d={d:>3}" for d in args.dims.split(",")))
+    for m, by_dim in result["best"].items():
+        print(f"{LABELS[m]:>26}  " + "  ".join(f"{v['mean_accuracy']:.3f}" for v in by_dim.values()))
+
+
+if __name__ == "__main__":
+    main()

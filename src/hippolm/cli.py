@@ -1,0 +1,100 @@
+"""Command line: ``hippolm <command> ...`` (also ``python -m hippolm``)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _add_mqar(sub: argparse._SubParsersAction) -> None:
+    from .layers import MIXER_TYPES
+    from .tasks.mqar import MQARSettings
+
+    d = MQARSettings()
+    p = sub.add_parser("mqar", help="train a small model on multi-query associative recall and report accuracy",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--mixer", choices=MIXER_TYPES, default=d.mixer)
+    p.add_argument("--d-model", type=int, default=d.d_model)
+    p.add_argument("--layers", type=int, default=d.num_layers)
+    p.add_argument("--heads", type=int, default=d.num_heads)
+    p.add_argument("--expand-v", type=int, default=d.expand_v, help="value dim = head dim * expand_v")
+    p.add_argument("--state-size", type=int, default=None, help="Mamba-2 key dim per head (default: head dim)")
+    p.add_argument("--window", type=int, default=d.window, help="span of sliding-window attention (swa)")
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--pairs", type=_int_list, default=d.pairs, help="numbers of key-value pairs, e.g. 4,8,16")
+    p.add_argument("--vocab", type=int, default=d.vocab_size)
+    p.add_argument("--train-examples", type=int, default=d.train_examples, help="total, split over --pairs")
+    p.add_argument("--eval-examples", type=int, default=d.eval_examples, help="per number of pairs")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--out", default=None, help="write the result as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_mqar)
+
+
+def _run_mqar(args: argparse.Namespace) -> int:
+    from .tasks.mqar import MQARSettings, train_mqar, write_json
+
+    settings = MQARSettings(
+        mixer=args.mixer, d_model=args.d_model, num_layers=args.layers, num_heads=args.heads,
+        expand_v=args.expand_v, state_size=args.state_size, window=args.window, seq_len=args.seq_len,
+        pairs=args.pairs, vocab_size=args.vocab, train_examples=args.train_examples,
+        eval_examples=args.eval_examples, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, seed=args.seed, device=args.device,
+    )
+    result = train_mqar(settings, progress=not args.quiet)
+    print(f"MQAR {args.mixer} d_model={args.d_model} seq_len={args.seq_len} "
+          f"({result['parameters']:,} parameters, {result['train_seconds']:.0f} s on {result['device']})")
+    print("pairs  accuracy")
+    for pairs, acc in result["accuracy"].items():
+        print(f"{pairs:>5}  {acc:8.4f}")
+    print(f" mean  {result['mean_accuracy']:8.4f}   (loss {result['loss_first']:.3f} -> {result['loss_last']:.3f})")
+    if args.out:
+        write_json(result, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _add_distill(sub: argparse._SubParsersAction) -> None:
+    """``hippolm distill ...``: all arguments go to :func:`hippolm.train.distill.main` (its own parser)."""
+    p = sub.add_parser("distill", help="train an AHN memory by self-distillation (hippolm distill -h)",
+                       add_help=False, prefix_chars="\0")
+    p.add_argument("argv", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_run_distill)
+
+
+def _run_distill(args: argparse.Namespace) -> int:
+    from .train.distill import main
+
+    return main(args.argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hippolm", description="hippolm command line tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_mqar(sub)
+    _add_distill(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
