@@ -2,7 +2,9 @@
 
 The real Qwen2.5-3B architecture with random weights (bf16), batch 8, AHN with 128 sinks +
 32,640 window. Caches are filled with random keys/values for the context length (decode time
-depends on cache size, not content), then decode steps are timed with CUDA events.
+depends on cache size, not content), then decode steps are timed. On CUDA each step is replayed
+from a CUDA graph for both models (transformers' StaticCache for full attention, hippolm's
+GraphDecoder for AHN), as a serving stack would; ``--eager`` times plain eager steps instead.
 
     python benchmarks/ahn_decode.py --json benchmarks/results/ahn_decode_h100.json
 """
@@ -46,24 +48,54 @@ def time_steps(step, n: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def full_attention(model, B: int, L: int, n: int) -> tuple[float, int]:
+def graphed(step, advance):
+    """``step`` captured in a CUDA graph after a warm-up on a side stream; ``advance`` moves the
+    static position inputs on (outside the graph) before each replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+        advance()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    def replay():
+        graph.replay()
+        advance()
+
+    return replay
+
+
+def full_attention(model, B: int, L: int, n: int, use_graph: bool) -> tuple[float, int]:
     cfg = model.config
     d = cfg.hidden_size // cfg.num_attention_heads
-    cache = StaticCache(config=cfg, max_cache_len=L + n + 8)
+    cache = StaticCache(config=cfg, max_cache_len=L + n + 16)
     kv = torch.randn(B, cfg.num_key_value_heads, L, d, device=DEV, dtype=model.dtype)
     for i in range(cfg.num_hidden_layers):
         cache.update(kv, kv, i)
     del kv
-    pos = [L]
     ids = torch.zeros(B, 1, dtype=torch.long, device=DEV)
+    cache_position = torch.full((1,), L, dtype=torch.long, device=DEV)
+    position_ids = torch.full((B, 1), L, dtype=torch.long, device=DEV)
 
     def step():
-        p = torch.full((B, 1), pos[0], device=DEV)
-        model(input_ids=ids, past_key_values=cache, position_ids=p, use_cache=True, logits_to_keep=1)
-        pos[0] += 1
+        model(input_ids=ids, past_key_values=cache, position_ids=position_ids, cache_position=cache_position,
+              use_cache=True, logits_to_keep=1)
 
-    ms = time_steps(step, n)
-    kv_bytes = 2 * cfg.num_hidden_layers * B * cfg.num_key_value_heads * L * d * model.dtype.itemsize
+    def advance():
+        cache_position.add_(1)
+        position_ids.add_(1)
+
+    if use_graph:
+        run = graphed(step, advance)
+    else:
+        def run():
+            step()
+            advance()
+    ms = time_steps(run, n)
+    kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     return ms, kv_bytes
 
 
@@ -71,7 +103,7 @@ def ahn_model(base, window: int, sinks: int) -> AHNForCausalLM:
     return AHNForCausalLM.from_base(base, "gdn", window=window, sinks=sinks)
 
 
-def ahn_decode(model: AHNForCausalLM, B: int, L: int, n: int) -> tuple[float, int]:
+def ahn_decode(model: AHNForCausalLM, B: int, L: int, n: int, use_graph: bool) -> tuple[float, int]:
     cache = model.new_cache()
     ids = torch.zeros(B, 1, dtype=torch.long, device=DEV)
     model(ids, past_key_values=cache)  # allocates every layer's buffers
@@ -82,15 +114,20 @@ def ahn_decode(model: AHNForCausalLM, B: int, L: int, n: int) -> tuple[float, in
         layer.memory.normal_(0, 0.01)
         ring = torch.arange(L - W, L, device=DEV) if L >= W else torch.arange(L, device=DEV)
         layer.slot_pos[:, :S] = torch.arange(S, device=DEV)
-        layer.slot_pos[:, S + ring % W] = ring
-        layer.stream_len, layer.real_seen = L, torch.full((B,), L, device=DEV)
+        layer.slot_pos[:, S + ring % W] = ring.to(layer.slot_pos.dtype)
+        layer.stream_len = L
+        layer.real_seen.fill_(L)
+        layer.cursor.fill_(L)
         layer.all_visible = L >= W + S
-    pos = [L]
+    if use_graph and L >= W + S:
+        decoder = model.graph_decoder(cache)
 
-    def step():
-        p = torch.full((B, 1), pos[0], device=DEV)
-        model(ids, past_key_values=cache, position_ids=p, logits_to_keep=1)
-        pos[0] += 1
+        def step():
+            decoder(ids)
+    else:
+        def step():
+            p = cache.layers[0].real_seen[:, None]
+            model(ids, past_key_values=cache, position_ids=p, logits_to_keep=1)
 
     ms = time_steps(step, n)
     return ms, cache.nbytes()
@@ -105,10 +142,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--json", default=None)
     parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU, to check the script")
+    parser.add_argument("--eager", action="store_true", help="no CUDA graphs")
     args = parser.parse_args()
     arch = QWEN25_3B
     if args.tiny:
         arch, args.contexts, args.window, args.sinks, args.steps = TINY, "64,256", 32, 4, 2
+    use_graph = DEV == "cuda" and not args.eager
     torch.manual_seed(0)
     with torch.device(DEV):
         base = Qwen2ForCausalLM(Qwen2Config(**arch)).to(torch.bfloat16 if DEV == "cuda" else torch.float32).eval()
@@ -118,7 +157,7 @@ def main() -> None:
             "transformers": transformers.__version__,
             "date": datetime.date.today().isoformat(), "model": "Qwen2.5-3B architecture, random weights, bf16",
             "batch": args.batch, "window": args.window, "sinks": args.sinks, "weight_bytes": weight_bytes,
-            "mode": "eager (no CUDA graphs)"}
+            "mode": "eager" if not use_graph else "CUDA graph per decode step (AHN: once past the window)"}
 
     def save():
         if args.json:
@@ -128,14 +167,14 @@ def main() -> None:
     contexts = [int(c) for c in args.contexts.split(",")]
     with torch.no_grad():
         for L in contexts:
-            ms, kv = full_attention(base, args.batch, L, args.steps)
+            ms, kv = full_attention(base, args.batch, L, args.steps, use_graph)
             rows.append({"context": L, "model": "full_attention", "ms_per_step": ms,
                          "tokens_per_s": args.batch / ms * 1e3, "cache_bytes": kv,
                          "bytes_per_s": (weight_bytes + kv) / ms * 1e3})
             save()
         model = ahn_model(base, args.window, args.sinks)
         for L in contexts:
-            ms, cb = ahn_decode(model, args.batch, L, args.steps)
+            ms, cb = ahn_decode(model, args.batch, L, args.steps, use_graph)
             rows.append({"context": L, "model": "ahn_gdn", "ms_per_step": ms, "tokens_per_s": args.batch / ms * 1e3,
                          "cache_bytes": cb, "bytes_per_s": (weight_bytes + cb) / ms * 1e3})
             save()

@@ -223,3 +223,25 @@ def test_bad_input_is_a_clear_error():
         model(torch.randint(0, 97, (1, 1)), past_key_values=cache, window=8)
     with pytest.raises(ValueError, match="left padding only"):
         model(torch.randint(0, 97, (1, 12)), attention_mask=torch.tensor([[1] * 6 + [0] + [1] * 5]))
+
+
+def test_graph_decoder_refuses_cpu_and_short_cache():
+    model = ahn("llama", "gdn", window=4, sinks=1)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model.prefill(torch.randint(0, 97, (1, 3)), cache=cache)
+    with pytest.raises(ValueError, match="CUDA"):
+        model.graph_decoder(cache)
+
+
+def test_steady_decode_keeps_cache_buffers_in_place():
+    """Past the window a decode step writes into the same tensors (what a CUDA graph replays)."""
+    model = ahn("llama", "gdn", window=4, sinks=1)
+    cache = model.new_cache()
+    with torch.no_grad():
+        model.prefill(torch.randint(0, 97, (2, 9)), cache=cache)
+        layer = cache.layers[0]
+        ptrs = [t.data_ptr() for t in layer.tensors()]
+        model(torch.randint(0, 97, (2, 1)), past_key_values=cache)
+    assert layer.all_visible and [t.data_ptr() for t in layer.tensors()] == ptrs
+    assert int(layer.cursor) == layer.stream_len == 10

@@ -2,8 +2,9 @@
 
 from .cache import AHNCache, AHNLayerCache
 from .config import MEMORY_TYPES, AHNConfig
+from .graph import GraphDecoder
 from .memory import MemoryModule
 from .model import AHNForCausalLM, convert, fingerprint
 
-__all__ = ["MEMORY_TYPES", "AHNCache", "AHNConfig", "AHNForCausalLM", "AHNLayerCache", "MemoryModule", "convert",
-           "fingerprint"]
+__all__ = ["MEMORY_TYPES", "AHNCache", "AHNConfig", "AHNForCausalLM", "AHNLayerCache", "GraphDecoder", "MemoryModule",
+           "convert", "fingerprint"]

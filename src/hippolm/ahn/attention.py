@@ -82,11 +82,15 @@ class AHNAttentionMixin:
             got = type(past_key_values).__name__
             raise ValueError(f"an AHN model needs an AHNCache (model.new_cache()), got {got}.")
 
+        # Rounded to the cache's storage dtype here, so training and decoding use the same gates.
+        write_gates = self.ahn.write_gates(hidden_states).to(k.dtype).float()
+        if persistent and T == 1 and cache.all_visible:
+            return self.o_proj(self._ahn_steady_decode(q, k, v, write_gates, hidden_states, cache)), None
+
         real = kwargs.get("ahn_attention_mask")
         padded = real is not None
         real = (torch.ones(B, T, dtype=torch.bool, device=q.device) if real is None
                 else real[:, -T:].to(device=q.device, dtype=torch.bool))
-        write_gates = self.ahn.write_gates(hidden_states)
         if persistent and not cache.is_initialized:
             cache.lazy_initialization(k, v, write_gates)
             cache.memory = self.ahn.empty_state(B, q.device)  # allocated up front: the cache never grows
@@ -111,13 +115,35 @@ class AHNAttentionMixin:
                 cache.append(k, v, write_gates, pos)
         return self.o_proj(out.reshape(B, T, -1)), None
 
+    def _ahn_steady_decode(self, q, k, v, write_gates, x, cache: AHNLayerCache) -> torch.Tensor:
+        """One token per sequence once every slot holds a real token: the token in the slot the new
+        one takes leaves the window and is written into the memory; the new token is written; then
+        the query reads the memory and attends to the whole buffer without a mask. Every index is a
+        device tensor and every state update in place: no host syncs, and CUDA-graph replayable."""
+        B, H = q.shape[:2]
+        slot = cache.sinks + cache.cursor % cache.window  # [1]
+        rep = H // k.shape[1]
+        old_k, old_v = (a.index_select(2, slot)[:, :, 0].repeat_interleave(rep, 1) for a in (cache.keys, cache.values))
+        old_gates = cache.ring_gates.index_select(1, slot - cache.sinks)[:, 0].float()
+        out_gate, lam = self.ahn.read_gates(x)
+        o, new = self.ahn.step(q[:, :, 0], old_k, old_v, old_gates, None if lam is None else lam[:, 0],
+                               cache.memory)
+        if isinstance(new, ops.LogLinearState):
+            cache.memory.slots.copy_(new.slots)
+            cache.memory.position.copy_(new.position)
+        else:
+            cache.memory.copy_(new)
+        cache.decode_write(k, v, write_gates, cache.real_seen[:, None], slot)
+        attn = F.scaled_dot_product_attention(q, cache.keys, cache.values, scale=self.scaling,
+                                              enable_gqa=cache.keys.shape[1] != H)
+        out = attn.transpose(1, 2) + self.ahn.readout(o.unsqueeze(1), out_gate)
+        return out.reshape(B, 1, -1)
+
     def _ahn_decode_attention(self, q, pos, cache: AHNLayerCache):
         """One query per sequence over the sinks + window buffer (the new token already in it)."""
-        mask = None
-        if not cache.all_visible:
-            kp, qp = cache.visible_pos(), pos
-            mask = (kp >= 0) & ((kp < cache.sinks) | (qp - kp < cache.window))
-            mask = (mask | (qp < 0))[:, None, None]  # a padding query attends anywhere; it is ignored
+        kp, qp = cache.visible_pos(), pos
+        mask = (kp >= 0) & ((kp < cache.sinks) | (qp - kp < cache.window))
+        mask = (mask | (qp < 0))[:, None, None]  # a padding query attends anywhere; it is ignored
         o = F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=mask, scale=self.scaling,
                                            enable_gqa=q.shape[1] != cache.keys.shape[1])
         return o.transpose(1, 2)
@@ -149,8 +175,8 @@ class AHNAttentionMixin:
         if has_past and T == 1:  # the token leaving now sits in the slot the new one will take
             slot = cache.ring_slot(cache.stream_len)
             src = [cache.keys[:, :, slot : slot + 1], cache.values[:, :, slot : slot + 1]]
-            src_gates = cache.ring_gates[:, slot - sinks : slot - sinks + 1]
-            src_pos = cache.slot_pos[:, slot : slot + 1]
+            src_gates = cache.ring_gates[:, slot - sinks : slot - sinks + 1].float()
+            src_pos = cache.slot_pos[:, slot : slot + 1].long()
         elif has_past:
             rk, rv, rg, rpos = cache.ring_in_stream_order()
             src = [torch.cat([a, b], 2)[:, :, :T] for a, b in ((rk, k), (rv, v))]
@@ -162,15 +188,11 @@ class AHNAttentionMixin:
             src_pos = F.pad(pos, (window, 0), value=-1)[:, :T]
         valid = src_pos >= sinks  # [B, T]: a real, non-sink token leaves the window here
         zero = torch.zeros_like(q).transpose(1, 2)
-        # Once every cached slot holds a real window token, each decode step writes for every
-        # sequence: skip the checks (each is a device sync).
-        steady = has_past and T == 1 and cache.all_visible
-        if not steady:
-            if not bool(valid.any()):
-                return zero
-            n_valid = valid.sum(1)
-            if not bool((valid == (torch.arange(T, device=q.device)[None] >= (T - n_valid)[:, None])).all()):
-                raise ValueError("AHN models take left padding only: attention_mask must be 0s then 1s per sequence.")
+        if not bool(valid.any()):
+            return zero
+        n_valid = valid.sum(1)
+        if not bool((valid == (torch.arange(T, device=q.device)[None] >= (T - n_valid)[:, None])).all()):
+            raise ValueError("AHN models take left padding only: attention_mask must be 0s then 1s per sequence.")
         rep = H // src[0].shape[1]
         km, vm = (a.repeat_interleave(rep, 1).transpose(1, 2) for a in src)  # GQA-expanded [B, T, H, d]
         qm = q.transpose(1, 2)
@@ -179,11 +201,8 @@ class AHNAttentionMixin:
         if T == 1:
             o, new = self.ahn.step(qm[:, 0], km[:, 0], vm[:, 0], src_gates[:, 0], None if lam is None else lam[:, 0],
                                    state)
-            if steady:
-                o, state = o.unsqueeze(1), new
-            else:
-                o = (o * valid[:, 0, None, None]).unsqueeze(1)
-                state = _merge_state(valid[:, 0], new, state)
+            o = (o * valid[:, 0, None, None]).unsqueeze(1)
+            state = _merge_state(valid[:, 0], new, state)
         else:
             first = T - n_valid
             if bool((first == first[0]).all()):

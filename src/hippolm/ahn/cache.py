@@ -21,7 +21,9 @@ class AHNLayerCache(CacheLayerMixin):
     without copies, the first ``sinks`` real tokens of each sequence at slots [0, sinks) and the
     last ``window`` stream tokens at slot ``sinks + stream_index % window``. ``slot_pos`` is each
     slot's real position (-1: empty or padding); ``ring_gates`` the memory write gates computed
-    when each window token arrived; ``memory`` the long-term state; ``real_seen`` real tokens seen.
+    when each window token arrived, stored in the key dtype (the memory rounds them the same way
+    when training, so both agree); ``memory`` the long-term state; ``real_seen`` real tokens seen;
+    ``cursor`` the stream length as a device tensor, so a decode step can be captured in a CUDA graph.
     """
 
     is_compileable = False
@@ -33,6 +35,7 @@ class AHNLayerCache(CacheLayerMixin):
         self.stream_len = 0
         self.slot_pos = self.ring_gates = None
         self.real_seen: torch.Tensor | None = None
+        self.cursor: torch.Tensor | None = None
         self.memory = None
         self.all_visible = False  # every slot filled by a real token of the window or the sinks
 
@@ -41,9 +44,10 @@ class AHNLayerCache(CacheLayerMixin):
         n, dev = self.sinks + self.window, key_states.device
         self.keys = key_states.new_zeros(B, Hkv, n, d)
         self.values = value_states.new_zeros(B, Hkv, n, value_states.shape[-1])
-        self.slot_pos = torch.full((B, n), -1, dtype=torch.long, device=dev)
-        self.ring_gates = gates.new_zeros(B, self.window, *gates.shape[2:])
+        self.slot_pos = torch.full((B, n), -1, dtype=torch.int32, device=dev)
+        self.ring_gates = key_states.new_zeros(B, self.window, *gates.shape[2:])
         self.real_seen = torch.zeros(B, dtype=torch.long, device=dev)
+        self.cursor = torch.zeros(1, dtype=torch.long, device=dev)
         self.is_initialized = True
 
     def ring_slot(self, stream_index: int) -> int:
@@ -53,13 +57,14 @@ class AHNLayerCache(CacheLayerMixin):
         """Window entries ordered so that index j holds stream token ``stream_len - window + j``."""
         order = (torch.arange(self.window, device=self.keys.device) + self.stream_len) % self.window
         slots = order + self.sinks
-        return (self.keys[:, :, slots], self.values[:, :, slots], self.ring_gates[:, order], self.slot_pos[:, slots])
+        return (self.keys[:, :, slots], self.values[:, :, slots], self.ring_gates[:, order].float(),
+                self.slot_pos[:, slots].long())
 
     def visible_pos(self) -> torch.Tensor:
         """Slot positions for attention: window copies of sink tokens hidden (the sink slot serves)."""
         S = self.sinks
         ring = self.slot_pos[:, S:]
-        return torch.cat([self.slot_pos[:, :S], torch.where(ring >= S, ring, -1)], 1)
+        return torch.cat([self.slot_pos[:, :S], torch.where(ring >= S, ring, -1)], 1).long()
 
     def append(self, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, pos: torch.Tensor) -> None:
         """Add new stream tokens: k, v [B, Hkv, T, d]; gates [B, T, ...]; pos [B, T] (-1: padding)."""
@@ -68,8 +73,8 @@ class AHNLayerCache(CacheLayerMixin):
         order = torch.arange(self.stream_len + T - keep, self.stream_len + T, device=k.device) % W
         self.keys[:, :, S + order] = k[:, :, T - keep :]
         self.values[:, :, S + order] = v[:, :, T - keep :]
-        self.ring_gates[:, order] = gates[:, T - keep :]
-        self.slot_pos[:, S + order] = pos[:, T - keep :]
+        self.ring_gates[:, order] = gates[:, T - keep :].to(self.ring_gates.dtype)
+        self.slot_pos[:, S + order] = pos[:, T - keep :].to(self.slot_pos.dtype)
         if S and not self.all_visible:
             is_sink = (pos >= 0) & (pos < S)
             if bool(is_sink.any()):
@@ -77,9 +82,10 @@ class AHNLayerCache(CacheLayerMixin):
                 slot = pos[b, t]
                 self.keys[b, :, slot] = k[b, :, t]
                 self.values[b, :, slot] = v[b, :, t]
-                self.slot_pos[b, slot] = slot
+                self.slot_pos[b, slot] = slot.to(self.slot_pos.dtype)
         self.stream_len += T
-        self.real_seen = self.real_seen + (pos >= 0).sum(1)
+        self.cursor += T
+        self.real_seen += (pos >= 0).sum(1)
         if not self.all_visible and self.stream_len >= W + S:
             # Checked (one sync) only until it holds; after that no slot can become hidden again.
             self.all_visible = bool((self.visible_pos() >= 0).all())
@@ -99,7 +105,7 @@ class AHNLayerCache(CacheLayerMixin):
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the layer holds (for measuring the cache size)."""
-        out = [self.keys, self.values, self.ring_gates, self.slot_pos, self.real_seen]
+        out = [self.keys, self.values, self.ring_gates, self.slot_pos, self.real_seen, self.cursor]
         if isinstance(self.memory, ops.LogLinearState):
             out += [self.memory.slots, self.memory.position]
         elif self.memory is not None:
@@ -115,6 +121,18 @@ class AHNLayerCache(CacheLayerMixin):
             self.memory = ops.LogLinearState(fn(self.memory.slots), fn(self.memory.position))
         elif self.memory is not None:
             self.memory = fn(self.memory)
+
+    def decode_write(self, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, pos: torch.Tensor,
+                     slot: torch.Tensor) -> None:
+        """Steady-state decode: write one token per sequence into ``slot`` (a device tensor [1]) in
+        place, with no host values involved, so the step can be replayed from a CUDA graph."""
+        self.keys.index_copy_(2, slot, k)
+        self.values.index_copy_(2, slot, v)
+        self.ring_gates.index_copy_(1, slot - self.sinks, gates.to(self.ring_gates.dtype))
+        self.slot_pos.index_copy_(1, slot, pos.to(self.slot_pos.dtype))
+        self.real_seen += 1
+        self.cursor += 1
+        self.stream_len += 1
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))

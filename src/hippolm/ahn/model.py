@@ -22,6 +22,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from .attention import AHNAttentionMixin
 from .cache import AHNCache
 from .config import MEMORY_TYPES, AHNConfig, validate_window
+from .graph import GraphDecoder
 from .memory import MemoryModule
 
 # Our attention builds its own masks; an attention implementation transformers has no mask
@@ -191,6 +192,10 @@ class AHNForCausalLM(nn.Module):
         """An empty bounded cache (defaults: the model's window and sinks)."""
         return AHNCache(len(_decoder_layers(self.base)), window or self.ahn_config.window,
                         self.ahn_config.sinks if sinks is None else sinks)
+
+    def graph_decoder(self, cache: AHNCache) -> GraphDecoder:
+        """A CUDA-graph decoder for ``cache`` once it is past its window (see :class:`GraphDecoder`)."""
+        return GraphDecoder(self, cache)
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, *, window: int | None = None,
                 sinks: int | None = None, use_cache: bool = False, **kwargs):

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs on the lent GPU machine (device tool), from the repo root, with .whl carried:
+#   the AHN CUDA tests (eager vs CUDA-graph decode vs one forward), then the decode benchmark.
+# Usage: bash benchmarks/ahn_gpu.sh [what: tests|bench|all]
+set -uo pipefail
+what=${1:-all}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider tests/test_ahn_cuda.py 2>&1 \
+    | tee "$OUT/test_ahn_cuda.log" | tail -30
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  dev=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
+  timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/ahn_decode.py --json "$OUT/ahn_decode_$dev.json" 2>&1 \
+    | tee "$OUT/ahn_decode_$dev.log"
+fi
