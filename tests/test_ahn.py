@@ -245,3 +245,12 @@ def test_steady_decode_keeps_cache_buffers_in_place():
         model(torch.randint(0, 97, (2, 1)), past_key_values=cache)
     assert layer.all_visible and [t.data_ptr() for t in layer.tensors()] == ptrs
     assert int(layer.cursor) == layer.stream_len == 10
+
+
+def test_loglinear_memory_past_its_levels_is_a_clear_error():
+    model = AHNForCausalLM.from_base(tiny_base(), "loglinear_gdn", window=4, sinks=1, levels=3)  # 4 tokens past
+    cache = model.new_cache()
+    with torch.no_grad():
+        model.prefill(torch.randint(0, 97, (1, 9)), cache=cache)  # 4 written: the last that fits
+        with pytest.raises(ValueError, match="levels"):
+            model(torch.randint(0, 97, (1, 1)), past_key_values=cache)

@@ -75,6 +75,10 @@ class AHNAttentionMixin:
                                  f"got window={window}, sinks={sinks}. Start a new cache to change them.")
             window, sinks = cache.window, cache.sinks
             persistent = True
+            levels = self.ahn.levels
+            if levels and cache.stream_len + T - window - sinks > 1 << (levels - 1):  # host-side: no sync
+                raise ValueError(f"the log-linear memory's {levels} levels hold {1 << (levels - 1)} tokens past the "
+                                 "window; this context is longer. Convert with more levels (from_base(levels=...)).")
         elif past_key_values is None:
             validate_window(window, sinks)
             cache, persistent = AHNLayerCache(window, sinks), False

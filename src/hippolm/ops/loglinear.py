@@ -50,10 +50,15 @@ def num_levels(max_len: int) -> int:
     return (max_len - 1).bit_length() + 1
 
 
-def bit_length(x: torch.Tensor) -> torch.Tensor:
-    """Integer bit length of a non-negative int64 tensor (no float log2: exact at every power of two)."""
+def bit_length(x: torch.Tensor, bits: int | None = None) -> torch.Tensor:
+    """Integer bit length of a non-negative int64 tensor (no float log2: exact at every power of two).
+
+    ``bits``: an upper bound on the result, known to the caller; it saves reading ``x.max()`` (a
+    device sync, which a CUDA graph cannot hold)."""
     out = torch.zeros_like(x)
-    for b in range(max(int(x.max()), 0).bit_length() if x.numel() else 0):
+    if bits is None:
+        bits = max(int(x.max()), 0).bit_length() if x.numel() else 0
+    for b in range(bits):
         out += (x >> b) > 0
     return out
 
@@ -116,7 +121,9 @@ def _check(q, k, v, g, beta, lam, initial_state, cu_seqlens, scale) -> tuple[int
 # Step and recurrent forms
 
 
-def step_unchecked(q, k, v, g, beta, lam, state: LogLinearState | None, scale):
+def step_unchecked(q, k, v, g, beta, lam, state: LogLinearState | None, scale, check_levels: bool = True):
+    """One step without argument checks. ``check_levels=False`` also skips the level-overflow check
+    (a device sync): for callers that track positions on the host (the AHN cache)."""
     N, H, K = q.shape
     V, L = v.shape[-1], lam.shape[-1]
     cd = compute_dtype(q.dtype)
@@ -126,11 +133,11 @@ def step_unchecked(q, k, v, g, beta, lam, state: LogLinearState | None, scale):
         pos = torch.zeros(N, dtype=torch.long, device=q.device)
     else:
         slots, pos = state.slots.to(cd), state.position.to(q.device)
-    if int(pos.max()) >= 1 << (L - 1):
+    if check_levels and int(pos.max()) >= 1 << (L - 1):
         raise ValueError(f"a sequence reached position {int(pos.max())}, beyond the {1 << (L - 1)} tokens that "
                          f"{L} levels cover; configure more levels.")
     # Carry: going from query t-1 to t, slots 0..z merge into slot z+1 = level(t, t-1).
-    target = bit_length(pos ^ (pos - 1).clamp_min(0))  # [N]; unused where pos == 0
+    target = bit_length(pos ^ (pos - 1).clamp_min(0), L)  # [N], <= L as pos < 2^(L-1); unused where pos == 0
     levels = torch.arange(L, device=q.device)
     merging = (levels[None] < target[:, None]) & (pos[:, None] > 0)  # [N, L]
     merged = (slots * merging[:, None, :, None, None]).sum(2)
