@@ -111,7 +111,8 @@ class AHNForCausalLM(nn.Module):
                   window: int | None = None, sinks: int | None = None, levels: int | None = None,
                   dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                   memory_dtype: torch.dtype | None = None, **hf_kwargs) -> AHNForCausalLM:
-        """Convert ``base`` (a hub id, local path or loaded model) and add a memory.
+        """Convert ``base`` (a hub id, local path, loaded model, or ``"builtin"``: SmolLM2-135M-Instruct,
+        see :mod:`hippolm.builtin`) and add a memory.
 
         ``memory`` is a memory type (``gdn``, ``deltanet``, ``mamba2``, ``loglinear_gdn``,
         ``loglinear_mamba2``: a new, zero-output memory) or a folder written by :meth:`save_memory`.
@@ -120,7 +121,9 @@ class AHNForCausalLM(nn.Module):
         if isinstance(base, PreTrainedModel):
             model, name = base, getattr(base.config, "_name_or_path", "")
         else:
-            model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "auto", **hf_kwargs)
+            from ..builtin import resolve_base
+
+            model = AutoModelForCausalLM.from_pretrained(resolve_base(base), dtype=dtype or "auto", **hf_kwargs)
             name = str(base)
         if device is not None:
             model = model.to(device)

