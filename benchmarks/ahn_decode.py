@@ -19,9 +19,10 @@ import time
 
 import torch
 import transformers
-from transformers import Qwen2Config, Qwen2ForCausalLM, StaticCache
+from transformers import AttentionInterface, Qwen2Config, Qwen2ForCausalLM, StaticCache
 
 from hippolm import AHNForCausalLM
+from hippolm.ops.decode import decode_attention
 
 QWEN25_3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                  num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=131072 + 512,
@@ -68,25 +69,45 @@ def graphed(step, advance):
     return replay
 
 
-def full_attention(model, B: int, L: int, n: int, use_graph: bool) -> tuple[float, int]:
+def full_decode_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """Full attention for the benchmark's decode steps with hippolm's split-KV decode kernel (the one
+    AHN uses), so both models differ only in what they read: every slot of the exactly-sized static
+    cache holds a real token, so the mask is all-true and skipped."""
+    out = decode_attention(query[:, :, 0], key, value, scaling)
+    return out[:, None], None
+
+
+AttentionInterface.register("hippolm_full_decode", full_decode_attention)
+
+
+def full_attention(model, B: int, L: int, n: int, use_graph: bool, kernel: bool) -> tuple[float, int]:
     cfg = model.config
     d = cfg.hidden_size // cfg.num_attention_heads
-    cache = StaticCache(config=cfg, max_cache_len=L + n + 16)
+    # kernel: a cache of exactly L tokens whose last slot each step rewrites (same bytes read as a
+    # context of L); sdpa: transformers' own path, a static cache with a mask.
+    cache = StaticCache(config=cfg, max_cache_len=L if kernel else L + n + 16)
     kv = torch.randn(B, cfg.num_key_value_heads, L, d, device=DEV, dtype=model.dtype)
     for i in range(cfg.num_hidden_layers):
         cache.update(kv, kv, i)
     del kv
     ids = torch.zeros(B, 1, dtype=torch.long, device=DEV)
-    cache_position = torch.full((1,), L, dtype=torch.long, device=DEV)
-    position_ids = torch.full((B, 1), L, dtype=torch.long, device=DEV)
+    start = L - 1 if kernel else L
+    cache_position = torch.full((1,), start, dtype=torch.long, device=DEV)
+    position_ids = torch.full((B, 1), start, dtype=torch.long, device=DEV)
+
+    lengths = [layer.cumulative_length for layer in cache.layers if hasattr(layer, "cumulative_length")]
 
     def step():
+        if kernel:  # newer transformers track the write position in the cache itself
+            for t in lengths:
+                t.fill_(start)
         model(input_ids=ids, past_key_values=cache, position_ids=position_ids, cache_position=cache_position,
               use_cache=True, logits_to_keep=1)
 
     def advance():
-        cache_position.add_(1)
-        position_ids.add_(1)
+        if not kernel:
+            cache_position.add_(1)
+            position_ids.add_(1)
 
     if use_graph:
         run = graphed(step, advance)
@@ -143,6 +164,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU, to check the script")
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--baseline", choices=["kernel", "sdpa"], default="kernel",
+                        help="full attention's decode attention: hippolm's split-KV kernel, or transformers' SDPA path")
     args = parser.parse_args()
     arch = QWEN25_3B
     if args.tiny:
@@ -157,6 +180,7 @@ def main() -> None:
             "transformers": transformers.__version__,
             "date": datetime.date.today().isoformat(), "model": "Qwen2.5-3B architecture, random weights, bf16",
             "batch": args.batch, "window": args.window, "sinks": args.sinks, "weight_bytes": weight_bytes,
+            "full_attention_kernel": args.baseline,
             "mode": "eager" if not use_graph else "CUDA graph per decode step (AHN: once past the window)"}
 
     def save():
@@ -165,9 +189,11 @@ def main() -> None:
                 json.dump({"meta": meta, "results": rows}, f, indent=2)
 
     contexts = [int(c) for c in args.contexts.split(",")]
+    if args.baseline == "kernel":
+        base.config._attn_implementation = "hippolm_full_decode"
     with torch.no_grad():
         for L in contexts:
-            ms, kv = full_attention(base, args.batch, L, args.steps, use_graph)
+            ms, kv = full_attention(base, args.batch, L, args.steps, use_graph, args.baseline == "kernel")
             rows.append({"context": L, "model": "full_attention", "ms_per_step": ms,
                          "tokens_per_s": args.batch / ms * 1e3, "cache_bytes": kv,
                          "bytes_per_s": (weight_bytes + kv) / ms * 1e3})

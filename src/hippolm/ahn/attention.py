@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..ops.decode import decode_attention
 from .cache import AHNCache, AHNLayerCache
 from .config import validate_window
 
@@ -124,24 +125,14 @@ class AHNAttentionMixin:
         one takes leaves the window and is written into the memory; the new token is written; then
         the query reads the memory and attends to the whole buffer without a mask. Every index is a
         device tensor and every state update in place: no host syncs, and CUDA-graph replayable."""
-        B, H = q.shape[:2]
+        B = q.shape[0]
         slot = cache.sinks + cache.cursor % cache.window  # [1]
-        rep = H // k.shape[1]
-        old_k, old_v = (a.index_select(2, slot)[:, :, 0].repeat_interleave(rep, 1) for a in (cache.keys, cache.values))
+        old_k, old_v = (a.index_select(2, slot)[:, :, 0] for a in (cache.keys, cache.values))
         old_gates = cache.ring_gates.index_select(1, slot - cache.sinks)[:, 0].float()
-        out_gate, lam = self.ahn.read_gates(x)
-        o, new = self.ahn.step(q[:, :, 0], old_k, old_v, old_gates, None if lam is None else lam[:, 0],
-                               cache.memory)
-        if isinstance(new, ops.LogLinearState):
-            cache.memory.slots.copy_(new.slots)
-            cache.memory.position.copy_(new.position)
-        else:
-            cache.memory.copy_(new)
+        mem = self.ahn.decode_step(q[:, :, 0], old_k, old_v, old_gates, x[:, 0], cache.memory)
         cache.decode_write(k, v, write_gates, cache.real_seen[:, None], slot)
-        attn = F.scaled_dot_product_attention(q, cache.keys, cache.values, scale=self.scaling,
-                                              enable_gqa=cache.keys.shape[1] != H)
-        out = attn.transpose(1, 2) + self.ahn.readout(o.unsqueeze(1), out_gate)
-        return out.reshape(B, 1, -1)
+        attn = decode_attention(q[:, :, 0], cache.keys, cache.values, self.scaling)
+        return (attn + mem).reshape(B, 1, -1)
 
     def _ahn_decode_attention(self, q, pos, cache: AHNLayerCache):
         """One query per sequence over the sinks + window buffer (the new token already in it)."""

@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import ops
 from ..ops import reference
+from ..ops.decode import memory_step
 from ..ops.loglinear import step_unchecked as loglinear_step
 from .config import MEMORY_TYPES
 
@@ -121,5 +122,24 @@ class MemoryModule(nn.Module):
         """Per-head contribution [..., H, d] to add to the attention output before the frozen o_proj."""
         of = o.float()
         of = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + self.eps) * self.norm_weight.float()
-        of = of * F.silu(gate.float())[..., None]
-        return torch.einsum("...hd,hde->...he", of.to(self.o_proj.dtype), self.o_proj).to(o.dtype)
+        return self._project(of * F.silu(gate.float())[..., None], o.dtype)
+
+    def _project(self, normed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return torch.einsum("...hd,hde->...he", normed.to(self.o_proj.dtype), self.o_proj).to(dtype)
+
+    def decode_step(self, q, k, v, wg, x, state: State) -> torch.Tensor:
+        """Decode: write one token and read, updating ``state`` in place; returns the per-head
+        contribution [B, H, d]. q [B, H, d]; k, v [B, Hkv, d] (not GQA-expanded); wg [B, H, G];
+        x [B, D] the reading token's normed hidden state. One fused kernel on CUDA for the linear
+        memories (:func:`hippolm.ops.decode.memory_step`)."""
+        gate, lam = self.read_gates(x)
+        if self.levels:
+            rep = q.shape[1] // k.shape[1]
+            o, new = self.step(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), wg, lam, state)
+            state.slots.copy_(new.slots)
+            state.position.copy_(new.position)
+            return self.readout(o, gate)
+        g = wg[..., 0] if self.base_kind != "deltanet" else None
+        beta = wg[..., -1] if self.base_kind != "mamba2" else wg[..., 1]
+        o = memory_step(q, k, v, g, beta, self.base_kind != "mamba2", state, self.norm_weight, gate, self.eps)
+        return self._project(o, q.dtype)

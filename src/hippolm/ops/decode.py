@@ -1,0 +1,197 @@
+"""Decode-time ops: one new token per sequence.
+
+- :func:`decode_attention`: one query per head over a whole key/value buffer (every slot visible),
+  as an AHN cache past its window or a full-attention cache of exactly the context. On CUDA a
+  split-KV ("flash-decoding") Triton kernel reads each key/value head once for all the query heads
+  of its GQA group and spreads long buffers over all SMs; elsewhere SDPA.
+- :func:`memory_step`: the whole memory update and read of one layer for one token (normalise q, k;
+  decay; delta-rule or plain write; read; RMSNorm and output gate) in one kernel per layer on CUDA,
+  updating the fp32 state in place; elsewhere the reference ops.
+
+Both are replayable from a CUDA graph (no host syncs, fixed buffers).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+
+try:  # triton is optional: CPU installs and CI do without it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+
+def _triton_ok(*tensors: torch.Tensor) -> bool:
+    return triton is not None and all(t.is_cuda for t in tensors)
+
+
+# --- attention over a cache ---------------------------------------------------------------------
+def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, H, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] -> [B, H, Dv]; every key visible."""
+    o = F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return o[:, :, 0]
+
+
+if triton is not None:
+
+    @triton.jit
+    def _attn_split_kernel(Q, K, V, ACC, M, L, S, n_kv_heads, scale,
+                           sqb, sqh, skb, skh, sks, svb, svh, svs,
+                           G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                           BLOCK: tl.constexpr, SPLIT_LEN: tl.constexpr):
+        pid_bh, sp = tl.program_id(0), tl.program_id(1)
+        n_split = tl.num_programs(1)
+        b, hk = pid_bh // n_kv_heads, pid_bh % n_kv_heads
+        g, d, dv = tl.arange(0, GP), tl.arange(0, D), tl.arange(0, DV)
+        q = tl.load(Q + b * sqb + (hk * G + g)[:, None] * sqh + d[None, :], mask=(g < G)[:, None], other=0.0)
+        q = (q.to(tl.float32) * scale).to(q.dtype)
+        start = sp * SPLIT_LEN
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, DV], tl.float32)
+        k_base, v_base = K + b * skb + hk * skh, V + b * svb + hk * svh
+        for i in range(0, SPLIT_LEN, BLOCK):  # SPLIT_LEN: a multiple of BLOCK
+            offs = start + i + tl.arange(0, BLOCK)
+            valid = offs < S
+            k = tl.load(k_base + offs[:, None] * sks + d[None, :], mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k))
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + offs[:, None] * svs + dv[None, :], mask=valid[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        row = pid_bh * n_split + sp
+        tl.store(ACC + row * GP * DV + g[:, None] * DV + dv[None, :], acc)
+        tl.store(M + row * GP + g, m_i)
+        tl.store(L + row * GP + g, l_i)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
+def _decode_attention_triton(q, k, v, scale):
+    B, H, D = q.shape
+    Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    G = H // Hkv
+    GP, BLOCK = max(16, triton.next_power_of_2(G)), 64
+    blocks = triton.cdiv(S, BLOCK)
+    # Enough programs to fill every SM about twice; each split holds at least one block of keys.
+    want = max(1, triton.cdiv(2 * _num_sms(q.device), B * Hkv))
+    split_len = triton.cdiv(blocks, min(blocks, want)) * BLOCK
+    n_split = triton.cdiv(S, split_len)
+    acc = torch.empty(B * Hkv, n_split, GP, Dv, device=q.device, dtype=torch.float32)
+    m = torch.empty(B * Hkv, n_split, GP, device=q.device, dtype=torch.float32)
+    l_ = torch.empty_like(m)
+    _attn_split_kernel[(B * Hkv, n_split)](
+        q, k, v, acc, m, l_, S, Hkv, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        G=G, GP=GP, D=D, DV=Dv, BLOCK=BLOCK, SPLIT_LEN=split_len, num_warps=4, num_stages=3)
+    w = torch.exp(m - m.amax(1, keepdim=True))  # [BHkv, n_split, GP]
+    out = (acc * w[..., None]).sum(1) / (l_ * w).sum(1)[..., None]
+    return out[:, :G].reshape(B, H, Dv).to(q.dtype)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Attention of one query per head over a full buffer: q [B, H, D], k [B, Hkv, S, D],
+    v [B, Hkv, S, Dv] (H a multiple of Hkv; every slot visible, order irrelevant) -> [B, H, Dv]."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    D = q.shape[-1]
+    if (_triton_ok(q, k, v) and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and k.dtype == q.dtype
+            and D in (32, 64, 128, 256) and v.shape[-1] in (32, 64, 128, 256) and q.shape[1] % k.shape[1] == 0
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1):
+        return _decode_attention_triton(q, k, v, scale)
+    return decode_attention_reference(q, k, v, scale)
+
+
+# --- the memory step ----------------------------------------------------------------------------
+def memory_step_reference(q, k, v, g, beta, delta: bool, state, norm_weight, gate, eps: float, scale: float):
+    """Reference of :func:`memory_step` (returns the new state instead of writing it in place)."""
+    q, k = F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1)
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1)
+    if not delta:  # plain write of strength beta (Mamba-2's dt): S <- a S + beta k v^T
+        k, beta = k * beta.float()[..., None], None
+    o, new = reference.step(q, k, v, g, beta, state, scale)
+    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
+    return o * F.silu(gate.float())[..., None], new
+
+
+if triton is not None:
+
+    @triton.jit
+    def _memory_step_kernel(Q, K, V, G_, BETA, STATE, NW, GATE, OUT, H, n_kv_heads, eps, scale,
+                            sqb, sqh, skb, skh, svb, svh,
+                            KD: tl.constexpr, VD: tl.constexpr, HAS_G: tl.constexpr, HAS_BETA: tl.constexpr,
+                            DELTA: tl.constexpr):
+        pid = tl.program_id(0)  # b * H + h
+        b, h = pid // H, pid % H
+        hk = h // (H // n_kv_heads)
+        kk, vv = tl.arange(0, KD), tl.arange(0, VD)
+        q = tl.load(Q + b * sqb + h * sqh + kk).to(tl.float32)
+        k = tl.load(K + b * skb + hk * skh + kk).to(tl.float32)
+        v = tl.load(V + b * svb + hk * svh + vv).to(tl.float32)
+        q = q / tl.maximum(tl.sqrt(tl.sum(q * q, 0)), 1e-12)  # F.normalize
+        k = k / tl.maximum(tl.sqrt(tl.sum(k * k, 0)), 1e-12)
+        s_ptr = STATE + pid * KD * VD + kk[:, None] * VD + vv[None, :]
+        S = tl.load(s_ptr)
+        if HAS_G:
+            S = S * tl.exp(tl.load(G_ + pid))
+        if HAS_BETA:
+            beta = tl.load(BETA + pid)
+            if DELTA:  # write the error of the current prediction
+                v = v - tl.sum(S * k[:, None], 0)
+            v = beta * v
+        S = S + k[:, None] * v[None, :]
+        tl.store(s_ptr, S)
+        o = tl.sum(S * q[:, None], 0) * scale
+        o = o / tl.sqrt(tl.sum(o * o, 0) / VD + eps) * tl.load(NW + vv).to(tl.float32)
+        gate = tl.load(GATE + pid).to(tl.float32)
+        tl.store(OUT + pid * VD + vv, o * gate / (1 + tl.exp(-gate)))
+
+
+def _memory_step_triton(q, k, v, g, beta, delta, state, norm_weight, gate, eps, scale):
+    B, H, K = q.shape
+    V = v.shape[-1]
+    out = torch.empty(B, H, V, device=q.device, dtype=torch.float32)
+    _memory_step_kernel[(B * H,)](
+        q, k, v, state if g is None else g.float().contiguous(), state if beta is None else beta.float().contiguous(),
+        state, norm_weight, gate.contiguous(), out, H, k.shape[1], eps, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        KD=K, VD=V, HAS_G=g is not None, HAS_BETA=beta is not None, DELTA=delta, num_warps=8)
+    return out
+
+
+def memory_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+                beta: torch.Tensor | None, delta: bool, state: torch.Tensor, norm_weight: torch.Tensor,
+                gate: torch.Tensor, eps: float = 1e-6, scale: float | None = None) -> torch.Tensor:
+    """One memory write + read per sequence, updating ``state`` in place; returns [B, H, V] float32.
+
+    q [B, H, K] (the query), k [B, Hkv, K] and v [B, Hkv, V] (the token written, shared by the
+    query heads of its GQA group), g [B, H] log decay or None, beta [B, H] write strength or None,
+    ``delta``: delta rule (S <- a (I - beta k k^T) S + beta k v^T) or plain write (S <- a S + beta k v^T);
+    state [B, H, K, V] float32; q and k are L2-normalised; the read ``S^T q * scale`` goes through
+    RMSNorm (``norm_weight``, ``eps``) and the output gate ``silu(gate)`` [B, H].
+    """
+    K = q.shape[-1]
+    scale = K**-0.5 if scale is None else float(scale)
+    if (_triton_ok(q, k, v, state) and state.dtype == torch.float32 and state.is_contiguous()
+            and K in (32, 64, 128) and v.shape[-1] in (32, 64, 128) and q.shape[1] % k.shape[1] == 0
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1):
+        return _memory_step_triton(q, k, v, g, beta, delta, state, norm_weight, gate, eps, scale)
+    out, new = memory_step_reference(q, k, v, g, beta, delta, state, norm_weight, gate, eps, scale)
+    state.copy_(new)
+    return out
+
+
+__all__ = ["decode_attention", "decode_attention_reference", "memory_step", "memory_step_reference"]

@@ -1,0 +1,49 @@
+"""Decode ops: the Triton kernels against the float64 references (on CUDA, or on CPU through
+Triton's interpreter when triton is installed; skipped otherwise), and the CPU dispatch."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hippolm.ops import decode as dc
+
+HERE = Path(__file__).parent
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_decode_kernels_on_cuda():
+    from decode_kernel_cases import attention_cases, memory_cases
+
+    assert attention_cases("cuda", (torch.float32, torch.bfloat16)) + memory_cases("cuda") == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+                    reason="interpreter run only on a CPU machine with triton installed")
+def test_decode_kernels_in_the_triton_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(HERE.parent / "src"), str(HERE)]))
+    run = subprocess.run([sys.executable, str(HERE / "decode_kernel_cases.py"), "cpu"], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_cpu_dispatch_updates_state_in_place_like_the_reference():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 16, generator=gen), torch.randn(2, 2, 16, generator=gen), torch.randn(2, 2, 16,
+                                                                                                      generator=gen)
+    g, beta, gate = -torch.rand(2, 4, generator=gen), torch.rand(2, 4, generator=gen), torch.randn(2, 4, generator=gen)
+    state = torch.randn(2, 4, 16, 16, generator=gen)
+    ref_o, ref_s = dc.memory_step_reference(q, k, v, g, beta, True, state, torch.ones(16), gate, 1e-6, 0.25)
+    ptr = state.data_ptr()
+    o = dc.memory_step(q, k, v, g, beta, True, state, torch.ones(16), gate, scale=0.25)
+    assert state.data_ptr() == ptr and torch.allclose(state, ref_s) and torch.allclose(o, ref_o)
+    kk, vv = torch.randn(2, 2, 40, 16, generator=gen), torch.randn(2, 2, 40, 16, generator=gen)
+    full = torch.softmax(torch.einsum("bhd,bhsd->bhs", q, kk.repeat_interleave(2, 1)) * 0.25, -1)
+    want = torch.einsum("bhs,bhsd->bhd", full, vv.repeat_interleave(2, 1))
+    assert torch.allclose(dc.decode_attention(q, kk, vv, 0.25), want, atol=1e-5)
