@@ -550,20 +550,55 @@ def cost_main(argv: list[str] | None = None) -> int:
                         help="prefill logits at the last position (default) or every position")
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                         help="write the figures as JSON to PATH (or stdout with no PATH)")
+    parser.add_argument("--measure", default="auto", choices=("auto", "on", "off"),
+                        help="also measure peak GPU memory of both systems (random weights from the config, "
+                             "prefill of --context tokens + 1 decoded token): auto = when CUDA is present")
+    parser.add_argument("--measure-chunk", type=int, default=4096, help="prefill chunk of the measurement")
+    parser.add_argument("--measure-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     args = parser.parse_args(argv)
     try:
         report = compare(args.base, window=args.window, sinks=args.sinks, memory=args.memory, context=args.context,
                          levels=args.levels, kv_dtype=args.kv_dtype, logits=args.logits)
     except ValueError as e:
         parser.error(str(e))
+    except OSError as e:  # a hub id that cannot be fetched, a folder without config.json
+        parser.error(f"cannot read the config of --base {args.base!r} ({e}); pass a shipped name "
+                     f"({', '.join(sorted({k for k in KNOWN_BASES if '/' not in k}))}), a local config.json or "
+                     f"model folder, or a hub id reachable from here.")
+    measured, skipped = _measure(args, parser)
+    data = {**report.to_dict(), "measured": measured, "measured_skipped": skipped}
     if args.json == "-":
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps(data, indent=2))
         return 0
     print(format_report(report))
+    if measured is not None:
+        from .eval.cost import format_measured
+
+        print()
+        print(format_measured(measured))
+    else:
+        print(f"\nmeasured peak memory: skipped ({skipped})")
     if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(data, indent=2) + "\n")
     return 0
 
+
+def _measure(args, parser) -> tuple[dict | None, str | None]:
+    """Peak memory on the GPU when asked (or, with auto, when one is present): (figures, None)
+    or (None, why skipped)."""
+    if args.measure == "off":
+        return None, "--measure off"
+    import torch
+
+    if not torch.cuda.is_available():
+        if args.measure == "on":
+            parser.error("--measure on needs a CUDA device; none is visible (use --measure auto or off).")
+        return None, "no CUDA device"
+    from .eval.cost import measure_peak_memory
+
+    return measure_peak_memory(args.base, window=args.window, sinks=args.sinks, memory=args.memory,
+                               context=args.context, dtype=getattr(torch, args.measure_dtype),
+                               chunk_size=args.measure_chunk), None
 
 if __name__ == "__main__":
     raise SystemExit(cost_main())

@@ -83,11 +83,41 @@ def _run_distill(args: argparse.Namespace) -> int:
     return main(args.argv)
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    """``hippolm eval ...``: all arguments go to :func:`hippolm.eval.cli.main` (its own parser)."""
+    p = sub.add_parser("eval", help="long-context evaluation: full attention vs SWA vs AHN (hippolm eval -h)",
+                       add_help=False, prefix_chars="\0")
+    p.add_argument("argv", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .eval.cli import main
+
+    return main(args.argv)
+
+
+def _add_cost(sub: argparse._SubParsersAction) -> None:
+    """``hippolm cost ...``: all arguments go to :func:`hippolm.accounting.cost_main` (its own parser)."""
+    p = sub.add_parser("cost", help="FLOPs, cache and peak memory of full attention vs AHN (hippolm cost -h)",
+                       add_help=False, prefix_chars="\0")
+    p.add_argument("argv", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_run_cost)
+
+
+def _run_cost(args: argparse.Namespace) -> int:
+    from .accounting import cost_main
+
+    return cost_main(args.argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hippolm", description="hippolm command line tools")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_mqar(sub)
     _add_distill(sub)
+    _add_eval(sub)
+    _add_cost(sub)
     return parser
 
 
