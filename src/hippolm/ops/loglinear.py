@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import reference, triton_backend
 from ._checks import check_sequence_inputs, check_step_inputs
 from .reference import compute_dtype, resolve_scale, to_blocks
 
@@ -333,8 +333,22 @@ def _chunk(q, k, v, g, beta, lam, scale, initial_state, output_final_state, cu_s
 # Public entry points
 
 
-def _run(q, k, v, g, beta, lam, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size):
+def _run(q, k, v, g, beta, lam, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size,
+         backend="auto"):
     _, start = _check(q, k, v, g, beta, lam, initial_state, cu_seqlens, scale)
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}.")
+    if backend != "torch":
+        op = "ssd" if beta is None else "gated_delta_rule"
+        ok, why = triton_backend.plan_loglinear(op, q, v, initial_state, mode, explicit=backend == "triton")
+        if ok:
+            o, slots, lengths = triton_backend.run_loglinear_ssd(
+                q, k, v, g, lam, resolve_scale(scale, q.shape[-1]), output_final_state, cu_seqlens, chunk_size)
+            if slots is None:
+                return o, None
+            return o, LogLinearState(slots, torch.tensor(lengths, dtype=torch.long, device=q.device))
+        if backend == "triton":
+            raise ValueError(f"backend='triton' cannot run this call: {why}. Use backend='auto'.")
     if mode == "chunk":
         return _chunk(q, k, v, g, beta, lam, scale, initial_state, output_final_state, cu_seqlens, start,
                       chunk_size)
@@ -361,14 +375,19 @@ def loglinear_ssd(
     cu_seqlens: torch.Tensor | None = None,
     mode: str = "chunk",
     chunk_size: int = 64,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, LogLinearState | None]:
     """Log-linear Mamba-2: ``o_t = scale sum_s lam[t, level(t,s)] (prod_{r=s+1..t} a_r) (q_t . k_s) v_s``.
 
     Args as :func:`hippolm.ops.ssd`, plus ``lam`` [B, T, H, L]: per-token, per-head weight of
     each level (L = :func:`num_levels` of the longest sequence). States are
     :class:`LogLinearState`; ``mode`` is ``"chunk"``, ``"recurrent"`` or ``"naive"`` (outputs only).
+    ``backend``: ``"auto"`` runs our Triton kernels (:mod:`hippolm.ops.triton_backend`) where they
+    are right for the call (CUDA, chunk mode, no initial state), else the reference; ``"torch"``
+    forces the reference, ``"triton"`` demands the kernels.
     """
-    return _run(q, k, v, g, None, lam, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size)
+    return _run(q, k, v, g, None, lam, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size,
+                backend)
 
 
 def loglinear_gated_delta_rule(
@@ -385,10 +404,12 @@ def loglinear_gated_delta_rule(
     cu_seqlens: torch.Tensor | None = None,
     mode: str = "chunk",
     chunk_size: int = 64,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, LogLinearState | None]:
     """Log-linear Gated DeltaNet: the hierarchical mask of :func:`loglinear_ssd` applied to the
     gated delta rule's attention matrix (exact: scalar weights commute with the transitions)."""
-    return _run(q, k, v, g, beta, lam, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size)
+    return _run(q, k, v, g, beta, lam, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size,
+                backend)
 
 
 def _check_step(q, k, v, g, beta, lam, state):

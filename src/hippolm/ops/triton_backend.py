@@ -1,0 +1,140 @@
+"""Our own Triton kernels behind the dispatch (backend ``"triton"``).
+
+:func:`plan_loglinear` says whether a log-linear call can run on them, or why not (the dispatch
+then runs the plain-PyTorch reference). Triton is imported lazily: CPU installs never need it.
+On CPU the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1``, tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import itertools
+import os
+
+import torch
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def usable(device: torch.device) -> bool:
+    """Whether our kernels can run on tensors of ``device`` (CUDA, or CPU under the interpreter)."""
+    if not triton_importable():
+        return False
+    if device.type == "cuda":
+        return not interpreting()
+    return device.type == "cpu" and interpreting()
+
+
+@functools.cache
+def _patch_interpreter() -> None:
+    """Triton 3.6's interpreter turns scalars into 1-element arrays and calls ``int()`` on them for
+    ``range(n)``; numpy >= 2.4 refuses that. Use ``.item()`` instead (interpreter only)."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+
+
+def kernels():
+    """The kernel module (imported on first use)."""
+    if interpreting():
+        _patch_interpreter()
+    from . import triton_loglinear
+
+    return triton_loglinear
+
+
+def plan_loglinear(op: str, q: torch.Tensor, v: torch.Tensor, initial_state, mode: str,
+                   explicit: bool = False) -> tuple[bool, str]:
+    """(run on our Triton kernels?, reason) for a log-linear op call. ``backend="auto"`` picks them
+    on CUDA only; the CPU interpreter runs them only when asked for (``explicit``, tests)."""
+    if op != "ssd":
+        return False, "no Triton kernel for log-linear Gated DeltaNet yet"
+    if mode != "chunk":
+        return False, f"mode={mode!r} runs the reference"
+    if not explicit and q.device.type != "cuda":
+        return False, "inputs are not on a CUDA device"
+    if not usable(q.device):
+        return False, ("Triton is not installed" if not triton_importable()
+                       else f"Triton kernels do not run on {q.device.type} here")
+    if q.dtype not in KERNEL_DTYPES:
+        return False, f"Triton kernels take fp16/bf16/fp32, got {q.dtype}"
+    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
+        return False, f"Triton kernels take head dims up to {MAX_HEAD_DIM}"
+    if initial_state is not None:
+        return False, "the Triton kernels do not take an initial state yet"
+    return True, "triton"
+
+
+def _pack(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[1, T, ...] packed sequences -> [N, max_len, ...] dense, zero past each sequence's end."""
+    out = x[0][index]
+    return out * valid.view(*valid.shape, *([1] * (out.ndim - 2))).to(out.dtype)
+
+
+def _final_slots(k, v, g, lengths: list[int], L: int) -> torch.Tensor:
+    """Level slots after the last token of each dense sequence (positions 0..len-1), in plain
+    (differentiable) torch: slot l holds the keys of the last query's level-l Fenwick block."""
+    N, _, H, K = k.shape
+    V = v.shape[-1]
+    slots = k.new_zeros(N, H, L, K, V, dtype=torch.float32)
+    for n, length in enumerate(lengths):
+        if length == 0:
+            continue
+        last = length - 1
+        gc = g[n, :length].double().cumsum(0)  # [len, H]
+        w = (gc[last] - gc).exp().float()  # decay from each key to the last query
+        for lvl in range(L):
+            if lvl == 0:
+                a, b = last, last + 1
+            elif (last >> (lvl - 1)) & 1:
+                half = 1 << (lvl - 1)
+                b = last - last % half
+                a = b - half
+            else:
+                continue
+            kw = k[n, a:b].float() * w[a:b, :, None]
+            slots[n, :, lvl] = torch.einsum("shk,shv->hkv", kw, v[n, a:b].float())
+    return slots
+
+
+def run_loglinear_ssd(q, k, v, g, lam, scale: float, output_final_state: bool, cu_seqlens, chunk_size: int):
+    """Log-linear Mamba-2 on the Triton kernels, sequences starting at position 0.
+
+    Returns (o, final slots [N, H, L, K, V] or None, lengths [N])."""
+    C = chunk_size if chunk_size in (16, 32, 64) else 64
+    B, T = q.shape[:2]
+    if cu_seqlens is None:
+        lengths = [T] * B
+        o = kernels().loglinear_ssd(q, k, v, g, lam, scale, C)
+        dense = (k, v, g)
+    else:
+        offsets = cu_seqlens.tolist()
+        lengths = [e - s for s, e in itertools.pairwise(offsets)]
+        width = max(max(lengths), 1)
+        starts = torch.tensor(offsets[:-1], device=q.device)
+        pos = torch.arange(width, device=q.device)
+        valid = pos[None] < torch.tensor(lengths, device=q.device)[:, None]  # [N, width]
+        index = torch.where(valid, starts[:, None] + pos[None], 0)
+        qd, kd, vd, gd, lamd = (_pack(x, index, valid) for x in (q, k, v, g, lam))
+        od = kernels().loglinear_ssd(qd, kd, vd, gd, lamd, scale, C)
+        o = od[valid][None]
+        dense = (kd, vd, gd)
+    slots = _final_slots(*dense, lengths, lam.shape[-1]) if output_final_state else None
+    return o, slots, lengths

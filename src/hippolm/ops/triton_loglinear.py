@@ -1,0 +1,398 @@
+"""Triton kernels for log-linear (Fenwick-tree) Mamba-2, forward and backward.
+
+Imported lazily (only by :mod:`hippolm.ops.triton_backend`), so installs without Triton never load it.
+Sequences start at position 0 (no initial state) and are given as a dense batch [B, T, H, D].
+
+Algorithm (chunk size C, levels 0..log2 C inside a chunk, chunk-level bit j = level log2(C)+1+j):
+
+* intra-chunk: one dense C x C block ``(q k^T) * exp(gl_t - gl_s) * lam[t, level(t, s)]`` with
+  the level from integer bit operations on the in-chunk offsets (chunks are aligned, so these
+  are the low bits of the absolute positions);
+* a binary tree of chunk states: node (0, c) = sum_{s in chunk c} exp(decay s -> chunk end) k_s v_s^T,
+  node (j+1, m) = exp(decay over node (j, 2m+1)) node (j, 2m) + node (j, 2m+1); every node is
+  decayed to the end of its (aligned, clipped) block of 2^j chunks;
+* chunk i reads, for each set bit j of i, node (j, (i >> j) - 1) (its Fenwick sibling at that
+  level) with per-row weight ``lam[t, log2(C)+1+j] * exp(decay from the node's end to t)``.
+  These reads are most of the FLOPs, all ``tl.dot``.
+
+Backward: every decay enters as exp(Gc_t - Gc_s) of the global cumulative log decay Gc, so
+``dGc_t = q_t . dq_t - k_t . dk_t`` and ``dg`` is its reverse cumulative sum (no per-factor
+decay gradients). The key side mirrors the query side: for each level j, the queries of a reader
+block m+1 are summed into one state ``sum_t coef[t, j] q_t do_t^T`` (kernel ``_direct``, split into
+segments of chunks for balance); chunk c then reads the states of the blocks that read it.
+
+Decays between chunks use an exclusive float64 cumulative sum of the chunk totals, so no long
+float32 cumulative sum is ever differenced.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Chunks per program of the backward block sums: long top-level blocks are split so no program
+# loops over more than SEG chunks (load balance at long T); partial sums are added in torch.
+SEG = 16
+
+
+@triton.jit
+def _bit_length(x, NBITS: tl.constexpr):
+    """Bit length of non-negative int32 values below 2^NBITS (exact; no float log2)."""
+    out = tl.zeros_like(x)
+    for b in tl.static_range(NBITS):
+        out += ((x >> b) != 0).to(tl.int32)
+    return out
+
+
+@triton.jit
+def _rows(ptr, b, t, T, H, h, D, cols):
+    """Tile x[b, t, h, cols] of a contiguous [B, T, H, D] tensor, zero outside t < T, cols < D."""
+    return tl.load(ptr + ((b * T + t[:, None]) * H + h) * D + cols[None, :],
+                   mask=(t < T)[:, None] & (cols[None, :] < D), other=0)
+
+
+@triton.jit
+def _chunk_states(k_ptr, v_ptr, gl_ptr, tree_ptr, T, H, K, V, Tp, X,
+                  C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Tree level 0: node (0, c) = sum_s exp(gl_end - gl_s) k_s v_s^T for one chunk and V tile."""
+    c, bh, iv = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    b, h = bh // H, bh % H
+    t = c * C + tl.arange(0, C)
+    kk = tl.arange(0, BK)
+    vv = iv * BV + tl.arange(0, BV)
+    kx = _rows(k_ptr, b, t, T, H, h, K, kk)
+    vx = _rows(v_ptr, b, t, T, H, h, V, vv)
+    gl = tl.load(gl_ptr + bh * Tp + t)
+    g_end = tl.load(gl_ptr + bh * Tp + c * C + C - 1)
+    w = tl.exp(g_end - gl)
+    kw = (kx.to(tl.float32) * w[:, None]).to(kx.dtype)
+    node = tl.dot(tl.trans(kw), vx, input_precision=PREC)
+    out = tree_ptr + ((bh * X + c) * K + kk[:, None]) * V + vv[None, :]
+    tl.store(out, node.to(tree_ptr.dtype.element_ty), mask=(kk[:, None] < K) & (vv[None, :] < V))
+
+
+@triton.jit
+def _combine(tree_ptr, gch_ptr, n, X, off_in, off_out, cnt_in, j, K, V,
+             BK: tl.constexpr, BV: tl.constexpr):
+    """node (j+1, m) = exp(decay over the right child) * left child + right child."""
+    m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    kk = tl.arange(0, BK)
+    vv = tl.arange(0, BV)
+    msk = (kk[:, None] < K) & (vv[None, :] < V)
+    tile = kk[:, None] * V + vv[None, :]
+    left = tl.load(tree_ptr + (bh * X + off_in + 2 * m) * K * V + tile, mask=msk, other=0).to(tl.float32)
+    has_right = 2 * m + 1 < cnt_in
+    right = tl.load(tree_ptr + (bh * X + off_in + 2 * m + 1) * K * V + tile, mask=msk & has_right, other=0)
+    r0 = tl.minimum((2 * m + 1) << j, n)
+    r1 = tl.minimum((2 * m + 2) << j, n)
+    decay = (tl.load(gch_ptr + bh * (n + 1) + r1) - tl.load(gch_ptr + bh * (n + 1) + r0)).to(tl.float32)
+    node = tl.exp(decay) * left + right.to(tl.float32)
+    tl.store(tree_ptr + (bh * X + off_out + m) * K * V + tile, node.to(tree_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _fwd(q_ptr, k_ptr, v_ptr, gl_ptr, lam_ptr, gch_ptr, tree_ptr, toff_ptr, o_ptr,
+         scale, T, H, K, V, L, Tp, n, X, J,
+         C: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Output of one chunk and V tile: intra-chunk block + one tree-node read per set bit."""
+    i, bh, iv = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    b, h = bh // H, bh % H
+    r = tl.arange(0, C)
+    t = i * C + r
+    kk = tl.arange(0, BK)
+    vv = iv * BV + tl.arange(0, BV)
+    tm = t < T
+    qx = _rows(q_ptr, b, t, T, H, h, K, kk)
+    kx = _rows(k_ptr, b, t, T, H, h, K, kk)
+    vx = _rows(v_ptr, b, t, T, H, h, V, vv)
+    gl = tl.load(gl_ptr + bh * Tp + t)
+    lam_row = lam_ptr + ((b * T + t) * H + h) * L  # [C] pointers to lam[b, t, h, 0]
+
+    causal = r[:, None] >= r[None, :]
+    lv = _bit_length(r[:, None] ^ r[None, :], CB)
+    lam_in = tl.load(lam_row[:, None] + lv, mask=causal & tm[:, None] & (lv < L), other=0)
+    decay = tl.exp(tl.where(causal, gl[:, None] - gl[None, :], 0.0))
+    s = tl.dot(qx, tl.trans(kx), input_precision=PREC)
+    p = s * decay * lam_in
+    acc = tl.dot(p.to(vx.dtype), vx, input_precision=PREC)
+
+    qf = qx.to(tl.float32)
+    eg = tl.exp(gl)
+    gi = tl.load(gch_ptr + bh * (n + 1) + i)
+    for j in range(J):
+        if ((i >> j) & 1) == 1:
+            node = tl.load(tree_ptr + ((bh * X + tl.load(toff_ptr + j) + (i >> j) - 1) * K + kk[:, None]) * V
+                           + vv[None, :], mask=(kk[:, None] < K) & (vv[None, :] < V), other=0)
+            d = (gi - tl.load(gch_ptr + bh * (n + 1) + ((i >> j) << j))).to(tl.float32)
+            lam_j = tl.load(lam_row + CB + 1 + j, mask=tm & (CB + 1 + j < L), other=0)
+            coef = lam_j * eg * tl.exp(d)
+            acc += tl.dot((qf * coef[:, None]).to(node.dtype), node, input_precision=PREC)
+    tl.store(o_ptr + ((b * T + t[:, None]) * H + h) * V + vv[None, :], (acc * scale).to(o_ptr.dtype.element_ty),
+             mask=tm[:, None] & (vv[None, :] < V))
+
+
+@triton.jit
+def _bwd_q(q_ptr, k_ptr, v_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, tree_ptr, toff_ptr,
+           dq_ptr, dlam_ptr, dgq_ptr,
+           scale, T, H, K, V, L, Tp, n, X, J,
+           C: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """dq, dlam (all levels) and q . dq of one chunk (full K and V)."""
+    i, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    r = tl.arange(0, C)
+    t = i * C + r
+    kk = tl.arange(0, BK)
+    vv = tl.arange(0, BV)
+    tm = t < T
+    mk = tm[:, None] & (kk[None, :] < K)
+    qx = _rows(q_ptr, b, t, T, H, h, K, kk)
+    kx = _rows(k_ptr, b, t, T, H, h, K, kk)
+    vx = _rows(v_ptr, b, t, T, H, h, V, vv)
+    dox = _rows(do_ptr, b, t, T, H, h, V, vv)
+    gl = tl.load(gl_ptr + bh * Tp + t)
+    lam_row = lam_ptr + ((b * T + t) * H + h) * L
+    dlam_row = dlam_ptr + ((b * T + t) * H + h) * L
+
+    causal = r[:, None] >= r[None, :]
+    lv = _bit_length(r[:, None] ^ r[None, :], CB)
+    lam_in = tl.load(lam_row[:, None] + lv, mask=causal & tm[:, None] & (lv < L), other=0)
+    decay = tl.exp(tl.where(causal, gl[:, None] - gl[None, :], 0.0))
+    s = tl.dot(qx, tl.trans(kx), input_precision=PREC)
+    dp = tl.dot(dox.to(vx.dtype), tl.trans(vx), input_precision=PREC)
+    dq = tl.dot((dp * decay * lam_in).to(kx.dtype), kx, input_precision=PREC)
+    sdp = s * dp * decay * scale
+    for lvl in tl.static_range(CB + 1):
+        dl = tl.sum(tl.where((lv == lvl) & causal, sdp, 0.0), axis=1)
+        tl.store(dlam_row + lvl, dl, mask=tm & (lvl < L))
+
+    qf = qx.to(tl.float32)
+    eg = tl.exp(gl)
+    gi = tl.load(gch_ptr + bh * (n + 1) + i)
+    for j in range(J):
+        if ((i >> j) & 1) == 1:
+            node = tl.load(tree_ptr + ((bh * X + tl.load(toff_ptr + j) + (i >> j) - 1) * K + kk[:, None]) * V
+                           + vv[None, :], mask=(kk[:, None] < K) & (vv[None, :] < V), other=0)
+            e = eg * tl.exp((gi - tl.load(gch_ptr + bh * (n + 1) + ((i >> j) << j))).to(tl.float32))
+            lam_j = tl.load(lam_row + CB + 1 + j, mask=tm & (CB + 1 + j < L), other=0)
+            x = tl.dot(dox.to(node.dtype), tl.trans(node), input_precision=PREC)  # do @ node^T: [C, BK]
+            dq += (lam_j * e)[:, None] * x
+            tl.store(dlam_row + CB + 1 + j, tl.sum(qf * x, axis=1) * e * scale, mask=tm & (CB + 1 + j < L))
+    dq = dq * scale
+    tl.store(dq_ptr + ((b * T + t[:, None]) * H + h) * K + kk[None, :], dq.to(dq_ptr.dtype.element_ty), mask=mk)
+    tl.store(dgq_ptr + bh * Tp + t, tl.sum(qf * dq, axis=1))
+
+
+@triton.jit
+def _direct(q_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, out_ptr,
+            scale, T, H, K, V, L, Tp, n, j, nseg, segc, seg_stride, out_bh_stride,
+            C: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Query-side state of level j for the reader block 2*blk+1 (one segment of it, one V tile):
+    sum over its tokens t of scale * lam[t, CB+1+j] * exp(decay from the block start to t) q_t do_t^T."""
+    pid, bh, iv = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+    b, h = bh // H, bh % H
+    blk = pid // nseg
+    seg = pid % nseg
+    start = (2 * blk + 1) << j
+    c0 = start + seg * segc
+    c1 = tl.minimum(tl.minimum(c0 + segc, (2 * blk + 2) << j), n)
+    kk = tl.arange(0, BK)
+    vv = iv * BV + tl.arange(0, BV)
+    g0 = tl.load(gch_ptr + bh * (n + 1) + start)
+    acc = tl.zeros((BK, BV), dtype=tl.float32)
+    for c in range(c0, c1):
+        t = c * C + tl.arange(0, C)
+        tm = t < T
+        qx = _rows(q_ptr, b, t, T, H, h, K, kk)
+        dox = _rows(do_ptr, b, t, T, H, h, V, vv)
+        gl = tl.load(gl_ptr + bh * Tp + t)
+        lam_j = tl.load(lam_ptr + ((b * T + t) * H + h) * L + CB + 1 + j, mask=tm & (CB + 1 + j < L), other=0)
+        d = (tl.load(gch_ptr + bh * (n + 1) + c) - g0).to(tl.float32)
+        coef = lam_j * tl.exp(gl + d) * scale
+        qw = (qx.to(tl.float32) * coef[:, None]).to(qx.dtype)
+        acc += tl.dot(tl.trans(qw), dox.to(qx.dtype), input_precision=PREC)
+    out = out_ptr + seg * seg_stride + bh * out_bh_stride + blk * K * V + kk[:, None] * V + vv[None, :]
+    tl.store(out, acc, mask=(kk[:, None] < K) & (vv[None, :] < V))
+
+
+@triton.jit
+def _bwd_kv(q_ptr, k_ptr, v_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, dir_ptr, doff_ptr,
+            dk_ptr, dv_ptr, dgk_ptr,
+            scale, T, H, K, V, L, Tp, n, Y, J,
+            C: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """dk, dv and k . dk of one chunk: intra block + the query-side states of the blocks reading it."""
+    c, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    r = tl.arange(0, C)
+    t = c * C + r
+    kk = tl.arange(0, BK)
+    vv = tl.arange(0, BV)
+    tm = t < T
+    mk = tm[:, None] & (kk[None, :] < K)
+    mv = tm[:, None] & (vv[None, :] < V)
+    qx = _rows(q_ptr, b, t, T, H, h, K, kk)
+    kx = _rows(k_ptr, b, t, T, H, h, K, kk)
+    vx = _rows(v_ptr, b, t, T, H, h, V, vv)
+    dox = _rows(do_ptr, b, t, T, H, h, V, vv).to(vx.dtype)
+    gl = tl.load(gl_ptr + bh * Tp + t)
+    lam_row = lam_ptr + ((b * T + t) * H + h) * L
+
+    # Transposed block: rows are keys s, columns queries t (t >= s).
+    causal_t = r[:, None] <= r[None, :]
+    lv = _bit_length(r[:, None] ^ r[None, :], CB)
+    lam_t = tl.load(lam_row[None, :] + lv, mask=causal_t & tm[None, :] & (lv < L), other=0)
+    m_t = tl.exp(tl.where(causal_t, gl[None, :] - gl[:, None], 0.0)) * lam_t * scale
+    s_t = tl.dot(kx, tl.trans(qx), input_precision=PREC)
+    dp_t = tl.dot(vx, tl.trans(dox), input_precision=PREC)
+    dk = tl.dot((dp_t * m_t).to(qx.dtype), qx, input_precision=PREC)
+    dv = tl.dot((s_t * m_t).to(dox.dtype), dox, input_precision=PREC)
+
+    # Sum of the query-side states reading this chunk, decayed to this chunk's end.
+    gc1 = tl.load(gch_ptr + bh * (n + 1) + c + 1)
+    state = tl.zeros((BK, BV), dtype=tl.float32)
+    for j in range(J):
+        mj = c >> j
+        if ((mj & 1) == 0) & (((mj + 1) << j) < n):
+            d = tl.load(dir_ptr + ((bh * Y + tl.load(doff_ptr + j) + (mj >> 1)) * K + kk[:, None]) * V + vv[None, :],
+                        mask=(kk[:, None] < K) & (vv[None, :] < V), other=0)
+            e = tl.exp((tl.load(gch_ptr + bh * (n + 1) + ((mj + 1) << j)) - gc1).to(tl.float32))
+            state += e * d
+    w = tl.exp(tl.load(gl_ptr + bh * Tp + c * C + C - 1) - gl)
+    st = state.to(vx.dtype)
+    dk += w[:, None] * tl.dot(vx, tl.trans(st), input_precision=PREC)
+    dv += w[:, None] * tl.dot(kx, st, input_precision=PREC)
+    tl.store(dk_ptr + ((b * T + t[:, None]) * H + h) * K + kk[None, :], dk.to(dk_ptr.dtype.element_ty), mask=mk)
+    tl.store(dv_ptr + ((b * T + t[:, None]) * H + h) * V + vv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mv)
+    tl.store(dgk_ptr + bh * Tp + t, tl.sum(kx.to(tl.float32) * dk, axis=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+
+
+def _pow2(x: int) -> int:
+    return max(16, triton.next_power_of_2(x))
+
+
+class _Plan:
+    """Shapes, tree layout and launch parameters shared by forward and backward."""
+
+    def __init__(self, q: torch.Tensor, v: torch.Tensor, lam: torch.Tensor, C: int):
+        B, T, H, K = q.shape
+        self.B, self.T, self.H, self.K, self.V, self.L = B, T, H, K, v.shape[-1], lam.shape[-1]
+        self.C, self.CB = C, C.bit_length() - 1
+        self.n = -(-T // C)
+        self.Tp = self.n * C
+        self.J = (self.n - 1).bit_length()  # chunk-level bits that some chunk has set
+        cnt, toff, doff, x, y = self.n, [], [], 0, 0
+        self.counts = []
+        for _ in range(max(self.J, 1)):
+            toff.append(x)
+            doff.append(y)
+            self.counts.append(cnt)
+            x += cnt
+            y += cnt // 2
+            cnt = (cnt + 1) // 2
+        self.X, self.Y = x, y
+        dev = q.device
+        self.toff = torch.tensor(toff, dtype=torch.int32, device=dev)
+        self.doff = torch.tensor(doff, dtype=torch.int32, device=dev)
+        self.BK, self.BV_full = _pow2(self.K), _pow2(self.V)
+        self.BV = min(self.BV_full, 64 if self.BK > 128 else 128)
+        self.NV = -(-self.V // self.BV)
+        self.prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        self.tree_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
+        self.warps = 4 if max(self.BK, self.BV_full) <= 64 else 8
+
+    def args(self) -> tuple:
+        return (self.T, self.H, self.K, self.V, self.L, self.Tp)
+
+
+def _decays(g: torch.Tensor, p: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """gl [B, H, Tp] in-chunk inclusive cumsum (float32); gch [B, H, n+1] exclusive chunk cumsum (float64)."""
+    gp = torch.nn.functional.pad(g.float(), (0, 0, 0, p.Tp - p.T)).transpose(1, 2)  # [B, H, Tp]
+    gl = gp.reshape(p.B, p.H, p.n, p.C).cumsum(-1)
+    gch = torch.nn.functional.pad(gl[..., -1].double().cumsum(-1), (1, 0))
+    return gl.reshape(p.B, p.H, p.Tp).contiguous(), gch.contiguous()
+
+
+def _build_tree(k, v, gl, gch, p: _Plan) -> torch.Tensor:
+    tree = torch.empty(p.B * p.H, p.X, p.K, p.V, device=k.device, dtype=p.tree_dtype)
+    _chunk_states[(p.n, p.B * p.H, p.NV)](k, v, gl, tree, p.T, p.H, p.K, p.V, p.Tp, p.X,
+                                          C=p.C, BK=p.BK, BV=p.BV, PREC=p.prec, num_warps=p.warps)
+    toff = p.toff.tolist()
+    for j in range(p.J - 1):
+        _combine[(p.counts[j + 1], p.B * p.H)](tree, gch, p.n, p.X, toff[j], toff[j + 1], p.counts[j], j, p.K, p.V,
+                                                BK=p.BK, BV=p.BV_full, num_warps=p.warps)
+    return tree
+
+
+def _forward(q, k, v, gl, lam, gch, scale, p: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    tree = _build_tree(k, v, gl, gch, p)
+    o = torch.empty(p.B, p.T, p.H, p.V, device=q.device, dtype=q.dtype)
+    _fwd[(p.n, p.B * p.H, p.NV)](q, k, v, gl, lam, gch, tree, p.toff, o, scale, *p.args(), p.n, p.X, p.J,
+                                 C=p.C, CB=p.CB, BK=p.BK, BV=p.BV, PREC=p.prec, num_warps=p.warps)
+    return o, tree
+
+
+def _backward(q, k, v, gl, lam, gch, tree, do, scale, p: _Plan):
+    dev = q.device
+    BH = p.B * p.H
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    dlam = torch.zeros(p.B, p.T, p.H, p.L, device=dev, dtype=torch.float32)
+    dgq = torch.zeros(p.B, p.H, p.Tp, device=dev, dtype=torch.float32)
+    dgk = torch.zeros(p.B, p.H, p.Tp, device=dev, dtype=torch.float32)
+    _bwd_q[(p.n, BH)](q, k, v, do, gl, lam, gch, tree, p.toff, dq, dlam, dgq, scale, *p.args(), p.n, p.X, p.J,
+                      C=p.C, CB=p.CB, BK=p.BK, BV=p.BV_full, PREC=p.prec, num_warps=p.warps)
+    direct = torch.zeros(BH, max(p.Y, 1), p.K, p.V, device=dev, dtype=torch.float32)
+    doff = p.doff.tolist()
+    for j in range(p.J):
+        nblk = p.counts[j] // 2
+        if nblk == 0:
+            continue
+        nseg = max(1, -(-(1 << j) // SEG))
+        dst = direct[:, doff[j] : doff[j] + nblk]
+        buf = dst if nseg == 1 else torch.empty(nseg, BH, nblk, p.K, p.V, device=dev, dtype=torch.float32)
+        seg_stride = 0 if nseg == 1 else buf.stride(0)
+        bh_stride = buf.stride(0) if nseg == 1 else buf.stride(1)
+        _direct[(nblk * nseg, BH, p.NV)](q, do, gl, lam, gch, buf, scale, *p.args(), p.n, j, nseg, min(SEG, 1 << j),
+                                         seg_stride, bh_stride, C=p.C, CB=p.CB, BK=p.BK, BV=p.BV, PREC=p.prec,
+                                         num_warps=p.warps)
+        if nseg > 1:
+            dst.copy_(buf.sum(0))
+    _bwd_kv[(p.n, BH)](q, k, v, do, gl, lam, gch, direct, p.doff, dk, dv, dgk, scale, *p.args(), p.n,
+                       direct.shape[1], p.J, C=p.C, CB=p.CB, BK=p.BK, BV=p.BV_full, PREC=p.prec,
+                       num_warps=p.warps)
+    # All decays are exp(Gc_t - Gc_s): dGc = q.dq - k.dk, and dg is its reverse cumulative sum.
+    dgc = (dgq - dgk).double()
+    dg = dgc.flip(-1).cumsum(-1).flip(-1)[..., : p.T].transpose(1, 2).to(torch.float32)
+    return dq, dk, dv, dg, dlam
+
+
+class LogLinearSSD(torch.autograd.Function):
+    """o = log-linear Mamba-2 of dense sequences starting at position 0 (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, lam, scale: float, chunk_size: int):
+        q, k, v, lam = (x.contiguous() for x in (q, k, v, lam))
+        p = _Plan(q, v, lam, chunk_size)
+        gl, gch = _decays(g, p)
+        lam_f = lam.float().contiguous()
+        o, tree = _forward(q, k, v, gl, lam_f, gch, scale, p)
+        ctx.save_for_backward(q, k, v, gl, lam_f, gch, tree)
+        ctx.p, ctx.scale, ctx.dtypes = p, scale, (g.dtype, lam.dtype)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, gl, lam_f, gch, tree = ctx.saved_tensors
+        dq, dk, dv, dg, dlam = _backward(q, k, v, gl, lam_f, gch, tree, do.contiguous(), ctx.scale, ctx.p)
+        return dq, dk, dv, dg.to(ctx.dtypes[0]), dlam.to(ctx.dtypes[1]), None, None
+
+
+def loglinear_ssd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, lam: torch.Tensor,
+                  scale: float, chunk_size: int = 64) -> torch.Tensor:
+    """Dense [B, T, H, D] inputs, all sequences starting at position 0; returns o [B, T, H, V]."""
+    return LogLinearSSD.apply(q, k, v, g, lam, scale, chunk_size)
