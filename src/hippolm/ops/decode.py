@@ -44,7 +44,7 @@ if triton is not None:
     def _attn_split_kernel(Q, K, V, ACC, M, L, S, n_kv_heads, scale,
                            sqb, sqh, skb, skh, sks, svb, svh, svs,
                            G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                           BLOCK: tl.constexpr, SPLIT_LEN: tl.constexpr):
+                           BLOCK: tl.constexpr, SPLIT_LEN: tl.constexpr, PRECISION: tl.constexpr):
         pid_bh, sp = tl.program_id(0), tl.program_id(1)
         n_split = tl.num_programs(1)
         b, hk = pid_bh // n_kv_heads, pid_bh % n_kv_heads
@@ -60,19 +60,35 @@ if triton is not None:
             offs = start + i + tl.arange(0, BLOCK)
             valid = offs < S
             k = tl.load(k_base + offs[:, None] * sks + d[None, :], mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k))
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + offs[:, None] * svs + dv[None, :], mask=valid[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         row = pid_bh * n_split + sp
         tl.store(ACC + row * GP * DV + g[:, None] * DV + dv[None, :], acc)
         tl.store(M + row * GP + g, m_i)
         tl.store(L + row * GP + g, l_i)
+
+    @triton.jit
+    def _attn_combine_kernel(ACC, M, L, OUT, n_split, G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr,
+                             NSP: tl.constexpr):
+        """Merge the splits of one (sequence, query head): softmax-weighted by each split's max."""
+        pid = tl.program_id(0)  # (b * Hkv + hk) * G + g = b * H + h
+        bh, g = pid // G, pid % G
+        sp, dv = tl.arange(0, NSP), tl.arange(0, DV)
+        ok = sp < n_split
+        rows = (bh * n_split + sp) * GP + g
+        m = tl.load(M + rows, mask=ok, other=float("-inf"))
+        w = tl.exp(m - tl.max(m, 0))
+        denom = tl.sum(w * tl.load(L + rows, mask=ok, other=0.0), 0)
+        acc = tl.load(ACC + rows[:, None] * DV + dv[None, :], mask=ok[:, None], other=0.0)
+        out = tl.sum(acc * w[:, None], 0) / denom
+        tl.store(OUT + pid * DV + dv, out.to(OUT.dtype.element_ty))
 
 
 @functools.cache
@@ -96,10 +112,12 @@ def _decode_attention_triton(q, k, v, scale):
     _attn_split_kernel[(B * Hkv, n_split)](
         q, k, v, acc, m, l_, S, Hkv, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        G=G, GP=GP, D=D, DV=Dv, BLOCK=BLOCK, SPLIT_LEN=split_len, num_warps=4, num_stages=3)
-    w = torch.exp(m - m.amax(1, keepdim=True))  # [BHkv, n_split, GP]
-    out = (acc * w[..., None]).sum(1) / (l_ * w).sum(1)[..., None]
-    return out[:, :G].reshape(B, H, Dv).to(q.dtype)
+        G=G, GP=GP, D=D, DV=Dv, BLOCK=BLOCK, SPLIT_LEN=split_len,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3)
+    out = torch.empty(B, H, Dv, device=q.device, dtype=q.dtype)
+    _attn_combine_kernel[(B * H,)](acc, m, l_, out, n_split, G=G, GP=GP, DV=Dv,
+                                   NSP=triton.next_power_of_2(n_split), num_warps=4)
+    return out
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
