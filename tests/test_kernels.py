@@ -1,0 +1,146 @@
+"""Our Triton kernels (hippolm.ops.triton_*) against the float64 references.
+
+Runs on CUDA, or on CPU under Triton's interpreter (small shapes); skipped where Triton is not
+installed (CPU CI). The interpreter must be on before triton is first imported (triton's own
+``@jit`` helpers are decorated then), so without CUDA :func:`test_under_interpreter` reruns this
+file in a subprocess with ``TRITON_INTERPRET=1``; ``TRITON_INTERPRET=1 pytest tests/test_kernels.py``
+runs the cases directly. bf16 only on CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import rel_err
+
+from hippolm import ops
+from hippolm.ops import triton_backend
+
+CUDA = torch.cuda.is_available()
+INTERPRETING = triton_backend.interpreting()
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="needs triton (on CUDA, or its CPU interpreter)")
+
+# (B, T, H, K, V, chunk): T not a multiple of the chunk, several chunk levels, T=1, fewer levels
+# than the chunk holds. CUDA adds the benchmark's head shape.
+SHAPES = [(1, 90, 2, 16, 32, 16), (1, 150, 1, 16, 16, 16), (2, 64, 1, 16, 16, 64), (1, 1, 1, 16, 16, 16),
+          (1, 10, 2, 16, 16, 64)]
+if CUDA:
+    SHAPES += [(2, 1000, 16, 128, 128, 64), (1, 3000, 4, 64, 128, 64)]
+
+
+@pytest.fixture
+def device() -> str:
+    if CUDA:
+        return "cuda"
+    if not INTERPRETING:
+        pytest.skip("CPU: runs in test_under_interpreter's subprocess")
+    return "cpu"
+
+
+@pytest.mark.skipif(CUDA or INTERPRETING, reason="the cases run directly here")
+def test_under_interpreter():
+    here = Path(__file__).parent
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
+                         cwd=here.parent, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+
+
+def _inputs(B, T, H, K, V, L=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    q = rnd(B, T, H, K)
+    k = torch.nn.functional.normalize(rnd(B, T, H, K), dim=-1)
+    v = rnd(B, T, H, V)
+    g = torch.nn.functional.logsigmoid(rnd(B, T, H) + 3.0)
+    lam = torch.rand(B, T, H, L or ops.num_levels(T), generator=gen, dtype=torch.float64) + 0.25
+    return [q, k, v, g, lam]
+
+
+def _run(xs, dtype, device, **kw):
+    """Triton forward + gradients of <o, w> for a fixed random w; inputs cast from float64."""
+    leaves = [x.to(device=device, dtype=dtype if i < 3 else torch.float32).requires_grad_() for i, x in enumerate(xs)]
+    o, state = ops.loglinear_ssd(*leaves, backend="triton", **kw)
+    w = torch.randn(o.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    loss = (o.double() * w.to(device)).sum()
+    if state is not None:
+        loss = loss + (state.slots.double() * 0.1).sum()
+    grads = torch.autograd.grad(loss, leaves)
+    return o, state, grads
+
+
+def _reference(xs, **kw):
+    leaves = [x.clone().requires_grad_() for x in xs]
+    o, state = ops.loglinear_ssd(*leaves, backend="torch", mode="chunk", **kw)
+    w = torch.randn(o.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    loss = (o * w).sum()
+    if state is not None:
+        loss = loss + (state.slots * 0.1).sum()
+    return o, state, torch.autograd.grad(loss, leaves)
+
+
+def _assert_close(got, want, fwd_tol, grad_tol):
+    o, state, grads = got
+    o_ref, state_ref, grads_ref = want
+    assert rel_err(o.cpu(), o_ref) < fwd_tol
+    if state_ref is not None:
+        assert rel_err(state.slots.cpu(), state_ref.slots) < fwd_tol
+        assert state.position.tolist() == state_ref.position.tolist()
+    for name, a, b in zip(("q", "k", "v", "g", "lam"), grads, grads_ref, strict=True):
+        # Where the exact gradient is zero (dg at T=1) rounding noise is all there is: absolute floor.
+        err = (a.cpu().double() - b).norm().item()
+        assert err < grad_tol * b.norm().item() + 1e-5, (name, err, b.norm().item())
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}H{}K{}V{}C{}".format(*s))
+def test_loglinear_ssd_matches_reference(shape, device):
+    B, T, H, K, V, C = shape
+    xs = _inputs(B, T, H, K, V, seed=T)
+    want = _reference(xs)
+    _assert_close(_run(xs, torch.float32, device, chunk_size=C), want, 1e-3, 5e-3)
+    if device == "cuda":
+        _assert_close(_run(xs, torch.bfloat16, device, chunk_size=C), want, 2e-2, 2e-2)
+
+
+def test_loglinear_ssd_packed_sequences_and_final_state(device):
+    lengths = [37, 1, 0, 70]
+    T = sum(lengths)
+    xs = _inputs(1, T, 1, 16, 16, L=ops.num_levels(70) + 1, seed=3)  # one spare level: stays zero
+    cu = torch.tensor([0, 37, 38, 38, 108])
+    want = _reference(xs, cu_seqlens=cu, output_final_state=True)
+    got = _run(xs, torch.float32, device, cu_seqlens=cu.to(device), output_final_state=True, chunk_size=16)
+    _assert_close(got, want, 1e-3, 5e-3)
+
+
+def test_loglinear_ssd_dense_final_state_and_scale(device):
+    xs = _inputs(2, 45, 1, 16, 16, seed=5)
+    want = _reference(xs, output_final_state=True, scale=0.3)
+    got = _run(xs, torch.float32, device, output_final_state=True, scale=0.3, chunk_size=16)
+    _assert_close(got, want, 1e-3, 5e-3)
+
+
+def test_dispatch_routes_and_refuses_clearly(device):
+    q, k, v, g, lam = (x.to(device=device, dtype=torch.float32) for x in _inputs(1, 20, 1, 16, 16))
+    state = ops.LogLinearState(torch.zeros(1, 1, lam.shape[-1], 16, 16, device=device), torch.tensor([4]))
+    with pytest.raises(ValueError, match="initial state"):
+        ops.loglinear_ssd(q, k, v, g, lam, initial_state=state, backend="triton")
+    with pytest.raises(ValueError, match="Gated DeltaNet"):
+        ops.loglinear_gated_delta_rule(q, k, v, g, torch.rand_like(g), lam, backend="triton")
+    with pytest.raises(ValueError, match="backend"):
+        ops.loglinear_ssd(q, k, v, g, lam, backend="cuda")
+    # 'auto' never runs the CPU interpreter; on CUDA it picks the kernels and agrees with the reference.
+    ok, why = triton_backend.plan_loglinear("ssd", q, v, None, "chunk")
+    assert ok == (device == "cuda"), why
+    o_auto, _ = ops.loglinear_ssd(q, k, v, g, lam)
+    o_ref, _ = ops.loglinear_ssd(q.double(), k.double(), v.double(), g.double(), lam.double(), backend="torch")
+    assert rel_err(o_auto.cpu(), o_ref.cpu()) < 1e-3
