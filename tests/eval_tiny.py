@@ -17,7 +17,7 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     """One token per character (so token positions are character positions), BOS prepended."""
     vocab = {tok: i for i, tok in enumerate(SPECIAL + [c for c in CHARS if c not in SPECIAL])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     from tokenizers.processors import TemplateProcessing
 

@@ -184,11 +184,13 @@ def resolve_task(task: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # Haystacks
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=\S)")
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[A-Z\"'(\[])")
 
 
 def split_sentences(text: str) -> list[str]:
-    """Sentences by a regex (end punctuation, optional closing quote/bracket, whitespace): no NLTK data."""
+    """Sentences by a regex, no NLTK data: end punctuation, an optional closing quote or bracket,
+    whitespace, then a capital letter or an opening quote or bracket (so "e.g. 3.5" stays whole;
+    "Mr. Smith" splits, which a haystack does not mind)."""
     text = re.sub(r"\s+", " ", text).strip()
     parts, start = [], 0
     for m in _SENTENCE_END.finditer(text):
