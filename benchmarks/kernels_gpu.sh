@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs on the lent GPU machine (device tool), from the repo root, with .whl carried (FLA, einops):
+#   our Triton kernels' CUDA tests against the float64 reference, then benchmarks/kernels.py.
+# Fits a 10-minute cap: tests <= TEST_TIMEOUT (180 s), benchmark <= BENCH_TIMEOUT (330 s) with its own
+# budget a little shorter so it ends cleanly. Results and logs go to $OUT (default /tmp/out):
+#   kernels_<gpu>.json (copy to benchmarks/results/), test_kernels_cuda.log, kernels_<gpu>.log.
+# Usage: bash benchmarks/kernels_gpu.sh [what: tests|bench|all] [extra benchmark args, e.g. --quick]
+set -uo pipefail
+what=${1:-all}
+shift || true
+t0=$(date +%s)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || echo "note: carried wheels not installed; FLA rows will be skipped"
+export PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+# Reuse Triton autotune results carried from an earlier call (.gpu_cache, git-ignored; FLA autotunes)
+# and hand the updated ones back in $OUT. Our own kernels do not autotune.
+if [ -f .gpu_cache/autotune.tgz ]; then mkdir -p ~/.triton && tar -xzf .gpu_cache/autotune.tgz -C ~/.triton; fi
+trap '(cd ~/.triton 2>/dev/null && find cache -name "*.autotune.json" | tar -czf "$OUT/autotune.tgz" -T -)' EXIT
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+dev=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  timeout ${TEST_TIMEOUT:-180} python3 -m pytest -q -p no:cacheprovider -x tests/test_kernels.py --durations=5 2>&1 \
+    | tee "$OUT/test_kernels_cuda.log" | tail -30
+  echo "tests took $(( $(date +%s) - t0 )) s"
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  timeout ${BENCH_TIMEOUT:-330} python3 benchmarks/kernels.py --budget ${BENCH_BUDGET:-290} "$@" \
+    --json "$OUT/kernels_$dev.json" 2>&1 | tee "$OUT/kernels_$dev.log"
+fi
+echo "total $(( $(date +%s) - t0 )) s"
