@@ -112,8 +112,14 @@ def done_ids(path: str | Path | None) -> dict[str, dict]:
 def append_jsonl(path: str | Path, row: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # A crash can leave a last line without its newline: start a new line rather than extend it.
+    broken = False
+    if path.is_file() and path.stat().st_size > 0:
+        with path.open("rb") as f:
+            f.seek(-1, 2)
+            broken = f.read(1) != b"\n"
     with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.write(("\n" if broken else "") + json.dumps(row, ensure_ascii=False) + "\n")
         f.flush()
 
 
@@ -192,7 +198,7 @@ def run_generation(model, tokenizer, samples: list[dict], score: Callable[[dict,
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     done = done_ids(out_jsonl)
     todo = [s for s in samples if s["id"] not in done]
-    # Similar lengths per batch: less padding. Stable, so results keep the samples' order per length.
+    # Similar lengths per batch: less padding (results come back in the samples' order).
     todo.sort(key=lambda s: len(s["prompt"]))
     results = {sid: r for sid, r in done.items()}
     was_training = model.training
