@@ -126,3 +126,14 @@ def test_score_and_heatmap(tmp_path):
                for n in (1000, 2000) for d in (0.0, 1.0)]
     png = N.needle_heatmap(results, tmp_path / "h.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_chat_template_wraps_the_task_and_keeps_the_answer_prefix():
+    tok = char_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<U>{{ m['content'] }}</U>{% endfor %}"
+                         "{% if add_generation_prompt %}<A>{% endif %}")
+    s = N.make_needle_samples("passkey", tok, [1200], [0.5], chat=True)[0]
+    assert s["prompt"].startswith("<U>There is an important info")
+    assert s["prompt"].endswith("What is the pass key? </U><A>The pass key is")  # the prefix follows the tag
+    assert s["add_special_tokens"] is False
+    assert len(tok(s["prompt"], add_special_tokens=False)["input_ids"]) == s["tokens"] <= 1200

@@ -6,9 +6,9 @@ the full-vocabulary logits of the whole document are ever held at once. The loss
 position ``p`` (0-based; predicted from tokens ``0..p-1``) goes into the bucket ``lo <= p < hi``.
 
 For an :class:`~hippolm.ahn.AHNForCausalLM`, ``window``/``sinks`` override the model's for this
-call; ``window`` at least the document length gives full attention (the cache keeps every token
-and the memory never receives one). Any other causal LM runs with its own cache (``window`` must
-then be None).
+call; ``window`` at least the document length gives full attention, run as one causal forward of
+the whole document (the memory never receives a token) with logits still computed in slices.
+Any other causal LM runs chunk by chunk with its own cache (``window`` must then be None).
 """
 
 from __future__ import annotations
@@ -60,10 +60,16 @@ def _token_nll(model, ids: torch.Tensor, *, window: int | None, sinks: int | Non
         cfg = model.ahn_config
         win = cfg.window if window is None else window
         snk = cfg.sinks if sinks is None else sinks
-        if win >= T:  # full attention: a cache that never evicts
-            win, snk = T, 0
-        cache = model.new_cache(window=win, sinks=snk)
         decoder, head = model.base.get_decoder(), model.base.get_output_embeddings()
+        if win >= T:  # full attention: one causal forward (flash attention where available), logits in slices
+            hidden = decoder(input_ids=ids, position_ids=torch.arange(T, device=ids.device)[None], use_cache=False,
+                             ahn_window=T, ahn_sinks=0)[0][0, :-1]
+            for s in range(0, T - 1, logits_chunk):
+                logits = head(hidden[s:s + logits_chunk]).float()
+                nll[s:s + logits.shape[0]] = F.cross_entropy(logits, ids[0, s + 1:s + 1 + logits.shape[0]],
+                                                             reduction="none").double().cpu()
+            return nll
+        cache = model.new_cache(window=win, sinks=snk)
     else:
         if window is not None or sinks is not None:
             raise ValueError(f"window/sinks apply to AHNForCausalLM models only, not {type(model).__name__}.")
