@@ -261,6 +261,7 @@ def prepare_ppl(args, tokenizer) -> list[tuple[str, list[int]]]:
 
 def run_ppl(args, docs: list[tuple[str, list[int]]], model, systems, out: Path) -> list[dict]:
     import torch
+    from tqdm.auto import tqdm
 
     from .perplexity import bucket_edges, perplexity_by_position
     from .runner import append_jsonl, done_ids, system_context
@@ -271,7 +272,7 @@ def run_ppl(args, docs: list[tuple[str, list[int]]], model, systems, out: Path) 
     for system in systems:
         path = out / "ppl" / f"{system.name}.jsonl"
         done = done_ids(path)
-        for doc_id, ids in docs:
+        for doc_id, ids in tqdm(docs, desc=f"ppl {system.name}", disable=args.quiet, leave=False):
             key = f"{doc_id}/{len(ids)}"
             if key in done:
                 continue
