@@ -50,9 +50,44 @@ def memory_cases(device: str) -> list[str]:
     return failures
 
 
+def cache_cases(device: str) -> list[str]:
+    """The cache-reading memory step and the cache write against their references (GQA, Hkv=3)."""
+    failures = []
+    B, H, Hkv, D, S, W = 3, 6, 3, 64, 2, 5
+    for name, g_idx, beta_idx, delta, G in [("gdn", 0, 1, True, 2), ("deltanet", -1, 0, True, 1),
+                                             ("mamba2", 0, 1, False, 2)]:
+        gen = torch.Generator().manual_seed(G + delta)
+        keys, values = torch.randn(B, Hkv, S + W, D, generator=gen), torch.randn(B, Hkv, S + W, D, generator=gen)
+        ring = torch.rand(B, W, H, G, generator=gen)
+        if g_idx >= 0:
+            ring[..., g_idx] = -ring[..., g_idx]
+        cursor = torch.tensor([7, 9, 13])
+        q, gate = torch.randn(B, H, D, generator=gen), torch.randn(B, H, generator=gen)
+        state, nw = torch.randn(B, H, D, D, generator=gen) * 0.1, torch.rand(D, generator=gen) + 0.5
+        ref_state = state.double()
+        ro = dc.memory_step_from_cache_reference(q.double(), keys.double(), values.double(), ring.double(), cursor, S,
+                                                 W, g_idx, beta_idx, delta, ref_state, nw.double(), gate.double(),
+                                                 1e-6, D**-0.5)
+        st = state.to(device)
+        o = dc.memory_step_from_cache(*(x.to(device) for x in (q, keys, values, ring, cursor)), S, W, g_idx, beta_idx,
+                                      delta, st, nw.to(device), gate.to(device), 1e-6, D**-0.5)
+        if rel(o, ro) > 1e-3 or rel(st, ref_state) > 1e-3:
+            failures.append(f"memory from cache {name}: out {rel(o, ro):.2e} state {rel(st, ref_state):.2e}")
+    # Gates arrive already rounded to the storage dtype (as the AHN attention rounds them).
+    new_k, new_v, new_g = torch.randn(B, Hkv, D), torch.randn(B, Hkv, D), torch.rand(B, H, 2).bfloat16().float()
+    want = [keys.clone(), values.clone(), ring.to(torch.bfloat16), torch.full((B, S + W), -1, dtype=torch.int32),
+            torch.tensor([5, 6, 7]), cursor.clone()]
+    got = [x.clone().to(device) for x in want]
+    dc.cache_write_reference(*want[:4], new_k, new_v, new_g, *want[4:], S, W)
+    dc.cache_write(*got[:4], new_k.to(device), new_v.to(device), new_g.to(device), *got[4:], S, W)
+    if not all(torch.equal(a.cpu(), b) for a, b in zip(got, want, strict=True)):
+        failures.append("cache write differs from its reference")
+    return failures
+
+
 if __name__ == "__main__":
     device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
     dtypes = (torch.float32, torch.bfloat16) if device == "cuda" else (torch.float32,)
-    failures = attention_cases(device, dtypes) + memory_cases(device)
+    failures = attention_cases(device, dtypes) + memory_cases(device) + cache_cases(device)
     print("\n".join(failures) or "all decode kernel cases pass")
     sys.exit(1 if failures else 0)

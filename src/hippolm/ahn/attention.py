@@ -87,8 +87,7 @@ class AHNAttentionMixin:
             got = type(past_key_values).__name__
             raise ValueError(f"an AHN model needs an AHNCache (model.new_cache()), got {got}.")
 
-        # Rounded to the cache's storage dtype here, so training and decoding use the same gates.
-        write_gates = self.ahn.write_gates(hidden_states).to(k.dtype).float()
+        write_gates = self.ahn.write_gates(hidden_states, k.dtype)
         if persistent and T == 1 and cache.all_visible:
             return self.o_proj(self._ahn_steady_decode(q, k, v, write_gates, hidden_states, cache)), None
 
@@ -126,11 +125,9 @@ class AHNAttentionMixin:
         the query reads the memory and attends to the whole buffer without a mask. Every index is a
         device tensor and every state update in place: no host syncs, and CUDA-graph replayable."""
         B = q.shape[0]
-        slot = cache.sinks + cache.cursor % cache.window  # [1]
-        old_k, old_v = (a.index_select(2, slot)[:, :, 0] for a in (cache.keys, cache.values))
-        old_gates = cache.ring_gates.index_select(1, slot - cache.sinks)[:, 0].float()
-        mem = self.ahn.decode_step(q[:, :, 0], old_k, old_v, old_gates, x[:, 0], cache.memory)
-        cache.decode_write(k, v, write_gates, cache.real_seen[:, None], slot)
+        mem = self.ahn.decode_step(q[:, :, 0], cache.keys, cache.values, cache.ring_gates, cache.cursor, cache.sinks,
+                                   cache.window, x[:, 0], cache.memory)
+        cache.decode_write(k[:, :, 0], v[:, :, 0], write_gates[:, 0])
         attn = decode_attention(q[:, :, 0], cache.keys, cache.values, self.scaling)
         return (attn + mem).reshape(B, 1, -1)
 

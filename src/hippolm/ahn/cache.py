@@ -11,6 +11,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .. import ops
+from ..ops.decode import cache_write
 from .config import validate_window
 
 
@@ -23,7 +24,7 @@ class AHNLayerCache(CacheLayerMixin):
     slot's real position (-1: empty or padding); ``ring_gates`` the memory write gates computed
     when each window token arrived, stored in the key dtype (the memory rounds them the same way
     when training, so both agree); ``memory`` the long-term state; ``real_seen`` real tokens seen;
-    ``cursor`` the stream length as a device tensor, so a decode step can be captured in a CUDA graph.
+    ``cursor`` [B] the stream length as a device tensor, so a decode step can be captured in a CUDA graph.
     """
 
     is_compileable = False
@@ -47,7 +48,7 @@ class AHNLayerCache(CacheLayerMixin):
         self.slot_pos = torch.full((B, n), -1, dtype=torch.int32, device=dev)
         self.ring_gates = key_states.new_zeros(B, self.window, *gates.shape[2:])
         self.real_seen = torch.zeros(B, dtype=torch.long, device=dev)
-        self.cursor = torch.zeros(1, dtype=torch.long, device=dev)
+        self.cursor = torch.zeros(B, dtype=torch.long, device=dev)
         self.is_initialized = True
 
     def ring_slot(self, stream_index: int) -> int:
@@ -113,7 +114,7 @@ class AHNLayerCache(CacheLayerMixin):
         return [t for t in out if t is not None]
 
     def _map_batch(self, fn) -> None:
-        for name in ("keys", "values", "ring_gates", "slot_pos", "real_seen"):
+        for name in ("keys", "values", "ring_gates", "slot_pos", "real_seen", "cursor"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
@@ -122,16 +123,12 @@ class AHNLayerCache(CacheLayerMixin):
         elif self.memory is not None:
             self.memory = fn(self.memory)
 
-    def decode_write(self, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, pos: torch.Tensor,
-                     slot: torch.Tensor) -> None:
-        """Steady-state decode: write one token per sequence into ``slot`` (a device tensor [1]) in
-        place, with no host values involved, so the step can be replayed from a CUDA graph."""
-        self.keys.index_copy_(2, slot, k)
-        self.values.index_copy_(2, slot, v)
-        self.ring_gates.index_copy_(1, slot - self.sinks, gates.to(self.ring_gates.dtype))
-        self.slot_pos.index_copy_(1, slot, pos.to(self.slot_pos.dtype))
-        self.real_seen += 1
-        self.cursor += 1
+    def decode_write(self, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor) -> None:
+        """Steady-state decode: write one token per sequence (k, v [B, Hkv, d], gates [B, H, G]) into the
+        slot of the token that just left, in place and with no host values involved, so the step can
+        be replayed from a CUDA graph."""
+        cache_write(self.keys, self.values, self.ring_gates, self.slot_pos, k, v, gates, self.real_seen,
+                               self.cursor, self.sinks, self.window)
         self.stream_len += 1
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

@@ -46,7 +46,7 @@ class GraphDecoder:
     def _load_inputs(self, ids: torch.Tensor) -> None:
         self.ids.copy_(ids)
         self.position_ids.copy_(self.cache.layers[0].real_seen[:, None])  # device to device: no sync
-        self.cache_position.copy_(self.cache.layers[0].cursor)
+        self.cache_position.copy_(self.cache.layers[0].cursor[:1])
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:

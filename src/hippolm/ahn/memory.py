@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import ops
 from ..ops import reference
-from ..ops.decode import memory_step
+from ..ops.decode import evicted_slot, memory_step_from_cache
 from ..ops.loglinear import step_unchecked as loglinear_step
 from .config import MEMORY_TYPES
 
@@ -60,8 +60,9 @@ class MemoryModule(nn.Module):
     def num_write_gates(self) -> int:
         return {"gdn": 2, "mamba2": 2, "deltanet": 1}[self.base_kind]
 
-    def write_gates(self, x: torch.Tensor) -> torch.Tensor:
-        """Gates of tokens as they will be written, [..., H, G] float32, from their normed hidden state."""
+    def write_gates(self, x: torch.Tensor, store_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Gates of tokens as they will be written, [..., H, G] float32, from their normed hidden state;
+        rounded through ``store_dtype`` (the cache's) so training and decoding use the same values."""
         gates = []
         if self.base_kind in ("gdn", "mamba2"):
             dt = F.softplus(self._lin(self.a_proj, x).float() + self.dt_bias.float())
@@ -70,7 +71,8 @@ class MemoryModule(nn.Module):
                 gates.append(dt)  # write strength: h <- a h + dt k v^T
         if self.base_kind in ("gdn", "deltanet"):
             gates.append(torch.sigmoid(self._lin(self.b_proj, x).float()))
-        return torch.stack(gates, -1)
+        out = torch.stack(gates, -1)
+        return out if store_dtype is None else out.to(store_dtype).float()
 
     def read_gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(output gate [..., H], level weights [..., H, L] or None) of the reading tokens."""
@@ -127,19 +129,24 @@ class MemoryModule(nn.Module):
     def _project(self, normed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return torch.einsum("...hd,hde->...he", normed.to(self.o_proj.dtype), self.o_proj).to(dtype)
 
-    def decode_step(self, q, k, v, wg, x, state: State) -> torch.Tensor:
-        """Decode: write one token and read, updating ``state`` in place; returns the per-head
-        contribution [B, H, d]. q [B, H, d]; k, v [B, Hkv, d] (not GQA-expanded); wg [B, H, G];
-        x [B, D] the reading token's normed hidden state. One fused kernel on CUDA for the linear
-        memories (:func:`hippolm.ops.decode.memory_step`)."""
+    def decode_step(self, q, keys, values, ring_gates, cursor, sinks: int, window: int, x,
+                    state: State) -> torch.Tensor:
+        """Decode: write the token leaving the window of an AHN cache (read from its ring slot at stream
+        index ``cursor`` [B]) and read with q [B, H, d], updating ``state`` in place; returns the
+        per-head contribution [B, H, d]. x [B, D]: the reading token's normed hidden state. One
+        fused kernel on CUDA for the linear memories (:func:`hippolm.ops.decode.memory_step_from_cache`)."""
         gate, lam = self.read_gates(x)
         if self.levels:
-            rep = q.shape[1] // k.shape[1]
-            o, new = self.step(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), wg, lam, state)
+            slot = evicted_slot(cursor, sinks, window)
+            b = torch.arange(q.shape[0], device=q.device)
+            rep = q.shape[1] // keys.shape[1]
+            k, v = (a[b, :, slot].repeat_interleave(rep, 1) for a in (keys, values))
+            o, new = self.step(q, k, v, ring_gates[b, slot - sinks].float(), lam, state)
             state.slots.copy_(new.slots)
             state.position.copy_(new.position)
             return self.readout(o, gate)
-        g = wg[..., 0] if self.base_kind != "deltanet" else None
-        beta = wg[..., -1] if self.base_kind != "mamba2" else wg[..., 1]
-        o = memory_step(q, k, v, g, beta, self.base_kind != "mamba2", state, self.norm_weight, gate, self.eps)
+        g_idx = -1 if self.base_kind == "deltanet" else 0
+        beta_idx = 0 if self.base_kind == "deltanet" else 1
+        o = memory_step_from_cache(q, keys, values, ring_gates, cursor, sinks, window, g_idx, beta_idx,
+                                   self.base_kind != "mamba2", state, self.norm_weight, gate, self.eps)
         return self._project(o, q.dtype)

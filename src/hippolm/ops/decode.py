@@ -14,6 +14,7 @@ Both are replayable from a CUDA graph (no host syncs, fixed buffers).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +28,12 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 
+# Under TRITON_INTERPRET=1 the kernels also run on CPU tensors (slowly): how they are tested without a GPU.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _triton_ok(*tensors: torch.Tensor) -> bool:
-    return triton is not None and all(t.is_cuda for t in tensors)
+    return triton is not None and (_INTERPRET or all(t.is_cuda for t in tensors))
 
 
 # --- attention over a cache ---------------------------------------------------------------------
@@ -190,6 +195,134 @@ def _memory_step_triton(q, k, v, g, beta, delta, state, norm_weight, gate, eps, 
     return out
 
 
+# --- the AHN cache at decode: the evicted token is read from, and the new one written to, its slot ---
+def evicted_slot(cursor: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
+    """Ring slot [B] of the token leaving the window (and taken by the new one) at stream index ``cursor``."""
+    return sinks + cursor % window
+
+
+def memory_step_from_cache_reference(q, keys, values, ring_gates, cursor, sinks, window, g_idx, beta_idx, delta,
+                                     state, norm_weight, gate, eps, scale):
+    slot = evicted_slot(cursor, sinks, window)
+    b = torch.arange(q.shape[0], device=q.device)
+    k, v = keys[b, :, slot], values[b, :, slot]  # [B, Hkv, d]
+    wg = ring_gates[b, slot - sinks].float()  # [B, H, G]
+    g = wg[..., g_idx] if g_idx >= 0 else None
+    return memory_step(q, k, v, g, wg[..., beta_idx], delta, state, norm_weight, gate, eps, scale)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _memory_step_cache_kernel(Q, KEYS, VALUES, RING_G, CURSOR, STATE, NW, GATE, OUT, H, n_kv_heads, sinks,
+                                  window, eps, scale, sqb, sqh, skb, skh, sks, svb, svh, svs, sgb, sgw, sgh,
+                                  KD: tl.constexpr, VD: tl.constexpr, G_IDX: tl.constexpr, BETA_IDX: tl.constexpr,
+                                  DELTA: tl.constexpr):
+        pid = tl.program_id(0)  # b * H + h
+        b, h = pid // H, pid % H
+        hk = h // (H // n_kv_heads)
+        slot = sinks + tl.load(CURSOR + b) % window
+        kk, vv = tl.arange(0, KD), tl.arange(0, VD)
+        q = tl.load(Q + b * sqb + h * sqh + kk).to(tl.float32)
+        k = tl.load(KEYS + b * skb + hk * skh + slot * sks + kk).to(tl.float32)
+        v = tl.load(VALUES + b * svb + hk * svh + slot * svs + vv).to(tl.float32)
+        gates = RING_G + b * sgb + (slot - sinks) * sgw + h * sgh
+        q = q / tl.maximum(tl.sqrt(tl.sum(q * q, 0)), 1e-12)
+        k = k / tl.maximum(tl.sqrt(tl.sum(k * k, 0)), 1e-12)
+        s_ptr = STATE + pid * KD * VD + kk[:, None] * VD + vv[None, :]
+        S = tl.load(s_ptr)
+        if G_IDX >= 0:
+            S = S * tl.exp(tl.load(gates + G_IDX).to(tl.float32))
+        if DELTA:
+            v = v - tl.sum(S * k[:, None], 0)
+        v = tl.load(gates + BETA_IDX).to(tl.float32) * v
+        S = S + k[:, None] * v[None, :]
+        tl.store(s_ptr, S)
+        o = tl.sum(S * q[:, None], 0) * scale
+        o = o / tl.sqrt(tl.sum(o * o, 0) / VD + eps) * tl.load(NW + vv).to(tl.float32)
+        gate = tl.load(GATE + pid).to(tl.float32)
+        tl.store(OUT + pid * VD + vv, o * gate / (1 + tl.exp(-gate)))
+
+    @triton.jit
+    def _cache_write_kernel(KEYS, VALUES, RING_G, SLOT_POS, K, V, GATES, REAL_SEEN, CURSOR, n_kv_heads, HG, sinks,
+                            window, skb, skh, sks, svb, svh, svs, sgb, sgw, spb, s_kb, s_kh, s_vb, s_vh, s_gb,
+                            HKV_P: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr, HG_P: tl.constexpr):
+        b = tl.program_id(0)
+        cur = tl.load(CURSOR + b)
+        slot = sinks + cur % window
+        hk = tl.arange(0, HKV_P)
+        hm = (hk < n_kv_heads)[:, None]
+        kk, vv = tl.arange(0, KD), tl.arange(0, VD)
+        k = tl.load(K + b * s_kb + hk[:, None] * s_kh + kk[None, :], mask=hm)
+        tl.store(KEYS + b * skb + hk[:, None] * skh + slot * sks + kk[None, :], k, mask=hm)
+        v = tl.load(V + b * s_vb + hk[:, None] * s_vh + vv[None, :], mask=hm)
+        tl.store(VALUES + b * svb + hk[:, None] * svh + slot * svs + vv[None, :], v, mask=hm)
+        j = tl.arange(0, HG_P)
+        g = tl.load(GATES + b * s_gb + j, mask=j < HG)
+        tl.store(RING_G + b * sgb + (slot - sinks) * sgw + j, g.to(RING_G.dtype.element_ty), mask=j < HG)
+        seen = tl.load(REAL_SEEN + b)
+        tl.store(SLOT_POS + b * spb + slot, seen.to(SLOT_POS.dtype.element_ty))
+        tl.store(REAL_SEEN + b, seen + 1)
+        tl.store(CURSOR + b, cur + 1)
+
+
+def memory_step_from_cache(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ring_gates: torch.Tensor,
+                           cursor: torch.Tensor, sinks: int, window: int, g_idx: int, beta_idx: int, delta: bool,
+                           state: torch.Tensor, norm_weight: torch.Tensor, gate: torch.Tensor, eps: float = 1e-6,
+                           scale: float | None = None) -> torch.Tensor:
+    """:func:`memory_step` for the token leaving an AHN cache's window at stream index ``cursor`` [B]:
+    its key/value [B, Hkv, sinks + window, d] and write gates ``ring_gates`` [B, window, H, G] (log decay
+    at ``g_idx``, -1: none; write strength at ``beta_idx``) are read from its ring slot directly."""
+    K = q.shape[-1]
+    scale = K**-0.5 if scale is None else float(scale)
+    if (_triton_ok(q, keys, state) and state.dtype == torch.float32 and state.is_contiguous()
+            and K in (32, 64, 128) and values.shape[-1] in (32, 64, 128) and q.shape[1] % keys.shape[1] == 0
+            and q.stride(-1) == keys.stride(-1) == values.stride(-1) == 1 and ring_gates.stride(-1) == 1
+            and ring_gates.stride(-2) == ring_gates.shape[-1]):
+        B, H, _ = q.shape
+        out = torch.empty(B, H, values.shape[-1], device=q.device, dtype=torch.float32)
+        _memory_step_cache_kernel[(B * H,)](
+            q, keys, values, ring_gates, cursor, state, norm_weight, gate.contiguous(), out, H, keys.shape[1],
+            sinks, window, eps, scale, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+            values.stride(0), values.stride(1), values.stride(2), ring_gates.stride(0), ring_gates.stride(1),
+            ring_gates.stride(2), KD=K, VD=values.shape[-1], G_IDX=g_idx, BETA_IDX=beta_idx, DELTA=delta,
+            num_warps=8)
+        return out
+    return memory_step_from_cache_reference(q, keys, values, ring_gates, cursor, sinks, window, g_idx, beta_idx,
+                                            delta, state, norm_weight, gate, eps, scale)
+
+
+def cache_write_reference(keys, values, ring_gates, slot_pos, k, v, gates, real_seen, cursor, sinks, window):
+    slot = evicted_slot(cursor, sinks, window)
+    b = torch.arange(keys.shape[0], device=keys.device)
+    keys[b, :, slot] = k
+    values[b, :, slot] = v
+    ring_gates[b, slot - sinks] = gates.to(ring_gates.dtype)
+    slot_pos[b, slot] = real_seen.to(slot_pos.dtype)
+    real_seen += 1
+    cursor += 1
+
+
+def cache_write(keys: torch.Tensor, values: torch.Tensor, ring_gates: torch.Tensor, slot_pos: torch.Tensor,
+                k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, real_seen: torch.Tensor,
+                cursor: torch.Tensor, sinks: int, window: int) -> None:
+    """Write one new token per sequence into its ring slot and advance ``real_seen`` and ``cursor``
+    [B], all in place: k, v [B, Hkv, d]; gates [B, H, G]. One kernel on CUDA."""
+    if (_triton_ok(keys, k) and k.stride(-1) == v.stride(-1) == keys.stride(-1) == values.stride(-1) == 1
+            and gates.is_contiguous() and ring_gates.is_contiguous() and slot_pos.stride(-1) == 1
+            and keys.shape[-1] in (32, 64, 128, 256) and values.shape[-1] in (32, 64, 128, 256)):
+        B, Hkv = keys.shape[:2]
+        hg = gates[0].numel()
+        _cache_write_kernel[(B,)](
+            keys, values, ring_gates, slot_pos, k, v, gates, real_seen, cursor, Hkv, hg, sinks, window,
+            keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
+            ring_gates.stride(0), ring_gates.stride(1), slot_pos.stride(0), k.stride(0), k.stride(1), v.stride(0),
+            v.stride(1), gates.stride(0), HKV_P=triton.next_power_of_2(Hkv), KD=keys.shape[-1],
+            VD=values.shape[-1], HG_P=triton.next_power_of_2(hg), num_warps=4)
+        return
+    cache_write_reference(keys, values, ring_gates, slot_pos, k, v, gates, real_seen, cursor, sinks, window)
+
+
 def memory_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
                 beta: torch.Tensor | None, delta: bool, state: torch.Tensor, norm_weight: torch.Tensor,
                 gate: torch.Tensor, eps: float = 1e-6, scale: float | None = None) -> torch.Tensor:
@@ -212,4 +345,5 @@ def memory_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
     return out
 
 
-__all__ = ["decode_attention", "decode_attention_reference", "memory_step", "memory_step_reference"]
+__all__ = ["cache_write", "cache_write_reference", "decode_attention", "decode_attention_reference", "evicted_slot",
+           "memory_step", "memory_step_from_cache", "memory_step_from_cache_reference", "memory_step_reference"]
