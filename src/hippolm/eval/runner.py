@@ -166,7 +166,12 @@ def generate_batch(model, tokenizer, prompts: Sequence[str | Sequence[int]], *, 
     device = _device(model)
     ids, mask = ids.to(device), mask.to(device)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-    eos = eos_token_id if eos_token_id is not None else tokenizer.eos_token_id
+    # The model's generation config knows its stop tokens (chat models often have several); the
+    # tokenizer's EOS only fills in where it has none.
+    gen_config = getattr(getattr(model, "base", model), "generation_config", None)
+    eos = eos_token_id
+    if eos is None and getattr(gen_config, "eos_token_id", None) is None:
+        eos = tokenizer.eos_token_id
     if eos is not None:
         kwargs["eos_token_id"] = eos
     if isinstance(model, AHNForCausalLM):
