@@ -20,11 +20,18 @@ def attention_cases(device: str, dtypes=(torch.float32,)) -> list[str]:
         for dtype in dtypes:
             gen = torch.Generator().manual_seed(S)
             q, k, v = (torch.randn(*shape, generator=gen) for shape in ((B, H, D), (B, Hkv, S, D), (B, Hkv, S, D)))
-            ref = dc.decode_attention_reference(q.double(), k.double(), v.double(), D**-0.5)
-            got = dc._decode_attention_triton(*(x.to(device, dtype) for x in (q, k, v)), D**-0.5)
-            tol = 1e-3 if dtype == torch.float32 else 2e-2
-            if got.dtype != dtype or rel(got, ref) > tol:
-                failures.append(f"attention B{B} H{H} Hkv{Hkv} S{S} D{D} {dtype}: {rel(got, ref):.2e}")
+            # Masks: none; random; only a prefix visible (whole splits see nothing).
+            prefix = torch.arange(S)[None].expand(B, S) < torch.randint(1, S + 1, (B, 1), generator=gen)
+            for mask in (None, torch.rand(B, S, generator=gen) < 0.3, prefix):
+                if mask is not None:
+                    mask[:, 0] = True
+                ref = dc.decode_attention_reference(q.double(), k.double(), v.double(), D**-0.5, mask)
+                got = dc._decode_attention_triton(*(x.to(device, dtype) for x in (q, k, v)), D**-0.5,
+                                                  None if mask is None else mask.to(device))
+                tol = 1e-3 if dtype == torch.float32 else 2e-2
+                if got.dtype != dtype or rel(got, ref) > tol:
+                    failures.append(f"attention B{B} H{H} Hkv{Hkv} S{S} D{D} {dtype} mask "
+                                    f"{mask is not None}: {rel(got, ref):.2e}")
     return failures
 
 

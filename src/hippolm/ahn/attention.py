@@ -135,10 +135,8 @@ class AHNAttentionMixin:
         """One query per sequence over the sinks + window buffer (the new token already in it)."""
         kp, qp = cache.visible_pos(), pos
         mask = (kp >= 0) & ((kp < cache.sinks) | (qp - kp < cache.window))
-        mask = (mask | (qp < 0))[:, None, None]  # a padding query attends anywhere; it is ignored
-        o = F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=mask, scale=self.scaling,
-                                           enable_gqa=q.shape[1] != cache.keys.shape[1])
-        return o.transpose(1, 2)
+        mask = mask | (qp < 0)  # a padding query attends anywhere; it is ignored
+        return decode_attention(q[:, :, 0], cache.keys, cache.values, self.scaling, mask)[:, None]
 
     def _ahn_short_term(self, q, k, v, pos, cache: AHNLayerCache | None, window: int, sinks: int):
         """Softmax attention over sinks + window, as one SDPA call with a boolean mask."""

@@ -37,19 +37,23 @@ def _triton_ok(*tensors: torch.Tensor) -> bool:
 
 
 # --- attention over a cache ---------------------------------------------------------------------
-def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [B, H, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] -> [B, H, Dv]; every key visible."""
-    o = F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                               mask: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, H, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] -> [B, H, Dv]; mask [B, S] (True: visible) or None."""
+    m = None if mask is None else mask[:, None, None, :]
+    o = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=m, scale=scale,
+                                       enable_gqa=q.shape[1] != k.shape[1])
     return o[:, :, 0]
 
 
 if triton is not None:
 
     @triton.jit
-    def _attn_split_kernel(Q, K, V, ACC, M, L, S, n_kv_heads, scale,
-                           sqb, sqh, skb, skh, sks, svb, svh, svs,
+    def _attn_split_kernel(Q, K, V, MASK, ACC, M, L, S, n_kv_heads, scale,
+                           sqb, sqh, skb, skh, sks, svb, svh, svs, smb,
                            G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                           BLOCK: tl.constexpr, SPLIT_LEN: tl.constexpr, PRECISION: tl.constexpr):
+                           BLOCK: tl.constexpr, SPLIT_LEN: tl.constexpr, PRECISION: tl.constexpr,
+                           HAS_MASK: tl.constexpr):
         pid_bh, sp = tl.program_id(0), tl.program_id(1)
         n_split = tl.num_programs(1)
         b, hk = pid_bh // n_kv_heads, pid_bh % n_kv_heads
@@ -64,12 +68,15 @@ if triton is not None:
         for i in range(0, SPLIT_LEN, BLOCK):  # SPLIT_LEN: a multiple of BLOCK
             offs = start + i + tl.arange(0, BLOCK)
             valid = offs < S
+            if HAS_MASK:
+                valid = valid & (tl.load(MASK + b * smb + offs, mask=offs < S, other=0) != 0)
             k = tl.load(k_base + offs[:, None] * sks + d[None, :], mask=valid[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no visible key
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + offs[:, None] * svs + dv[None, :], mask=valid[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -90,6 +97,7 @@ if triton is not None:
         rows = (bh * n_split + sp) * GP + g
         m = tl.load(M + rows, mask=ok, other=float("-inf"))
         w = tl.exp(m - tl.max(m, 0))
+        w = tl.where(m == float("-inf"), 0.0, w)  # splits that saw no visible key
         denom = tl.sum(w * tl.load(L + rows, mask=ok, other=0.0), 0)
         acc = tl.load(ACC + rows[:, None] * DV + dv[None, :], mask=ok[:, None], other=0.0)
         out = tl.sum(acc * w[:, None], 0) / denom
@@ -101,7 +109,7 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
-def _decode_attention_triton(q, k, v, scale):
+def _decode_attention_triton(q, k, v, scale, mask=None):
     B, H, D = q.shape
     Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G = H // Hkv
@@ -114,27 +122,33 @@ def _decode_attention_triton(q, k, v, scale):
     acc = torch.empty(B * Hkv, n_split, GP, Dv, device=q.device, dtype=torch.float32)
     m = torch.empty(B * Hkv, n_split, GP, device=q.device, dtype=torch.float32)
     l_ = torch.empty_like(m)
+    if mask is not None:
+        mask = mask.to(torch.uint8)
     _attn_split_kernel[(B * Hkv, n_split)](
-        q, k, v, acc, m, l_, S, Hkv, scale,
+        q, k, v, q if mask is None else mask, acc, m, l_, S, Hkv, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        0 if mask is None else mask.stride(0),
         G=G, GP=GP, D=D, DV=Dv, BLOCK=BLOCK, SPLIT_LEN=split_len,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3)
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HAS_MASK=mask is not None, num_warps=4,
+        num_stages=3)
     out = torch.empty(B, H, Dv, device=q.device, dtype=q.dtype)
     _attn_combine_kernel[(B * H,)](acc, m, l_, out, n_split, G=G, GP=GP, DV=Dv,
                                    NSP=triton.next_power_of_2(n_split), num_warps=4)
     return out
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Attention of one query per head over a full buffer: q [B, H, D], k [B, Hkv, S, D],
-    v [B, Hkv, S, Dv] (H a multiple of Hkv; every slot visible, order irrelevant) -> [B, H, Dv]."""
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one query per head over a buffer: q [B, H, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv]
+    (H a multiple of Hkv; slot order irrelevant) -> [B, H, Dv]. ``mask`` [B, S] bool marks the visible
+    slots (None: all); every sequence must see at least one."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     D = q.shape[-1]
     if (_triton_ok(q, k, v) and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and k.dtype == q.dtype
             and D in (32, 64, 128, 256) and v.shape[-1] in (32, 64, 128, 256) and q.shape[1] % k.shape[1] == 0
             and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1):
-        return _decode_attention_triton(q, k, v, scale)
-    return decode_attention_reference(q, k, v, scale)
+        return _decode_attention_triton(q, k, v, scale, mask)
+    return decode_attention_reference(q, k, v, scale, mask)
 
 
 # --- the memory step ----------------------------------------------------------------------------
