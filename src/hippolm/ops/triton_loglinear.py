@@ -37,19 +37,22 @@ SEG = 16
 
 
 @triton.jit
-def _bit_length(x, NBITS: tl.constexpr):
-    """Bit length of non-negative int32 values below 2^NBITS (exact; no float log2)."""
-    out = tl.zeros_like(x)
-    for b in tl.static_range(NBITS):
-        out += ((x >> b) != 0).to(tl.int32)
+def _level_weights(lam_base, row_off, valid, xor, L, CB: tl.constexpr):
+    """lam[row, level(xor)] for an in-chunk tile of xor = t ^ s (rows t, or columns, broadcast by the
+    caller's shapes): level 0 where xor == 0, else level l where the highest set bit of xor is l-1.
+    One column load per level and a select, no gathered pointer tile (registers)."""
+    out = tl.where(xor == 0, tl.load(lam_base + row_off, mask=valid, other=0), 0.0)
+    for lvl in tl.static_range(1, CB + 1):
+        col = tl.load(lam_base + row_off + lvl, mask=valid & (lvl < L), other=0)
+        out = tl.where((xor >> (lvl - 1)) == 1, col, out)
     return out
 
 
 @triton.jit
-def _rows(ptr, b, t, T, H, h, D, cols):
-    """Tile x[b, t, h, cols] of a contiguous [B, T, H, D] tensor, zero outside t < T, cols < D."""
-    return tl.load(ptr + ((b * T + t[:, None]) * H + h) * D + cols[None, :],
-                   mask=(t < T)[:, None] & (cols[None, :] < D), other=0)
+def _rows(base, t, T, stride, cols, D):
+    """Tile base[t * stride + cols] of one (batch, head) of a [B, T, H, D] tensor, zero outside t < T,
+    cols < D. ``base`` already points at (b, 0, h, 0) (int64 scalar math); tile offsets stay int32."""
+    return tl.load(base + t[:, None] * stride + cols[None, :], mask=(t < T)[:, None] & (cols[None, :] < D), other=0)
 
 
 @triton.jit
@@ -61,34 +64,33 @@ def _chunk_states(k_ptr, v_ptr, gl_ptr, tree_ptr, T, H, K, V, Tp, X,
     t = c * C + tl.arange(0, C)
     kk = tl.arange(0, BK)
     vv = iv * BV + tl.arange(0, BV)
-    kx = _rows(k_ptr, b, t, T, H, h, K, kk)
-    vx = _rows(v_ptr, b, t, T, H, h, V, vv)
-    gl = tl.load(gl_ptr + bh * Tp + t)
-    g_end = tl.load(gl_ptr + bh * Tp + c * C + C - 1)
-    w = tl.exp(g_end - gl)
+    kx = _rows(k_ptr + (b * T * H + h) * K, t, T, H * K, kk, K)
+    vx = _rows(v_ptr + (b * T * H + h) * V, t, T, H * V, vv, V)
+    glb = gl_ptr + bh * Tp
+    w = tl.exp(tl.load(glb + c * C + C - 1) - tl.load(glb + t))
     kw = (kx.to(tl.float32) * w[:, None]).to(kx.dtype)
     node = tl.dot(tl.trans(kw), vx, input_precision=PREC)
-    out = tree_ptr + ((bh * X + c) * K + kk[:, None]) * V + vv[None, :]
+    out = tree_ptr + (bh * X + c) * (K * V) + kk[:, None] * V + vv[None, :]
     tl.store(out, node.to(tree_ptr.dtype.element_ty), mask=(kk[:, None] < K) & (vv[None, :] < V))
 
 
 @triton.jit
 def _combine(tree_ptr, gch_ptr, n, X, off_in, off_out, cnt_in, j, K, V,
              BK: tl.constexpr, BV: tl.constexpr):
-    """node (j+1, m) = exp(decay over the right child) * left child + right child."""
-    m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    """node (j+1, m) = exp(decay over the right child) * left child + right child (one K x BV tile)."""
+    m, bh, iv = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     kk = tl.arange(0, BK)
-    vv = tl.arange(0, BV)
+    vv = iv * BV + tl.arange(0, BV)
     msk = (kk[:, None] < K) & (vv[None, :] < V)
     tile = kk[:, None] * V + vv[None, :]
-    left = tl.load(tree_ptr + (bh * X + off_in + 2 * m) * K * V + tile, mask=msk, other=0).to(tl.float32)
+    nodes = tree_ptr + bh * X * (K * V)
+    left = tl.load(nodes + (off_in + 2 * m) * (K * V) + tile, mask=msk, other=0).to(tl.float32)
     has_right = 2 * m + 1 < cnt_in
-    right = tl.load(tree_ptr + (bh * X + off_in + 2 * m + 1) * K * V + tile, mask=msk & has_right, other=0)
-    r0 = tl.minimum((2 * m + 1) << j, n)
-    r1 = tl.minimum((2 * m + 2) << j, n)
-    decay = (tl.load(gch_ptr + bh * (n + 1) + r1) - tl.load(gch_ptr + bh * (n + 1) + r0)).to(tl.float32)
-    node = tl.exp(decay) * left + right.to(tl.float32)
-    tl.store(tree_ptr + (bh * X + off_out + m) * K * V + tile, node.to(tree_ptr.dtype.element_ty), mask=msk)
+    right = tl.load(nodes + (off_in + 2 * m + 1) * (K * V) + tile, mask=msk & has_right, other=0)
+    gcb = gch_ptr + bh * (n + 1)
+    decay = (tl.load(gcb + tl.minimum((2 * m + 2) << j, n)) - tl.load(gcb + tl.minimum((2 * m + 1) << j, n)))
+    node = tl.exp(decay.to(tl.float32)) * left + right.to(tl.float32)
+    tl.store(nodes + (off_out + m) * (K * V) + tile, node.to(tree_ptr.dtype.element_ty), mask=msk)
 
 
 @triton.jit
@@ -103,33 +105,34 @@ def _fwd(q_ptr, k_ptr, v_ptr, gl_ptr, lam_ptr, gch_ptr, tree_ptr, toff_ptr, o_pt
     kk = tl.arange(0, BK)
     vv = iv * BV + tl.arange(0, BV)
     tm = t < T
-    qx = _rows(q_ptr, b, t, T, H, h, K, kk)
-    kx = _rows(k_ptr, b, t, T, H, h, K, kk)
-    vx = _rows(v_ptr, b, t, T, H, h, V, vv)
+    qx = _rows(q_ptr + (b * T * H + h) * K, t, T, H * K, kk, K)
+    kx = _rows(k_ptr + (b * T * H + h) * K, t, T, H * K, kk, K)
+    vx = _rows(v_ptr + (b * T * H + h) * V, t, T, H * V, vv, V)
     gl = tl.load(gl_ptr + bh * Tp + t)
-    lam_row = lam_ptr + ((b * T + t) * H + h) * L  # [C] pointers to lam[b, t, h, 0]
+    lamb = lam_ptr + (b * T * H + h) * L
+    lrow = t * (H * L)  # lam[b, t, h, l] = lamb[lrow + l]
 
     causal = r[:, None] >= r[None, :]
-    lv = _bit_length(r[:, None] ^ r[None, :], CB)
-    lam_in = tl.load(lam_row[:, None] + lv, mask=causal & tm[:, None] & (lv < L), other=0)
-    decay = tl.exp(tl.where(causal, gl[:, None] - gl[None, :], 0.0))
+    lam_in = _level_weights(lamb, lrow[:, None], tm[:, None], r[:, None] ^ r[None, :], L, CB)
     s = tl.dot(qx, tl.trans(kx), input_precision=PREC)
-    p = s * decay * lam_in
+    p = tl.where(causal, s * tl.exp(gl[:, None] - gl[None, :]) * lam_in, 0.0)
     acc = tl.dot(p.to(vx.dtype), vx, input_precision=PREC)
 
-    qf = qx.to(tl.float32)
     eg = tl.exp(gl)
-    gi = tl.load(gch_ptr + bh * (n + 1) + i)
+    gcb = gch_ptr + bh * (n + 1)
+    gi = tl.load(gcb + i)
+    nodes = tree_ptr + bh * X * (K * V)
+    tile = kk[:, None] * V + vv[None, :]
     for j in range(J):
         if ((i >> j) & 1) == 1:
-            node = tl.load(tree_ptr + ((bh * X + tl.load(toff_ptr + j) + (i >> j) - 1) * K + kk[:, None]) * V
-                           + vv[None, :], mask=(kk[:, None] < K) & (vv[None, :] < V), other=0)
-            d = (gi - tl.load(gch_ptr + bh * (n + 1) + ((i >> j) << j))).to(tl.float32)
-            lam_j = tl.load(lam_row + CB + 1 + j, mask=tm & (CB + 1 + j < L), other=0)
-            coef = lam_j * eg * tl.exp(d)
-            acc += tl.dot((qf * coef[:, None]).to(node.dtype), node, input_precision=PREC)
-    tl.store(o_ptr + ((b * T + t[:, None]) * H + h) * V + vv[None, :], (acc * scale).to(o_ptr.dtype.element_ty),
-             mask=tm[:, None] & (vv[None, :] < V))
+            node = tl.load(nodes + (tl.load(toff_ptr + j) + (i >> j) - 1) * (K * V) + tile,
+                           mask=(kk[:, None] < K) & (vv[None, :] < V), other=0)
+            d = (gi - tl.load(gcb + ((i >> j) << j))).to(tl.float32)
+            lam_j = tl.load(lamb + lrow + CB + 1 + j, mask=tm & (CB + 1 + j < L), other=0)
+            qw = (qx.to(tl.float32) * (lam_j * eg * tl.exp(d))[:, None]).to(node.dtype)
+            acc += tl.dot(qw, node, input_precision=PREC)
+    o = o_ptr + (b * T * H + h) * V + t[:, None] * (H * V) + vv[None, :]
+    tl.store(o, (acc * scale).to(o_ptr.dtype.element_ty), mask=tm[:, None] & (vv[None, :] < V))
 
 
 @triton.jit
@@ -145,42 +148,50 @@ def _bwd_q(q_ptr, k_ptr, v_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, tree_ptr, toff
     kk = tl.arange(0, BK)
     vv = tl.arange(0, BV)
     tm = t < T
-    mk = tm[:, None] & (kk[None, :] < K)
-    qx = _rows(q_ptr, b, t, T, H, h, K, kk)
-    kx = _rows(k_ptr, b, t, T, H, h, K, kk)
-    vx = _rows(v_ptr, b, t, T, H, h, V, vv)
-    dox = _rows(do_ptr, b, t, T, H, h, V, vv)
+    qb = q_ptr + (b * T * H + h) * K
+    qx = _rows(qb, t, T, H * K, kk, K)
+    dox = _rows(do_ptr + (b * T * H + h) * V, t, T, H * V, vv, V)
     gl = tl.load(gl_ptr + bh * Tp + t)
-    lam_row = lam_ptr + ((b * T + t) * H + h) * L
-    dlam_row = dlam_ptr + ((b * T + t) * H + h) * L
+    lamb = lam_ptr + (b * T * H + h) * L
+    dlamb = dlam_ptr + (b * T * H + h) * L
+    lrow = t * (H * L)
 
-    causal = r[:, None] >= r[None, :]
-    lv = _bit_length(r[:, None] ^ r[None, :], CB)
-    lam_in = tl.load(lam_row[:, None] + lv, mask=causal & tm[:, None] & (lv < L), other=0)
-    decay = tl.exp(tl.where(causal, gl[:, None] - gl[None, :], 0.0))
-    s = tl.dot(qx, tl.trans(kx), input_precision=PREC)
-    dp = tl.dot(dox.to(vx.dtype), tl.trans(vx), input_precision=PREC)
-    dq = tl.dot((dp * decay * lam_in).to(kx.dtype), kx, input_precision=PREC)
-    sdp = s * dp * decay * scale
-    for lvl in tl.static_range(CB + 1):
-        dl = tl.sum(tl.where((lv == lvl) & causal, sdp, 0.0), axis=1)
-        tl.store(dlam_row + lvl, dl, mask=tm & (lvl < L))
-
-    qf = qx.to(tl.float32)
+    # Inter-chunk part first (fewer live tiles): one tree node per set bit.
     eg = tl.exp(gl)
-    gi = tl.load(gch_ptr + bh * (n + 1) + i)
+    gcb = gch_ptr + bh * (n + 1)
+    gi = tl.load(gcb + i)
+    nodes = tree_ptr + bh * X * (K * V)
+    tile = kk[:, None] * V + vv[None, :]
+    dq = tl.zeros((C, BK), dtype=tl.float32)
     for j in range(J):
         if ((i >> j) & 1) == 1:
-            node = tl.load(tree_ptr + ((bh * X + tl.load(toff_ptr + j) + (i >> j) - 1) * K + kk[:, None]) * V
-                           + vv[None, :], mask=(kk[:, None] < K) & (vv[None, :] < V), other=0)
-            e = eg * tl.exp((gi - tl.load(gch_ptr + bh * (n + 1) + ((i >> j) << j))).to(tl.float32))
-            lam_j = tl.load(lam_row + CB + 1 + j, mask=tm & (CB + 1 + j < L), other=0)
+            node = tl.load(nodes + (tl.load(toff_ptr + j) + (i >> j) - 1) * (K * V) + tile,
+                           mask=(kk[:, None] < K) & (vv[None, :] < V), other=0)
+            e = eg * tl.exp((gi - tl.load(gcb + ((i >> j) << j))).to(tl.float32))
+            lam_j = tl.load(lamb + lrow + CB + 1 + j, mask=tm & (CB + 1 + j < L), other=0)
             x = tl.dot(dox.to(node.dtype), tl.trans(node), input_precision=PREC)  # do @ node^T: [C, BK]
             dq += (lam_j * e)[:, None] * x
-            tl.store(dlam_row + CB + 1 + j, tl.sum(qf * x, axis=1) * e * scale, mask=tm & (CB + 1 + j < L))
+            dl = tl.sum(qx.to(tl.float32) * x, axis=1) * e * scale
+            tl.store(dlamb + lrow + CB + 1 + j, dl, mask=tm & (CB + 1 + j < L))
+
+    kx = _rows(k_ptr + (b * T * H + h) * K, t, T, H * K, kk, K)
+    vx = _rows(v_ptr + (b * T * H + h) * V, t, T, H * V, vv, V)
+    causal = r[:, None] >= r[None, :]
+    xor = r[:, None] ^ r[None, :]
+    dp = tl.dot(dox.to(vx.dtype), tl.trans(vx), input_precision=PREC)
+    dp = tl.where(causal, dp * tl.exp(gl[:, None] - gl[None, :]), 0.0)
+    s = tl.dot(qx, tl.trans(kx), input_precision=PREC)
+    sdp = s * dp * scale
+    tl.store(dlamb + lrow, tl.sum(tl.where(xor == 0, sdp, 0.0), axis=1), mask=tm)
+    for lvl in tl.static_range(1, CB + 1):
+        dl = tl.sum(tl.where((xor >> (lvl - 1)) == 1, sdp, 0.0), axis=1)
+        tl.store(dlamb + lrow + lvl, dl, mask=tm & (lvl < L))
+    lam_in = _level_weights(lamb, lrow[:, None], tm[:, None], xor, L, CB)
+    dq += tl.dot((dp * lam_in).to(kx.dtype), kx, input_precision=PREC)
     dq = dq * scale
-    tl.store(dq_ptr + ((b * T + t[:, None]) * H + h) * K + kk[None, :], dq.to(dq_ptr.dtype.element_ty), mask=mk)
-    tl.store(dgq_ptr + bh * Tp + t, tl.sum(qf * dq, axis=1))
+    tl.store(dq_ptr + (b * T * H + h) * K + t[:, None] * (H * K) + kk[None, :], dq.to(dq_ptr.dtype.element_ty),
+             mask=tm[:, None] & (kk[None, :] < K))
+    tl.store(dgq_ptr + bh * Tp + t, tl.sum(qx.to(tl.float32) * dq, axis=1))
 
 
 @triton.jit
@@ -198,20 +209,24 @@ def _direct(q_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, out_ptr,
     c1 = tl.minimum(tl.minimum(c0 + segc, (2 * blk + 2) << j), n)
     kk = tl.arange(0, BK)
     vv = iv * BV + tl.arange(0, BV)
-    g0 = tl.load(gch_ptr + bh * (n + 1) + start)
+    qb = q_ptr + (b * T * H + h) * K
+    dob = do_ptr + (b * T * H + h) * V
+    lamb = lam_ptr + (b * T * H + h) * L + CB + 1 + j
+    glb = gl_ptr + bh * Tp
+    gcb = gch_ptr + bh * (n + 1)
+    g0 = tl.load(gcb + start)
     acc = tl.zeros((BK, BV), dtype=tl.float32)
     for c in range(c0, c1):
         t = c * C + tl.arange(0, C)
         tm = t < T
-        qx = _rows(q_ptr, b, t, T, H, h, K, kk)
-        dox = _rows(do_ptr, b, t, T, H, h, V, vv)
-        gl = tl.load(gl_ptr + bh * Tp + t)
-        lam_j = tl.load(lam_ptr + ((b * T + t) * H + h) * L + CB + 1 + j, mask=tm & (CB + 1 + j < L), other=0)
-        d = (tl.load(gch_ptr + bh * (n + 1) + c) - g0).to(tl.float32)
-        coef = lam_j * tl.exp(gl + d) * scale
+        qx = _rows(qb, t, T, H * K, kk, K)
+        dox = _rows(dob, t, T, H * V, vv, V)
+        lam_j = tl.load(lamb + t * (H * L), mask=tm & (CB + 1 + j < L), other=0)
+        d = (tl.load(gcb + c) - g0).to(tl.float32)
+        coef = lam_j * tl.exp(tl.load(glb + t) + d) * scale
         qw = (qx.to(tl.float32) * coef[:, None]).to(qx.dtype)
         acc += tl.dot(tl.trans(qw), dox.to(qx.dtype), input_precision=PREC)
-    out = out_ptr + seg * seg_stride + bh * out_bh_stride + blk * K * V + kk[:, None] * V + vv[None, :]
+    out = out_ptr + seg * seg_stride + bh * out_bh_stride + blk * (K * V) + kk[:, None] * V + vv[None, :]
     tl.store(out, acc, mask=(kk[:, None] < K) & (vv[None, :] < V))
 
 
@@ -220,7 +235,7 @@ def _bwd_kv(q_ptr, k_ptr, v_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, dir_ptr, doff
             dk_ptr, dv_ptr, dgk_ptr,
             scale, T, H, K, V, L, Tp, n, Y, J,
             C: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """dk, dv and k . dk of one chunk: intra block + the query-side states of the blocks reading it."""
+    """dk, dv and k . dk of one chunk: the query-side states of the blocks reading it + intra block."""
     c, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     r = tl.arange(0, C)
@@ -228,41 +243,43 @@ def _bwd_kv(q_ptr, k_ptr, v_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, dir_ptr, doff
     kk = tl.arange(0, BK)
     vv = tl.arange(0, BV)
     tm = t < T
-    mk = tm[:, None] & (kk[None, :] < K)
-    mv = tm[:, None] & (vv[None, :] < V)
-    qx = _rows(q_ptr, b, t, T, H, h, K, kk)
-    kx = _rows(k_ptr, b, t, T, H, h, K, kk)
-    vx = _rows(v_ptr, b, t, T, H, h, V, vv)
-    dox = _rows(do_ptr, b, t, T, H, h, V, vv).to(vx.dtype)
-    gl = tl.load(gl_ptr + bh * Tp + t)
-    lam_row = lam_ptr + ((b * T + t) * H + h) * L
-
-    # Transposed block: rows are keys s, columns queries t (t >= s).
-    causal_t = r[:, None] <= r[None, :]
-    lv = _bit_length(r[:, None] ^ r[None, :], CB)
-    lam_t = tl.load(lam_row[None, :] + lv, mask=causal_t & tm[None, :] & (lv < L), other=0)
-    m_t = tl.exp(tl.where(causal_t, gl[None, :] - gl[:, None], 0.0)) * lam_t * scale
-    s_t = tl.dot(kx, tl.trans(qx), input_precision=PREC)
-    dp_t = tl.dot(vx, tl.trans(dox), input_precision=PREC)
-    dk = tl.dot((dp_t * m_t).to(qx.dtype), qx, input_precision=PREC)
-    dv = tl.dot((s_t * m_t).to(dox.dtype), dox, input_precision=PREC)
+    glb = gl_ptr + bh * Tp
+    gl = tl.load(glb + t)
 
     # Sum of the query-side states reading this chunk, decayed to this chunk's end.
-    gc1 = tl.load(gch_ptr + bh * (n + 1) + c + 1)
+    gcb = gch_ptr + bh * (n + 1)
+    gc1 = tl.load(gcb + c + 1)
+    dirs = dir_ptr + bh * Y * (K * V)
+    tile = kk[:, None] * V + vv[None, :]
     state = tl.zeros((BK, BV), dtype=tl.float32)
     for j in range(J):
         mj = c >> j
         if ((mj & 1) == 0) & (((mj + 1) << j) < n):
-            d = tl.load(dir_ptr + ((bh * Y + tl.load(doff_ptr + j) + (mj >> 1)) * K + kk[:, None]) * V + vv[None, :],
+            d = tl.load(dirs + (tl.load(doff_ptr + j) + (mj >> 1)) * (K * V) + tile,
                         mask=(kk[:, None] < K) & (vv[None, :] < V), other=0)
-            e = tl.exp((tl.load(gch_ptr + bh * (n + 1) + ((mj + 1) << j)) - gc1).to(tl.float32))
-            state += e * d
-    w = tl.exp(tl.load(gl_ptr + bh * Tp + c * C + C - 1) - gl)
+            state += tl.exp((tl.load(gcb + ((mj + 1) << j)) - gc1).to(tl.float32)) * d
+    kx = _rows(k_ptr + (b * T * H + h) * K, t, T, H * K, kk, K)
+    vx = _rows(v_ptr + (b * T * H + h) * V, t, T, H * V, vv, V)
+    w = tl.exp(tl.load(glb + c * C + C - 1) - gl)
     st = state.to(vx.dtype)
-    dk += w[:, None] * tl.dot(vx, tl.trans(st), input_precision=PREC)
-    dv += w[:, None] * tl.dot(kx, st, input_precision=PREC)
-    tl.store(dk_ptr + ((b * T + t[:, None]) * H + h) * K + kk[None, :], dk.to(dk_ptr.dtype.element_ty), mask=mk)
-    tl.store(dv_ptr + ((b * T + t[:, None]) * H + h) * V + vv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mv)
+    dk = w[:, None] * tl.dot(vx, tl.trans(st), input_precision=PREC)
+    dv = w[:, None] * tl.dot(kx, st, input_precision=PREC)
+
+    # Intra block, transposed: rows are keys s, columns queries t (t >= s).
+    qx = _rows(q_ptr + (b * T * H + h) * K, t, T, H * K, kk, K)
+    dox = _rows(do_ptr + (b * T * H + h) * V, t, T, H * V, vv, V).to(vx.dtype)
+    causal_t = r[:, None] <= r[None, :]
+    lam_t = _level_weights(lam_ptr + (b * T * H + h) * L, (t * (H * L))[None, :], tm[None, :],
+                           r[:, None] ^ r[None, :], L, CB)
+    m_t = tl.where(causal_t, tl.exp(gl[None, :] - gl[:, None]) * lam_t * scale, 0.0)
+    dp_t = tl.dot(vx, tl.trans(dox), input_precision=PREC)
+    dk += tl.dot((dp_t * m_t).to(qx.dtype), qx, input_precision=PREC)
+    s_t = tl.dot(kx, tl.trans(qx), input_precision=PREC)
+    dv += tl.dot((s_t * m_t).to(dox.dtype), dox, input_precision=PREC)
+    tl.store(dk_ptr + (b * T * H + h) * K + t[:, None] * (H * K) + kk[None, :], dk.to(dk_ptr.dtype.element_ty),
+             mask=tm[:, None] & (kk[None, :] < K))
+    tl.store(dv_ptr + (b * T * H + h) * V + t[:, None] * (H * V) + vv[None, :], dv.to(dv_ptr.dtype.element_ty),
+             mask=tm[:, None] & (vv[None, :] < V))
     tl.store(dgk_ptr + bh * Tp + t, tl.sum(kx.to(tl.float32) * dk, axis=1))
 
 
@@ -298,7 +315,7 @@ class _Plan:
         self.toff = torch.tensor(toff, dtype=torch.int32, device=dev)
         self.doff = torch.tensor(doff, dtype=torch.int32, device=dev)
         self.BK, self.BV_full = _pow2(self.K), _pow2(self.V)
-        self.BV = min(self.BV_full, 64 if self.BK > 128 else 128)
+        self.BV = min(self.BV_full, 64)  # forward V tile: two tiles at V=128 (registers; more programs)
         self.NV = -(-self.V // self.BV)
         self.prec = "ieee" if q.dtype == torch.float32 else "tf32"
         self.tree_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
@@ -322,8 +339,8 @@ def _build_tree(k, v, gl, gch, p: _Plan) -> torch.Tensor:
                                           C=p.C, BK=p.BK, BV=p.BV, PREC=p.prec, num_warps=p.warps)
     toff = p.toff.tolist()
     for j in range(p.J - 1):
-        _combine[(p.counts[j + 1], p.B * p.H)](tree, gch, p.n, p.X, toff[j], toff[j + 1], p.counts[j], j, p.K, p.V,
-                                                BK=p.BK, BV=p.BV_full, num_warps=p.warps)
+        _combine[(p.counts[j + 1], p.B * p.H, -(-p.V // 32))](tree, gch, p.n, p.X, toff[j], toff[j + 1], p.counts[j],
+                                                             j, p.K, p.V, BK=p.BK, BV=32, num_warps=4)
     return tree
 
 
