@@ -12,11 +12,11 @@ from typing import Literal
 
 import torch
 
-from . import fla_backend, reference
+from . import fla_backend, reference, triton_backend
 from ._checks import check_sequence_inputs, check_step_inputs
 
 Mode = Literal["chunk", "recurrent"]
-Backend = Literal["auto", "torch", "fla"]
+Backend = Literal["auto", "torch", "fla", "triton"]
 
 
 def _run(
@@ -37,11 +37,21 @@ def _run(
     check_sequence_inputs(q, k, v, {"g": g, "beta": beta}, initial_state, cu_seqlens, scale)
     if mode not in ("chunk", "recurrent"):
         raise ValueError(f"mode must be 'chunk' or 'recurrent', got {mode!r}.")
-    if backend not in ("auto", "torch", "fla"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'fla', got {backend!r}.")
+    if backend not in ("auto", "torch", "fla", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch', 'fla' or 'triton', got {backend!r}.")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
-    if backend != "torch":
+    if backend == "triton" and op != "ssd":
+        raise ValueError(f"backend='triton' has no kernel for {op} yet. Use backend='auto'.")
+    if backend in ("auto", "triton") and op == "ssd":
+        tensors = [x for x in (q, k, v, g, initial_state) if x is not None]
+        ok, why = triton_backend.plan_linear_ssd(q, v, tensors, initial_state, mode, backend)
+        if ok:
+            return triton_backend.run_linear_ssd(q, k, v, g, reference.resolve_scale(scale, q.shape[-1]),
+                                                 output_final_state, cu_seqlens, chunk_size)
+        if backend == "triton":
+            raise ValueError(f"backend='triton' cannot run ssd here: {why}. Use backend='auto'.")
+    if backend in ("auto", "fla"):
         tensors = [x for x in (q, k, v, g, beta, initial_state) if x is not None]
         form, why = fla_backend.plan(op, mode, q, v, tensors)
         if form is not None:
@@ -79,7 +89,9 @@ def ssd(
         cu_seqlens: [N + 1] cumulative lengths of sequences packed along time (then B must be 1).
         mode: ``"chunk"`` (chunkwise parallel) or ``"recurrent"`` (token by token); same result.
         backend: ``"auto"`` picks a fast kernel when it is right for the inputs, ``"torch"`` forces
-            the reference, ``"fla"`` requires FLA's kernels.
+            the reference, ``"fla"`` requires FLA's kernels, ``"triton"`` our own (``ssd`` only: the
+            log-linear kernels with every level weighted 1; ``"auto"`` uses them for 16-bit training on
+            CUDA where FLA's chunk backward is wrong, Hopper with Triton 3.4-3.7.0).
     Returns:
         (o [B, T, H, V] in q's dtype, final state or None).
     """

@@ -138,3 +138,41 @@ def run_loglinear_ssd(q, k, v, g, lam, scale: float, output_final_state: bool, c
         dense = (kd, vd, gd)
     slots = _final_slots(*dense, lengths, lam.shape[-1]) if output_final_state else None
     return o, slots, lengths
+
+
+def plan_linear_ssd(q: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor], initial_state, mode: str,
+                    backend: str) -> tuple[bool, str]:
+    """(run linear SSD / Mamba-2 on our kernels?, reason). ``"auto"`` picks them only with gradients on
+    CUDA where FLA has no correct chunk backward (Hopper with Triton 3.4-3.7.0, or FLA missing),
+    since FLA's chunk kernel is the faster one where it works."""
+    explicit = backend == "triton"
+    if mode != "chunk" and not explicit:
+        return False, "mode='recurrent'"
+    if initial_state is not None:
+        return False, "the Triton kernels do not take an initial state yet"
+    if not explicit:
+        if not q.is_cuda or q.dtype == torch.float32:  # float32: FLA's full-precision recurrent kernel
+            return False, "not a 16-bit CUDA call"
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            return False, "no gradients: FLA's chunk forward is right"
+        from . import fla_backend
+
+        if fla_backend.fla_available() and not fla_backend.gated_chunk_backward_broken(q.device.index or 0):
+            return False, "FLA's chunk backward is right here"
+    if not usable(q.device):
+        return False, "Triton kernels do not run here"
+    if q.dtype not in KERNEL_DTYPES:
+        return False, f"Triton kernels take fp16/bf16/fp32, got {q.dtype}"
+    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
+        return False, f"Triton kernels take head dims up to {MAX_HEAD_DIM}"
+    return True, "triton"
+
+
+def run_linear_ssd(q, k, v, g, scale: float, output_final_state: bool, cu_seqlens, chunk_size: int):
+    """Linear SSD as log-linear SSD with every level weighted 1 (exact: the collapse identity);
+    the final state is the sum of the level slots. Returns (o, final state [N, H, K, V] or None)."""
+    B, T, H = q.shape[:3]
+    longest = T if cu_seqlens is None else int(cu_seqlens.diff().max())
+    lam = torch.ones(B, T, H, (max(longest, 1) - 1).bit_length() + 1, device=q.device, dtype=torch.float32)
+    o, slots, _ = run_loglinear_ssd(q, k, v, g, lam, scale, output_final_state, cu_seqlens, chunk_size)
+    return o, (None if slots is None else slots.sum(2))
