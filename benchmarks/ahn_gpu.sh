@@ -15,6 +15,6 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   dev=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
-  timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/ahn_decode.py ${BENCH_ARGS:-} --json "$OUT/ahn_decode_$dev.json" 2>&1 \
+  timeout ${BENCH_TIMEOUT:-300} python3 -P benchmarks/ahn_decode.py ${BENCH_ARGS:-} --json "$OUT/ahn_decode_$dev.json" 2>&1 \
     | tee "$OUT/ahn_decode_$dev.log"
 fi
