@@ -141,7 +141,7 @@ def compile_memory(model: AHNForCausalLM) -> None:
     """The memory's own pointwise chains (gates, read-out projection), compiled likewise."""
     for layer in model.base.get_decoder().layers:
         mem = layer.self_attn.ahn
-        for name in ("write_gates", "read_gates", "_project"):
+        for name in ("write_gates", "read_gates"):
             setattr(mem, name, torch.compile(getattr(mem, name), dynamic=False))
 
 

@@ -25,9 +25,12 @@ def attention_cases(device: str, dtypes=(torch.float32,)) -> list[str]:
             for mask in (None, torch.rand(B, S, generator=gen) < 0.3, prefix):
                 if mask is not None:
                     mask[:, 0] = True
-                ref = dc.decode_attention_reference(q.double(), k.double(), v.double(), D**-0.5, mask)
+                add = None if mask is None else torch.randn(B, H, D, generator=gen)
+                ref = dc.decode_attention_reference(q.double(), k.double(), v.double(), D**-0.5, mask,
+                                                    None if add is None else add.double())
                 got = dc._decode_attention_triton(*(x.to(device, dtype) for x in (q, k, v)), D**-0.5,
-                                                  None if mask is None else mask.to(device))
+                                                  None if mask is None else mask.to(device),
+                                                  None if add is None else add.to(device))
                 tol = 1e-3 if dtype == torch.float32 else 2e-2
                 if got.dtype != dtype or rel(got, ref) > tol:
                     failures.append(f"attention B{B} H{H} Hkv{Hkv} S{S} D{D} {dtype} mask "
@@ -72,12 +75,13 @@ def cache_cases(device: str) -> list[str]:
         q, gate = torch.randn(B, H, D, generator=gen), torch.randn(B, H, generator=gen)
         state, nw = torch.randn(B, H, D, D, generator=gen) * 0.1, torch.rand(D, generator=gen) + 0.5
         ref_state = state.double()
+        o_proj = torch.randn(H, D, D, generator=gen) / D**0.5
         ro = dc.memory_step_from_cache_reference(q.double(), keys.double(), values.double(), ring.double(), cursor, S,
                                                  W, g_idx, beta_idx, delta, ref_state, nw.double(), gate.double(),
-                                                 1e-6, D**-0.5)
+                                                 1e-6, D**-0.5, o_proj.double())
         st = state.to(device)
         o = dc.memory_step_from_cache(*(x.to(device) for x in (q, keys, values, ring, cursor)), S, W, g_idx, beta_idx,
-                                      delta, st, nw.to(device), gate.to(device), 1e-6, D**-0.5)
+                                      delta, st, nw.to(device), gate.to(device), 1e-6, D**-0.5, o_proj.to(device))
         if rel(o, ro) > 1e-3 or rel(st, ref_state) > 1e-3:
             failures.append(f"memory from cache {name}: out {rel(o, ro):.2e} state {rel(st, ref_state):.2e}")
     # Gates arrive already rounded to the storage dtype (as the AHN attention rounds them).

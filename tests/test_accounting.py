@@ -88,8 +88,7 @@ def test_memory_step_matches_flop_counter(memory):
     state = module.empty_state(B, "cpu")
 
     def step():
-        wg = module.write_gates(x)
-        gate, lam = module.read_gates(x)
+        wg, gate, lam = module.gates(x)
         o, _ = module.step(q, k, v, wg, lam, state)
         module.readout(o, gate)
 

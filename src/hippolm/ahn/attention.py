@@ -87,9 +87,9 @@ class AHNAttentionMixin:
             got = type(past_key_values).__name__
             raise ValueError(f"an AHN model needs an AHNCache (model.new_cache()), got {got}.")
 
-        write_gates = self.ahn.write_gates(hidden_states, k.dtype)
+        write_gates, out_gate, lam = self.ahn.gates(hidden_states, k.dtype)
         if persistent and T == 1 and cache.all_visible:
-            return self.o_proj(self._ahn_steady_decode(q, k, v, write_gates, hidden_states, cache)), None
+            return self.o_proj(self._ahn_steady_decode(q, k, v, write_gates, out_gate, lam, cache)), None
 
         real = kwargs.get("ahn_attention_mask")
         padded = real is not None
@@ -103,7 +103,7 @@ class AHNAttentionMixin:
         has_past = persistent and cache.stream_len > 0
 
         decode = persistent and T == 1 and has_past
-        out = self._ahn_long_term(q, k, v, write_gates, pos, hidden_states, cache, has_past, persistent, window,
+        out = self._ahn_long_term(q, k, v, write_gates, pos, (out_gate, lam), cache, has_past, persistent, window,
                                   sinks)
         if decode:  # write first, then attend to the cache buffer in place (no copies)
             cache.append(k, v, write_gates, pos)
@@ -119,17 +119,16 @@ class AHNAttentionMixin:
                 cache.append(k, v, write_gates, pos)
         return self.o_proj(out.reshape(B, T, -1)), None
 
-    def _ahn_steady_decode(self, q, k, v, write_gates, x, cache: AHNLayerCache) -> torch.Tensor:
+    def _ahn_steady_decode(self, q, k, v, write_gates, out_gate, lam, cache: AHNLayerCache) -> torch.Tensor:
         """One token per sequence once every slot holds a real token: the token in the slot the new
         one takes leaves the window and is written into the memory; the new token is written; then
         the query reads the memory and attends to the whole buffer without a mask. Every index is a
         device tensor and every state update in place: no host syncs, and CUDA-graph replayable."""
         B = q.shape[0]
         mem = self.ahn.decode_step(q[:, :, 0], cache.keys, cache.values, cache.ring_gates, cache.cursor, cache.sinks,
-                                   cache.window, x[:, 0], cache.memory)
+                                   cache.window, out_gate[:, 0], None if lam is None else lam[:, 0], cache.memory)
         cache.decode_write(k[:, :, 0], v[:, :, 0], write_gates[:, 0])
-        attn = decode_attention(q[:, :, 0], cache.keys, cache.values, self.scaling)
-        return (attn + mem).reshape(B, 1, -1)
+        return decode_attention(q[:, :, 0], cache.keys, cache.values, self.scaling, add=mem).reshape(B, 1, -1)
 
     def _ahn_decode_attention(self, q, pos, cache: AHNLayerCache):
         """One query per sequence over the sinks + window buffer (the new token already in it)."""
@@ -159,7 +158,7 @@ class AHNAttentionMixin:
                                            enable_gqa=q.shape[1] != ck.shape[1])
         return o.transpose(1, 2)  # [B, T, H, d]
 
-    def _ahn_long_term(self, q, k, v, write_gates, pos, x, cache, has_past, persistent, window, sinks):
+    def _ahn_long_term(self, q, k, v, write_gates, pos, read_gates, cache, has_past, persistent, window, sinks):
         """Write each token leaving the window into the memory, then read it with the query."""
         B, H, T, _ = q.shape
         if has_past and T == 1:  # the token leaving now sits in the slot the new one will take
@@ -186,7 +185,7 @@ class AHNAttentionMixin:
         rep = H // src[0].shape[1]
         km, vm = (a.repeat_interleave(rep, 1).transpose(1, 2) for a in src)  # GQA-expanded [B, T, H, d]
         qm = q.transpose(1, 2)
-        out_gate, lam = self.ahn.read_gates(x)
+        out_gate, lam = read_gates
         state = cache.memory if persistent else self.ahn.empty_state(B, q.device)
         if T == 1:
             o, new = self.ahn.step(qm[:, 0], km[:, 0], vm[:, 0], src_gates[:, 0], None if lam is None else lam[:, 0],

@@ -53,34 +53,61 @@ class MemoryModule(nn.Module):
             self.lam_scale = nn.Parameter(torch.ones(H, self.levels))
             self.lam_scale._no_weight_decay = True
 
-    def _lin(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        return layer(x.to(layer.weight.dtype))
+    def _gate_layers(self) -> list[tuple[str, nn.Linear]]:
+        names = [n for n in ("a_proj", "b_proj", "g_proj", "lam_proj") if hasattr(self, n)]
+        return [(n, getattr(self, n)) for n in names]
+
+    def _gate_weight(self) -> torch.Tensor:
+        """Every gate projection's weight in one matrix, so one matmul serves them all. Outside
+        autograd the concatenation is kept until a weight changes (their version counters)."""
+        weights = [layer.weight for _, layer in self._gate_layers()]
+        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+            return torch.cat(weights)
+        key = tuple((w.data_ptr(), w._version) for w in weights)
+        cached = self.__dict__.get("_gate_weight_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, torch.cat(weights))
+            self.__dict__["_gate_weight_cache"] = cached
+        return cached[1]
+
+    def gate_projections(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Raw gate projections of normed hidden states x [..., D], by projection name."""
+        w = self._gate_weight()
+        y = F.linear(x.to(w.dtype), w)
+        sizes = [layer.out_features for _, layer in self._gate_layers()]
+        return dict(zip([n for n, _ in self._gate_layers()], y.split(sizes, -1), strict=True))
 
     @property
     def num_write_gates(self) -> int:
         return {"gdn": 2, "mamba2": 2, "deltanet": 1}[self.base_kind]
 
-    def write_gates(self, x: torch.Tensor, store_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Gates of tokens as they will be written, [..., H, G] float32, from their normed hidden state;
-        rounded through ``store_dtype`` (the cache's) so training and decoding use the same values."""
+    def write_gates(self, raw: dict[str, torch.Tensor], store_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Gates of tokens as they will be written, [..., H, G] float32, from :meth:`gate_projections`
+        of their normed hidden states; rounded through ``store_dtype`` (the cache's) so training and
+        decoding use the same values."""
         gates = []
         if self.base_kind in ("gdn", "mamba2"):
-            dt = F.softplus(self._lin(self.a_proj, x).float() + self.dt_bias.float())
+            dt = F.softplus(raw["a_proj"].float() + self.dt_bias.float())
             gates.append(-self.A_log.float().exp() * dt)  # log decay
             if self.base_kind == "mamba2":
                 gates.append(dt)  # write strength: h <- a h + dt k v^T
         if self.base_kind in ("gdn", "deltanet"):
-            gates.append(torch.sigmoid(self._lin(self.b_proj, x).float()))
+            gates.append(torch.sigmoid(raw["b_proj"].float()))
         out = torch.stack(gates, -1)
         return out if store_dtype is None else out.to(store_dtype).float()
 
-    def read_gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def read_gates(self, raw: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(output gate [..., H], level weights [..., H, L] or None) of the reading tokens."""
         lam = None
         if self.levels:
-            raw = self._lin(self.lam_proj, x).float().unflatten(-1, (self.num_heads, self.levels))
-            lam = F.softplus(self.lam_scale.float() * raw)
-        return self._lin(self.g_proj, x), lam
+            lam = F.softplus(self.lam_scale.float() * raw["lam_proj"].float().unflatten(-1, (self.num_heads,
+                                                                                            self.levels)))
+        return raw["g_proj"], lam
+
+    def gates(self, x: torch.Tensor, store_dtype: torch.dtype | None = None):
+        """(write gates, output gate, level weights) of x [..., D] from one projection."""
+        raw = self.gate_projections(x)
+        return (self.write_gates(raw, store_dtype), *self.read_gates(raw))
 
     def _op_args(self, k, v, wg):
         if self.base_kind == "gdn":
@@ -129,13 +156,13 @@ class MemoryModule(nn.Module):
     def _project(self, normed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return torch.einsum("...hd,hde->...he", normed.to(self.o_proj.dtype), self.o_proj).to(dtype)
 
-    def decode_step(self, q, keys, values, ring_gates, cursor, sinks: int, window: int, x,
+    def decode_step(self, q, keys, values, ring_gates, cursor, sinks: int, window: int, gate, lam,
                     state: State) -> torch.Tensor:
         """Decode: write the token leaving the window of an AHN cache (read from its ring slot at stream
         index ``cursor`` [B]) and read with q [B, H, d], updating ``state`` in place; returns the
-        per-head contribution [B, H, d]. x [B, D]: the reading token's normed hidden state. One
-        fused kernel on CUDA for the linear memories (:func:`hippolm.ops.decode.memory_step_from_cache`)."""
-        gate, lam = self.read_gates(x)
+        per-head contribution [B, H, d] (float32 for the linear memories). gate [B, H], lam: the reading
+        token's :meth:`read_gates`. One fused kernel on CUDA for the linear memories
+        (:func:`hippolm.ops.decode.memory_step_from_cache`)."""
         if self.levels:
             slot = evicted_slot(cursor, sinks, window)
             b = torch.arange(q.shape[0], device=q.device)
@@ -147,6 +174,6 @@ class MemoryModule(nn.Module):
             return self.readout(o, gate)
         g_idx = -1 if self.base_kind == "deltanet" else 0
         beta_idx = 0 if self.base_kind == "deltanet" else 1
-        o = memory_step_from_cache(q, keys, values, ring_gates, cursor, sinks, window, g_idx, beta_idx,
-                                   self.base_kind != "mamba2", state, self.norm_weight, gate, self.eps)
-        return self._project(o, q.dtype)
+        return memory_step_from_cache(q, keys, values, ring_gates, cursor, sinks, window, g_idx, beta_idx,
+                                      self.base_kind != "mamba2", state, self.norm_weight, gate, self.eps,
+                                      o_proj=self.o_proj)

@@ -38,12 +38,13 @@ def _triton_ok(*tensors: torch.Tensor) -> bool:
 
 # --- attention over a cache ---------------------------------------------------------------------
 def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                               mask: torch.Tensor | None = None) -> torch.Tensor:
-    """q [B, H, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] -> [B, H, Dv]; mask [B, S] (True: visible) or None."""
+                               mask: torch.Tensor | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, H, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] -> [B, H, Dv]; mask [B, S] (True: visible) or None;
+    ``add`` [B, H, Dv] is added to the output."""
     m = None if mask is None else mask[:, None, None, :]
     o = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=m, scale=scale,
-                                       enable_gqa=q.shape[1] != k.shape[1])
-    return o[:, :, 0]
+                                       enable_gqa=q.shape[1] != k.shape[1])[:, :, 0]
+    return o if add is None else (o.float() + add.float()).to(o.dtype)
 
 
 if triton is not None:
@@ -87,8 +88,8 @@ if triton is not None:
         tl.store(L + row * GP + g, l_i)
 
     @triton.jit
-    def _attn_combine_kernel(ACC, M, L, OUT, n_split, G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr,
-                             NSP: tl.constexpr):
+    def _attn_combine_kernel(ACC, M, L, ADD, OUT, n_split, G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr,
+                             NSP: tl.constexpr, HAS_ADD: tl.constexpr):
         """Merge the splits of one (sequence, query head): softmax-weighted by each split's max."""
         pid = tl.program_id(0)  # (b * Hkv + hk) * G + g = b * H + h
         bh, g = pid // G, pid % G
@@ -101,6 +102,8 @@ if triton is not None:
         denom = tl.sum(w * tl.load(L + rows, mask=ok, other=0.0), 0)
         acc = tl.load(ACC + rows[:, None] * DV + dv[None, :], mask=ok[:, None], other=0.0)
         out = tl.sum(acc * w[:, None], 0) / denom
+        if HAS_ADD:
+            out += tl.load(ADD + pid * DV + dv).to(tl.float32)
         tl.store(OUT + pid * DV + dv, out.to(OUT.dtype.element_ty))
 
 
@@ -109,7 +112,7 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
-def _decode_attention_triton(q, k, v, scale, mask=None):
+def _decode_attention_triton(q, k, v, scale, mask=None, add=None):
     B, H, D = q.shape
     Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G = H // Hkv
@@ -132,23 +135,24 @@ def _decode_attention_triton(q, k, v, scale, mask=None):
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HAS_MASK=mask is not None, num_warps=4,
         num_stages=3)
     out = torch.empty(B, H, Dv, device=q.device, dtype=q.dtype)
-    _attn_combine_kernel[(B * H,)](acc, m, l_, out, n_split, G=G, GP=GP, DV=Dv,
-                                   NSP=triton.next_power_of_2(n_split), num_warps=4)
+    _attn_combine_kernel[(B * H,)](acc, m, l_, out if add is None else add.contiguous(), out, n_split, G=G, GP=GP,
+                                   DV=Dv, NSP=triton.next_power_of_2(n_split), HAS_ADD=add is not None, num_warps=4)
     return out
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                     mask: torch.Tensor | None = None) -> torch.Tensor:
+                     mask: torch.Tensor | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query per head over a buffer: q [B, H, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv]
     (H a multiple of Hkv; slot order irrelevant) -> [B, H, Dv]. ``mask`` [B, S] bool marks the visible
-    slots (None: all); every sequence must see at least one."""
+    slots (None: all); every sequence must see at least one. ``add`` [B, H, Dv] (e.g. the memory's
+    read-out) is added to the result in the same kernel."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     D = q.shape[-1]
     if (_triton_ok(q, k, v) and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and k.dtype == q.dtype
             and D in (32, 64, 128, 256) and v.shape[-1] in (32, 64, 128, 256) and q.shape[1] % k.shape[1] == 0
             and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1):
-        return _decode_attention_triton(q, k, v, scale, mask)
-    return decode_attention_reference(q, k, v, scale, mask)
+        return _decode_attention_triton(q, k, v, scale, mask, add)
+    return decode_attention_reference(q, k, v, scale, mask, add)
 
 
 # --- the memory step ----------------------------------------------------------------------------
@@ -216,22 +220,24 @@ def evicted_slot(cursor: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
 
 
 def memory_step_from_cache_reference(q, keys, values, ring_gates, cursor, sinks, window, g_idx, beta_idx, delta,
-                                     state, norm_weight, gate, eps, scale):
+                                     state, norm_weight, gate, eps, scale, o_proj=None):
     slot = evicted_slot(cursor, sinks, window)
     b = torch.arange(q.shape[0], device=q.device)
     k, v = keys[b, :, slot], values[b, :, slot]  # [B, Hkv, d]
     wg = ring_gates[b, slot - sinks].float()  # [B, H, G]
     g = wg[..., g_idx] if g_idx >= 0 else None
-    return memory_step(q, k, v, g, wg[..., beta_idx], delta, state, norm_weight, gate, eps, scale)
+    out, new = memory_step_reference(q, k, v, g, wg[..., beta_idx], delta, state, norm_weight, gate, eps, scale)
+    state.copy_(new)
+    return out if o_proj is None else torch.einsum("bhd,hde->bhe", out, o_proj.to(out.dtype))
 
 
 if triton is not None:
 
     @triton.jit
-    def _memory_step_cache_kernel(Q, KEYS, VALUES, RING_G, CURSOR, STATE, NW, GATE, OUT, H, n_kv_heads, sinks,
-                                  window, eps, scale, sqb, sqh, skb, skh, sks, svb, svh, svs, sgb, sgw, sgh,
+    def _memory_step_cache_kernel(Q, KEYS, VALUES, RING_G, CURSOR, STATE, NW, GATE, OPROJ, OUT, H, n_kv_heads,
+                                  sinks, window, eps, scale, sqb, sqh, skb, skh, sks, svb, svh, svs, sgb, sgw, sgh,
                                   KD: tl.constexpr, VD: tl.constexpr, G_IDX: tl.constexpr, BETA_IDX: tl.constexpr,
-                                  DELTA: tl.constexpr):
+                                  DELTA: tl.constexpr, HAS_PROJ: tl.constexpr):
         pid = tl.program_id(0)  # b * H + h
         b, h = pid // H, pid % H
         hk = h // (H // n_kv_heads)
@@ -255,7 +261,11 @@ if triton is not None:
         o = tl.sum(S * q[:, None], 0) * scale
         o = o / tl.sqrt(tl.sum(o * o, 0) / VD + eps) * tl.load(NW + vv).to(tl.float32)
         gate = tl.load(GATE + pid).to(tl.float32)
-        tl.store(OUT + pid * VD + vv, o * gate / (1 + tl.exp(-gate)))
+        o = o * gate / (1 + tl.exp(-gate))
+        if HAS_PROJ:  # the head's block of the read-out projection: o @ OPROJ[h]
+            w = tl.load(OPROJ + h * VD * VD + vv[:, None] * VD + vv[None, :]).to(tl.float32)
+            o = tl.sum(o[:, None] * w, 0)
+        tl.store(OUT + pid * VD + vv, o)
 
     @triton.jit
     def _cache_write_kernel(KEYS, VALUES, RING_G, SLOT_POS, K, V, GATES, REAL_SEEN, CURSOR, n_kv_heads, HG, sinks,
@@ -283,27 +293,29 @@ if triton is not None:
 def memory_step_from_cache(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ring_gates: torch.Tensor,
                            cursor: torch.Tensor, sinks: int, window: int, g_idx: int, beta_idx: int, delta: bool,
                            state: torch.Tensor, norm_weight: torch.Tensor, gate: torch.Tensor, eps: float = 1e-6,
-                           scale: float | None = None) -> torch.Tensor:
+                           scale: float | None = None, o_proj: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`memory_step` for the token leaving an AHN cache's window at stream index ``cursor`` [B]:
     its key/value [B, Hkv, sinks + window, d] and write gates ``ring_gates`` [B, window, H, G] (log decay
-    at ``g_idx``, -1: none; write strength at ``beta_idx``) are read from its ring slot directly."""
+    at ``g_idx``, -1: none; write strength at ``beta_idx``) are read from its ring slot directly.
+    ``o_proj`` [H, V, V]: a per-head read-out projection applied to the result (float32)."""
     K = q.shape[-1]
     scale = K**-0.5 if scale is None else float(scale)
     if (_triton_ok(q, keys, state) and state.dtype == torch.float32 and state.is_contiguous()
             and K in (32, 64, 128) and values.shape[-1] in (32, 64, 128) and q.shape[1] % keys.shape[1] == 0
             and q.stride(-1) == keys.stride(-1) == values.stride(-1) == 1 and ring_gates.stride(-1) == 1
-            and ring_gates.stride(-2) == ring_gates.shape[-1]):
+            and ring_gates.stride(-2) == ring_gates.shape[-1] and (o_proj is None or o_proj.is_contiguous())):
         B, H, _ = q.shape
         out = torch.empty(B, H, values.shape[-1], device=q.device, dtype=torch.float32)
         _memory_step_cache_kernel[(B * H,)](
-            q, keys, values, ring_gates, cursor, state, norm_weight, gate.contiguous(), out, H, keys.shape[1],
-            sinks, window, eps, scale, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-            values.stride(0), values.stride(1), values.stride(2), ring_gates.stride(0), ring_gates.stride(1),
-            ring_gates.stride(2), KD=K, VD=values.shape[-1], G_IDX=g_idx, BETA_IDX=beta_idx, DELTA=delta,
+            q, keys, values, ring_gates, cursor, state, norm_weight, gate.contiguous(),
+            state if o_proj is None else o_proj, out, H, keys.shape[1], sinks, window, eps, scale, q.stride(0),
+            q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1),
+            values.stride(2), ring_gates.stride(0), ring_gates.stride(1), ring_gates.stride(2), KD=K,
+            VD=values.shape[-1], G_IDX=g_idx, BETA_IDX=beta_idx, DELTA=delta, HAS_PROJ=o_proj is not None,
             num_warps=8)
         return out
     return memory_step_from_cache_reference(q, keys, values, ring_gates, cursor, sinks, window, g_idx, beta_idx,
-                                            delta, state, norm_weight, gate, eps, scale)
+                                            delta, state, norm_weight, gate, eps, scale, o_proj)
 
 
 def cache_write_reference(keys, values, ring_gates, slot_pos, k, v, gates, real_seen, cursor, sinks, window):
