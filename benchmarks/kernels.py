@@ -33,7 +33,15 @@ FLOPS_DOC = {
 }
 
 
+DEVICE = "cuda"
+
+
 def cuda_time_ms(fn, warmup: int, repeats: int) -> float:
+    if DEVICE == "cpu":  # --dry-run: wall clock
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -55,7 +63,7 @@ def loglinear_flops(B: int, T: int, H: int, d: int, C: int = 64) -> float:
 
 
 def inputs(B: int, T: int, H: int, d: int, grad: bool, levels: bool):
-    dev, dt = "cuda", torch.bfloat16
+    dev, dt = DEVICE, (torch.bfloat16 if DEVICE == "cuda" else torch.float32)
     q = torch.randn(B, T, H, d, device=dev, dtype=dt)
     k = F.normalize(torch.randn(B, T, H, d, device=dev), dim=-1).to(dt)
     v = torch.randn(B, T, H, d, device=dev, dtype=dt)
@@ -76,7 +84,13 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=1e9, help="seconds; later rows are skipped past it")
     parser.add_argument("--no-fla", action="store_true")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU under TRITON_INTERPRET=1, tiny shapes: checks the script, times nothing real")
     args = parser.parse_args()
+    if args.dry_run:
+        global DEVICE
+        DEVICE = "cpu"
+        args.lengths, args.tokens, args.heads, args.dim = "100,200", 200, 2, 16
     if args.quick:
         args.lengths = "2048,8192,65536"
     warmup, repeats = (1, 3) if args.quick else (2, 7)
@@ -88,7 +102,8 @@ def main() -> None:
         fla_version = getattr(fla, "__version__", "?")
     except ImportError:
         fla_version = None
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)"
+    meta = {"device": device_name, "torch": torch.__version__, "triton": triton.__version__,
             "fla": fla_version, "python": platform.python_version(), "date": datetime.date.today().isoformat(),
             "dtype": "bfloat16", "heads": H, "head_dim": d, "tokens_per_batch": args.tokens,
             "peak_tflops": PEAK_TFLOPS, "peak_tb_s": PEAK_TBS, "flops": FLOPS_DOC, "quick": args.quick,
@@ -118,7 +133,8 @@ def main() -> None:
             except Exception as err:  # record refusals (FLA's Hopper guard, OOM) instead of stopping the sweep
                 row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
             finally:
-                torch.cuda.empty_cache()
+                if DEVICE == "cuda":
+                    torch.cuda.empty_cache()
         if row["ms"] is not None:
             mult = (3.5 if op == "attention" else 3.0) if backward else 1.0
             sec = row["ms"] / 1e3
@@ -134,12 +150,45 @@ def main() -> None:
         extra = f"{row['tflops']:.0f} TFLOP/s" if row["ms"] is not None else row["error"]
         print(f"T={T:>6} B={B:>2} {'fwd+bwd' if backward else 'fwd':>7} {impl:<26}{ms:>9} ms  {extra}", flush=True)
 
+    def breakdown(T: int) -> None:
+        """ms of each kernel phase of ours at one length (what to optimise next)."""
+        from hippolm.ops import triton_backend
+        kern = triton_backend.kernels()
+        B = max(1, args.tokens // T)
+        q, k, v, g, lam = inputs(B, T, H, d, False, True)
+        p = kern._Plan(q, v, lam, 64 if DEVICE == "cuda" else 16)
+        scale = d**-0.5
+        gl, gch = kern._decays(g, p)
+        lam_f = lam.float().contiguous()
+        o, tree = kern._forward(q, k, v, gl, lam_f, gch, scale, p)
+        do = torch.randn_like(o)
+        phases = {
+            "decays (torch)": lambda: kern._decays(g, p),
+            "tree build": lambda: kern._build_tree(k, v, gl, gch, p),
+            "forward (tree + read)": lambda: kern._forward(q, k, v, gl, lam_f, gch, scale, p),
+            "backward (all)": lambda: kern._backward(q, k, v, gl, lam_f, gch, tree, do, scale, p),
+        }
+        out = {}
+        for name, fn in phases.items():
+            try:
+                out[name] = cuda_time_ms(fn, warmup, repeats)
+            except Exception as err:
+                out[name] = f"{type(err).__name__}: {str(err)[:120]}"
+        meta.setdefault("breakdown_ms", {})[str(T)] = out
+        save()
+        print(f"breakdown T={T}: {out}", flush=True)
+
     lengths = [int(x) for x in args.lengths.split(",")]
     fla_ok = fla_version is not None and not args.no_fla
     # Phases, most important first: ours and SDPA at every length, then FLA's linear kernels, then
     # FLA's log-linear kernel (slow, and may autotune for minutes).
-    phases = [("ours", False), ("fla_linear", True)] + ([] if args.quick else [("fla_loglinear", True)])
+    phases = [("ours", False), ("breakdown", True), ("fla_linear", True)]
+    phases += [] if args.quick else [("fla_loglinear", True)]
     for phase, optional in phases:
+        if phase == "breakdown":
+            if time.time() - t_start < args.budget * 0.6:
+                breakdown(65536 if 65536 in lengths else max(lengths))
+            continue
         if phase != "ours" and not fla_ok:
             continue
         for T in lengths:
@@ -167,6 +216,8 @@ def main() -> None:
                 elif phase == "fla_linear":
                     from fla.ops.delta_rule import chunk_delta_rule
                     from fla.ops.simple_gla import chunk_simple_gla
+                    measure(T, B, "hippolm-dispatch(auto)", "ssd", backward,
+                            lambda q, k, v, g: ops.ssd(q, k, v, g), make, lin_flops, lin_io, optional)
                     measure(T, B, "fla_direct(chunk_simple_gla)", "ssd", backward,
                             lambda q, k, v, g: chunk_simple_gla(q, k, v, g=g), make, lin_flops, lin_io, optional)
                     measure(T, B, "fla_direct(chunk_delta_rule)", "delta_rule", backward,
