@@ -168,6 +168,15 @@ def main() -> None:
             "forward (tree + read)": lambda: kern._forward(q, k, v, gl, lam_f, gch, scale, p),
             "backward (all)": lambda: kern._backward(q, k, v, gl, lam_f, gch, tree, do, scale, p),
         }
+
+        def bf16_tree_forward():  # the accuracy/bandwidth trade-off of TREE_FP32
+            kern.TREE_FP32 = False
+            try:
+                return kern._forward(q, k, v, gl, lam_f, gch, scale, kern._Plan(q, v, lam, p.C))
+            finally:
+                kern.TREE_FP32 = True
+
+        phases["forward, 16-bit tree"] = bf16_tree_forward
         out = {}
         for name, fn in phases.items():
             try:

@@ -21,7 +21,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 dev=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  timeout ${TEST_TIMEOUT:-180} python3 -m pytest -q -p no:cacheprovider -x tests/test_kernels.py --durations=5 2>&1 \
+  timeout ${TEST_TIMEOUT:-180} python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py --durations=5 -rA 2>&1 \
     | tee "$OUT/test_kernels_cuda.log" | tail -30
   echo "tests took $(( $(date +%s) - t0 )) s"
 fi

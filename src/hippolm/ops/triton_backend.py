@@ -38,8 +38,15 @@ def usable(device: torch.device) -> bool:
 
 @functools.cache
 def _patch_interpreter() -> None:
-    """Triton 3.6's interpreter turns scalars into 1-element arrays and calls ``int()`` on them for
-    ``range(n)``; numpy >= 2.4 refuses that. Use ``.item()`` instead (interpreter only)."""
+    """Two fixes to Triton 3.6's CPU interpreter (interpreter only; compiled kernels are untouched):
+
+    - it turns scalars into 1-element arrays and calls ``int()`` on them for ``range(n)``, which
+      numpy >= 2.4 refuses: use the element;
+    - ``tl.dot`` multiplies bf16 operands as their raw uint16 storage: widen them to float32 first
+      (what the tensor cores do: bf16 products, float32 accumulation).
+    """
+    import numpy as np
+    import triton.language as tl
     from triton.runtime import interpreter
 
     original = interpreter._patch_lang_tensor
@@ -49,6 +56,20 @@ def _patch_interpreter() -> None:
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
     interpreter._patch_lang_tensor = patched
+
+    builder = interpreter.InterpreterBuilder
+    dot = builder.create_dot
+
+    def widen(x):
+        if x.dtype.scalar != tl.bfloat16:
+            return x
+        data = interpreter._convert_float(x.data, tl.bfloat16, tl.float32, None).view(np.float32)
+        return interpreter.TensorHandle(data, tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    builder.create_dot = create_dot
 
 
 def kernels():
