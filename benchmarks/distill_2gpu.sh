@@ -24,7 +24,7 @@ python3 -c "import torch, transformers, datasets; print('torch', torch.__version
 transformers.__version__, 'datasets', datasets.__version__, 'gpus', torch.cuda.device_count())" || exit 1
 
 if [ -z "${BASE:-}" ]; then
-  python3 benchmarks/distill_fixture.py "$WORK/fixture" || exit 1
+  python3 -P benchmarks/distill_fixture.py "$WORK/fixture" || exit 1
   BASE=$WORK/fixture/base; DATA=$WORK/fixture/data
 fi
 ARGS=(--base "$BASE" --data $DATA --memory "${MEMORY:-gdn}" --seq-len "${SEQ_LEN:-4096}"

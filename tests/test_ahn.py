@@ -254,3 +254,4 @@ def test_loglinear_memory_past_its_levels_is_a_clear_error():
         model.prefill(torch.randint(0, 97, (1, 9)), cache=cache)  # 4 written: the last that fits
         with pytest.raises(ValueError, match="levels"):
             model(torch.randint(0, 97, (1, 1)), past_key_values=cache)
+

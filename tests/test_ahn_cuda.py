@@ -42,3 +42,15 @@ def test_bf16_decode_matches_full_forward():
         rest = torch.cat([model(ids[:, t : t + 1], past_key_values=cache).logits.float() for t in range(40, 64)], 1)
     got = torch.cat([pre, rest], 1)
     assert (got - full).norm() / full.norm() < 2e-2
+
+
+def test_training_forward_under_bf16_autocast():
+    """distill runs the student under CUDA autocast, where normalize returns float32 and v stays bf16."""
+    model = ahn("llama", "gdn", window=4, sinks=1).cuda()
+    for p in model.trainable_parameters():
+        p.requires_grad_(True)
+    ids = torch.randint(0, 97, (2, 40), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(ids).logits.float().logsumexp(-1).mean()
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.trainable_parameters())

@@ -125,7 +125,8 @@ class MemoryModule(nn.Module):
 
     def sequence(self, q, k, v, wg, lam, state: State | None, cu_seqlens=None) -> tuple[torch.Tensor, State]:
         """Write tokens and read after each write: q, k [B, T, H, d], v [B, T, H, d], wg [B, T, H, G]."""
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        # Under autocast normalize returns float32: keep q, k in v's dtype as the ops require.
+        q, k = F.normalize(q, dim=-1).to(v.dtype), F.normalize(k, dim=-1).to(v.dtype)
         args = self._op_args(k, v, wg)
         kw = dict(initial_state=state, output_final_state=True, cu_seqlens=cu_seqlens)
         if self.base_kind == "gdn":

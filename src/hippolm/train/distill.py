@@ -246,8 +246,8 @@ def setup_distributed(device_arg: str | None) -> tuple[Dist, torch.device]:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise DistillError(f"--device {device_arg} asked for, but CUDA is not available.")
-        if world > 1 and device.index is None:
-            device = torch.device("cuda", local)
+        if device.index is None:  # set_device needs an index; under torchrun each process takes its own GPU
+            device = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
