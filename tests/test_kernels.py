@@ -172,5 +172,37 @@ def test_linear_ssd_on_loglinear_kernels(packed, device):
     assert rel_err(o.cpu(), o_ref) < 1e-3 and rel_err(s.cpu(), s_ref) < 1e-3
     for a, b in zip(grads, grads_ref, strict=True):
         assert rel_err(a.cpu(), b) < 5e-3
-    with pytest.raises(ValueError, match="no kernel"):
-        ops.gated_delta_rule(*leaves, torch.rand_like(leaves[3]), backend="triton")
+
+
+@pytest.mark.parametrize("op", ["gated_delta_rule", "delta_rule"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_delta_rule_state_scan(op, packed, device):
+    """(Gated) DeltaNet chunk form with the Triton state scan == the reference: outputs, final state
+    and gradients of every input including the initial state."""
+    from conftest import make_inputs
+
+    T = 77 if C == 16 else 300
+    xs = make_inputs(op, 1 if packed else 2, T, 2, D, D, seed=13)
+    n_seq = 2
+    xs.append(torch.randn(n_seq, 2, D, D, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+    kw = {"cu_seqlens": torch.tensor([0, 30, T])} if packed else {}
+    fn = getattr(ops, op)
+
+    def run(leaves, backend, dev):
+        o, s = fn(*leaves[:-1], initial_state=leaves[-1], output_final_state=True, backend=backend,
+                  chunk_size=C, **{k: v.to(dev) for k, v in kw.items()})
+        w = torch.randn(o.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dev)
+        return o, s, torch.autograd.grad((o.double() * w).sum() + s.double().sum(), leaves)
+
+    o_ref, s_ref, g_ref = run([x.clone().requires_grad_() for x in xs], "torch", "cpu")
+    o, s, grads = run([x.to(device=device, dtype=torch.float32).requires_grad_() for x in xs], "triton", device)
+    assert rel_err(o.cpu(), o_ref) < 1e-3 and rel_err(s.cpu(), s_ref) < 1e-3
+    for a, b in zip(grads, g_ref, strict=True):
+        assert rel_err(a.cpu(), b) < 5e-3
+    if device == "cuda":  # bf16 with fp32 gates and state
+        leaves = [x.to(device=device, dtype=torch.bfloat16 if i < 3 else torch.float32).requires_grad_()
+                  for i, x in enumerate(xs)]
+        o, s, grads = run(leaves, "triton", device)
+        assert rel_err(o.cpu(), o_ref) < 2e-2 and rel_err(s.cpu(), s_ref) < 2e-2
+        for a, b in zip(grads, g_ref, strict=True):
+            assert rel_err(a.cpu(), b) < 2e-2

@@ -41,8 +41,14 @@ def _run(
         raise ValueError(f"backend must be 'auto', 'torch', 'fla' or 'triton', got {backend!r}.")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
-    if backend == "triton" and op != "ssd":
-        raise ValueError(f"backend='triton' has no kernel for {op} yet. Use backend='auto'.")
+    if backend in ("auto", "triton") and op != "ssd":
+        tensors = [x for x in (q, k, v, g, beta, initial_state) if x is not None]
+        ok, why = triton_backend.plan_delta(op, q, v, tensors, backend)
+        if ok:
+            return triton_backend.run_delta(q, k, v, g, beta, reference.resolve_scale(scale, q.shape[-1]),
+                                            initial_state, output_final_state, cu_seqlens, chunk_size)
+        if backend == "triton":
+            raise ValueError(f"backend='triton' cannot run {op} here: {why}. Use backend='auto'.")
     if backend in ("auto", "triton") and op == "ssd":
         tensors = [x for x in (q, k, v, g, initial_state) if x is not None]
         ok, why = triton_backend.plan_linear_ssd(q, v, tensors, initial_state, mode, backend)
@@ -89,9 +95,10 @@ def ssd(
         cu_seqlens: [N + 1] cumulative lengths of sequences packed along time (then B must be 1).
         mode: ``"chunk"`` (chunkwise parallel) or ``"recurrent"`` (token by token); same result.
         backend: ``"auto"`` picks a fast kernel when it is right for the inputs, ``"torch"`` forces
-            the reference, ``"fla"`` requires FLA's kernels, ``"triton"`` our own (``ssd`` only: the
-            log-linear kernels with every level weighted 1; ``"auto"`` uses them for 16-bit training on
-            CUDA where FLA's chunk backward is wrong, Hopper with Triton 3.4-3.7.0).
+            the reference, ``"fla"`` requires FLA's kernels, ``"triton"`` our own (``ssd``: the
+            log-linear kernels with every level weighted 1; (gated) delta rule: torch chunk form with a
+            Triton state scan). ``"auto"`` uses them for training on CUDA where FLA's chunk backward is
+            wrong (Hopper with Triton 3.4-3.7.0; Gated DeltaNet also in float32).
     Returns:
         (o [B, T, H, V] in q's dtype, final state or None).
     """

@@ -197,3 +197,39 @@ def run_linear_ssd(q, k, v, g, scale: float, output_final_state: bool, cu_seqlen
     lam = torch.ones(B, T, H, (max(longest, 1) - 1).bit_length() + 1, device=q.device, dtype=torch.float32)
     o, slots, _ = run_loglinear_ssd(q, k, v, g, lam, scale, output_final_state, cu_seqlens, chunk_size)
     return o, (None if slots is None else slots.sum(2))
+
+
+def plan_delta(op: str, q: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor],
+               backend: str) -> tuple[bool, str]:
+    """(run (Gated) DeltaNet on our chunk form with the Triton state scan?, reason). ``"auto"``: only
+    Gated DeltaNet with gradients on CUDA where FLA has no correct kernel with a backward (Hopper with
+    Triton 3.4-3.7.0, float32, or FLA missing); FLA stays where it is right (faster, fused)."""
+    if backend != "triton":
+        if op != "gated_delta_rule" or not q.is_cuda:
+            return False, "FLA or the reference is right here"
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            return False, "no gradients: FLA's kernels are right"
+        from . import fla_backend
+
+        fla_ok = (fla_backend.fla_available() and q.dtype != torch.float32
+                  and not fla_backend.gated_chunk_backward_broken(q.device.index or 0))
+        if fla_ok:
+            return False, "FLA's chunk backward is right here"
+    if not usable(q.device):
+        return False, "Triton kernels do not run here"
+    if q.dtype not in KERNEL_DTYPES:
+        return False, f"Triton kernels take fp16/bf16/fp32, got {q.dtype}"
+    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
+        return False, f"Triton kernels take head dims up to {MAX_HEAD_DIM}"
+    return True, "triton"
+
+
+def run_delta(q, k, v, g, beta, scale: float, initial_state, output_final_state: bool, cu_seqlens,
+              chunk_size: int):
+    """(Gated) DeltaNet: chunk-parallel WY parts in torch, the inter-chunk state scan in Triton."""
+    if interpreting():
+        _patch_interpreter()
+    from . import triton_gdn
+
+    return triton_gdn.gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                                       chunk_size)

@@ -1,0 +1,172 @@
+"""Gated DeltaNet chunk form for training on GPUs where FLA's gated backward is wrong (Hopper with
+Triton 3.4-3.7.0): the chunk-parallel parts (decay masks, the WY / UT transform with a batched
+triangular solve, outputs) are batched torch ops that autograd differentiates; the one sequential
+part, the inter-chunk state recurrence, is a Triton scan with a hand-written reverse-scan backward.
+
+Per chunk i, with S_i the state at its start (as in :func:`hippolm.ops.reference.chunk_factors`):
+
+    v_new_i = u_i - w_i S_i                        (pseudo-values corrected by the incoming state)
+    S_{i+1} = gamma_i S_i + kd_i^T v_new_i         (kd: keys decayed to the chunk end)
+    o_i     = (q_i * gamma_r) S_i + attn_i v_new_i
+
+Imported lazily (only by :mod:`hippolm.ops.triton_backend`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+
+
+@triton.jit
+def _scan_fwd(w_ptr, u_ptr, kd_ptr, ge_ptr, s0_ptr, h_ptr, vn_ptr, st_ptr, n, K, V,
+              C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr, PREC: tl.constexpr):
+    """One (sequence, head) and V tile: states at every chunk start, corrected pseudo-values, final state."""
+    bh, iv = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    kk = tl.arange(0, BK)
+    vv = iv * BV + tl.arange(0, BV)
+    cc = tl.arange(0, C)
+    mkv = (kk[:, None] < K) & (vv[None, :] < V)
+    tile_kv = kk[:, None] * V + vv[None, :]
+    tile_ck = cc[:, None] * K + kk[None, :]
+    tile_cv = cc[:, None] * V + vv[None, :]
+    mck = kk[None, :] < K
+    mcv = vv[None, :] < V
+    if HAS_S0:
+        S = tl.load(s0_ptr + bh * (K * V) + tile_kv, mask=mkv, other=0).to(tl.float32)
+    else:
+        S = tl.zeros((BK, BV), dtype=tl.float32)
+    for i in range(n):
+        base = bh * n + i
+        tl.store(h_ptr + base * (K * V) + tile_kv, S, mask=mkv)
+        w = tl.load(w_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
+        u = tl.load(u_ptr + base * (C * V) + tile_cv, mask=mcv, other=0)
+        vn = u - tl.dot(w, S, input_precision=PREC)
+        tl.store(vn_ptr + base * (C * V) + tile_cv, vn, mask=mcv)
+        kd = tl.load(kd_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
+        S = tl.load(ge_ptr + base) * S + tl.dot(tl.trans(kd), vn, input_precision=PREC)
+    tl.store(st_ptr + bh * (K * V) + tile_kv, S, mask=mkv)
+
+
+@triton.jit
+def _scan_bwd(w_ptr, kd_ptr, ge_ptr, h_ptr, vn_ptr, dh_ptr, dvn_ptr, dst_ptr,
+              du_ptr, dw_ptr, dkd_ptr, dge_ptr, ds0_ptr, n, NBH, K, V,
+              C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Reverse scan; dw, dkd, dge are partial sums over this V tile (added up on the host)."""
+    bh, iv = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    kk = tl.arange(0, BK)
+    vv = iv * BV + tl.arange(0, BV)
+    cc = tl.arange(0, C)
+    mkv = (kk[:, None] < K) & (vv[None, :] < V)
+    tile_kv = kk[:, None] * V + vv[None, :]
+    tile_ck = cc[:, None] * K + kk[None, :]
+    tile_cv = cc[:, None] * V + vv[None, :]
+    mck = kk[None, :] < K
+    mcv = vv[None, :] < V
+    part = iv * NBH * n  # this V tile's slice of the partial outputs [NV, N*H, n, ...]
+    dS = tl.load(dst_ptr + bh * (K * V) + tile_kv, mask=mkv, other=0)  # gradient of S_{i+1}
+    for ii in range(n):
+        i = n - 1 - ii
+        base = bh * n + i
+        kd = tl.load(kd_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
+        w = tl.load(w_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
+        S = tl.load(h_ptr + base * (K * V) + tile_kv, mask=mkv, other=0)
+        vn = tl.load(vn_ptr + base * (C * V) + tile_cv, mask=mcv, other=0)
+        ge = tl.load(ge_ptr + base)
+        dvn = tl.load(dvn_ptr + base * (C * V) + tile_cv, mask=mcv, other=0) + tl.dot(kd, dS, input_precision=PREC)
+        tl.store(du_ptr + base * (C * V) + tile_cv, dvn, mask=mcv)
+        pbase = part + base
+        tl.store(dw_ptr + pbase * (C * K) + tile_ck, -tl.dot(dvn, tl.trans(S), input_precision=PREC), mask=mck)
+        tl.store(dkd_ptr + pbase * (C * K) + tile_ck, tl.dot(vn, tl.trans(dS), input_precision=PREC), mask=mck)
+        tl.store(dge_ptr + pbase, tl.sum(tl.sum(dS * S, axis=1), axis=0))
+        dS = ge * dS - tl.dot(tl.trans(w), dvn, input_precision=PREC)
+        dS += tl.load(dh_ptr + base * (K * V) + tile_kv, mask=mkv, other=0)
+    tl.store(ds0_ptr + bh * (K * V) + tile_kv, dS, mask=mkv)
+
+
+def _tiles(K: int, V: int) -> tuple[int, int, int]:
+    BK = max(16, triton.next_power_of_2(K))
+    BV = min(32, max(16, triton.next_power_of_2(V)))
+    return BK, BV, -(-V // BV)
+
+
+def _launch(prec: str) -> dict:
+    # ptxas for sm_90 at K=128, BV=32: 2 stages fit shared memory (172/205 KB) with TF32 dots; the
+    # IEEE float32 dots (register-hungry FMA loops) get 1 stage.
+    return {"num_warps": 8, "num_stages": 2 if prec == "tf32" else 1}
+
+
+class _Scan(torch.autograd.Function):
+    """(w, u, kd [N, H, n, C, *], ge [N, H, n], S0 [N, H, K, V] or None) -> (states, v_new, final)."""
+
+    @staticmethod
+    def forward(ctx, w, u, kd, ge, s0, prec: str):
+        N, H, n, C, K = w.shape
+        V = u.shape[-1]
+        w, u, kd, ge = (x.contiguous() for x in (w, u, kd, ge))
+        h = w.new_empty(N, H, n, K, V)
+        vn = torch.empty_like(u)
+        st = w.new_empty(N, H, K, V)
+        BK, BV, NV = _tiles(K, V)
+        s0c = None if s0 is None else s0.float().contiguous()
+        _scan_fwd[(N * H, NV)](w, u, kd, ge, s0c if s0c is not None else st, h, vn, st, n, K, V,
+                               C=C, BK=BK, BV=BV, HAS_S0=s0c is not None, PREC=prec, **_launch(prec))
+        ctx.save_for_backward(w, kd, ge, h, vn)
+        ctx.prec, ctx.has_s0, ctx.s0_dtype = prec, s0 is not None, None if s0 is None else s0.dtype
+        return h, vn, st
+
+    @staticmethod
+    def backward(ctx, dh, dvn, dst):
+        w, kd, ge, h, vn = ctx.saved_tensors
+        N, H, n, C, K = w.shape
+        V = vn.shape[-1]
+        BK, BV, NV = _tiles(K, V)
+        dh = torch.zeros_like(h) if dh is None else dh.contiguous()
+        dvn = torch.zeros_like(vn) if dvn is None else dvn.contiguous()
+        dst = w.new_zeros(N, H, K, V) if dst is None else dst.float().contiguous()
+        du = torch.empty_like(vn)
+        dw = w.new_empty(NV, N, H, n, C, K)
+        dkd = w.new_empty(NV, N, H, n, C, K)
+        dge = w.new_empty(NV, N, H, n)
+        ds0 = w.new_empty(N, H, K, V)
+        _scan_bwd[(N * H, NV)](w, kd, ge, h, vn, dh, dvn, dst, du, dw, dkd, dge, ds0, n, N * H, K, V,
+                               C=C, BK=BK, BV=BV, PREC=ctx.prec, **_launch(ctx.prec))
+        return (dw.sum(0), du, dkd.sum(0), dge.sum(0), ds0.to(ctx.s0_dtype) if ctx.has_s0 else None, None)
+
+
+def gated_delta_rule(q, k, v, g, beta, scale: float, initial_state, output_final_state: bool, cu_seqlens,
+                     chunk_size: int = 64):
+    """Gated DeltaNet (or DeltaNet with g=None), chunk form; arguments as :func:`hippolm.ops.gated_delta_rule`."""
+    B, T, _H, _K = q.shape
+    C = chunk_size if chunk_size in (16, 32, 64) else 64
+    bounds = reference._sequence_bounds(T, cu_seqlens, B)
+    longest = max(e - s for _, s, e in bounds)
+    length = max(C, -(-longest // C) * C)
+    if cu_seqlens is None and length == T:
+        qs, ks, vs, gs, bs = q, k, v, g, beta
+    else:  # zero padding at the end: k = 0 writes nothing, g = 0 keeps the state, beta = 0
+        qs, ks, vs, gs, bs = (reference._to_padded(x, bounds, length) for x in (q, k, v, g, beta))
+    to = reference.to_blocks
+    qb, kb, vb = to(qs.float() * scale, C), to(ks.float(), C), to(vs.float(), C)  # [N, H, n, C, D]
+    G = to(gs.float(), C).cumsum(-1) if gs is not None else qb.new_zeros(qb.shape[:-1])
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    decay = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    b = to(bs.float(), C)
+    eye = torch.eye(C, dtype=torch.float32, device=q.device)
+    A = eye + (b[..., None] * (kb @ kb.transpose(-1, -2)) * decay).tril(-1)
+    mix = torch.linalg.solve_triangular(A, eye * b[..., None, :], upper=False, unitriangular=True)
+    gamma = G.exp()[..., None]
+    w = mix @ (gamma * kb)
+    u = mix @ vb
+    kd = kb * (G[..., -1:] - G).exp()[..., None]
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    h, vn, final = _Scan.apply(w, u, kd, G[..., -1].exp(), initial_state, prec)
+    o = (qb * gamma) @ h + ((qb @ kb.transpose(-1, -2)) * decay) @ vn  # [N, H, n, C, V]
+    N, H, n = o.shape[:3]
+    o = o.permute(0, 2, 3, 1, 4).reshape(N, n * C, H, -1)
+    o = torch.cat([o[i, : e - s] for i, (_, s, e) in enumerate(bounds)])[None] if cu_seqlens is not None else o[:, :T]
+    return o.to(q.dtype), (final if output_final_state else None)
+
