@@ -218,6 +218,9 @@ def main() -> None:
                     measure(T, B, "hippolm-triton", "loglinear_ssd", backward,
                             lambda q, k, v, g, lam: ops.loglinear_ssd(q, k, v, g, lam, backend="triton"),
                             lambda grad, make=make: make(grad, levels=True), ll_flops, io)
+                    measure(T, B, "hippolm-dispatch(auto)", "gated_delta_rule", backward,
+                            lambda q, k, v, g: ops.gated_delta_rule(q, k, v, g, torch.sigmoid(g + 2)), make,
+                            lin_flops, lin_io)
                     measure(T, B, "sdpa_flash", "attention", backward,
                             lambda q, k, v: F.scaled_dot_product_attention(
                                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True),
@@ -229,6 +232,10 @@ def main() -> None:
                             lambda q, k, v, g: ops.ssd(q, k, v, g), make, lin_flops, lin_io, optional)
                     measure(T, B, "fla_direct(chunk_simple_gla)", "ssd", backward,
                             lambda q, k, v, g: chunk_simple_gla(q, k, v, g=g), make, lin_flops, lin_io, optional)
+                    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+                    measure(T, B, "fla_direct(chunk_gated_delta_rule)", "gated_delta_rule", backward,
+                            lambda q, k, v, g: chunk_gated_delta_rule(q, k, v, g=g, beta=torch.sigmoid(g + 2)), make,
+                            lin_flops, lin_io, optional)
                     measure(T, B, "fla_direct(chunk_delta_rule)", "delta_rule", backward,
                             lambda q, k, v, g: chunk_delta_rule(q, k, v, beta=torch.sigmoid(g)), make, lin_flops,
                             lin_io, optional)
