@@ -93,10 +93,11 @@ def _tiles(K: int, V: int) -> tuple[int, int, int]:
     return BK, BV, -(-V // BV)
 
 
-def _launch(prec: str) -> dict:
-    # ptxas for sm_90 at K=128, BV=32: 2 stages fit shared memory (172/205 KB) with TF32 dots; the
-    # IEEE float32 dots (register-hungry FMA loops) get 1 stage.
-    return {"num_warps": 8, "num_stages": 2 if prec == "tf32" else 1}
+def _launch(prec: str, device: torch.device) -> dict:
+    # ptxas for sm_90 at K=128, BV=32: 2 stages fit Hopper's shared memory (172/205 KB of 227) with
+    # TF32 dots, not an A100's (164 KB); the IEEE float32 dots (register-hungry FMA loops) get 1 stage.
+    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return {"num_warps": 8, "num_stages": 2 if prec == "tf32" and hopper else 1}
 
 
 class _Scan(torch.autograd.Function):
@@ -113,7 +114,7 @@ class _Scan(torch.autograd.Function):
         BK, BV, NV = _tiles(K, V)
         s0c = None if s0 is None else s0.float().contiguous()
         _scan_fwd[(N * H, NV)](w, u, kd, ge, s0c if s0c is not None else st, h, vn, st, n, K, V,
-                               C=C, BK=BK, BV=BV, HAS_S0=s0c is not None, PREC=prec, **_launch(prec))
+                               C=C, BK=BK, BV=BV, HAS_S0=s0c is not None, PREC=prec, **_launch(prec, w.device))
         ctx.save_for_backward(w, kd, ge, h, vn)
         ctx.prec, ctx.has_s0, ctx.s0_dtype = prec, s0 is not None, None if s0 is None else s0.dtype
         return h, vn, st
@@ -133,7 +134,7 @@ class _Scan(torch.autograd.Function):
         dge = w.new_empty(NV, N, H, n)
         ds0 = w.new_empty(N, H, K, V)
         _scan_bwd[(N * H, NV)](w, kd, ge, h, vn, dh, dvn, dst, du, dw, dkd, dge, ds0, n, N * H, K, V,
-                               C=C, BK=BK, BV=BV, PREC=ctx.prec, **_launch(ctx.prec))
+                               C=C, BK=BK, BV=BV, PREC=ctx.prec, **_launch(ctx.prec, w.device))
         return (dw.sum(0), du, dkd.sum(0), dge.sum(0), ds0.to(ctx.s0_dtype) if ctx.has_s0 else None, None)
 
 
