@@ -156,18 +156,33 @@ def test_dispatch_routes_and_refuses_clearly(device):
     assert rel_err(o_auto.cpu(), o_ref.cpu()) < 1e-3
 
 
+def test_loglinear_state_at_position_zero_is_no_state(device):
+    """AHN starts sequences from an empty LogLinearState (position 0): no slot is occupied, so the
+    kernels run and match the reference, whatever the slots hold."""
+    xs = _inputs(2, 40, 1, D, D, seed=8)
+    slots = torch.randn(2, 1, xs[-1].shape[-1], D, D, dtype=torch.float64)
+    want = _reference(xs, initial_state=ops.LogLinearState(slots, torch.zeros(2, dtype=torch.long)),
+                      output_final_state=True)
+    state = ops.LogLinearState(slots.float().to(device), torch.zeros(2, dtype=torch.long, device=device))
+    _assert_close(_run(xs, torch.float32, device, initial_state=state, output_final_state=True, chunk_size=C),
+                  want, 1e-3, 5e-3)
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_linear_ssd_on_loglinear_kernels(packed, device):
-    """Linear SSD through the dispatch's 'triton' backend (every level weighted 1) == the reference."""
+    """Linear SSD through the dispatch's 'triton' backend (every level weighted 1, initial state added
+    in torch) == the reference, gradients of the initial state included."""
     xs = _inputs(1 if packed else 2, 77 if C == 16 else 200, 2, D, D, seed=11)[:4]
+    xs.append(torch.randn(2, 2, D, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
     kw = {"cu_seqlens": torch.tensor([0, 30, xs[0].shape[1]])} if packed else {}
     leaves = [x.clone().requires_grad_() for x in xs]
-    o_ref, s_ref = ops.ssd(*leaves, output_final_state=True, backend="torch", **kw)
+    o_ref, s_ref = ops.ssd(*leaves[:4], initial_state=leaves[4], output_final_state=True, backend="torch", **kw)
     w = torch.randn(o_ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     grads_ref = torch.autograd.grad((o_ref * w).sum() + s_ref.sum(), leaves)
     leaves = [x.to(device=device, dtype=torch.float32).requires_grad_() for x in xs]
     kw = {k: v.to(device) for k, v in kw.items()}
-    o, s = ops.ssd(*leaves, output_final_state=True, backend="triton", chunk_size=C, **kw)
+    o, s = ops.ssd(*leaves[:4], initial_state=leaves[4], output_final_state=True, backend="triton", chunk_size=C,
+                   **kw)
     grads = torch.autograd.grad((o.double() * w.to(device)).sum() + s.double().sum(), leaves)
     assert rel_err(o.cpu(), o_ref) < 1e-3 and rel_err(s.cpu(), s_ref) < 1e-3
     for a, b in zip(grads, grads_ref, strict=True):

@@ -54,7 +54,7 @@ def _run(
         ok, why = triton_backend.plan_linear_ssd(q, v, tensors, initial_state, mode, backend)
         if ok:
             return triton_backend.run_linear_ssd(q, k, v, g, reference.resolve_scale(scale, q.shape[-1]),
-                                                 output_final_state, cu_seqlens, chunk_size)
+                                                 output_final_state, cu_seqlens, chunk_size, initial_state)
         if backend == "triton":
             raise ValueError(f"backend='triton' cannot run ssd here: {why}. Use backend='auto'.")
     if backend in ("auto", "fla"):

@@ -98,8 +98,9 @@ def plan_loglinear(op: str, q: torch.Tensor, v: torch.Tensor, initial_state, mod
         return False, f"Triton kernels take fp16/bf16/fp32, got {q.dtype}"
     if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
         return False, f"Triton kernels take head dims up to {MAX_HEAD_DIM}"
-    if initial_state is not None:
-        return False, "the Triton kernels do not take an initial state yet"
+    if initial_state is not None and bool((initial_state.position != 0).any()):
+        # Position 0 occupies no slot (what AHN passes to start a sequence): same as no state.
+        return False, "the Triton kernels do not take an initial state past position 0 yet"
     return True, "triton"
 
 
@@ -169,8 +170,6 @@ def plan_linear_ssd(q: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor
     explicit = backend == "triton"
     if mode != "chunk" and not explicit:
         return False, "mode='recurrent'"
-    if initial_state is not None:
-        return False, "the Triton kernels do not take an initial state yet"
     if not explicit:
         if not q.is_cuda or q.dtype == torch.float32:  # float32: FLA's full-precision recurrent kernel
             return False, "not a 16-bit CUDA call"
@@ -189,14 +188,31 @@ def plan_linear_ssd(q: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor
     return True, "triton"
 
 
-def run_linear_ssd(q, k, v, g, scale: float, output_final_state: bool, cu_seqlens, chunk_size: int):
+def run_linear_ssd(q, k, v, g, scale: float, output_final_state: bool, cu_seqlens, chunk_size: int,
+                   initial_state=None):
     """Linear SSD as log-linear SSD with every level weighted 1 (exact: the collapse identity);
-    the final state is the sum of the level slots. Returns (o, final state [N, H, K, V] or None)."""
+    the final state is the sum of the level slots. An initial state S0 adds
+    ``scale exp(Gc_t) q_t^T S0`` to the outputs and ``exp(Gc_last) S0`` to the final state
+    (Gc: cumulative log decay of the sequence), in differentiable torch.
+    Returns (o, final state [N, H, K, V] or None)."""
     B, T, H = q.shape[:3]
     longest = T if cu_seqlens is None else int(cu_seqlens.diff().max())
     lam = torch.ones(B, T, H, (max(longest, 1) - 1).bit_length() + 1, device=q.device, dtype=torch.float32)
     o, slots, _ = run_loglinear_ssd(q, k, v, g, lam, scale, output_final_state, cu_seqlens, chunk_size)
-    return o, (None if slots is None else slots.sum(2))
+    final = None if slots is None else slots.sum(2)
+    if initial_state is None:
+        return o, final
+    bounds = ([(b, 0, T) for b in range(B)] if cu_seqlens is None
+              else [(0, s, e) for s, e in itertools.pairwise(cu_seqlens.tolist())])
+    parts, ends = [], []
+    for n, (b, s, e) in enumerate(bounds):
+        s0 = initial_state[n].float()  # [H, K, V]
+        gc = g[b, s:e].double().cumsum(0).float()  # [len, H]
+        parts.append(torch.einsum("thk,hkv->thv", q[b, s:e].float() * gc.exp()[..., None], s0) * scale)
+        ends.append(s0 * (gc[-1].exp()[:, None, None] if e > s else 1.0))
+    extra = torch.stack(parts) if cu_seqlens is None else torch.cat(parts)[None]
+    o = (o.float() + extra).to(o.dtype)
+    return o, (None if final is None else final + torch.stack(ends))
 
 
 def plan_delta(op: str, q: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor],
