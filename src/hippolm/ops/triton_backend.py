@@ -113,27 +113,36 @@ def _pack(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Te
 def _final_slots(k, v, g, lengths: list[int], L: int) -> torch.Tensor:
     """Level slots after the last token of each dense sequence (positions 0..len-1), in plain
     (differentiable) torch: slot l holds the keys of the last query's level-l Fenwick block."""
-    N, _, H, K = k.shape
-    V = v.shape[-1]
-    slots = k.new_zeros(N, H, L, K, V, dtype=torch.float32)
+    H, K, V = k.shape[2], k.shape[3], v.shape[-1]
+    per_length: dict[int, list[int]] = {}
     for n, length in enumerate(lengths):
-        if length == 0:
-            continue
-        last = length - 1
-        gc = g[n, :length].double().cumsum(0)  # [len, H]
-        w = (gc[last] - gc).exp().float()  # decay from each key to the last query
-        for lvl in range(L):
-            if lvl == 0:
-                a, b = last, last + 1
-            elif (last >> (lvl - 1)) & 1:
-                half = 1 << (lvl - 1)
-                b = last - last % half
-                a = b - half
-            else:
-                continue
-            kw = k[n, a:b].float() * w[a:b, :, None]
-            slots[n, :, lvl] = torch.einsum("shk,shv->hkv", kw, v[n, a:b].float())
-    return slots
+        per_length.setdefault(length, []).append(n)
+    parts, order = [], []
+    for length, rows in per_length.items():  # sequences of one length share their level blocks
+        idx = torch.tensor(rows, device=k.device)
+        part = k.new_zeros(len(rows), H, L, K, V, dtype=torch.float32)
+        if length > 0:
+            last = length - 1
+            gc = g[idx, :length].double().cumsum(1)  # [n, len, H]
+            w = (gc[:, last:] - gc).exp().float()  # decay from each key to the last query
+            levels = []
+            for lvl in range(L):
+                if lvl == 0:
+                    a, b = last, last + 1
+                elif (last >> (lvl - 1)) & 1:
+                    half = 1 << (lvl - 1)
+                    b = last - last % half
+                    a = b - half
+                else:
+                    levels.append(part[:, :, 0] * 0)
+                    continue
+                kw = k[idx, a:b].float() * w[:, a:b, :, None]
+                levels.append(torch.einsum("nshk,nshv->nhkv", kw, v[idx, a:b].float()))
+            part = torch.stack(levels, 2)
+        parts.append(part)
+        order += rows
+    slots = torch.cat(parts)
+    return slots[torch.tensor(order, device=k.device).argsort()] if order != sorted(order) else slots
 
 
 def run_loglinear_ssd(q, k, v, g, lam, scale: float, output_final_state: bool, cu_seqlens, chunk_size: int):
