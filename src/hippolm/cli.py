@@ -111,6 +111,35 @@ def _run_cost(args: argparse.Namespace) -> int:
     return cost_main(args.argv)
 
 
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    from .generate import add_arguments
+
+    p = sub.add_parser("generate", help="generate text with full attention, SWA-only or an AHN memory; prints "
+                       "the cache bytes", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from .generate import main
+
+    return main(args)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    """``hippolm demo ...``: all arguments go to :func:`hippolm.demo.main` (its own parser)."""
+    p = sub.add_parser("demo", help="distil a memory into the built-in model and compare full attention, SWA-only "
+                       "and AHN (hippolm demo -h)", add_help=False, prefix_chars="\0")
+    p.add_argument("argv", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import main
+
+    return main(args.argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hippolm", description="hippolm command line tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distill(sub)
     _add_eval(sub)
     _add_cost(sub)
+    _add_generate(sub)
+    _add_demo(sub)
     return parser
 
 
