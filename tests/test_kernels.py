@@ -123,10 +123,10 @@ def test_loglinear_ssd_matches_reference(shape, device):
 
 
 def test_loglinear_ssd_packed_sequences_and_final_state(device):
-    lengths = [37, 1, 0, 70]
+    lengths = [37, 1, 0, 50]
     T = sum(lengths)
-    xs = _inputs(1, T, 1, D, D, L=ops.num_levels(70) + 1, seed=3)  # one spare level: stays zero
-    cu = torch.tensor([0, 37, 38, 38, 108])
+    xs = _inputs(1, T, 1, D, D, L=ops.num_levels(50) + 1, seed=3)  # one spare level: stays zero
+    cu = torch.tensor([0, 37, 38, 38, 88])
     want = _reference(xs, cu_seqlens=cu, output_final_state=True)
     got = _run(xs, torch.float32, device, cu_seqlens=cu.to(device), output_final_state=True, chunk_size=C)
     _assert_close(got, want, 1e-3, 5e-3)
@@ -141,9 +141,8 @@ def test_loglinear_ssd_dense_final_state_and_scale(device):
 
 def test_dispatch_routes_and_refuses_clearly(device):
     q, k, v, g, lam = (x.to(device=device, dtype=torch.float32) for x in _inputs(1, 20, 1, D, D))
-    state = ops.LogLinearState(torch.zeros(1, 1, lam.shape[-1], D, D, device=device), torch.tensor([4]))
-    with pytest.raises(ValueError, match="initial state"):
-        ops.loglinear_ssd(q, k, v, g, lam, initial_state=state, backend="triton")
+    with pytest.raises(ValueError, match="mode"):
+        ops.loglinear_ssd(q, k, v, g, lam, mode="recurrent", backend="triton")
     with pytest.raises(ValueError, match="Gated DeltaNet"):
         ops.loglinear_gated_delta_rule(q, k, v, g, torch.rand_like(g), lam, backend="triton")
     with pytest.raises(ValueError, match="backend"):
@@ -154,6 +153,45 @@ def test_dispatch_routes_and_refuses_clearly(device):
     o_auto, _ = ops.loglinear_ssd(q, k, v, g, lam, chunk_size=C)
     o_ref, _ = ops.loglinear_ssd(q.double(), k.double(), v.double(), g.double(), lam.double(), backend="torch")
     assert rel_err(o_auto.cpu(), o_ref.cpu()) < 1e-3
+
+
+CONTINUATIONS = [([50, 1, 0, 33], [0, 17, 5, 64], True)]  # packed: fresh, mid-chunk, empty, aligned
+if CUDA:
+    CONTINUATIONS += [([400, 400], [1000, 77], False), ([300], [64 * 7 + 3], False)]
+
+
+@pytest.mark.parametrize("lengths,starts,packed", CONTINUATIONS)
+def test_loglinear_ssd_continues_from_a_state(lengths, starts, packed, device):
+    """Prefill continued from a LogLinearState at positions > 0: outputs, final state and gradients of
+    every input including the initial slots == the reference."""
+    from hippolm.ops.loglinear import _slot_occupied
+
+    T = sum(lengths) if packed else lengths[0]
+    L = ops.num_levels(max(p + n for p, n in zip(starts, lengths, strict=True)))
+    xs = _inputs(1 if packed else len(lengths), T, 1, D, D, L=L, seed=6)
+    slots = torch.randn(len(lengths), 1, L, D, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for n, p in enumerate(starts):  # slots a real prefix could not have filled stay zero
+        for lvl in range(L):
+            if not bool(_slot_occupied(torch.tensor([p - 1]), lvl)):
+                slots[n, :, lvl] = 0
+    pos = torch.tensor(starts)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()]) if packed else None
+
+    def run(leaves, backend, dev):
+        kw = {} if cu is None else {"cu_seqlens": cu.to(dev)}
+        o, s = ops.loglinear_ssd(*leaves[:5], initial_state=ops.LogLinearState(leaves[5], pos.to(dev)),
+                                 output_final_state=True, backend=backend, chunk_size=C, **kw)
+        w = torch.randn(o.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dev)
+        loss = (o.double() * w).sum() + (s.slots.double() * 0.1).sum()
+        return o, s, torch.autograd.grad(loss, leaves)
+
+    o_ref, s_ref, g_ref = run([x.clone().requires_grad_() for x in [*xs, slots]], "torch", "cpu")
+    o, s, grads = run([x.to(device=device, dtype=torch.float32).requires_grad_() for x in [*xs, slots]],
+                      "triton", device)
+    assert rel_err(o.cpu(), o_ref) < 1e-3 and rel_err(s.slots.cpu(), s_ref.slots) < 1e-3
+    assert s.position.tolist() == s_ref.position.tolist()
+    for a, b in zip(grads, g_ref, strict=True):
+        assert rel_err(a.cpu(), b) < 5e-3
 
 
 def test_loglinear_state_at_position_zero_is_no_state(device):
@@ -172,8 +210,9 @@ def test_loglinear_state_at_position_zero_is_no_state(device):
 def test_linear_ssd_on_loglinear_kernels(packed, device):
     """Linear SSD through the dispatch's 'triton' backend (every level weighted 1, initial state added
     in torch) == the reference, gradients of the initial state included."""
-    xs = _inputs(1 if packed else 2, 77 if C == 16 else 200, 2, D, D, seed=11)[:4]
-    xs.append(torch.randn(2, 2, D, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    H = 1 if C == 16 else 2  # interpreter: one head (time)
+    xs = _inputs(1 if packed else 2, 50 if C == 16 else 200, H, D, D, seed=11)[:4]
+    xs.append(torch.randn(2, H, D, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
     kw = {"cu_seqlens": torch.tensor([0, 30, xs[0].shape[1]])} if packed else {}
     leaves = [x.clone().requires_grad_() for x in xs]
     o_ref, s_ref = ops.ssd(*leaves[:4], initial_state=leaves[4], output_final_state=True, backend="torch", **kw)

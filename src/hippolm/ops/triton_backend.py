@@ -98,9 +98,6 @@ def plan_loglinear(op: str, q: torch.Tensor, v: torch.Tensor, initial_state, mod
         return False, f"Triton kernels take fp16/bf16/fp32, got {q.dtype}"
     if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
         return False, f"Triton kernels take head dims up to {MAX_HEAD_DIM}"
-    if initial_state is not None and bool((initial_state.position != 0).any()):
-        # Position 0 occupies no slot (what AHN passes to start a sequence): same as no state.
-        return False, "the Triton kernels do not take an initial state past position 0 yet"
     return True, "triton"
 
 
@@ -145,12 +142,126 @@ def _final_slots(k, v, g, lengths: list[int], L: int) -> torch.Tensor:
     return slots[torch.tensor(order, device=k.device).argsort()] if order != sorted(order) else slots
 
 
-def run_loglinear_ssd(q, k, v, g, lam, scale: float, output_final_state: bool, cu_seqlens, chunk_size: int):
-    """Log-linear Mamba-2 on the Triton kernels, sequences starting at position 0.
+def _bits(x: int) -> int:
+    return x.bit_length()
 
-    Returns (o, final slots [N, H, L, K, V] or None, lengths [N])."""
+
+def _run_from_positions(q, k, v, g, lam, scale, output_final_state, cu_seqlens, C, state):
+    """Sequences continuing from ``state`` (a LogLinearState at positions p_n > 0).
+
+    New tokens: levels depend on absolute positions. With F = p // C the first absolute chunk and
+    n chunks spanned, m = bit_length(n - 1) and R = F mod 2^m, the chunk indices R.. in a virtual
+    sequence have the low m bits of the absolute ones; pairs that straddle the 2^m boundary all
+    differ highest at bit m virtually and at bit m + bit_length(A ^ (A + 1)) - 1 (A = F >> m) really,
+    so the kernel runs on the virtual layout (R chunks + p mod C tokens of zero padding in front)
+    with that one lam column remapped. The old slots' reads and the final-state routing are plain
+    (differentiable) torch, as in the reference.
+    """
+    B, T, H = q.shape[:3]
+    L = lam.shape[-1]
+    CB = C.bit_length() - 1
+    bounds = ([(b, 0, T) for b in range(B)] if cu_seqlens is None
+              else [(0, s, e) for s, e in itertools.pairwise(cu_seqlens.tolist())])
+    starts = state.position.tolist()
+    layout = []  # (prefix length, lam column map) per sequence
+    for (_, s, e), p in zip(bounds, starts, strict=True):
+        first, off = divmod(p, C)
+        n = max(1, -(-(off + e - s) // C))
+        m = _bits(n - 1)
+        high = first >> m
+        cols = list(range(CB + 2 + m))
+        cols[CB + 1 + m] = CB + 1 + m + _bits(high ^ (high + 1)) - 1  # the straddling pairs' real level
+        cols = [min(c, L - 1) for c in cols]  # columns past L are never reached by real pairs
+        layout.append(((first % (1 << m)) * C + off, cols))
+    width = max(1, *(pre + e - s for (pre, _), (_, s, e) in zip(layout, bounds, strict=True)))
+    Lv = max(len(cols) for _, cols in layout)
+    N = len(bounds)
+    index = torch.zeros(N, width, dtype=torch.long, device=q.device)
+    valid = torch.zeros(N, width, dtype=torch.bool, device=q.device)
+    colmap = torch.zeros(N, Lv, dtype=torch.long, device=q.device)
+    colok = torch.zeros(N, Lv, dtype=torch.bool, device=q.device)
+    for n, ((pre, cols), (b, s, e)) in enumerate(zip(layout, bounds, strict=True)):
+        index[n, pre : pre + e - s] = b * T + torch.arange(s, e, device=q.device)
+        valid[n, pre : pre + e - s] = True
+        colmap[n, : len(cols)] = torch.tensor(cols, device=q.device)
+        colok[n, : len(cols)] = True
+    flat = [x.reshape(B * T, *x.shape[2:]) for x in (q, k, v, g, lam)]
+    qd, kd, vd, gd, lamd = (_pack(x[None], index, valid) for x in flat)
+    lamd = lamd.gather(-1, colmap[:, None, None, :].expand(N, width, H, Lv)) * colok[:, None, None, :]
+    od = kernels().loglinear_ssd(qd, kd, vd, gd, lamd, scale, C)
+    o_new = od[valid]  # [total, H, V] in sequence order
+    # Old slots: slot l is the block of the last old query at level l; for a new query t its keys all
+    # sit at level bit_length(t ^ block start), decayed by the new tokens' cumulative decay.
+    from .loglinear import _slot_occupied, bit_length, block_start
+
+    outs, finals = [], []
+    for n, ((b, s, e), p) in enumerate(zip(bounds, starts, strict=True)):
+        length = e - s
+        last_old = torch.tensor([p - 1], device=q.device)
+        pos = p + torch.arange(length, device=q.device)
+        gc = g[b, s:e].double().cumsum(0).float()  # [len, H]
+        o_n = o_new[sum(be - bs for _, bs, be in bounds[:n]) :][:length].float()
+        slots_old = state.slots[n].float()  # [H, L, K, V]
+        for lvl in range(L):
+            if not bool(_slot_occupied(last_old, lvl)):
+                continue
+            start_l = int(block_start(last_old, lvl))
+            level_t = bit_length(pos ^ start_l)  # [len]
+            coef = lam[b, s:e].float().gather(-1, level_t[:, None, None].expand(length, H, 1))[..., 0] * gc.exp()
+            o_n = o_n + scale * coef[..., None] * torch.einsum("thk,hkv->thv", q[b, s:e].float(), slots_old[:, lvl])
+        outs.append(o_n.to(q.dtype))
+        if output_final_state:
+            finals.append(_final_slots_from(k[b, s:e], v[b, s:e], g[b, s:e], p, slots_old, L))
+    o = torch.stack(outs) if cu_seqlens is None else torch.cat(outs)[None]
+    slots = torch.stack(finals) if output_final_state else None
+    return o, slots, [e - s for _, s, e in bounds], [p + e - s for (_, s, e), p in zip(bounds, starts, strict=True)]
+
+
+def _final_slots_from(k, v, g, p: int, slots_old, L: int) -> torch.Tensor:
+    """Final slots of one sequence of new tokens k, v, g [len, H, *] at positions p.. after old slots."""
+    from .loglinear import _slot_occupied, bit_length, block_start
+
+    length = k.shape[0]
+    if length == 0:  # only the routing below (which keeps occupied slots only, as the reference)
+        k, v, g = k.new_zeros(1, *k.shape[1:]), v.new_zeros(1, *v.shape[1:]), g.new_zeros(1, *g.shape[1:])
+    last = p + length - 1
+    gc = g.double().cumsum(0)
+    w = (gc[-1] - gc).exp().float()  # [len, H]
+    out = []
+    for lvl in range(L):
+        if lvl == 0:
+            a, b = last, last + 1
+        elif (last >> (lvl - 1)) & 1:
+            half = 1 << (lvl - 1)
+            b = last - last % half
+            a = b - half
+        else:
+            a = b = p
+        a, b = max(a, p) - p, min(max(b, p) - p, length)
+        kw = k[a:b].float() * w[a:b, :, None]
+        out.append(torch.einsum("shk,shv->hkv", kw, v[a:b].float()))
+    new = torch.stack(out, 1)  # [H, L, K, V]
+    # Old slots: each moves whole to its level seen from the new last query, decayed by all new tokens.
+    last_old = torch.tensor([p - 1], device=k.device)
+    decay = gc[-1].exp().float()[:, None, None]
+    for lvl in range(L):
+        if bool(_slot_occupied(last_old, lvl)):
+            to = min(int(bit_length(torch.tensor([last ^ int(block_start(last_old, lvl))]))), L - 1)
+            new = new.index_add(1, torch.tensor([to], device=k.device), (slots_old[:, lvl] * decay)[:, None])
+    return new
+
+
+def run_loglinear_ssd(q, k, v, g, lam, scale: float, output_final_state: bool, cu_seqlens, chunk_size: int,
+                      initial_state=None):
+    """Log-linear Mamba-2 on the Triton kernels.
+
+    Returns (o, final slots [N, H, L, K, V] or None, final positions [N])."""
     C = chunk_size if chunk_size in (16, 32, 64) else 64
     B, T = q.shape[:2]
+    if initial_state is not None and bool((initial_state.position != 0).any()):
+        o, slots, _, ends = _run_from_positions(q, k, v, g, lam, scale, output_final_state, cu_seqlens, C,
+                                                initial_state)
+        return o, slots, ends
     if cu_seqlens is None:
         lengths = [T] * B
         o = kernels().loglinear_ssd(q, k, v, g, lam, scale, C)
