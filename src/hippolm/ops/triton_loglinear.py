@@ -1,7 +1,8 @@
 """Triton kernels for log-linear (Fenwick-tree) Mamba-2, forward and backward.
 
 Imported lazily (only by :mod:`hippolm.ops.triton_backend`), so installs without Triton never load it.
-Sequences start at position 0 (no initial state) and are given as a dense batch [B, T, H, D].
+Sequences start at position 0 and are given as a dense batch [B, T, H, D]; packing, initial states
+and final states are handled around these kernels in :mod:`hippolm.ops.triton_backend`.
 
 Algorithm (chunk size C, levels 0..log2 C inside a chunk, chunk-level bit j = level log2(C)+1+j):
 
