@@ -65,6 +65,7 @@ class Settings:
     needle_new_tokens: int = 12
     gen_len: int = 2048
     gen_new_tokens: int = 24
+    gen_chunks: int = 16  # cache measured after each of these prefill chunks
     cost_contexts: list[int] = field(default_factory=lambda: [1024, 8192, 32768, 131072])
     seed: int = 0
 
@@ -82,7 +83,7 @@ PRESETS: dict[str, dict] = {
     # Tests: seconds.
     "tiny": dict(seq_len=64, steps=2, lr=1e-3, train_windows=[16], train_sinks=[4], corpus_sources=["squad"],
                  window=16, sinks=4, eval_len=128, eval_docs=1, buckets=[0, 20, 64, 128], needle_lengths=[96],
-                 needle_depths=[0.5], needle_new_tokens=8, gen_len=128, gen_new_tokens=4,
+                 needle_depths=[0.5], needle_new_tokens=8, gen_len=128, gen_new_tokens=4, gen_chunks=2,
                  cost_contexts=[128, 8192]),
 }
 
@@ -379,7 +380,7 @@ class Demo:
         T = ids.shape[1]
         cache = model.new_cache(window=self.s.window, sinks=self.s.sinks)
         shape, kv = shape_of(model.config), torch.finfo(self.dtype).bits // 8
-        chunk = max(1, (T - 1) // 16)
+        chunk = max(1, -(-(T - 1) // self.s.gen_chunks))
         trace = []
         t0 = time.perf_counter()
         bar = tqdm(total=T - 1, desc="long prompt (AHN)", unit="tok", disable=not self.progress, leave=False)
