@@ -23,6 +23,7 @@ from hippolm import ops
 from hippolm.ops import triton_backend
 
 CUDA = torch.cuda.is_available()
+REF_DEV = "cuda" if CUDA else "cpu"  # float64 references run on the GPU when there is one (fast)
 INTERPRETING = triton_backend.interpreting()
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="needs triton (on CUDA, or its CPU interpreter)")
@@ -36,8 +37,7 @@ if CUDA:
               (1, 10, 2, D, D, C)]
 else:
     D, C = 16, 16
-    SHAPES = [(1, 90, 2, 16, 32, 16), (1, 150, 1, 16, 16, 16), (2, 64, 1, 16, 16, 64), (1, 1, 1, 16, 16, 16),
-              (1, 10, 2, 16, 16, 64)]
+    SHAPES = [(1, 90, 2, 16, 32, 16), (2, 64, 1, 16, 16, 64), (1, 1, 1, 16, 16, 16), (1, 10, 2, 16, 16, 64)]
 
 
 @pytest.fixture
@@ -99,6 +99,16 @@ def _reference(xs, **kw):
     return o.cpu(), state, grads
 
 
+def _cpu(result):
+    """(o, state, grads) moved to the CPU (state: a tensor or a LogLinearState)."""
+    o, state, grads = result
+    if isinstance(state, ops.LogLinearState):
+        state = ops.LogLinearState(state.slots.cpu(), state.position.cpu())
+    elif state is not None:
+        state = state.cpu()
+    return o.cpu(), state, [x.cpu() for x in grads]
+
+
 def _assert_close(got, want, fwd_tol, grad_tol):
     o, state, grads = got
     o_ref, state_ref, grads_ref = want
@@ -143,8 +153,9 @@ def test_dispatch_routes_and_refuses_clearly(device):
     q, k, v, g, lam = (x.to(device=device, dtype=torch.float32) for x in _inputs(1, 20, 1, D, D))
     with pytest.raises(ValueError, match="mode"):
         ops.loglinear_ssd(q, k, v, g, lam, mode="recurrent", backend="triton")
-    with pytest.raises(ValueError, match="Gated DeltaNet"):
-        ops.loglinear_gated_delta_rule(q, k, v, g, torch.rand_like(g), lam, backend="triton")
+    state = ops.LogLinearState(torch.zeros(1, 1, lam.shape[-1], D, D, device=device), torch.tensor([4]))
+    with pytest.raises(ValueError, match="position 0"):
+        ops.loglinear_gated_delta_rule(q, k, v, g, torch.rand_like(g), lam, initial_state=state, backend="triton")
     with pytest.raises(ValueError, match="backend"):
         ops.loglinear_ssd(q, k, v, g, lam, backend="cuda")
     # 'auto' never runs the CPU interpreter; on CUDA it picks the kernels and agrees with the reference.
@@ -185,7 +196,7 @@ def test_loglinear_ssd_continues_from_a_state(lengths, starts, packed, device):
         loss = (o.double() * w).sum() + (s.slots.double() * 0.1).sum()
         return o, s, torch.autograd.grad(loss, leaves)
 
-    o_ref, s_ref, g_ref = run([x.clone().requires_grad_() for x in [*xs, slots]], "torch", "cpu")
+    o_ref, s_ref, g_ref = _cpu(run([x.to(REF_DEV).requires_grad_() for x in [*xs, slots]], "torch", REF_DEV))
     o, s, grads = run([x.to(device=device, dtype=torch.float32).requires_grad_() for x in [*xs, slots]],
                       "triton", device)
     assert rel_err(o.cpu(), o_ref) < 1e-3 and rel_err(s.slots.cpu(), s_ref.slots) < 1e-3
@@ -248,7 +259,7 @@ def test_delta_rule_state_scan(op, packed, device):
         w = torch.randn(o.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dev)
         return o, s, torch.autograd.grad((o.double() * w).sum() + s.double().sum(), leaves)
 
-    o_ref, s_ref, g_ref = run([x.clone().requires_grad_() for x in xs], "torch", "cpu")
+    o_ref, s_ref, g_ref = _cpu(run([x.to(REF_DEV).requires_grad_() for x in xs], "torch", REF_DEV))
     o, s, grads = run([x.to(device=device, dtype=torch.float32).requires_grad_() for x in xs], "triton", device)
     assert rel_err(o.cpu(), o_ref) < 1e-3 and rel_err(s.cpu(), s_ref) < 1e-3
     for a, b in zip(grads, g_ref, strict=True):
@@ -260,3 +271,38 @@ def test_delta_rule_state_scan(op, packed, device):
         assert rel_err(o.cpu(), o_ref) < 2e-2 and rel_err(s.cpu(), s_ref) < 2e-2
         for a, b in zip(grads, g_ref, strict=True):
             assert rel_err(a.cpu(), b) < 2e-2
+
+
+LL_GDN = [(1, [37, 1, 0, 50], 1)] if not CUDA else [(1, [37, 1, 0, 500], 2), (2, [1000, 1000], 4)]
+
+
+@pytest.mark.parametrize("batch,lengths,heads", LL_GDN)
+def test_loglinear_gated_delta_rule_scans(batch, lengths, heads, device):
+    """Log-linear Gated DeltaNet (torch chunk parts + one Triton state scan per level) == the reference:
+    outputs, final slots and gradients of every input."""
+    from conftest import make_inputs
+
+    packed = batch == 1 and len(lengths) > 1
+    T = sum(lengths) if packed else lengths[0]
+    xs = make_inputs("gated_delta_rule", batch, T, heads, D, D, seed=21)
+    xs.append(torch.rand(batch, T, heads, ops.num_levels(max(lengths)) + 1,
+                         generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.25)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()]) if packed else None
+
+    def run(leaves, backend, dev):
+        o, s = ops.loglinear_gated_delta_rule(*leaves, output_final_state=True, backend=backend, chunk_size=C,
+                                              cu_seqlens=None if cu is None else cu.to(dev))
+        w = torch.randn(o.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dev)
+        return o, s, torch.autograd.grad((o.double() * w).sum() + (s.slots.double() * 0.1).sum(), leaves)
+
+    o_ref, s_ref, g_ref = _cpu(run([x.to(REF_DEV).requires_grad_() for x in xs], "torch", REF_DEV))
+    dtypes = [torch.float32] + ([torch.bfloat16] if device == "cuda" else [])
+    for dtype in dtypes:
+        tol, gtol = (1e-3, 5e-3) if dtype == torch.float32 else (2e-2, 2e-2)
+        leaves = [x.to(device=device, dtype=dtype if i < 3 else torch.float32).requires_grad_()
+                  for i, x in enumerate(xs)]
+        o, s, grads = run(leaves, "triton", device)
+        assert rel_err(o.cpu(), o_ref) < tol and rel_err(s.slots.cpu(), s_ref.slots) < tol
+        assert s.position.tolist() == s_ref.position.tolist()
+        for a, b in zip(grads, g_ref, strict=True):
+            assert rel_err(a.cpu(), b) < gtol

@@ -85,8 +85,8 @@ def plan_loglinear(op: str, q: torch.Tensor, v: torch.Tensor, initial_state, mod
                    explicit: bool = False) -> tuple[bool, str]:
     """(run on our Triton kernels?, reason) for a log-linear op call. ``backend="auto"`` picks them
     on CUDA only; the CPU interpreter runs them only when asked for (``explicit``, tests)."""
-    if op != "ssd":
-        return False, "no Triton kernel for log-linear Gated DeltaNet yet"
+    if op != "ssd" and initial_state is not None and bool((initial_state.position != 0).any()):
+        return False, "log-linear Gated DeltaNet on the Triton scan starts at position 0 only"
     if mode != "chunk":
         return False, f"mode={mode!r} runs the reference"
     if not explicit and q.device.type != "cuda":
@@ -369,3 +369,14 @@ def run_delta(q, k, v, g, beta, scale: float, initial_state, output_final_state:
 
     return triton_gdn.gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
                                        chunk_size)
+
+
+def run_loglinear_delta(q, k, v, g, beta, lam, scale: float, output_final_state: bool, cu_seqlens,
+                        chunk_size: int):
+    """Log-linear Gated DeltaNet from position 0: torch chunk parts + one Triton state scan per level."""
+    if interpreting():
+        _patch_interpreter()
+    from . import triton_gdn
+
+    return triton_gdn.loglinear_gated_delta_rule(q, k, v, g, beta, lam, scale, output_final_state, cu_seqlens,
+                                                 chunk_size)

@@ -171,3 +171,83 @@ def gated_delta_rule(q, k, v, g, beta, scale: float, initial_state, output_final
     o = torch.cat([o[i, : e - s] for i, (_, s, e) in enumerate(bounds)])[None] if cu_seqlens is not None else o[:, :T]
     return o.to(q.dtype), (final if output_final_state else None)
 
+
+
+def loglinear_gated_delta_rule(q, k, v, g, beta, lam, scale: float, output_final_state: bool, cu_seqlens,
+                               chunk_size: int = 64):
+    """Log-linear Gated DeltaNet, sequences starting at position 0; arguments as
+    :func:`hippolm.ops.loglinear_gated_delta_rule`. Returns (o, final slots [N, H, L, K, V] or None, ends).
+
+    Intra-chunk: the chunk's delta-rule attention matrix ``attn @ mix`` times the level weights
+    (torch). Chunk level j: one state scan (the Triton kernel above) in which only chunks with bit j
+    clear write, chunks with bit j set read (weighted by lam at level log2(C)+1+j), and the state
+    restarts every 2^(j+1) chunks (the previous chunk's decay and keys zeroed). Final slots: one scan
+    of the values masked by their level as seen from the last token (all levels side by side).
+    """
+    B, T, H, K = q.shape
+    V, L = v.shape[-1], lam.shape[-1]
+    C = chunk_size if chunk_size in (16, 32, 64) else 64
+    CB = C.bit_length() - 1
+    bounds = reference._sequence_bounds(T, cu_seqlens, B)
+    lengths = [e - s for _, s, e in bounds]
+    length = max(C, -(-max(lengths) // C) * C)
+    if cu_seqlens is None and length == T:
+        qs, ks, vs, gs, bs, ls = q, k, v, g, beta, lam
+    else:
+        qs, ks, vs, gs, bs, ls = (reference._to_padded(x, bounds, length) for x in (q, k, v, g, beta, lam))
+    to = reference.to_blocks
+    qb, kb, vb = to(qs.float() * scale, C), to(ks.float(), C), to(vs.float(), C)
+    lamb = to(ls.float(), C)  # [N, H, n, C, L]
+    G = to(gs.float(), C).cumsum(-1)
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    decay = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    b = to(bs.float(), C)
+    eye = torch.eye(C, dtype=torch.float32, device=q.device)
+    A = eye + (b[..., None] * (kb @ kb.transpose(-1, -2)) * decay).tril(-1)
+    mix = torch.linalg.solve_triangular(A, eye * b[..., None, :], upper=False, unitriangular=True)
+    gamma = G.exp()[..., None]
+    w = mix @ (gamma * kb)
+    u = mix @ vb
+    kd = kb * (G[..., -1:] - G).exp()[..., None]
+    ge = G[..., -1].exp()
+    attn = (qb @ kb.transpose(-1, -2)) * decay
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    N, _, n = qb.shape[:3]
+
+    r = torch.arange(C, device=q.device)
+    x = r[:, None] ^ r[None, :]
+    level_in = torch.zeros_like(x)
+    for bit in range(CB):
+        level_in += (x >> bit) > 0
+    lam_in = lamb.gather(-1, level_in.clamp_max(L - 1).expand(N, H, n, C, C)) * (level_in < L)
+    o = ((attn @ mix) * lam_in) @ vb
+    qg = qb * gamma
+    chunks = torch.arange(n, device=q.device)
+    for j in range((n - 1).bit_length()):
+        if CB + 1 + j >= L:
+            break
+        reads = ((chunks >> j) & 1).float()  # [n]
+        restart_next = torch.zeros(n, device=q.device)
+        restart_next[:-1] = ((chunks[1:] % (1 << (j + 1))) == 0).float()
+        keep = 1.0 - restart_next
+        u_j = u * (1.0 - reads)[:, None, None]
+        h, vn, _ = _Scan.apply(w, u_j, kd * keep[:, None, None], ge * keep, None, prec)
+        read = qg @ h + attn @ (vn - u_j)
+        o = o + (reads[:, None, None] * lamb[..., CB + 1 + j, None]) * read
+    o = o.permute(0, 2, 3, 1, 4).reshape(N, n * C, H, V)
+    o = torch.cat([o[i, :ln] for i, ln in enumerate(lengths)])[None] if cu_seqlens is not None else o[:, :T]
+    if not output_final_state:
+        return o.to(q.dtype), None, lengths
+    # Values masked by their level seen from each sequence's last token, all levels side by side.
+    pos = torch.arange(length, device=q.device)
+    last = torch.tensor(lengths, device=q.device)[:, None] - 1
+    xl = (last ^ pos[None]).clamp_min(0)
+    key_level = torch.zeros_like(xl)
+    for bit in range(max(length, 1).bit_length()):
+        key_level += (xl >> bit) > 0
+    key_level = torch.where(pos[None] <= last, key_level, -1)  # [N, length]
+    masks = (key_level[..., None] == torch.arange(L, device=q.device)).float()  # [N, length, L]
+    vm = (vs.float()[..., None, :] * masks[:, :, None, :, None]).reshape(N, length, H, L * V)
+    _, _, final = _Scan.apply(w, mix @ to(vm, C), kd, ge, None, prec)
+    slots = final.reshape(N, H, K, L, V).permute(0, 1, 3, 2, 4).contiguous()
+    return o.to(q.dtype), slots, lengths
