@@ -117,9 +117,16 @@ def settings_from_args(args: argparse.Namespace, device: torch.device) -> Settin
         value = getattr(args, name)
         if value is not None:
             setattr(s, name, value)
-    # Given a window, sinks or sequence length, train where the evaluation runs (if positions are left to train on).
-    if (args.window is not None or args.sinks is not None or args.seq_len is not None) \
-            and s.window + s.sinks < s.seq_len:
+    # Training windows: a preset that trains at its evaluation window follows a changed one; sampled
+    # windows keep only those that leave positions to train on at the sequence length.
+    fixed = len(s.train_windows) == 1 and len(s.train_sinks) == 1
+    if fixed and (args.window is not None or args.sinks is not None):
+        s.train_windows, s.train_sinks = [s.window], [s.sinks]
+    s.train_windows = [w for w in s.train_windows if w + min(s.train_sinks) < s.seq_len]
+    if not s.train_windows:
+        if s.window + s.sinks >= s.seq_len:
+            raise DemoError(f"--seq-len {s.seq_len} must exceed window + sinks = {s.window + s.sinks}: the memory "
+                            "trains on the positions past them.")
         s.train_windows, s.train_sinks = [s.window], [s.sinks]
     if args.eval_len is not None:
         edges = [b for b in s.buckets if b < s.eval_len]
