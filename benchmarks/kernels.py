@@ -218,6 +218,10 @@ def main() -> None:
                     measure(T, B, "hippolm-triton", "loglinear_ssd", backward,
                             lambda q, k, v, g, lam: ops.loglinear_ssd(q, k, v, g, lam, backend="triton"),
                             lambda grad, make=make: make(grad, levels=True), ll_flops, io)
+                    measure(T, B, "hippolm-triton", "loglinear_gated_delta_rule", backward,
+                            lambda q, k, v, g, lam: ops.loglinear_gated_delta_rule(
+                                q, k, v, g, torch.sigmoid(g + 2), lam, backend="triton"),
+                            lambda grad, make=make: make(grad, levels=True), ll_flops, io)
                     measure(T, B, "hippolm-dispatch(auto)", "gated_delta_rule", backward,
                             lambda q, k, v, g: ops.gated_delta_rule(q, k, v, g, torch.sigmoid(g + 2)), make,
                             lin_flops, lin_io)
