@@ -87,12 +87,12 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU under TRITON_INTERPRET=1, tiny shapes: checks the script, times nothing real")
     args = parser.parse_args()
+    if args.quick:
+        args.lengths = "2048,8192,65536"
     if args.dry_run:
         global DEVICE
         DEVICE = "cpu"
         args.lengths, args.tokens, args.heads, args.dim = "100,200", 200, 2, 16
-    if args.quick:
-        args.lengths = "2048,8192,65536"
     warmup, repeats = (1, 3) if args.quick else (2, 7)
     H, d = args.heads, args.dim
     t_start = time.time()
