@@ -130,3 +130,23 @@ def test_loglinear_model_refuses_sequences_beyond_max_position():
     model = tiny("loglinear_gdn")
     with pytest.raises(ValueError, match="levels"):
         model(ids(T=65))
+
+
+@pytest.mark.parametrize("hidden", [16, 64])
+@pytest.mark.parametrize("mixer", ["attention", "mamba2", "gdn", "loglinear_gdn"])
+def test_new_small_model_projections_keep_unit_scale(mixer, hidden):
+    """Regression: with transformers' fixed 0.02 init, a hidden-size-64 model's projections scaled
+    their (unit RMS) input by ~0.16 and GDN / Mamba-2 stayed at chance on MQAR for thousands of steps;
+    the default init std is now hidden_size ** -0.5, so every input projection keeps unit scale."""
+    torch.manual_seed(0)
+    model = HippoForCausalLM(HippoConfig(vocab_size=VOCAB, hidden_size=hidden, mixer=mixer, max_position=64))
+    assert model.config.initializer_range == pytest.approx(hidden**-0.5)
+    x = torch.randn(4096, hidden)  # what a layer's input RMSNorm hands its projections
+    mixer_module = model.model.layers[0].mixer
+    projections = [m for name, m in mixer_module.named_modules()
+                   if isinstance(m, torch.nn.Linear) and name in ("q_proj", "k_proj", "v_proj", "in_proj", "g_proj")]
+    assert projections
+    for proj in projections:
+        assert 0.5 < proj(x).std().item() < 2.0
+    # Tied embeddings give logits of order 1 from a normalised hidden state.
+    assert 0.5 < (x @ model.lm_head.weight.T).std().item() < 2.0

@@ -86,22 +86,26 @@ class ShortConv(nn.Module):
 
     The state is the last ``kernel_size - 1`` inputs [B, C, K-1] (zeros before the first token),
     so a sequence cut anywhere and continued gives the same output as one pass.
+
+    Taps and the optional bias start as PyTorch's depthwise Conv1d default,
+    U(-1/sqrt(K), 1/sqrt(K)). Gated DeltaNet's convolutions have no bias (as FLA's), Mamba-2's
+    have one (as mamba_ssm's).
     """
 
-    def __init__(self, channels: int, kernel_size: int = 4):
+    def __init__(self, channels: int, kernel_size: int = 4, bias: bool = True):
         super().__init__()
         if kernel_size < 1:
             raise ValueError(f"conv kernel_size must be >= 1, got {kernel_size}.")
         self.kernel_size = kernel_size
         self.weight = nn.Parameter(torch.empty(channels, kernel_size))
-        self.bias = nn.Parameter(torch.empty(channels))
+        self.bias = nn.Parameter(torch.empty(channels)) if bias else None
         self.reset_special_parameters()
 
     def reset_special_parameters(self) -> None:
-        # PyTorch's default for a depthwise Conv1d: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = K.
-        bound = 1 / math.sqrt(self.kernel_size)
+        bound = 1 / math.sqrt(self.kernel_size)  # PyTorch's default for a depthwise Conv1d (fan_in = K)
         set_param_(self.weight, torch.empty_like(self.weight, device="cpu").uniform_(-bound, bound))
-        set_param_(self.bias, torch.empty_like(self.bias, device="cpu").uniform_(-bound, bound))
+        if self.bias is not None:
+            set_param_(self.bias, torch.empty_like(self.bias, device="cpu").uniform_(-bound, bound))
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, C], state [B, C, K-1] or None -> (y [B, T, C], new state)."""
@@ -111,7 +115,8 @@ class ShortConv(nn.Module):
         if state is None:
             state = xt.new_zeros(B, C, K - 1)
         full = torch.cat([state.to(xt.dtype), xt], dim=-1)  # [B, C, K-1+T]
-        y = F.conv1d(full, self.weight.to(x.dtype)[:, None, :], self.bias.to(x.dtype), groups=C)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = F.conv1d(full, self.weight.to(x.dtype)[:, None, :], bias, groups=C)
         return F.silu(y).transpose(1, 2), full[..., full.shape[-1] - (K - 1):]
 
 

@@ -65,13 +65,14 @@ class RecurrentMixer(nn.Module):
 
     kind: str  # "mamba2" or "gdn"
     scale: float | None = None  # read-out scale passed to the op (None: 1/sqrt(k_dim))
+    conv_bias: bool = True  # the short convolution has a bias (Mamba-2, as mamba_ssm)
 
     def __init__(self, hidden_size: int, num_heads: int, conv_channels: int, conv_size: int, loglinear: bool,
                  max_position: int):
         super().__init__()
         self.hidden_size, self.num_heads, self.loglinear = hidden_size, num_heads, loglinear
         self.max_position = max_position
-        self.conv = ShortConv(conv_channels, conv_size)
+        self.conv = ShortConv(conv_channels, conv_size, bias=self.conv_bias)
         self.A_log = no_weight_decay(nn.Parameter(torch.empty(num_heads)))
         self.dt_bias = no_weight_decay(nn.Parameter(torch.empty(num_heads)))
         # L = ceil(log2 max_position) + 1 levels cover positions 0 .. max_position - 1; the op
@@ -180,6 +181,7 @@ class GatedDeltaNetMixer(RecurrentMixer):
     """
 
     kind = "gdn"
+    conv_bias = False  # as FLA's GatedDeltaNet
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, expand_v: int = 1, conv_size: int = 4,
                  loglinear: bool = False, max_position: int = 2048, eps: float = 1e-5):

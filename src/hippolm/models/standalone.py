@@ -30,6 +30,10 @@ class HippoConfig(PreTrainedConfig):
     hidden_size / num_attention_heads; ``state_size`` (Mamba-2 key dim per head) to head_dim;
     value dims are head_dim * expand_v. ``window`` is the sliding-window span of ``swa`` layers;
     ``max_position`` the longest sequence (it sets the levels of log-linear layers).
+    ``initializer_range`` (std of the normal init of every linear and embedding weight) defaults to
+    hidden_size ** -0.5: about the usual 0.02 at hidden size 2048, and what keeps projections of a
+    small model at unit scale (0.02 at hidden size 64 made q/k/v projections ~0.16 of their input,
+    and Gated DeltaNet and Mamba-2 stayed at chance on MQAR).
     """
 
     model_type = "hippolm"
@@ -48,7 +52,7 @@ class HippoConfig(PreTrainedConfig):
     max_position: int = 2048
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
-    initializer_range: float = 0.02
+    initializer_range: float | None = None  # None: hidden_size ** -0.5
     tie_word_embeddings: bool = True
     use_cache: bool = True
     pad_token_id: int | None = None
@@ -63,6 +67,8 @@ class HippoConfig(PreTrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.intermediate_size is None:
             self.intermediate_size = 4 * self.hidden_size
+        if self.initializer_range is None and isinstance(self.hidden_size, int) and self.hidden_size > 0:
+            self.initializer_range = self.hidden_size**-0.5
         super().__post_init__(**kwargs)
         mixers = self.layer_mixers
         unknown = sorted({m for m in mixers if m not in MIXER_TYPES})
