@@ -98,7 +98,7 @@ class MQARSettings:
     warmup_frac: float = 0.1
     seed: int = 0
     device: str = "auto"
-    time_limit: float | None = None  # seconds of training; stop early (recorded) if reached
+    time_limit: float | None = None  # seconds of training: stop there (recorded); the schedule follows time too
 
     def model_config(self) -> HippoConfig:
         return HippoConfig(vocab_size=self.vocab_size, hidden_size=self.d_model, num_hidden_layers=self.num_layers,
@@ -155,14 +155,12 @@ def train_mqar(settings: MQARSettings, progress: bool = True) -> dict:
                           seed=_seed("eval", s.seed, s.seq_len, n)) for n in s.pairs}
 
     opt = torch.optim.AdamW(_param_groups(model, s.weight_decay), lr=s.lr, betas=(0.9, 0.98))
-    warmup = max(1, int(s.warmup_frac * s.steps))
 
-    def lr_factor(step: int) -> float:  # linear warmup, cosine decay to 0
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, s.steps - warmup)))
+    def lr_factor(progress: float) -> float:  # linear warmup, cosine decay to 0 at progress 1
+        if progress < s.warmup_frac:
+            return min(1.0, (progress + 1 / s.steps) / s.warmup_frac)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - s.warmup_frac) / max(1e-9, 1 - s.warmup_frac))))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     gen = torch.Generator().manual_seed(_seed("order", s.seed))
     order, cursor = torch.randperm(len(inputs), generator=gen), 0
     losses: list[float] = []
@@ -170,9 +168,17 @@ def train_mqar(settings: MQARSettings, progress: bool = True) -> dict:
     bar = tqdm(range(s.steps), desc=f"mqar {s.mixer} d={s.d_model}", disable=not progress, leave=False)
     model.train()
     steps_done = 0
-    for _ in bar:
-        if s.time_limit is not None and time.perf_counter() - start > s.time_limit:
+    for step in bar:
+        elapsed = time.perf_counter() - start
+        if s.time_limit is not None and elapsed > s.time_limit:
             break
+        # Progress is the larger of steps and time used, so a time-limited run still warms up and
+        # anneals to zero by its deadline instead of stopping at full learning rate.
+        progress = step / s.steps
+        if s.time_limit is not None:
+            progress = max(progress, elapsed / s.time_limit)
+        for group in opt.param_groups:
+            group["lr"] = s.lr * lr_factor(progress)
         if cursor + s.batch_size > len(order):
             order, cursor = torch.randperm(len(inputs), generator=gen), 0
         idx = order[cursor : cursor + s.batch_size]
@@ -183,7 +189,6 @@ def train_mqar(settings: MQARSettings, progress: bool = True) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sched.step()
         losses.append(loss.item())
         steps_done += 1
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
