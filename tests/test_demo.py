@@ -81,7 +81,10 @@ def test_demo_rerun_reuses_every_stage_and_refuses_other_settings(demo_run, caps
 
 def test_demo_bad_input(tmp_path, capsys):
     assert Demo.main(["--tiny", "--out", str(tmp_path / "x"), "--window", "200"]) == 2
-    assert "--eval-len" in capsys.readouterr().err
+    assert "--seq-len 64 must exceed window + sinks = 204" in capsys.readouterr().err
+    assert Demo.main(["--tiny", "--out", str(tmp_path / "x"), "--window", "200", "--seq-len", "300"]) == 2
+    assert "--eval-len 128 must exceed window + sinks = 204" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
     (tmp_path / "y").mkdir()
     (tmp_path / "y" / "notes.txt").write_text("mine")
     assert Demo.main(["--tiny", "--out", str(tmp_path / "y")]) == 2

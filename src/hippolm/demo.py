@@ -73,7 +73,7 @@ class Settings:
 PRESETS: dict[str, dict] = {
     # One H100: ~2M training tokens; sequences of 2k, windows sampled as in the paper (L/8 < W < L).
     "gpu": dict(seq_len=2048, steps=300, batch_size=4, lr=1e-3, train_windows=[256, 512, 1024],
-                train_sinks=[0, 32, 64, 128], grad_checkpointing=True, window=512, sinks=64, eval_len=8192,
+                train_sinks=[0, 32, 64, 128], window=512, sinks=64, eval_len=8192,
                 eval_docs=8, buckets=[0, 576, 1024, 2048, 4096, 8192], needle_task="passkey",
                 needle_lengths=[1024, 2048, 4096, 8000], needle_depths=[0.1, 0.3, 0.5, 0.7, 0.9],
                 needle_new_tokens=12, gen_len=8000, gen_new_tokens=64),

@@ -37,6 +37,16 @@ _OPS = {
 }
 
 
+def _chunk_kwargs(x: torch.Tensor) -> dict:
+    """On CPU, a sequence shorter than the ops' 64-token chunk runs in one chunk of the next power of
+    two (>= 16) instead of being padded to 64: same result, 1.5-2x faster at T = 32. GPUs keep 64
+    (the kernels' size)."""
+    T = x.shape[1]
+    if x.device.type != "cpu" or T >= 64:
+        return {}
+    return {"chunk_size": max(16, 1 << (T - 1).bit_length())}
+
+
 def _loglinear_folded(seq_op, q, k, v, gates, scale, memory: ops.LogLinearState | None, output_state: bool):
     """Run a log-linear sequence op with the batch folded into the heads: [B, T, H] -> [1, T, B*H].
 
@@ -46,14 +56,15 @@ def _loglinear_folded(seq_op, q, k, v, gates, scale, memory: ops.LogLinearState 
     """
     B, T, H = q.shape[:3]
     if B == 1 or (memory is not None and bool((memory.position != memory.position[0]).any())):
-        return seq_op(q, k, v, *gates, scale=scale, initial_state=memory, output_final_state=output_state)
+        return seq_op(q, k, v, *gates, scale=scale, initial_state=memory, output_final_state=output_state,
+                      **_chunk_kwargs(q))
 
     def fold(x):
         return x.transpose(0, 1).reshape(1, T, B * H, *x.shape[3:])
 
     init = None if memory is None else ops.LogLinearState(memory.slots.flatten(0, 1)[None], memory.position[:1])
     o, final = seq_op(*(fold(x) for x in (q, k, v, *gates)), scale=scale, initial_state=init,
-                      output_final_state=output_state)
+                      output_final_state=output_state, **_chunk_kwargs(q))
     o = o[0].reshape(T, B, H, -1).transpose(0, 1)
     if final is not None:
         final = ops.LogLinearState(final.slots[0].unflatten(0, (B, H)), final.position.expand(B).clone())
@@ -115,7 +126,7 @@ class RecurrentMixer(nn.Module):
             o, memory = _loglinear_folded(seq_op, q, k, v, gates, self.scale, memory, output_state)
         else:
             o, memory = seq_op(q, k, v, *gates, scale=self.scale, initial_state=memory,
-                               output_final_state=output_state)
+                               output_final_state=output_state, **_chunk_kwargs(q))
         out = self._output(o.to(hidden.dtype), conv_out, extra)
         return out, (RecurrentState(conv_state, memory) if output_state else None)
 
