@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (device tool), from the repo root, with .whl carried (FLA, einops):
-#   our Triton kernels' CUDA tests against the float64 reference, then benchmarks/kernels.py.
+#   our Triton kernels' CUDA tests against the float64 reference, then benchmarks/kernel_bench.py.
 # Fits a 10-minute cap: tests <= TEST_TIMEOUT (210 s), benchmark <= BENCH_TIMEOUT (320 s) with its own
 # budget a little shorter so it ends cleanly. Results and logs go to $OUT (default /tmp/out):
 #   kernels_<gpu>.json (copy to benchmarks/results/), test_kernels_cuda.log, kernels_<gpu>.log.
@@ -26,7 +26,7 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   echo "tests took $(( $(date +%s) - t0 )) s"
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  timeout ${BENCH_TIMEOUT:-320} python3 benchmarks/kernels.py --budget ${BENCH_BUDGET:-280} "$@" \
+  timeout ${BENCH_TIMEOUT:-320} python3 benchmarks/kernel_bench.py --budget ${BENCH_BUDGET:-280} "$@" \
     --json "$OUT/kernels_$dev.json" 2>&1 | tee "$OUT/kernels_$dev.log"
 fi
 echo "total $(( $(date +%s) - t0 )) s"

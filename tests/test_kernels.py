@@ -306,3 +306,33 @@ def test_loglinear_gated_delta_rule_scans(batch, lengths, heads, device):
         assert s.position.tolist() == s_ref.position.tolist()
         for a, b in zip(grads, g_ref, strict=True):
             assert rel_err(a.cpu(), b) < gtol
+
+
+@pytest.mark.parametrize("op", ["gated_delta_rule", "loglinear_gated_delta_rule", "loglinear_ssd"])
+def test_kernels_under_autocast_keep_float32_math(op, device):
+    """Training runs under bf16 autocast: the kernels' torch parts must stay float32 (else bf16
+    factors meet float32 states in ``tl.dot``, which refuses mixed operands on the GPU, and precision
+    drops to bf16's). float32 inputs under autocast == the float64 reference at float32 tolerance."""
+    from conftest import make_inputs
+
+    T = 50 if C == 16 else 300
+    xs = make_inputs("gated_delta_rule", 1, T, 1, D, D, seed=4)
+    lam = torch.rand(1, T, 1, ops.num_levels(T), generator=torch.Generator().manual_seed(2),
+                     dtype=torch.float64) + 0.25
+    args = {"gated_delta_rule": xs, "loglinear_gated_delta_rule": [*xs, lam],
+            "loglinear_ssd": [*xs[:4], lam]}[op]
+    fn = getattr(ops, op)
+
+    def run(leaves, backend, dev, autocast=False):
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast):  # backward outside, as in training
+            o, _ = fn(*leaves, backend=backend, chunk_size=C)
+        w = torch.randn(o.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dev)
+        return o, torch.autograd.grad((o.double() * w).sum(), leaves)
+
+    o_ref, g_ref = run([x.to(REF_DEV).requires_grad_() for x in args], "torch", REF_DEV)
+    o, grads = run([x.to(device=device, dtype=torch.float32).requires_grad_() for x in args], "triton", device,
+                   autocast=True)
+    assert o.dtype == torch.float32
+    assert rel_err(o.cpu(), o_ref.cpu()) < 1e-3
+    for a, b in zip(grads, g_ref, strict=True):
+        assert rel_err(a.cpu(), b.cpu()) < 5e-3

@@ -251,6 +251,20 @@ def _final_slots_from(k, v, g, p: int, slots_old, L: int) -> torch.Tensor:
     return new
 
 
+def _outside_autocast(fn):
+    """Run ``fn`` with autocast off: its torch parts (WY transform, decays, level sums) are float32 by
+    design, and under autocast their matmuls would come out bf16 and meet float32 states inside the
+    kernels (``tl.dot`` refuses mixed operands). Inputs keep their dtypes; outputs match them."""
+
+    @functools.wraps(fn)
+    def run(q, *args, **kwargs):
+        with torch.autocast(q.device.type, enabled=False):
+            return fn(q, *args, **kwargs)
+
+    return run
+
+
+@_outside_autocast
 def run_loglinear_ssd(q, k, v, g, lam, scale: float, output_final_state: bool, cu_seqlens, chunk_size: int,
                       initial_state=None):
     """Log-linear Mamba-2 on the Triton kernels.
@@ -308,6 +322,7 @@ def plan_linear_ssd(q: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor
     return True, "triton"
 
 
+@_outside_autocast
 def run_linear_ssd(q, k, v, g, scale: float, output_final_state: bool, cu_seqlens, chunk_size: int,
                    initial_state=None):
     """Linear SSD as log-linear SSD with every level weighted 1 (exact: the collapse identity);
@@ -360,6 +375,7 @@ def plan_delta(op: str, q: torch.Tensor, v: torch.Tensor, tensors: list[torch.Te
     return True, "triton"
 
 
+@_outside_autocast
 def run_delta(q, k, v, g, beta, scale: float, initial_state, output_final_state: bool, cu_seqlens,
               chunk_size: int):
     """(Gated) DeltaNet: chunk-parallel WY parts in torch, the inter-chunk state scan in Triton."""
@@ -371,6 +387,7 @@ def run_delta(q, k, v, g, beta, scale: float, initial_state, output_final_state:
                                        chunk_size)
 
 
+@_outside_autocast
 def run_loglinear_delta(q, k, v, g, beta, lam, scale: float, output_final_state: bool, cu_seqlens,
                         chunk_size: int):
     """Log-linear Gated DeltaNet from position 0: torch chunk parts + one Triton state scan per level."""

@@ -1,7 +1,7 @@
 """Our Triton kernels on a CUDA GPU next to FLA (called directly, where it runs) and SDPA flash
 attention: bf16, H=16, d=128, a fixed number of tokens per batch (B = tokens / T, at least 1).
 
-    python benchmarks/kernels.py --json benchmarks/results/kernels_h100.json [--quick] [--budget 330]
+    python benchmarks/kernel_bench.py --json benchmarks/results/kernels_h100.json [--quick] [--budget 330]
 
 Each row: forward and forward+backward (median of CUDA-event timings after warm-up), the FLOPs
 the algorithm performs (formulas in ``meta.flops``) as TFLOP/s, the compulsory I/O (inputs,
