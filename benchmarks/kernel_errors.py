@@ -1,0 +1,58 @@
+"""Relative errors of our Triton kernels against the float64 reference on a CUDA GPU, per output
+and per gradient, float32 and bf16, at the shapes of tests/test_kernels.py and longer ones.
+A diagnostic to run when the CUDA tests fail: it prints every error instead of stopping at the
+first assertion, and writes them to JSON.
+
+    python benchmarks/kernel_errors.py --json $OUT/kernel_errors_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import test_kernels as tk
+from conftest import rel_err
+
+SHAPES = [(1, 130, 2), (1, 300, 2), (1, 600, 2), (1, 1000, 1), (2, 1000, 16), (1, 3000, 4)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    dev = "cuda"
+    rows = []
+    for B, T, H in SHAPES:
+        xs = tk._inputs(B, T, H, 128, 128, seed=T)
+        want = tk._reference(xs)
+        for dtype in (torch.float32, torch.bfloat16):
+            row = {"op": "loglinear_ssd", "B": B, "T": T, "H": H, "dtype": str(dtype).split(".")[-1]}
+            t0 = time.time()
+            try:
+                o, _, grads = tk._run(xs, dtype, dev, chunk_size=64)
+                row["o"] = rel_err(o.cpu(), want[0])
+                for name, a, b in zip(("dq", "dk", "dv", "dg", "dlam"), grads, want[2], strict=True):
+                    row[name] = rel_err(a.cpu(), b)
+            except Exception as e:  # report it and go on to the next case
+                row["error"] = f"{type(e).__name__}: {e}"[:400]
+                traceback.print_exc()
+            row["seconds"] = round(time.time() - t0, 1)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "date": datetime.date.today().isoformat(), "rows": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
