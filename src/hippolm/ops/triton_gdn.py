@@ -80,7 +80,10 @@ def _scan_bwd(w_ptr, kd_ptr, ge_ptr, h_ptr, vn_ptr, dh_ptr, dvn_ptr, dst_ptr,
         tl.store(du_ptr + base * (C * V) + tile_cv, dvn, mask=mcv)
         pbase = part + base
         tl.store(dw_ptr + pbase * (C * K) + tile_ck, -tl.dot(dvn, tl.trans(S), input_precision=PREC), mask=mck)
-        tl.store(dkd_ptr + pbase * (C * K) + tile_ck, tl.dot(vn, tl.trans(dS), input_precision=PREC), mask=mck)
+        # dkd = vn dS^T, computed as (dS vn^T)^T and stored transposed: dS is a dot accumulator, and
+        # tl.trans of one feeding a tl.dot is what Triton 3.4-3.7.0 miscompiles on Hopper (FLA #640).
+        dkd_t = tl.dot(dS, tl.trans(vn), input_precision=PREC)  # [BK, C]
+        tl.store(dkd_ptr + pbase * (C * K) + cc[None, :] * K + kk[:, None], dkd_t, mask=kk[:, None] < K)
         tl.store(dge_ptr + pbase, tl.sum(tl.sum(dS * S, axis=1), axis=0))
         dS = ge * dS - tl.dot(tl.trans(w), dvn, input_precision=PREC)
         dS += tl.load(dh_ptr + base * (K * V) + tile_kv, mask=mkv, other=0)
