@@ -67,6 +67,19 @@ def test_tiny_attention_run_learns():
     assert set(result["accuracy"]) == {"2", "4"}
 
 
+def test_attention_solves_tiny_mqar():
+    """Regression: with every linear at std hidden_size ** -0.5, the attention and MLP output
+    projections wrote unit-scale branches into the residual stream, ~8x the token embeddings, and a
+    2-layer softmax-attention model stayed on MQAR's plateau (guessing among the context's values:
+    accuracy ~1/2 and ~1/4 here) for 1000 steps. With output projections at an embedding's scale it
+    solves this in 600 steps (seeds 0-4 all > 0.99; the old init stayed at ~0.4)."""
+    settings = MQARSettings(mixer="attention", d_model=64, seq_len=16, pairs=(2, 4), vocab_size=32,
+                            train_examples=20_000, eval_examples=300, steps=600, batch_size=32, lr=3e-3,
+                            device="cpu")
+    result = train_mqar(settings, progress=False)
+    assert result["accuracy"]["2"] > 0.9 and result["accuracy"]["4"] > 0.9, result["accuracy"]
+
+
 def test_cli_writes_json(tmp_path, capsys):
     out = tmp_path / "r.json"
     rc = cli_main(["mqar", "--mixer", "loglinear_gdn", "--d-model", "16", "--seq-len", "16", "--pairs", "2,4",

@@ -150,3 +150,29 @@ def test_new_small_model_projections_keep_unit_scale(mixer, hidden):
         assert 0.5 < proj(x).std().item() < 2.0
     # Tied embeddings give logits of order 1 from a normalised hidden state.
     assert 0.5 < (x @ model.lm_head.weight.T).std().item() < 2.0
+
+
+@pytest.mark.parametrize("mixer", ["attention", "mamba2", "gdn"])
+def test_new_model_blocks_start_at_embedding_scale(mixer):
+    """Regression: the projections writing into the residual stream (mixer output, MLP down) start
+    at std initializer_range / sqrt(fan_in), so each branch adds about a token embedding's scale.
+    At the full hidden_size ** -0.5 they added unit scale, ~8x the embeddings at hidden size 64,
+    and softmax attention never learned MQAR (see test_mqar.test_attention_solves_tiny_mqar)."""
+    torch.manual_seed(0)
+    hidden = 64
+    model = HippoForCausalLM(HippoConfig(vocab_size=VOCAB, hidden_size=hidden, mixer=mixer, max_position=64))
+    std = model.config.initializer_range
+    block = model.model.layers[0]
+    outputs = [m for m in model.modules() if getattr(m, "_residual_output", False)]
+    assert len(outputs) == 2 * model.config.num_hidden_layers  # one per mixer, one per MLP
+    assert block.mixer.get_submodule("o_proj" if mixer != "mamba2" else "out_proj") in outputs
+    assert block.mlp.down_proj in outputs
+    for proj in outputs:
+        assert proj.weight.std().item() == pytest.approx(std / proj.in_features**0.5, rel=0.1)
+    x = model.model.embed_tokens(ids(T=32))
+    with torch.no_grad():
+        branch = block.mixer(block.mixer_norm(x), None, output_state=False)[0]
+        mlp = block.mlp(block.mlp_norm(x))
+    assert x.std().item() == pytest.approx(std, rel=0.2)
+    for out in (branch, mlp):
+        assert out.std().item() < 2 * std  # not ~sqrt(hidden_size) times the embeddings

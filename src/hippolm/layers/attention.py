@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .common import residual_output
+
 
 @dataclass
 class KVCache:
@@ -46,7 +48,7 @@ class AttentionMixer(nn.Module):
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.o_proj = residual_output(nn.Linear(num_heads * head_dim, hidden_size, bias=False))
 
     def forward(self, hidden: torch.Tensor, state: KVCache | None = None,
                 output_state: bool = True) -> tuple[torch.Tensor, KVCache | None]:

@@ -32,6 +32,14 @@ def no_weight_decay(param: nn.Parameter) -> nn.Parameter:
     return param
 
 
+def residual_output(linear: nn.Linear) -> nn.Linear:
+    """Mark the projection that writes a block's branch into the residual stream (attention's and
+    the recurrent mixers' output projection, the MLP's down projection). The standalone model
+    starts these small (see ``HippoPreTrainedModel._init_weights``)."""
+    linear._residual_output = True
+    return linear
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype for gates and norms: float32 for half inputs, float64 kept (exact tests)."""
     return torch.float64 if dtype == torch.float64 else torch.float32

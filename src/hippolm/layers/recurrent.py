@@ -15,7 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .common import GatedRMSNorm, LevelWeights, ShortConv, decay_init, log_decay, no_weight_decay, set_param_
+from .common import (
+    GatedRMSNorm,
+    LevelWeights,
+    ShortConv,
+    decay_init,
+    log_decay,
+    no_weight_decay,
+    residual_output,
+    set_param_,
+)
 
 Memory = torch.Tensor | ops.LogLinearState
 
@@ -152,7 +161,7 @@ class Mamba2Mixer(RecurrentMixer):
         self.in_proj = nn.Linear(hidden_size, 2 * inner + 2 * state_size + num_heads, bias=False)
         self.D = no_weight_decay(nn.Parameter(torch.ones(num_heads)))
         self.norm = GatedRMSNorm(num_heads, head_dim, eps, norm_before_gate=False)
-        self.out_proj = nn.Linear(inner, hidden_size, bias=False)
+        self.out_proj = residual_output(nn.Linear(inner, hidden_size, bias=False))
         self.reset_special_parameters()
 
     def reset_special_parameters(self) -> None:
@@ -206,7 +215,7 @@ class GatedDeltaNetMixer(RecurrentMixer):
         self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)
         self.g_proj = nn.Linear(hidden_size, num_heads * V, bias=False)
         self.norm = GatedRMSNorm(num_heads, V, eps, norm_before_gate=True)
-        self.o_proj = nn.Linear(num_heads * V, hidden_size, bias=False)
+        self.o_proj = residual_output(nn.Linear(num_heads * V, hidden_size, bias=False))
         self.reset_special_parameters()
 
     def _inputs(self, hidden):
