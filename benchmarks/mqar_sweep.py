@@ -166,7 +166,8 @@ def main() -> None:
         "name": name,
         "setting": {**setting, "pairs": list(setting["pairs"]), "lrs": list(lrs), "dims": [int(d) for d in dims],
                     "num_layers": 2, "num_heads": 1,
-                    "initializer_range": "hidden_size ** -0.5"},
+                    "initializer_range": "hidden_size ** -0.5 (residual output projections: "
+                                         "initializer_range / sqrt(fan_in))"},
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)",
         "jobs": jobs, "threads_per_job": args.threads, "budget_seconds": budget, "time_limit_per_run": time_limit,
         "versions": {"torch": torch.__version__, "python": platform.python_version()},

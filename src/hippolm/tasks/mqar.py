@@ -85,7 +85,7 @@ class MQARSettings:
     num_heads: int = 1
     expand_v: int = 1
     state_size: int | None = None
-    window: int = 64
+    window: int = 64  # span of 'swa' layers only; 'attention' is full causal attention
     seq_len: int = 256
     pairs: tuple[int, ...] = (4, 8, 16, 32, 64)
     vocab_size: int = 8192
