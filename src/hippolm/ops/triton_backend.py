@@ -81,6 +81,18 @@ def kernels():
     return triton_loglinear
 
 
+def _kernels_take(q: torch.Tensor, v: torch.Tensor) -> tuple[bool, str]:
+    """(can our Triton kernels run these inputs here?, reason): device, dtype and head-dim limits."""
+    if not usable(q.device):
+        return False, ("Triton is not installed" if not triton_importable()
+                       else f"Triton kernels do not run on {q.device.type} here")
+    if q.dtype not in KERNEL_DTYPES:
+        return False, f"Triton kernels take fp16/bf16/fp32, got {q.dtype}"
+    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
+        return False, f"Triton kernels take head dims up to {MAX_HEAD_DIM}"
+    return True, "triton"
+
+
 _UNVERIFIED = ("the log-linear SSD kernels failed their CUDA tests on H100 with Triton 3.6 (T >= 1000; "
                "Hopper with Triton 3.4-3.7.0, the range where FLA's guard reports miscompiled kernels): "
                "the reference runs; backend='triton' runs the kernels anyway")
@@ -109,14 +121,7 @@ def plan_loglinear(op: str, q: torch.Tensor, v: torch.Tensor, initial_state, mod
         return False, "inputs are not on a CUDA device"
     if op == "ssd" and not explicit and _loglinear_kernels_unverified(q.device):
         return False, _UNVERIFIED
-    if not usable(q.device):
-        return False, ("Triton is not installed" if not triton_importable()
-                       else f"Triton kernels do not run on {q.device.type} here")
-    if q.dtype not in KERNEL_DTYPES:
-        return False, f"Triton kernels take fp16/bf16/fp32, got {q.dtype}"
-    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
-        return False, f"Triton kernels take head dims up to {MAX_HEAD_DIM}"
-    return True, "triton"
+    return _kernels_take(q, v)
 
 
 def _pack(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -333,13 +338,7 @@ def plan_linear_ssd(q: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor
             return False, "FLA's chunk backward is right here"
         if _loglinear_kernels_unverified(q.device):
             return False, _UNVERIFIED
-    if not usable(q.device):
-        return False, "Triton kernels do not run here"
-    if q.dtype not in KERNEL_DTYPES:
-        return False, f"Triton kernels take fp16/bf16/fp32, got {q.dtype}"
-    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
-        return False, f"Triton kernels take head dims up to {MAX_HEAD_DIM}"
-    return True, "triton"
+    return _kernels_take(q, v)
 
 
 @_outside_autocast
@@ -386,13 +385,7 @@ def plan_delta(op: str, q: torch.Tensor, v: torch.Tensor, tensors: list[torch.Te
                   and not fla_backend.gated_chunk_backward_broken(q.device.index or 0))
         if fla_ok:
             return False, "FLA's chunk backward is right here"
-    if not usable(q.device):
-        return False, "Triton kernels do not run here"
-    if q.dtype not in KERNEL_DTYPES:
-        return False, f"Triton kernels take fp16/bf16/fp32, got {q.dtype}"
-    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
-        return False, f"Triton kernels take head dims up to {MAX_HEAD_DIM}"
-    return True, "triton"
+    return _kernels_take(q, v)
 
 
 @_outside_autocast
