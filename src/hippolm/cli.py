@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 from collections.abc import Sequence
 
 
@@ -69,46 +70,26 @@ def _run_mqar(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_distill(sub: argparse._SubParsersAction) -> None:
-    """``hippolm distill ...``: all arguments go to :func:`hippolm.train.distill.main` (its own parser)."""
-    p = sub.add_parser("distill", help="train an AHN memory by self-distillation (hippolm distill -h)",
-                       add_help=False, prefix_chars="\0")
+# Commands with their own argument parser: ``hippolm <name> ...`` hands every argument to
+# ``<module>.<function>(argv)``; the module is imported only when the command runs.
+_PASSTHROUGH = {
+    "distill": ("train.distill", "main", "train an AHN memory by self-distillation (hippolm distill -h)"),
+    "eval": ("eval.cli", "main", "long-context evaluation: full attention vs SWA vs AHN (hippolm eval -h)"),
+    "cost": ("accounting", "cost_main", "FLOPs, cache and peak memory of full attention vs AHN (hippolm cost -h)"),
+    "demo": ("demo", "main", "distil a memory into the built-in model and compare full attention, SWA-only "
+             "and AHN (hippolm demo -h)"),
+}
+
+
+def _add_passthrough(sub: argparse._SubParsersAction, name: str) -> None:
+    module, function, help_text = _PASSTHROUGH[name]
+    p = sub.add_parser(name, help=help_text, add_help=False, prefix_chars="\0")
     p.add_argument("argv", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_run_distill)
 
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(f".{module}", __package__), function)(args.argv)
 
-def _run_distill(args: argparse.Namespace) -> int:
-    from .train.distill import main
-
-    return main(args.argv)
-
-
-def _add_eval(sub: argparse._SubParsersAction) -> None:
-    """``hippolm eval ...``: all arguments go to :func:`hippolm.eval.cli.main` (its own parser)."""
-    p = sub.add_parser("eval", help="long-context evaluation: full attention vs SWA vs AHN (hippolm eval -h)",
-                       add_help=False, prefix_chars="\0")
-    p.add_argument("argv", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_run_eval)
-
-
-def _run_eval(args: argparse.Namespace) -> int:
-    from .eval.cli import main
-
-    return main(args.argv)
-
-
-def _add_cost(sub: argparse._SubParsersAction) -> None:
-    """``hippolm cost ...``: all arguments go to :func:`hippolm.accounting.cost_main` (its own parser)."""
-    p = sub.add_parser("cost", help="FLOPs, cache and peak memory of full attention vs AHN (hippolm cost -h)",
-                       add_help=False, prefix_chars="\0")
-    p.add_argument("argv", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_run_cost)
-
-
-def _run_cost(args: argparse.Namespace) -> int:
-    from .accounting import cost_main
-
-    return cost_main(args.argv)
+    p.set_defaults(func=run)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -126,29 +107,14 @@ def _run_generate(args: argparse.Namespace) -> int:
     return main(args)
 
 
-def _add_demo(sub: argparse._SubParsersAction) -> None:
-    """``hippolm demo ...``: all arguments go to :func:`hippolm.demo.main` (its own parser)."""
-    p = sub.add_parser("demo", help="distil a memory into the built-in model and compare full attention, SWA-only "
-                       "and AHN (hippolm demo -h)", add_help=False, prefix_chars="\0")
-    p.add_argument("argv", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_run_demo)
-
-
-def _run_demo(args: argparse.Namespace) -> int:
-    from .demo import main
-
-    return main(args.argv)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hippolm", description="hippolm command line tools")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_mqar(sub)
-    _add_distill(sub)
-    _add_eval(sub)
-    _add_cost(sub)
+    for name in ("distill", "eval", "cost"):
+        _add_passthrough(sub, name)
     _add_generate(sub)
-    _add_demo(sub)
+    _add_passthrough(sub, "demo")
     return parser
 
 
