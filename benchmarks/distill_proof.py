@@ -9,6 +9,8 @@ zeroed, i.e. exactly sinks + sliding window.
 
     python -P benchmarks/distill_proof.py --out runs/proof --json benchmarks/results/distill_proof_h100.json
     python -P benchmarks/distill_proof.py --tiny ...   # a few steps on CPU, to check the script
+    python -P benchmarks/distill_proof.py --memory runs/demo/distill/memory --window 32 --sinks 16 \
+        --seq-len 1024 --buckets 0,48,128,256,512,1024   # score a trained memory (the demo's), no training
 """
 
 from __future__ import annotations
@@ -92,24 +94,30 @@ def main() -> None:
     parser.add_argument("--buckets", default="0,512,1024,2048,4096")
     parser.add_argument("--eval-docs", type=int, default=16)
     parser.add_argument("--time-limit", type=float, default=None, help="seconds of training before stopping")
+    parser.add_argument("--train-windows", default="256,512,1024",
+                        help="windows sampled in training (the evaluation window must be among what it saw)")
+    parser.add_argument("--memory", default=None,
+                        help="score this trained memory folder instead of training one (e.g. the demo's)")
     parser.add_argument("--tiny", action="store_true", help="CPU check: 3 steps, 256 tokens")
     args = parser.parse_args()
     if args.tiny:
         args.steps, args.seq_len, args.batch_size, args.window, args.sinks = 3, 256, 1, 64, 4
-        args.buckets, args.eval_docs = "0,64,128,256", 1
+        args.buckets, args.eval_docs, args.train_windows = "0,64,128,256", 1, "64,128"
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     base = str(builtin_base_path())
-    argv = ["--base", base, "--memory", "gdn", "--seq-len", str(args.seq_len), "--steps", str(args.steps),
-            "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--out", args.out,
-            "--save-every", str(max(args.steps // 3, 1))]
-    if Path(args.out, "args.json").exists():
-        argv.append("--resume")
-    start = time.time()
-    result = distill.run(argv)
-    train_s = time.time() - start
-    if result.exit_code:
-        raise SystemExit(f"distillation failed (exit {result.exit_code})")
-    memory_dir = Path(args.out) / "memory"
+    train_s = 0.0
+    if args.memory is None:
+        argv = ["--base", base, "--memory", "gdn", "--seq-len", str(args.seq_len), "--steps", str(args.steps),
+                "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--out", args.out,
+                "--window-choices", args.train_windows, "--save-every", str(max(args.steps // 3, 1))]
+        if Path(args.out, "args.json").exists():
+            argv.append("--resume")
+        start = time.time()
+        result = distill.run(argv)
+        train_s = time.time() - start
+        if result.exit_code:
+            raise SystemExit(f"distillation failed (exit {result.exit_code})")
+    memory_dir = Path(args.memory) if args.memory else Path(args.out) / "memory"
     model = AHNForCausalLM.from_base(base, memory=str(memory_dir), window=args.window, sinks=args.sinks,
                                      dtype=torch.bfloat16 if dev == "cuda" else torch.float32, device=dev).eval()
     tok = transformers.AutoTokenizer.from_pretrained(base)
@@ -117,10 +125,11 @@ def main() -> None:
     scores = score(model, docs, args.window, args.sinks, [int(b) for b in args.buckets.split(",")])
     meta = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
             "transformers": transformers.__version__, "date": datetime.date.today().isoformat(),
-            "base": "SmolLM2-135M-Instruct (built-in)", "memory": "gdn", "train_steps": args.steps,
+            "base": "SmolLM2-135M-Instruct (built-in)", "memory": str(memory_dir),
+            "train_steps": None if args.memory else args.steps,
             "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr, "train_seconds": train_s,
             "eval_window": args.window, "eval_sinks": args.sinks, "eval_documents": len(docs),
-            "train_windows": "sampled per step (hippolm distill default)"}
+            "train_windows": None if args.memory else args.train_windows}
     print(json.dumps(meta))
     print(f"{'positions':>12} {'ppl full':>9} {'ppl swa':>9} {'ppl ahn':>9} {'KL swa':>8} {'KL ahn':>8}")
     for i, (lo, hi) in enumerate(scores["buckets"]):
