@@ -137,6 +137,45 @@ def test_left_padded_batch_equals_each_sequence_alone(memory):
             assert torch.allclose(torch.cat([part, part2], 1)[b, T - len(s) :], alone, atol=1e-5)
 
 
+@pytest.mark.parametrize("memory", ["gdn", "loglinear_mamba2"])
+def test_left_padded_batch_token_by_token_equals_each_sequence_alone(memory):
+    """Decode from an empty cache one token at a time, rows left-padded by different amounts: each
+    row fills its sinks, window and memory at its own step (the sync-free decode writes)."""
+    model = ahn("llama", memory, window=5, sinks=3)
+    lengths = [26, 14, 4]
+    seqs = [torch.randint(0, 97, (n,)) for n in lengths]
+    T = max(lengths)
+    ids = torch.stack([torch.cat([torch.zeros(T - len(s), dtype=torch.long), s]) for s in seqs])
+    mask = torch.stack([torch.cat([torch.zeros(T - len(s)), torch.ones(len(s))]) for s in seqs]).long()
+    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    with torch.no_grad():
+        cache = model.new_cache()
+        steps = torch.cat([model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1],
+                                 position_ids=positions[:, t : t + 1], past_key_values=cache).logits
+                           for t in range(T)], 1)
+        for b, s in enumerate(seqs):
+            assert torch.allclose(steps[b, T - len(s) :], model(s[None]).logits[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("memory", ["gdn", "loglinear_gdn"])
+def test_decode_before_the_window_fills_needs_no_device_sync(memory, monkeypatch):
+    """A decode step while sinks and window are still filling reads no tensor value on the host
+    (each read is a device sync per layer per token on a GPU)."""
+    model = ahn("llama", memory, window=5, sinks=3)
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(ids[:, :2], past_key_values=cache)
+        reads = []
+        for name in ("__bool__", "item", "tolist"):
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name,
+                                lambda self, *a, _o=original, _n=name: reads.append(_n) or _o(self, *a))
+        for t in range(2, 7):  # stream length stays below sinks + window = 8
+            model(ids[:, t : t + 1], past_key_values=cache)
+    assert reads == []
+
+
 def test_generate_greedy_batch_and_sampling():
     model = ahn("llama", "gdn", window=6, sinks=2)
     seqs = [torch.randint(1, 97, (n,)) for n in (21, 11)]

@@ -177,17 +177,19 @@ class AHNAttentionMixin:
             src_pos = F.pad(pos, (window, 0), value=-1)[:, :T]
         valid = src_pos >= sinks  # [B, T]: a real, non-sink token leaves the window here
         zero = torch.zeros_like(q).transpose(1, 2)
-        if not bool(valid.any()):
-            return zero
-        n_valid = valid.sum(1)
-        if not bool((valid == (torch.arange(T, device=q.device)[None] >= (T - n_valid)[:, None])).all()):
-            raise ValueError("AHN models take left padding only: attention_mask must be 0s then 1s per sequence.")
+        if T > 1:  # host checks only in prefill: a decode step (T = 1) stays free of device syncs
+            if not bool(valid.any()):
+                return zero
+            n_valid = valid.sum(1)
+            if not bool((valid == (torch.arange(T, device=q.device)[None] >= (T - n_valid)[:, None])).all()):
+                raise ValueError("AHN models take left padding only: attention_mask must be 0s then 1s per "
+                                 "sequence.")
         rep = H // src[0].shape[1]
         km, vm = (a.repeat_interleave(rep, 1).transpose(1, 2) for a in src)  # GQA-expanded [B, T, H, d]
         qm = q.transpose(1, 2)
         out_gate, lam = read_gates
         state = cache.memory if persistent else self.ahn.empty_state(B, q.device)
-        if T == 1:
+        if T == 1:  # rows where nothing leaves step on the (zero-initialised) slot and are masked out
             o, new = self.ahn.step(qm[:, 0], km[:, 0], vm[:, 0], src_gates[:, 0], None if lam is None else lam[:, 0],
                                    state)
             o = (o * valid[:, 0, None, None]).unsqueeze(1)

@@ -78,7 +78,13 @@ class AHNLayerCache(CacheLayerMixin):
         self.slot_pos[:, S + order] = pos[:, T - keep :].to(self.slot_pos.dtype)
         if S and not self.all_visible:
             is_sink = (pos >= 0) & (pos < S)
-            if bool(is_sink.any()):
+            if T == 1:  # decode: a masked write per sequence, no device sync
+                rows = torch.arange(k.shape[0], device=k.device)
+                hit, slot = is_sink[:, 0], pos[:, 0].clamp(0, S - 1)
+                self.keys[rows, :, slot] = torch.where(hit[:, None, None], k[:, :, 0], self.keys[rows, :, slot])
+                self.values[rows, :, slot] = torch.where(hit[:, None, None], v[:, :, 0], self.values[rows, :, slot])
+                self.slot_pos[rows, slot] = torch.where(hit, slot.to(self.slot_pos.dtype), self.slot_pos[rows, slot])
+            elif bool(is_sink.any()):
                 b, t = is_sink.nonzero(as_tuple=True)
                 slot = pos[b, t]
                 self.keys[b, :, slot] = k[b, :, t]
