@@ -58,7 +58,7 @@ def main() -> None:
                      "cache_ratio": ca.total / cf.total, "flops_ratio": da.total / df.total})
 
     print(f"{args.base}: {shape.num_layers} layers, {shape.num_heads}/{shape.num_kv_heads} heads x {shape.head_dim}; "
-          f"AHN {args.memory}, {args.sinks} sinks + {args.window} window; bf16 KV, fp32 state and gates")
+          f"AHN {args.memory}, {args.sinks} sinks + {args.window} window; bf16 KV and write gates, fp32 state")
     print(f"{'context':>8} | {'cache full':>11} {'cache AHN':>10} {'ratio':>6} | "
           f"{'GFLOP/token full':>16} {'AHN':>7} {'ratio':>6}")
     for r in rows:
