@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template")
     p.add_argument("--buckets", type=_ints, default=[0, 2048, 8192, 32768], help="perplexity position edges")
     p.add_argument("--data", nargs="+", default=None, help="documents for ppl: .txt files (one document each), "
-                   ".jsonl/.json rows with 'text' (or 'context'), globs (default: RULER's Paul Graham essays)")
+                   ".jsonl/.json rows with 'text' (or 'context'), globs "
+                   "(default: the built-in corpus's held-out Paul Graham essays)")
     p.add_argument("--max-docs", type=int, default=8, help="documents for ppl")
     p.add_argument("--chunk-size", type=int, default=2048, help="tokens per forward in ppl")
     p.add_argument("--max-length", type=int, default=128000, help="benchmark prompts longer than this are cut in "
