@@ -130,6 +130,17 @@ def _pack(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Te
     return out * valid.view(*valid.shape, *([1] * (out.ndim - 2))).to(out.dtype)
 
 
+def _level_block(last: int, lvl: int) -> tuple[int, int]:
+    """[a, b): positions of the keys in query ``last``'s level-``lvl`` Fenwick block; (0, 0) when
+    that level is empty."""
+    from .loglinear import _slot_occupied, block_start
+
+    if not _slot_occupied(last, lvl):
+        return 0, 0
+    a = block_start(last, lvl)
+    return a, a + (1 if lvl == 0 else 1 << (lvl - 1))
+
+
 def _final_slots(k, v, g, lengths: list[int], L: int) -> torch.Tensor:
     """Level slots after the last token of each dense sequence (positions 0..len-1), in plain
     (differentiable) torch: slot l holds the keys of the last query's level-l Fenwick block."""
@@ -147,15 +158,7 @@ def _final_slots(k, v, g, lengths: list[int], L: int) -> torch.Tensor:
             w = (gc[:, last:] - gc).exp().float()  # decay from each key to the last query
             levels = []
             for lvl in range(L):
-                if lvl == 0:
-                    a, b = last, last + 1
-                elif (last >> (lvl - 1)) & 1:
-                    half = 1 << (lvl - 1)
-                    b = last - last % half
-                    a = b - half
-                else:
-                    levels.append(part[:, :, 0] * 0)
-                    continue
+                a, b = _level_block(last, lvl)  # an empty level sums nothing: zeros
                 kw = k[idx, a:b].float() * w[:, a:b, :, None]
                 levels.append(torch.einsum("nshk,nshv->nhkv", kw, v[idx, a:b].float()))
             part = torch.stack(levels, 2)
@@ -252,15 +255,8 @@ def _final_slots_from(k, v, g, p: int, slots_old, L: int) -> torch.Tensor:
     w = (gc[-1] - gc).exp().float()  # [len, H]
     out = []
     for lvl in range(L):
-        if lvl == 0:
-            a, b = last, last + 1
-        elif (last >> (lvl - 1)) & 1:
-            half = 1 << (lvl - 1)
-            b = last - last % half
-            a = b - half
-        else:
-            a = b = p
-        a, b = max(a, p) - p, min(max(b, p) - p, length)
+        a, b = _level_block(last, lvl)
+        a, b = max(a, p) - p, min(max(b, p) - p, length)  # the new tokens' part of the block
         kw = k[a:b].float() * w[a:b, :, None]
         out.append(torch.einsum("shk,shv->hkv", kw, v[a:b].float()))
     new = torch.stack(out, 1)  # [H, L, K, V]
