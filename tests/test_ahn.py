@@ -116,15 +116,21 @@ def test_cache_bytes_flat_past_the_window(memory):
     assert sizes[1] == sizes[4] == sizes[16] > 0
 
 
-@pytest.mark.parametrize("memory", ["gdn", "deltanet", "loglinear_gdn"])
-def test_left_padded_batch_equals_each_sequence_alone(memory):
-    model = ahn("llama", memory, window=6, sinks=2)
-    lengths = [30, 17, 9]
+def left_padded(lengths: list[int]):
+    """Random sequences of these lengths, left-padded into one batch: (seqs, ids, mask, positions)."""
     seqs = [torch.randint(0, 97, (n,)) for n in lengths]
     T = max(lengths)
     ids = torch.stack([torch.cat([torch.zeros(T - len(s), dtype=torch.long), s]) for s in seqs])
     mask = torch.stack([torch.cat([torch.zeros(T - len(s)), torch.ones(len(s))]) for s in seqs]).long()
-    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    return seqs, ids, mask, (mask.cumsum(1) - 1).clamp_min(0)
+
+
+@pytest.mark.parametrize("memory", ["gdn", "deltanet", "loglinear_gdn"])
+def test_left_padded_batch_equals_each_sequence_alone(memory):
+    model = ahn("llama", memory, window=6, sinks=2)
+    lengths = [30, 17, 9]
+    seqs, ids, mask, positions = left_padded(lengths)
+    T = ids.shape[1]
     with torch.no_grad():
         batch = model(ids, attention_mask=mask, position_ids=positions).logits
         cache = model.new_cache()  # the same through a cache, in two chunks
@@ -143,11 +149,8 @@ def test_left_padded_batch_token_by_token_equals_each_sequence_alone(memory):
     row fills its sinks, window and memory at its own step (the sync-free decode writes)."""
     model = ahn("llama", memory, window=5, sinks=3)
     lengths = [26, 14, 4]
-    seqs = [torch.randint(0, 97, (n,)) for n in lengths]
-    T = max(lengths)
-    ids = torch.stack([torch.cat([torch.zeros(T - len(s), dtype=torch.long), s]) for s in seqs])
-    mask = torch.stack([torch.cat([torch.zeros(T - len(s)), torch.ones(len(s))]) for s in seqs]).long()
-    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    seqs, ids, mask, positions = left_padded(lengths)
+    T = ids.shape[1]
     with torch.no_grad():
         cache = model.new_cache()
         steps = torch.cat([model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1],
