@@ -16,13 +16,17 @@ import argparse
 import datetime
 import json
 import platform
-import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from hippolm import ops
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also under python -P
+import ops_gpu  # the shared CUDA-event timer
 
 PEAK_TFLOPS, PEAK_TBS = 789.0, 3.0
 FLOPS_DOC = {
@@ -42,18 +46,7 @@ def cuda_time_ms(fn, warmup: int, repeats: int) -> float:
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return ops_gpu.cuda_time_ms(fn, warmup, repeats)
 
 
 def loglinear_flops(B: int, T: int, H: int, d: int, C: int = 64) -> float:
