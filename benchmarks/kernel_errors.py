@@ -25,6 +25,20 @@ from conftest import rel_err
 SHAPES = [(1, 130, 2), (1, 300, 2), (1, 600, 2), (1, 1000, 1), (2, 1000, 16), (1, 3000, 4)]
 
 
+def _by_chunk(got: torch.Tensor, want: torch.Tensor, chunk: int = 64) -> dict:
+    """Where along the sequence the error sits: relative error of each 64-token chunk; the chunks
+    over 1e-2 (index: error) and the worst one. A wrong tree level shows up as a pattern of chunk
+    indices (e.g. every chunk with bit j set)."""
+    err = (got.double() - want).transpose(0, 1).reshape(want.shape[1], -1)
+    ref = want.transpose(0, 1).reshape(want.shape[1], -1)
+    errs = []
+    for c in range(0, want.shape[1], chunk):
+        errs.append((err[c : c + chunk].norm() / ref[c : c + chunk].norm().clamp_min(1e-30)).item())
+    bad = {i: round(e, 4) for i, e in enumerate(errs) if e > 1e-2}
+    worst = max(range(len(errs)), key=errs.__getitem__)
+    return {"bad": dict(list(bad.items())[:40]), "n_bad": len(bad), "worst": [worst, round(errs[worst], 4)]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default=None)
@@ -40,8 +54,10 @@ def main() -> None:
             try:
                 o, _, grads = tk._run(xs, dtype, dev, chunk_size=64)
                 row["o"] = rel_err(o.cpu(), want[0])
+                row["o_by_chunk"] = _by_chunk(o.cpu(), want[0])
                 for name, a, b in zip(("dq", "dk", "dv", "dg", "dlam"), grads, want[2], strict=True):
                     row[name] = rel_err(a.cpu(), b)
+                    row[name + "_by_chunk"] = _by_chunk(a.cpu(), b)
             except Exception as e:  # report it and go on to the next case
                 row["error"] = f"{type(e).__name__}: {e}"[:400]
                 traceback.print_exc()
