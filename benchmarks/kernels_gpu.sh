@@ -4,7 +4,10 @@
 # Fits a 10-minute cap: tests <= TEST_TIMEOUT (210 s), benchmark <= BENCH_TIMEOUT (320 s) with its own
 # budget a little shorter so it ends cleanly. Results and logs go to $OUT (default /tmp/out):
 #   kernels_<gpu>.json (copy to benchmarks/results/), test_kernels_cuda.log, kernels_<gpu>.log.
-# Usage: bash benchmarks/kernels_gpu.sh [what: tests|bench|all] [extra benchmark args, e.g. --quick]
+# Usage: bash benchmarks/kernels_gpu.sh [what: tests|bench|errors|all, or a comma list like errors,tests]
+#        [extra benchmark args, e.g. --quick]
+# errors: benchmarks/kernel_errors.py (every error per output/gradient and per chunk, <= ERR_TIMEOUT s)
+#   to kernel_errors_<gpu>.json; run it first: the tests then reuse its compiled kernels.
 set -uo pipefail
 what=${1:-all}
 shift || true
@@ -20,12 +23,18 @@ trap '(cd ~/.triton 2>/dev/null && find cache -name "*.autotune.json" | tar -czf
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 dev=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
-if [ "$what" = tests ] || [ "$what" = all ]; then
+has() { [ "$what" = all ] || [[ ",$what," == *",$1,"* ]]; }
+if has errors; then
+  timeout ${ERR_TIMEOUT:-200} python3 -P benchmarks/kernel_errors.py --json "$OUT/kernel_errors_$dev.json" 2>&1 \
+    | tee "$OUT/kernel_errors_$dev.log" | grep -v "^ " | cut -c1-600
+  echo "errors took $(( $(date +%s) - t0 )) s"
+fi
+if has tests; then
   timeout ${TEST_TIMEOUT:-210} python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py --durations=5 -rA 2>&1 \
     | tee "$OUT/test_kernels_cuda.log" | tail -30
   echo "tests took $(( $(date +%s) - t0 )) s"
 fi
-if [ "$what" = bench ] || [ "$what" = all ]; then
+if has bench; then
   timeout ${BENCH_TIMEOUT:-320} python3 benchmarks/kernel_bench.py --budget ${BENCH_BUDGET:-280} "$@" \
     --json "$OUT/kernels_$dev.json" 2>&1 | tee "$OUT/kernels_$dev.log"
 fi
