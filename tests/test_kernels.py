@@ -85,11 +85,26 @@ def _run(xs, dtype, device, **kw):
     return o, state, grads
 
 
+def _to(x, dev):
+    """A tensor or LogLinearState on ``dev``; anything else as it is."""
+    if isinstance(x, ops.LogLinearState):
+        return ops.LogLinearState(x.slots.to(dev), x.position.to(dev))
+    return x.to(dev) if isinstance(x, torch.Tensor) else x
+
+
+def _rounded(xs, dtype):
+    """The float64 inputs as _run feeds them to a ``dtype`` kernel (q, k, v in ``dtype``, gates in
+    float32), back in float64: the reference of these measures the kernel's error, not the rounding
+    of the inputs (which alone puts dg of bf16 inputs 2-4% off the float64 one at T = 1000-3000:
+    dg is a reverse cumulative sum over the sequence; measured on H100, kernel_errors_h100.json)."""
+    return [x.to(dtype if i < 3 else torch.float32).double() for i, x in enumerate(xs)]
+
+
 def _reference(xs, **kw):
     """float64 reference (chunk form, on the GPU when there is one: fast); results on CPU."""
     dev = "cuda" if CUDA else "cpu"
     leaves = [x.to(dev).requires_grad_() for x in xs]
-    kw = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    kw = {k: _to(v, dev) for k, v in kw.items()}
     o, state = ops.loglinear_ssd(*leaves, backend="torch", mode="chunk", **kw)
     w = torch.randn(o.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(dev)
     loss = (o * w).sum()
@@ -110,7 +125,7 @@ def _cpu(result):
     return o.cpu(), state, [x.cpu() for x in grads]
 
 
-def _assert_close(got, want, fwd_tol, grad_tol):
+def _assert_close(got, want, fwd_tol, grad_tol, floor=1e-5):
     o, state, grads = got
     o_ref, state_ref, grads_ref = want
     assert rel_err(o.cpu(), o_ref) < fwd_tol
@@ -120,7 +135,7 @@ def _assert_close(got, want, fwd_tol, grad_tol):
     for name, a, b in zip(("q", "k", "v", "g", "lam"), grads, grads_ref, strict=True):
         # Where the exact gradient is zero (dg at T=1) rounding noise is all there is: absolute floor.
         err = (a.cpu().double() - b).norm().item()
-        assert err < grad_tol * b.norm().item() + 1e-5, (name, err, b.norm().item())
+        assert err < grad_tol * b.norm().item() + floor, (name, err, b.norm().item())
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}H{}K{}V{}C{}".format(*s))
@@ -130,7 +145,9 @@ def test_loglinear_ssd_matches_reference(shape, device):
     want = _reference(xs)
     _assert_close(_run(xs, torch.float32, device, chunk_size=C), want, 1e-3, 5e-3)
     if device == "cuda":
-        _assert_close(_run(xs, torch.bfloat16, device, chunk_size=C), want, 2e-2, 2e-2)
+        # bf16 dots of O(1) entries: an absolute floor of 1e-2 where the exact gradient is zero (dg at T=1).
+        _assert_close(_run(xs, torch.bfloat16, device, chunk_size=C), _reference(_rounded(xs, torch.bfloat16)),
+                      2e-2, 2e-2, floor=1e-2)
 
 
 def test_loglinear_ssd_packed_sequences_and_final_state(device):
@@ -161,9 +178,7 @@ def test_dispatch_routes_and_refuses_clearly(device):
         ops.loglinear_ssd(q, k, v, g, lam, backend="cuda")
     # 'auto' never runs the CPU interpreter; on CUDA it picks the kernels and agrees with the reference.
     ok, why = triton_backend.plan_loglinear("ssd", q, v, None, "chunk")
-    unverified = device == "cuda" and triton_backend._loglinear_kernels_unverified(q.device)
-    assert ok == (device == "cuda" and not unverified), why
-    assert not unverified or "backend='triton'" in why
+    assert ok == (device == "cuda"), why
     o_auto, _ = ops.loglinear_ssd(q, k, v, g, lam, chunk_size=C)
     o_ref, _ = ops.loglinear_ssd(q.double(), k.double(), v.double(), g.double(), lam.double(), backend="torch")
     assert rel_err(o_auto.cpu(), o_ref.cpu()) < 1e-3

@@ -189,6 +189,10 @@ def test_bad_lam_and_state(ll_op):
         fn(q, k, v, *gates, lam * float("nan"))
     with pytest.raises(ValueError, match="initial_state must be a LogLinearState"):
         fn(q, k, v, *gates, lam, initial_state=torch.zeros(1, 1, 4, 4))
+    elsewhere = ops.LogLinearState(torch.zeros(1, 1, lam.shape[-1], 4, 4, device="meta"),
+                                   torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"initial_state\.slots must be on cpu"):
+        fn(q, k, v, *gates, lam, initial_state=elsewhere)
     with pytest.raises(ValueError, match="mode must be"):
         fn(q, k, v, *gates, lam, mode="fast")
     with pytest.raises(ValueError, match="power of two"):

@@ -106,6 +106,9 @@ def _check(q, k, v, g, beta, lam, initial_state, cu_seqlens, scale) -> tuple[int
         if tuple(initial_state.position.shape) != (n,):
             got = tuple(initial_state.position.shape)
             raise ValueError(f"initial_state.position must have shape [{n}], got {got}.")
+        if initial_state.slots.device != q.device:
+            raise ValueError(f"initial_state.slots must be on {q.device} (the inputs' device), got "
+                             f"{initial_state.slots.device}; move the state with .to() as well.")
         start = initial_state.position.to(device=q.device, dtype=torch.long)
     lengths = (cu_seqlens.diff().to(start.device) if cu_seqlens is not None
                else torch.full((n,), T, dtype=torch.long, device=start.device))

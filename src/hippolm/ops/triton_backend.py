@@ -93,22 +93,6 @@ def _kernels_take(q: torch.Tensor, v: torch.Tensor) -> tuple[bool, str]:
     return True, "triton"
 
 
-_UNVERIFIED = ("the log-linear SSD kernels failed their CUDA tests on H100 with Triton 3.6 (T >= 1000; "
-               "Hopper with Triton 3.4-3.7.0, the range where FLA's guard reports miscompiled kernels): "
-               "the reference runs; backend='triton' runs the kernels anyway")
-
-
-def _loglinear_kernels_unverified(device: torch.device) -> bool:
-    """Our log-linear SSD kernels match the reference under the interpreter, but on an H100 with
-    Triton 3.6 two long-sequence CUDA tests failed (2026-11-23, cause not yet found). ``"auto"``
-    keeps them off in that compiler/GPU range until they pass there."""
-    if device.type != "cuda":
-        return False
-    from . import fla_backend
-
-    return fla_backend.gated_chunk_backward_broken(device.index if device.index is not None else 0)
-
-
 def plan_loglinear(op: str, q: torch.Tensor, v: torch.Tensor, initial_state, mode: str,
                    explicit: bool = False) -> tuple[bool, str]:
     """(run on our Triton kernels?, reason) for a log-linear op call. ``backend="auto"`` picks them
@@ -119,8 +103,6 @@ def plan_loglinear(op: str, q: torch.Tensor, v: torch.Tensor, initial_state, mod
         return False, f"mode={mode!r} runs the reference"
     if not explicit and q.device.type != "cuda":
         return False, "inputs are not on a CUDA device"
-    if op == "ssd" and not explicit and _loglinear_kernels_unverified(q.device):
-        return False, _UNVERIFIED
     return _kernels_take(q, v)
 
 
@@ -332,8 +314,6 @@ def plan_linear_ssd(q: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor
 
         if fla_backend.fla_available() and not fla_backend.gated_chunk_backward_broken(q.device.index or 0):
             return False, "FLA's chunk backward is right here"
-        if _loglinear_kernels_unverified(q.device):
-            return False, _UNVERIFIED
     return _kernels_take(q, v)
 
 
