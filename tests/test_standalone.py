@@ -117,6 +117,23 @@ def test_bad_configs_raise_clear_errors():
         HippoConfig(hidden_size=30, num_attention_heads=4)
 
 
+@pytest.mark.parametrize("mixer", ["mamba2", "loglinear_gdn"])
+def test_A_init_range_sets_the_decay_rates_and_round_trips(mixer, tmp_path):
+    torch.manual_seed(0)
+    model = HippoForCausalLM(HippoConfig(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, mixer=mixer,
+                                         A_init_range=(2.0, 3.0)))
+    for block in model.model.layers:
+        A = block.mixer.A_log.exp()
+        assert A.min() >= 2.0 - 1e-6 and A.max() <= 3.0 + 1e-6
+    default = HippoForCausalLM(HippoConfig(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, mixer=mixer))
+    assert default.model.layers[0].mixer.A_log.exp().max() > 3.0  # U(1, 16) over 4 heads x 2 layers
+    model.save_pretrained(tmp_path)
+    assert HippoConfig.from_pretrained(tmp_path).A_init_range == [2.0, 3.0]
+    for bad in ((0.0, 1.0), (4.0, 2.0), (1.0,), "1,16"):
+        with pytest.raises(ValueError, match="A_init_range"):
+            HippoConfig(A_init_range=bad)
+
+
 def test_padding_is_refused():
     model, x = tiny("gdn"), ids()
     mask = torch.ones_like(x)

@@ -39,6 +39,8 @@ def _add_mqar(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--a-init-range", type=float, nargs=2, default=d.a_init_range, metavar=("LO", "HI"),
+                   help="recurrent layers' decay rates start at A ~ U(LO, HI) (default Mamba-2's 1 16)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
@@ -55,7 +57,7 @@ def _run_mqar(args: argparse.Namespace) -> int:
         expand_v=args.expand_v, state_size=args.state_size, window=args.window, seq_len=args.seq_len,
         pairs=args.pairs, vocab_size=args.vocab, train_examples=args.train_examples,
         eval_examples=args.eval_examples, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, seed=args.seed, device=args.device,
+        weight_decay=args.weight_decay, seed=args.seed, device=args.device, a_init_range=tuple(args.a_init_range),
     )
     result = train_mqar(settings, progress=not args.quiet)
     print(f"MQAR {args.mixer} d_model={args.d_model} seq_len={args.seq_len} "

@@ -10,13 +10,12 @@ untrained memory adds exactly nothing.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..layers.common import decay_init
 from ..ops import reference
 from ..ops.decode import evicted_slot, memory_step_from_cache
 from ..ops.loglinear import step_unchecked as loglinear_step
@@ -39,9 +38,8 @@ class MemoryModule(nn.Module):
             # Decay a = exp(-exp(A_log) * softplus(a_proj(x) + dt_bias)), initialised as Mamba-2:
             # A ~ U(1, 16), dt log-uniform in [1e-3, 0.1].
             self.a_proj = nn.Linear(hidden_size, H, bias=False)
-            self.A_log = nn.Parameter(torch.empty(H).uniform_(1, 16).log())
-            dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(0.1)))
-            self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+            A_log, dt_bias = decay_init(H)
+            self.A_log, self.dt_bias = nn.Parameter(A_log), nn.Parameter(dt_bias)
         if self.base_kind in ("gdn", "deltanet"):
             self.b_proj = nn.Linear(hidden_size, H, bias=False)
         self.g_proj = nn.Linear(hidden_size, H, bias=False)  # scalar output gate per head

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .attention import AttentionMixer, KVCache
-from .common import GatedRMSNorm, LevelWeights, RMSNorm, ShortConv, map_state
+from .common import A_INIT_RANGE, GatedRMSNorm, LevelWeights, RMSNorm, ShortConv, map_state
 from .recurrent import GatedDeltaNetMixer, Mamba2Mixer, RecurrentMixer, RecurrentState
 
 
@@ -30,6 +30,7 @@ class MixerArgs:
     conv_size: int = 4
     window: int | None = None  # sliding-window attention span (tokens, the query included)
     max_position: int = 2048  # longest sequence; sets the log-linear levels
+    A_init_range: tuple[float, float] = A_INIT_RANGE  # recurrent mixers' decay rates A ~ U(lo, hi)
     rope_theta: float = 10000.0
     eps: float = 1e-5
 
@@ -46,12 +47,14 @@ def _swa(a: MixerArgs) -> nn.Module:
 
 def _mamba2(a: MixerArgs, loglinear: bool) -> nn.Module:
     return Mamba2Mixer(a.hidden_size, a.num_heads, a.head_dim * a.expand_v, a.state_size or a.head_dim,
-                       a.conv_size, loglinear=loglinear, max_position=a.max_position, eps=a.eps)
+                       a.conv_size, loglinear=loglinear, max_position=a.max_position, eps=a.eps,
+                       A_init_range=a.A_init_range)
 
 
 def _gdn(a: MixerArgs, loglinear: bool) -> nn.Module:
     return GatedDeltaNetMixer(a.hidden_size, a.num_heads, a.head_dim, a.expand_v, a.conv_size,
-                              loglinear=loglinear, max_position=a.max_position, eps=a.eps)
+                              loglinear=loglinear, max_position=a.max_position, eps=a.eps,
+                              A_init_range=a.A_init_range)
 
 
 MIXERS: dict[str, Callable[[MixerArgs], nn.Module]] = {

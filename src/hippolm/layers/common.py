@@ -128,10 +128,27 @@ class ShortConv(nn.Module):
         return F.silu(y).transpose(1, 2), full[..., full.shape[-1] - (K - 1):]
 
 
-def decay_init(heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mamba-2's initialisation: A ~ U(1, 16) (returned as log A) and dt log-uniform in
-    [1e-3, 0.1], returned as ``dt_bias = softplus^-1(dt)`` so that softplus(0 + dt_bias) = dt."""
-    A_log = torch.empty(heads).uniform_(1, 16).log()
+A_INIT_RANGE = (1.0, 16.0)  # Mamba-2's (mamba_ssm's A_init_range)
+
+
+def check_A_init_range(A_init_range) -> tuple[float, float]:
+    """(lo, hi) with 0 < lo <= hi, or a clear error."""
+    try:
+        lo, hi = (float(x) for x in A_init_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"A_init_range must be two numbers (lo, hi), got {A_init_range!r}.") from None
+    if not 0 < lo <= hi:
+        raise ValueError(f"A_init_range must satisfy 0 < lo <= hi, got {A_init_range!r}.")
+    return lo, hi
+
+
+def decay_init(heads: int, A_init_range=A_INIT_RANGE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba-2's initialisation: A ~ U(A_init_range) (default U(1, 16); returned as log A) and dt
+    log-uniform in [1e-3, 0.1], returned as ``dt_bias = softplus^-1(dt)`` so that
+    softplus(0 + dt_bias) = dt. The decay per token starts at exp(-A dt): a small A keeps memories
+    longer (with one head, U(1, 16) may draw a fast-forgetting A that MQAR cannot train out of)."""
+    lo, hi = check_A_init_range(A_init_range)
+    A_log = torch.empty(heads).uniform_(lo, hi).log()
     dt = torch.exp(torch.empty(heads).uniform_(math.log(1e-3), math.log(0.1))).clamp_min(1e-4)
     return A_log, dt + torch.log(-torch.expm1(-dt))
 

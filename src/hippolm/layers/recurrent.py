@@ -16,9 +16,11 @@ from torch import nn
 
 from .. import ops
 from .common import (
+    A_INIT_RANGE,
     GatedRMSNorm,
     LevelWeights,
     ShortConv,
+    check_A_init_range,
     decay_init,
     log_decay,
     no_weight_decay,
@@ -88,8 +90,9 @@ class RecurrentMixer(nn.Module):
     conv_bias: bool = True  # the short convolution has a bias (Mamba-2, as mamba_ssm)
 
     def __init__(self, hidden_size: int, num_heads: int, conv_channels: int, conv_size: int, loglinear: bool,
-                 max_position: int):
+                 max_position: int, A_init_range: tuple[float, float] = A_INIT_RANGE):
         super().__init__()
+        self.A_init_range = check_A_init_range(A_init_range)
         self.hidden_size, self.num_heads, self.loglinear = hidden_size, num_heads, loglinear
         self.max_position = max_position
         self.conv = ShortConv(conv_channels, conv_size, bias=self.conv_bias)
@@ -101,7 +104,7 @@ class RecurrentMixer(nn.Module):
         self.levels = LevelWeights(hidden_size, num_heads, self.num_levels) if loglinear else None
 
     def reset_special_parameters(self) -> None:
-        A_log, dt_bias = decay_init(self.num_heads)
+        A_log, dt_bias = decay_init(self.num_heads, self.A_init_range)
         set_param_(self.A_log, A_log)
         set_param_(self.dt_bias, dt_bias)
 
@@ -154,9 +157,11 @@ class Mamba2Mixer(RecurrentMixer):
     scale = 1.0
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, state_size: int, conv_size: int = 4,
-                 loglinear: bool = False, max_position: int = 2048, eps: float = 1e-5):
+                 loglinear: bool = False, max_position: int = 2048, eps: float = 1e-5,
+                 A_init_range: tuple[float, float] = A_INIT_RANGE):
         inner = num_heads * head_dim
-        super().__init__(hidden_size, num_heads, inner + 2 * state_size, conv_size, loglinear, max_position)
+        super().__init__(hidden_size, num_heads, inner + 2 * state_size, conv_size, loglinear, max_position,
+                         A_init_range)
         self.head_dim, self.state_size = head_dim, state_size
         self.in_proj = nn.Linear(hidden_size, 2 * inner + 2 * state_size + num_heads, bias=False)
         self.D = no_weight_decay(nn.Parameter(torch.ones(num_heads)))
@@ -204,9 +209,11 @@ class GatedDeltaNetMixer(RecurrentMixer):
     conv_bias = False  # as FLA's GatedDeltaNet
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, expand_v: int = 1, conv_size: int = 4,
-                 loglinear: bool = False, max_position: int = 2048, eps: float = 1e-5):
+                 loglinear: bool = False, max_position: int = 2048, eps: float = 1e-5,
+                 A_init_range: tuple[float, float] = A_INIT_RANGE):
         K, V = head_dim, head_dim * expand_v
-        super().__init__(hidden_size, num_heads, num_heads * (2 * K + V), conv_size, loglinear, max_position)
+        super().__init__(hidden_size, num_heads, num_heads * (2 * K + V), conv_size, loglinear, max_position,
+                         A_init_range)
         self.head_k_dim, self.head_v_dim = K, V
         self.q_proj = nn.Linear(hidden_size, num_heads * K, bias=False)
         self.k_proj = nn.Linear(hidden_size, num_heads * K, bias=False)

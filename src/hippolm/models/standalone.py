@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..layers import MIXER_TYPES, MixerArgs, RMSNorm, build_mixer, map_state
-from ..layers.common import acc_dtype, residual_output
+from ..layers.common import A_INIT_RANGE, acc_dtype, check_A_init_range, residual_output
 
 
 class HippoConfig(PreTrainedConfig):
@@ -31,6 +31,8 @@ class HippoConfig(PreTrainedConfig):
     hidden_size / num_attention_heads; ``state_size`` (Mamba-2 key dim per head) to head_dim;
     value dims are head_dim * expand_v. ``window`` is the sliding-window span of ``swa`` layers;
     ``max_position`` the longest sequence (it sets the levels of log-linear layers).
+    ``A_init_range`` (lo, hi): recurrent layers' decay rates start at A ~ U(lo, hi) (Mamba-2's
+    (1, 16) by default; mamba_ssm's ``A_init_range``).
     ``initializer_range`` (std of the normal init of the embeddings and of every linear weight
     that reads the normalised residual stream) defaults to hidden_size ** -0.5: about the usual
     0.02 at hidden size 2048, and what keeps projections of a small model at unit scale (0.02 at
@@ -52,6 +54,7 @@ class HippoConfig(PreTrainedConfig):
     state_size: int | None = None
     expand_v: int = 1
     conv_size: int = 4
+    A_init_range: tuple[float, float] | list[float] = A_INIT_RANGE
     mixer: str | list[str] = "attention"
     window: int = 64
     max_position: int = 2048
@@ -89,6 +92,7 @@ class HippoConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        self.A_init_range = list(check_A_init_range(self.A_init_range))  # a list: JSON round-trips it
 
     @property
     def layer_mixers(self) -> list[str]:
@@ -99,7 +103,7 @@ class HippoConfig(PreTrainedConfig):
         return MixerArgs(hidden_size=self.hidden_size, num_heads=self.num_attention_heads, head_dim=self.head_dim,
                          state_size=self.state_size, expand_v=self.expand_v, conv_size=self.conv_size,
                          window=self.window, max_position=self.max_position, rope_theta=self.rope_theta,
-                         eps=self.rms_norm_eps)
+                         eps=self.rms_norm_eps, A_init_range=tuple(self.A_init_range))
 
 
 # --- cache ----------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..layers.common import A_INIT_RANGE
 from ..models import HippoConfig, HippoForCausalLM
 
 IGNORE = -100
@@ -86,6 +87,7 @@ class MQARSettings:
     expand_v: int = 1
     state_size: int | None = None
     window: int = 64  # span of 'swa' layers only; 'attention' is full causal attention
+    a_init_range: tuple[float, float] = A_INIT_RANGE  # recurrent layers' A ~ U(lo, hi) at init
     seq_len: int = 256
     pairs: tuple[int, ...] = (4, 8, 16, 32, 64)
     vocab_size: int = 8192
@@ -103,7 +105,8 @@ class MQARSettings:
     def model_config(self) -> HippoConfig:
         return HippoConfig(vocab_size=self.vocab_size, hidden_size=self.d_model, num_hidden_layers=self.num_layers,
                            num_attention_heads=self.num_heads, expand_v=self.expand_v, state_size=self.state_size,
-                           mixer=self.mixer, window=self.window, max_position=self.seq_len)
+                           mixer=self.mixer, window=self.window, max_position=self.seq_len,
+                           A_init_range=tuple(self.a_init_range))
 
 
 def resolve_device(device: str) -> torch.device:
