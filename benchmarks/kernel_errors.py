@@ -42,10 +42,12 @@ def _by_chunk(got: torch.Tensor, want: torch.Tensor, chunk: int = 64) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default=None)
+    p.add_argument("--shapes", default=None, help="B,T,H triples, e.g. '1,1000,1;1,3000,4' (default: all)")
     args = p.parse_args()
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")] if args.shapes else SHAPES
     dev = "cuda"
     rows = []
-    for B, T, H in SHAPES:
+    for B, T, H in shapes:
         xs = tk._inputs(B, T, H, 128, 128, seed=T)
         want = tk._reference(xs)
         for dtype in (torch.float32, torch.bfloat16):
