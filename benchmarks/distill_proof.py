@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--sinks", type=int, default=32, help="evaluation sinks")
     parser.add_argument("--buckets", default="0,512,1024,2048,4096")
     parser.add_argument("--eval-docs", type=int, default=16)
-    parser.add_argument("--time-limit", type=float, default=None, help="seconds of training before stopping")
+    parser.add_argument("--train-seq-len", type=int, default=None, help="training sequence length (default --seq-len)")
     parser.add_argument("--train-windows", default="256,512,1024",
                         help="windows sampled in training (the evaluation window must be among what it saw)")
     parser.add_argument("--memory", default=None,
@@ -102,12 +102,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.tiny:
         args.steps, args.seq_len, args.batch_size, args.window, args.sinks = 3, 256, 1, 64, 4
+        args.train_seq_len = None
         args.buckets, args.eval_docs, args.train_windows = "0,64,128,256", 1, "64,128"
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     base = str(builtin_base_path())
     train_s = 0.0
     if args.memory is None:
-        argv = ["--base", base, "--memory", "gdn", "--seq-len", str(args.seq_len), "--steps", str(args.steps),
+        train_len = args.train_seq_len or args.seq_len
+        argv = ["--base", base, "--memory", "gdn", "--seq-len", str(train_len), "--steps", str(args.steps),
                 "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--out", args.out,
                 "--window-choices", args.train_windows, "--save-every", str(max(args.steps // 3, 1))]
         if Path(args.out, "args.json").exists():
@@ -127,7 +129,8 @@ def main() -> None:
             "transformers": transformers.__version__, "date": datetime.date.today().isoformat(),
             "base": "SmolLM2-135M-Instruct (built-in)", "memory": str(memory_dir),
             "train_steps": None if args.memory else args.steps,
-            "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr, "train_seconds": train_s,
+            "seq_len": args.seq_len, "train_seq_len": None if args.memory else args.train_seq_len or args.seq_len,
+            "batch_size": args.batch_size, "lr": args.lr, "train_seconds": train_s,
             "eval_window": args.window, "eval_sinks": args.sinks, "eval_documents": len(docs),
             "train_windows": None if args.memory else args.train_windows}
     print(json.dumps(meta))
