@@ -179,6 +179,32 @@ def test_decode_before_the_window_fills_needs_no_device_sync(memory, monkeypatch
     assert reads == []
 
 
+@pytest.mark.parametrize("memory", ["gdn", "loglinear_mamba2"])
+def test_decode_before_the_window_fills_reads_positions_from_the_device(memory):
+    """A decode step before the window fills takes its slots from the cache's device cursor, not
+    the host stream length (which a replayed CUDA graph does not advance): with the host counter
+    held wrong at every step, token-by-token decoding still equals one full forward."""
+    model = ahn("llama", memory, window=5, sinks=3)
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache()
+        steps = [model(ids[:, :1], past_key_values=cache).logits]
+
+        def buffers():  # the memory state is updated in place (a captured step writes one buffer)
+            return [getattr(layer.memory, "slots", layer.memory).data_ptr() for layer in cache.layers]
+
+        before = buffers()
+        for t in range(1, 7):  # stream length stays below sinks + window = 8
+            for layer in cache.layers:
+                layer.stream_len = 1  # wrong (the true length is t) but still "has a past"
+            pos = torch.full((2, 1), t)  # as GraphDecoder passes them (transformers would ask the cache)
+            steps.append(model(ids[:, t : t + 1], past_key_values=cache, position_ids=pos,
+                               cache_position=pos[0]).logits)
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+    assert buffers() == before
+
+
 def test_generate_greedy_batch_and_sampling():
     model = ahn("llama", "gdn", window=6, sinks=2)
     seqs = [torch.randint(1, 97, (n,)) for n in (21, 11)]

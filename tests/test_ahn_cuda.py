@@ -12,20 +12,25 @@ from test_ahn import ahn
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.mark.parametrize("memory", ["gdn", "mamba2", "loglinear_gdn"])
-def test_graph_decoder_equals_eager_decode_and_full_forward(memory):
+@pytest.mark.parametrize("memory,prompt", [("gdn", 16), ("mamba2", 16), ("loglinear_gdn", 16), ("gdn", 3),
+                                           ("loglinear_mamba2", 3)])
+def test_graph_decoder_equals_eager_decode_and_full_forward(memory, prompt):
+    """From a prompt past the window (16) or shorter than sinks + window (3: the window-filling graph,
+    the eager steps at the boundary, then the window-full graph)."""
     model = ahn("llama", memory, window=8, sinks=2).cuda()
     ids = torch.randint(0, 97, (3, 40), device="cuda")
     with torch.no_grad():
         full = model(ids).logits
         cache = model.new_cache()
-        model.prefill(ids[:, :16], cache=cache)
+        model.prefill(ids[:, :prompt], cache=cache)
         eager_cache = copy.deepcopy(cache)
-        eager = torch.cat([model(ids[:, t : t + 1], past_key_values=eager_cache).logits for t in range(16, 40)], 1)
+        eager = torch.cat([model(ids[:, t : t + 1], past_key_values=eager_cache).logits
+                           for t in range(prompt, 40)], 1)
         decoder = model.graph_decoder(cache)
-        graphed = torch.cat([decoder(ids[:, t : t + 1]).clone() for t in range(16, 40)], 1)
+        graphed = torch.cat([decoder(ids[:, t : t + 1]).clone() for t in range(prompt, 40)], 1)
     assert decoder.graph is not None  # it really replayed a graph
-    assert torch.allclose(eager, full[:, 16:], atol=1e-4)
+    assert ("filling" in decoder.graphs) == (prompt < 10 - 3)  # 10 = sinks + window; warm-up and capture first
+    assert torch.allclose(eager, full[:, prompt:], atol=1e-4)
     assert torch.allclose(graphed, eager, atol=1e-5)
     assert cache.get_seq_length() == eager_cache.get_seq_length() == 40
     for a, b in zip(cache.layers, eager_cache.layers, strict=True):

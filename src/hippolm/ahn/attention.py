@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..ops.decode import decode_attention
+from ..ops.decode import decode_attention, evicted_slot
 from .cache import AHNCache, AHNLayerCache
 from .config import validate_window
 
@@ -27,6 +27,14 @@ def _merge_state(valid: torch.Tensor, new, old):
         return ops.LogLinearState(torch.where(valid[:, None, None, None, None], new.slots, old.slots),
                                   torch.where(valid, new.position, old.position))
     return torch.where(valid[:, None, None, None], new, old)
+
+
+def _copy_state_(dst, src) -> None:
+    if isinstance(dst, ops.LogLinearState):
+        dst.slots.copy_(src.slots)
+        dst.position.copy_(src.position)
+    else:
+        dst.copy_(src)
 
 
 def _select_state(state, idx: torch.Tensor):
@@ -162,10 +170,13 @@ class AHNAttentionMixin:
         """Write each token leaving the window into the memory, then read it with the query."""
         B, H, T, _ = q.shape
         if has_past and T == 1:  # the token leaving now sits in the slot the new one will take
-            slot = cache.ring_slot(cache.stream_len)
-            src = [cache.keys[:, :, slot : slot + 1], cache.values[:, :, slot : slot + 1]]
-            src_gates = cache.ring_gates[:, slot - sinks : slot - sinks + 1].float()
-            src_pos = cache.slot_pos[:, slot : slot + 1].long()
+            # Indexed by the device cursor, not the host stream length, so the step is a fixed
+            # sequence of kernels (CUDA-graph capturable before the window fills too).
+            slot = evicted_slot(cache.cursor, sinks, window)
+            rows = torch.arange(B, device=q.device)
+            src = [cache.keys[rows, :, slot, None], cache.values[rows, :, slot, None]]
+            src_gates = cache.ring_gates[rows, slot - sinks][:, None].float()
+            src_pos = cache.slot_pos[rows, slot][:, None].long()
         elif has_past:
             rk, rv, rg, rpos = cache.ring_in_stream_order()
             src = [torch.cat([a, b], 2)[:, :, :T] for a, b in ((rk, k), (rv, v))]
@@ -210,6 +221,8 @@ class AHNAttentionMixin:
                 o = zero.clone()
                 o[valid] = o_part[0]
                 state = _scatter_state(state, idx, part)
-        if persistent:
+        if persistent and T == 1:
+            _copy_state_(cache.memory, state)  # in place: a captured decode step keeps updating one buffer
+        elif persistent:
             cache.memory = state
         return self.ahn.readout(o, out_gate)  # exactly 0 where nothing was read (Norm(0) = 0)

@@ -71,7 +71,10 @@ class AHNLayerCache(CacheLayerMixin):
         """Add new stream tokens: k, v [B, Hkv, T, d]; gates [B, T, ...]; pos [B, T] (-1: padding)."""
         T, W, S = k.shape[2], self.window, self.sinks
         keep = min(T, W)
-        order = torch.arange(self.stream_len + T - keep, self.stream_len + T, device=k.device) % W
+        if T == 1:  # from the device cursor (every row's stream length): no host value in a decode step
+            order = self.cursor[:1] % W
+        else:
+            order = torch.arange(self.stream_len + T - keep, self.stream_len + T, device=k.device) % W
         self.keys[:, :, S + order] = k[:, :, T - keep :]
         self.values[:, :, S + order] = v[:, :, T - keep :]
         self.ring_gates[:, order] = gates[:, T - keep :].to(self.ring_gates.dtype)
