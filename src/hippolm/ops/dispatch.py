@@ -98,9 +98,7 @@ def ssd(
             the reference, ``"fla"`` requires FLA's kernels, ``"triton"`` our own (``ssd``: the
             log-linear kernels with every level weighted 1; (gated) delta rule: torch chunk form with a
             Triton state scan). ``"auto"`` uses them for training on CUDA where FLA's chunk backward is
-            wrong (Hopper with Triton 3.4-3.7.0; Gated DeltaNet also in float32), except the
-            log-linear kernels behind ``ssd`` on that Hopper/Triton range, where they have not
-            passed their CUDA tests yet (FLA's fused recurrent kernel runs instead).
+            wrong or missing (Hopper with Triton 3.4-3.7.0; Gated DeltaNet also in float32).
     Returns:
         (o [B, T, H, V] in q's dtype, final state or None).
     """

@@ -393,7 +393,7 @@ def loglinear_ssd(
     each level (L = :func:`num_levels` of the longest sequence). States are
     :class:`LogLinearState`; ``mode`` is ``"chunk"``, ``"recurrent"`` or ``"naive"`` (outputs only).
     ``backend``: ``"auto"`` runs our Triton kernels (:mod:`hippolm.ops.triton_backend`) where they
-    are right for the call (CUDA, chunk mode, no initial state), else the reference; ``"torch"``
+    are right for the call (CUDA, chunk mode; initial states at any position), else the reference; ``"torch"``
     forces the reference, ``"triton"`` demands the kernels.
     """
     return _run(q, k, v, g, None, lam, scale, initial_state, output_final_state, cu_seqlens, mode, chunk_size,
