@@ -96,9 +96,40 @@ def cache_cases(device: str) -> list[str]:
     return failures
 
 
+def loglinear_cases(device: str) -> list[str]:
+    """The in-place log-linear step (Fenwick carry, decay, delta rule, level read) against
+    step_unchecked in float64, sequences at different positions (0, mid-block, a power of two)."""
+    from hippolm.ops import LogLinearState
+    from hippolm.ops.loglinear import step_unchecked
+
+    failures = []
+    for name, has_g, has_beta in [("gdn", True, True), ("mamba2", True, False), ("deltanet", False, True)]:
+        for N, H, D, L in [(3, 2, 32, 5), (2, 4, 128, 7)]:
+            gen = torch.Generator().manual_seed(D + L)
+            q, k = (torch.nn.functional.normalize(torch.randn(N, H, D, generator=gen), dim=-1) for _ in range(2))
+            v = torch.randn(N, H, D, generator=gen)
+            g = -torch.rand(N, H, generator=gen) if has_g else None
+            beta = torch.rand(N, H, generator=gen) if has_beta else None
+            lam = torch.rand(N, H, L, generator=gen) + 0.5
+            slots = torch.randn(N, H, L, D, D, generator=gen) * 0.1
+            pos = torch.tensor([0, 5, 8][:N])
+            d64 = lambda x: None if x is None else x.double()  # noqa: E731
+            ro, rs = step_unchecked(*(d64(x) for x in (q, k, v, g, beta, lam)),
+                                    LogLinearState(slots.double(), pos), 0.3, check_levels=False)
+            dev = lambda x: None if x is None else x.to(device)  # noqa: E731
+            state = LogLinearState(slots.to(device), pos.to(device))
+            ptr = state.slots.data_ptr()
+            o = dc.loglinear_step_(*(dev(x) for x in (q, k, v, g, beta, lam)), state, 0.3)
+            if (rel(o, ro) > 1e-4 or rel(state.slots, rs.slots) > 1e-4 or state.slots.data_ptr() != ptr
+                    or state.position.tolist() != rs.position.tolist()):
+                failures.append(f"loglinear step {name} N{N} H{H} D{D} L{L}: out {rel(o, ro):.2e} "
+                                f"slots {rel(state.slots, rs.slots):.2e}")
+    return failures
+
+
 if __name__ == "__main__":
     device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
     dtypes = (torch.float32, torch.bfloat16) if device == "cuda" else (torch.float32,)
-    failures = attention_cases(device, dtypes) + memory_cases(device) + cache_cases(device)
+    failures = attention_cases(device, dtypes) + memory_cases(device) + cache_cases(device) + loglinear_cases(device)
     print("\n".join(failures) or "all decode kernel cases pass")
     sys.exit(1 if failures else 0)

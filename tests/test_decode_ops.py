@@ -19,9 +19,10 @@ HERE = Path(__file__).parent
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_decode_kernels_on_cuda():
-    from decode_kernel_cases import attention_cases, cache_cases, memory_cases
+    from decode_kernel_cases import attention_cases, cache_cases, loglinear_cases, memory_cases
 
-    assert attention_cases("cuda", (torch.float32, torch.bfloat16)) + memory_cases("cuda") + cache_cases("cuda") == []
+    assert (attention_cases("cuda", (torch.float32, torch.bfloat16)) + memory_cases("cuda") + cache_cases("cuda")
+            + loglinear_cases("cuda")) == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
@@ -47,3 +48,18 @@ def test_cpu_dispatch_updates_state_in_place_like_the_reference():
     full = torch.softmax(torch.einsum("bhd,bhsd->bhs", q, kk.repeat_interleave(2, 1)) * 0.25, -1)
     want = torch.einsum("bhs,bhsd->bhd", full, vv.repeat_interleave(2, 1))
     assert torch.allclose(dc.decode_attention(q, kk, vv, 0.25), want, atol=1e-5)
+
+
+def test_cpu_loglinear_step_updates_state_in_place_like_step_unchecked():
+    from hippolm.ops import LogLinearState
+    from hippolm.ops.loglinear import step_unchecked
+
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(3, 2, 8, generator=gen) for _ in range(3))
+    g, beta, lam = -torch.rand(3, 2, generator=gen), torch.rand(3, 2, generator=gen), torch.rand(3, 2, 5, generator=gen)
+    slots, pos = torch.randn(3, 2, 5, 8, 8, generator=gen), torch.tensor([0, 3, 8])
+    want_o, want = step_unchecked(q, k, v, g, beta, lam, LogLinearState(slots.clone(), pos.clone()), 0.5)
+    state = LogLinearState(slots, pos)
+    o = dc.loglinear_step_(q, k, v, g, beta, lam, state, 0.5)
+    assert state.slots is slots and torch.allclose(slots, want.slots) and torch.allclose(o, want_o)
+    assert state.position.tolist() == [1, 4, 9]

@@ -17,7 +17,7 @@ from torch import nn
 from .. import ops
 from ..layers.common import decay_init
 from ..ops import reference
-from ..ops.decode import evicted_slot, memory_step_from_cache
+from ..ops.decode import evicted_slot, loglinear_step_, memory_step_from_cache
 from ..ops.loglinear import step_unchecked as loglinear_step
 from .config import MEMORY_TYPES
 
@@ -135,16 +135,22 @@ class MemoryModule(nn.Module):
             fn = ops.delta_rule
         return fn(q, *args, lam, **kw) if self.levels else fn(q, *args, **kw)
 
-    def step(self, q, k, v, wg, lam, state: State | None) -> tuple[torch.Tensor, State]:
-        """One write + read per sequence: q, k [B, H, d], v [B, H, d], wg [B, H, G]."""
+    def _step_args(self, q, k, v, wg) -> tuple:
+        """(q, k, v, g, beta) of one step as the ops take them (normalised q, k; g or beta None where
+        the memory has none)."""
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         k, v, *gates = self._op_args(k, v, wg)
         g = gates[0] if self.base_kind != "deltanet" else None
         beta = gates[-1] if self.base_kind != "mamba2" else None
+        return q, k, v, g, beta
+
+    def step(self, q, k, v, wg, lam, state: State | None) -> tuple[torch.Tensor, State]:
+        """One write + read per sequence: q, k [B, H, d], v [B, H, d], wg [B, H, G]."""
+        args = self._step_args(q, k, v, wg)
         # Unchecked step forms: inputs are ours, and each check would cost a device sync per token.
         if self.levels:
-            return loglinear_step(q, k, v, g, beta, lam, state, None, check_levels=False)
-        return reference.step(q, k, v, g, beta, state)
+            return loglinear_step(*args, lam, state, None, check_levels=False)
+        return reference.step(*args, state)
 
     def readout(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """Per-head contribution [..., H, d] to add to the attention output before the frozen o_proj."""
@@ -160,16 +166,15 @@ class MemoryModule(nn.Module):
         """Decode: write the token leaving the window of an AHN cache (read from its ring slot at stream
         index ``cursor`` [B]) and read with q [B, H, d], updating ``state`` in place; returns the
         per-head contribution [B, H, d] (float32 for the linear memories). gate [B, H], lam: the reading
-        token's :meth:`read_gates`. One fused kernel on CUDA for the linear memories
-        (:func:`hippolm.ops.decode.memory_step_from_cache`)."""
+        token's :meth:`read_gates`. On CUDA one fused kernel for the linear memories
+        (:func:`hippolm.ops.decode.memory_step_from_cache`: cache read, step, read-out) and one for
+        the log-linear step (:func:`hippolm.ops.decode.loglinear_step_`)."""
         if self.levels:
             slot = evicted_slot(cursor, sinks, window)
             b = torch.arange(q.shape[0], device=q.device)
             rep = q.shape[1] // keys.shape[1]
             k, v = (a[b, :, slot].repeat_interleave(rep, 1) for a in (keys, values))
-            o, new = self.step(q, k, v, ring_gates[b, slot - sinks].float(), lam, state)
-            state.slots.copy_(new.slots)
-            state.position.copy_(new.position)
+            o = loglinear_step_(*self._step_args(q, k, v, ring_gates[b, slot - sinks].float()), lam, state)
             return self.readout(o, gate)
         g_idx = -1 if self.base_kind == "deltanet" else 0
         beta_idx = 0 if self.base_kind == "deltanet" else 1

@@ -371,5 +371,83 @@ def memory_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
     return out
 
 
+# --- the log-linear memory step -------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _loglinear_step_kernel(Q, K, V, G_, BETA, LAM, SLOTS, POS, OUT, H, L, scale,
+                               KD: tl.constexpr, VD: tl.constexpr, HAS_G: tl.constexpr, HAS_BETA: tl.constexpr):
+        """One (sequence, head): Fenwick carry, decay, delta rule, the new token into level 0 and the
+        level-weighted read, one pass over the level slots (each loaded and stored once)."""
+        pid = tl.program_id(0)  # n * H + h
+        n = pid // H
+        kk, vv = tl.arange(0, KD), tl.arange(0, VD)
+        q = tl.load(Q + pid * KD + kk).to(tl.float32)
+        k = tl.load(K + pid * KD + kk).to(tl.float32)
+        v = tl.load(V + pid * VD + vv).to(tl.float32)
+        pos = tl.load(POS + n)
+        # Going from position pos-1 to pos, slots 0..target-1 merge into slot target = bit_length(pos ^ (pos-1)).
+        # pos ^ (pos-1) = 2^target - 1, so target = log2 of it plus one: exact in float32, rounded.
+        x = pos ^ tl.maximum(pos - 1, 0)
+        target = (tl.log2((x + 1).to(tl.float32)) + 0.5).to(tl.int32)
+        carry = pos > 0
+        decay = 1.0
+        beta = 1.0
+        if HAS_G:
+            decay = tl.exp(tl.load(G_ + pid).to(tl.float32))
+        if HAS_BETA:
+            beta = tl.load(BETA + pid).to(tl.float32)
+        tile = kk[:, None] * VD + vv[None, :]
+        base = SLOTS + pid.to(tl.int64) * L * KD * VD
+        merged = tl.zeros((KD, VD), dtype=tl.float32)
+        o = tl.zeros((VD,), dtype=tl.float32)
+        for lvl in range(L):
+            S = tl.load(base + lvl * KD * VD + tile)
+            merging = carry & (lvl < target)
+            merged += tl.where(merging, S, 0.0)  # levels below target come first: complete at lvl == target
+            S = tl.where(merging, 0.0, S) + tl.where(carry & (lvl == target), merged, 0.0)
+            S = S * decay
+            if HAS_BETA:
+                S = S - beta * k[:, None] * tl.sum(S * k[:, None], 0)[None, :]
+            S = tl.where(lvl == 0, k[:, None] * (beta * v)[None, :], S)
+            tl.store(base + lvl * KD * VD + tile, S)
+            o += tl.load(LAM + pid * L + lvl).to(tl.float32) * tl.sum(S * q[:, None], 0)
+        tl.store(OUT + pid * VD + vv, o * scale)
+
+
+def loglinear_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+                    beta: torch.Tensor | None, lam: torch.Tensor, state, scale: float | None = None) -> torch.Tensor:
+    """:func:`hippolm.ops.loglinear.step_unchecked` updating ``state`` (a LogLinearState: float32
+    slots [N, H, L, K, V], positions [N]) in place, so a decode step replays from a CUDA graph; one
+    kernel per layer on CUDA (the Fenwick carry, decay, delta rule, write and level-weighted read
+    over each level slot once). q, k [N, H, K], v [N, H, V], g/beta [N, H] or None, lam [N, H, L].
+    Returns o [N, H, V] in q's dtype."""
+    from .loglinear import step_unchecked
+
+    N, H, K = q.shape
+    V, L = v.shape[-1], lam.shape[-1]
+    scale = K**-0.5 if scale is None else float(scale)
+    slots = state.slots
+    if (_triton_ok(q, k, v, slots) and slots.dtype == torch.float32 and slots.is_contiguous()
+            and K in (16, 32, 64, 128) and V in (16, 32, 64, 128)):
+        if _INTERPRET:  # its loop over a runtime level count needs the interpreter fix
+            from .triton_backend import _patch_interpreter
+
+            _patch_interpreter()
+        out = torch.empty(N, H, V, device=q.device, dtype=torch.float32)
+        c = lambda x: x.contiguous()  # noqa: E731
+        _loglinear_step_kernel[(N * H,)](
+            c(q), c(k), c(v), slots if g is None else c(g.float()), slots if beta is None else c(beta.float()),
+            c(lam.float()), slots, state.position, out, H, L, scale, KD=K, VD=V, HAS_G=g is not None,
+            HAS_BETA=beta is not None, num_warps=8)
+        state.position.add_(1)
+        return out.to(q.dtype)
+    o, new = step_unchecked(q, k, v, g, beta, lam, state, scale, check_levels=False)
+    slots.copy_(new.slots)
+    state.position.copy_(new.position)
+    return o
+
+
 __all__ = ["cache_write", "cache_write_reference", "decode_attention", "decode_attention_reference", "evicted_slot",
-           "memory_step", "memory_step_from_cache", "memory_step_from_cache_reference", "memory_step_reference"]
+           "loglinear_step_", "memory_step", "memory_step_from_cache", "memory_step_from_cache_reference",
+           "memory_step_reference"]
