@@ -17,7 +17,8 @@
 # the first call can do other work after staging (it still carries ~4 MiB: e.g. fla-core, einops):
 #   1. carry [".gpu_stash/smollm2.part00"]:           bash benchmarks/demo_gpu.sh stage; <other work>
 #   2. carry [".whl", ".gpu_stash/smollm2.part01"]:   bash benchmarks/demo_gpu.sh
-# Measured 2026-11-23 on H100: the demo ran 418 s (base conversion 38 s, distillation 225 s; summary.json).
+# Measured on H100 (summary.json): 418 s the first time (base conversion 38 s, distillation 225 s); 296 s in a rerun
+# (distillation 159 s), plus ~50 s of KL scoring.
 # Where nothing limits the size, put the whole wheel in .whl/ instead: one call, `bash benchmarks/demo_gpu.sh`.
 # After the demo, benchmarks/distill_proof.py scores the trained memory: KL(full || SWA, AHN) by position
 # (skip with NO_KL=1; ~1-2 min: if the demo used most of the call, run the script again on the warm

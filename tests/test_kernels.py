@@ -95,8 +95,8 @@ def _to(x, dev):
 def _rounded(xs, dtype):
     """The float64 inputs as _run feeds them to a ``dtype`` kernel (q, k, v in ``dtype``, gates in
     float32), back in float64: the reference of these measures the kernel's error, not the rounding
-    of the inputs (which alone puts dg of bf16 inputs 2-4% off the float64 one at T = 1000-3000:
-    dg is a reverse cumulative sum over the sequence; measured on H100, kernel_errors_h100.json)."""
+    of the inputs (for bf16 o, that rounding is 0.38% against the kernel's own 0.25%; H100,
+    kernel_errors_h100_rounded.json)."""
     return [x.to(dtype if i < 3 else torch.float32).double() for i, x in enumerate(xs)]
 
 
@@ -148,7 +148,7 @@ def test_loglinear_ssd_matches_reference(shape, device):
     if device == "cuda":
         # bf16 dots of O(1) entries: an absolute floor of 1e-2 where the exact gradient is zero (dg at T=1).
         # dg = reverse cumsum of q.dq - k.dk over the sequence: its bf16 error grows with T (H100,
-        # kernel_errors_h100_rounded.json: 1.1-1.3% at T <= 600, 1.6-2.1% at T = 1000, 4.2% at 3000;
+        # kernel_errors_h100*.json: 1.1-1.3% at T <= 600, 1.6-2.1% at T = 1000, 4.2% at 3000;
         # the goal of 2e-2 is not met from T = 1000 on; this bound catches regressions).
         _assert_close(_run(xs, torch.bfloat16, device, chunk_size=C), _reference(_rounded(xs, torch.bfloat16)),
                       2e-2, 2e-2, floor=1e-2, dg_tol=2e-2 if T <= 600 else 6e-2)

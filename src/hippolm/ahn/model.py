@@ -197,7 +197,7 @@ class AHNForCausalLM(nn.Module):
                         self.ahn_config.sinks if sinks is None else sinks)
 
     def graph_decoder(self, cache: AHNCache) -> GraphDecoder:
-        """A CUDA-graph decoder for ``cache`` once it is past its window (see :class:`GraphDecoder`)."""
+        """A CUDA-graph decoder for ``cache`` (holding at least one token; see :class:`GraphDecoder`)."""
         return GraphDecoder(self, cache)
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, *, window: int | None = None,

@@ -4,9 +4,10 @@
 dispatch then runs the reference). What FLA 0.6.0 gets wrong or refuses, and how we route:
 
 - gated chunk backward (``chunk_simple_gla`` with ``g``, ``chunk_gated_delta_rule``) on Hopper
-  with Triton in [3.4, 3.7.1) raises (FLA: "produces incorrect results"): Mamba-2/SSD then uses
-  FLA's fused recurrent kernel, which has a correct backward; Gated DeltaNet has no FLA kernel
-  with a backward there, so it falls back to the reference;
+  with Triton in [3.4, 3.7.1) raises (FLA: "produces incorrect results"): 16-bit Mamba-2/SSD
+  training then runs our Triton kernels (:mod:`hippolm.ops.triton_backend`) and Gated DeltaNet
+  training our Triton state scan; where those do not apply, FLA's fused recurrent kernel (SSD)
+  or the reference;
 - float32: the chunk kernels multiply in TF32 (relative error ~1.5e-3 against float64 measured
   on H100) and ``chunk_delta_rule`` rejects it, so float32 runs the fused recurrent kernels,
   which compute in full float32 (~1e-6);
