@@ -29,14 +29,6 @@ def _merge_state(valid: torch.Tensor, new, old):
     return torch.where(valid[:, None, None, None], new, old)
 
 
-def _copy_state_(dst, src) -> None:
-    if isinstance(dst, ops.LogLinearState):
-        dst.slots.copy_(src.slots)
-        dst.position.copy_(src.position)
-    else:
-        dst.copy_(src)
-
-
 def _select_state(state, idx: torch.Tensor):
     if isinstance(state, ops.LogLinearState):
         return ops.LogLinearState(state.slots[idx], state.position[idx])
@@ -222,7 +214,7 @@ class AHNAttentionMixin:
                 o[valid] = o_part[0]
                 state = _scatter_state(state, idx, part)
         if persistent and T == 1:
-            _copy_state_(cache.memory, state)  # in place: a captured decode step keeps updating one buffer
+            cache.memory.copy_(state)  # in place: a captured decode step keeps updating one buffer
         elif persistent:
             cache.memory = state
         return self.ahn.readout(o, out_gate)  # exactly 0 where nothing was read (Norm(0) = 0)

@@ -40,7 +40,6 @@ class GraphDecoder:
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self.warmed: set[str] = set()
-        self.calls = 0
 
     @property
     def graph(self) -> torch.cuda.CUDAGraph | None:
@@ -72,7 +71,6 @@ class GraphDecoder:
             raise ValueError(f"ids must have shape {tuple(self.ids.shape)} (the cache's batch, one token), "
                              f"got {tuple(ids.shape)}.")
         self._load_inputs(ids)
-        self.calls += 1
         kind = self._kind()
         if kind == "eager":
             return self._step()

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
+from .loglinear import step_unchecked
 
 try:  # triton is optional: CPU installs and CI do without it
     import triton
@@ -422,8 +423,6 @@ def loglinear_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.
     kernel per layer on CUDA (the Fenwick carry, decay, delta rule, write and level-weighted read
     over each level slot once). q, k [N, H, K], v [N, H, V], g/beta [N, H] or None, lam [N, H, L].
     Returns o [N, H, V] in q's dtype."""
-    from .loglinear import step_unchecked
-
     N, H, K = q.shape
     V, L = v.shape[-1], lam.shape[-1]
     scale = K**-0.5 if scale is None else float(scale)
@@ -443,8 +442,7 @@ def loglinear_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.
         state.position.add_(1)
         return out.to(q.dtype)
     o, new = step_unchecked(q, k, v, g, beta, lam, state, scale, check_levels=False)
-    slots.copy_(new.slots)
-    state.position.copy_(new.position)
+    state.copy_(new)
     return o
 
 

@@ -42,6 +42,13 @@ class LogLinearState:
     def num_levels(self) -> int:
         return self.slots.shape[2]
 
+    def copy_(self, other: LogLinearState) -> LogLinearState:
+        """Take ``other``'s values in place (as Tensor.copy_): the buffers a captured decode step
+        keeps updating."""
+        self.slots.copy_(other.slots)
+        self.position.copy_(other.position)
+        return self
+
 
 def num_levels(max_len: int) -> int:
     """Levels needed for sequences of up to ``max_len`` tokens: ceil(log2 max_len) + 1."""
