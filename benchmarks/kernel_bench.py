@@ -76,6 +76,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="lengths 2k, 8k, 64k; fewer repeats; no FLA log-linear")
     parser.add_argument("--budget", type=float, default=1e9, help="seconds; later rows are skipped past it")
     parser.add_argument("--no-fla", action="store_true")
+    parser.add_argument("--phases", default="ours,breakdown,fla_linear,fla_loglinear",
+                        help="comma list of: ours (log-linear kernels, SDPA), breakdown (our log-linear "
+                             "kernel phases), fla_linear (SSD and GDN through the dispatch, linear SSD on our "
+                             "kernels, FLA's linear kernels), fla_loglinear")
     parser.add_argument("--json", default=None)
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU under TRITON_INTERPRET=1, tiny shapes: checks the script, times nothing real")
@@ -187,9 +191,11 @@ def main() -> None:
     # FLA's log-linear kernel (slow, and may autotune for minutes).
     phases = [("ours", False), ("breakdown", True), ("fla_linear", True)]
     phases += [] if args.quick else [("fla_loglinear", True)]
+    chosen = args.phases.split(",")
+    phases = [(name, optional and len(chosen) > 1) for name, optional in phases if name in chosen]
     for phase, optional in phases:
         if phase == "breakdown":
-            if time.time() - t_start < args.budget * 0.6:
+            if time.time() - t_start < args.budget * 0.6 or not optional:
                 breakdown(65536 if 65536 in lengths else max(lengths))
             continue
         if phase != "ours" and not fla_ok:
@@ -216,9 +222,6 @@ def main() -> None:
                             lambda q, k, v, g, lam: ops.loglinear_gated_delta_rule(
                                 q, k, v, g, torch.sigmoid(g + 2), lam, backend="triton"),
                             lambda grad, make=make: make(grad, levels=True), ll_flops, io)
-                    measure(T, B, "hippolm-dispatch(auto)", "gated_delta_rule", backward,
-                            lambda q, k, v, g: ops.gated_delta_rule(q, k, v, g, torch.sigmoid(g + 2)), make,
-                            lin_flops, lin_io)
                     measure(T, B, "sdpa_flash", "attention", backward,
                             lambda q, k, v: F.scaled_dot_product_attention(
                                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True),
@@ -228,6 +231,12 @@ def main() -> None:
                     from fla.ops.simple_gla import chunk_simple_gla
                     measure(T, B, "hippolm-dispatch(auto)", "ssd", backward,
                             lambda q, k, v, g: ops.ssd(q, k, v, g), make, lin_flops, lin_io, optional)
+                    measure(T, B, "hippolm-dispatch(auto)", "gated_delta_rule", backward,
+                            lambda q, k, v, g: ops.gated_delta_rule(q, k, v, g, torch.sigmoid(g + 2)), make,
+                            lin_flops, lin_io, optional)
+                    measure(T, B, "hippolm-triton", "ssd", backward,
+                            lambda q, k, v, g: ops.ssd(q, k, v, g, backend="triton"), make, lin_flops, lin_io,
+                            optional)
                     measure(T, B, "fla_direct(chunk_simple_gla)", "ssd", backward,
                             lambda q, k, v, g: chunk_simple_gla(q, k, v, g=g), make, lin_flops, lin_io, optional)
                     from fla.ops.gated_delta_rule import chunk_gated_delta_rule

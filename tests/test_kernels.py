@@ -10,6 +10,7 @@ runs the cases directly. bf16 only on CUDA.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -358,3 +359,73 @@ def test_kernels_under_autocast_keep_float32_math(op, device):
     assert rel_err(o.cpu(), o_ref.cpu()) < 1e-3
     for a, b in zip(grads, g_ref, strict=True):
         assert rel_err(a.cpu(), b.cpu()) < 5e-3
+
+
+
+def _dqkwg_oracle(q, k, vn, G, h, do, dh, dv, w, spans, scale):
+    """float64 autograd of what one gated chunk backward step owes: F = <do, o> + sum_c <dh_c, S_c'>
+    - <dv, w h_c>, with o and the end state S_c' of each chunk as in :mod:`hippolm.ops.fla_gated`
+    (h, vn held fixed). ``spans``: (batch row, first, end, chunk index in h). Returns dF/d(q, k, w, G)."""
+    leaves = [x.clone().requires_grad_() for x in (q, k, w, G)]
+    q, k, w, G = leaves
+    F = 0.0
+    for n, a, b, c in spans:
+        qc, kc, vc, Gc, hc = q[n, a:b], k[n, a:b], vn[n, a:b], G[n, a:b], h[n, c]  # [L, H, *], [H, K, V]
+        causal = torch.ones(b - a, b - a, dtype=torch.bool).tril()
+        decay = (Gc[:, None] - Gc[None, :]).permute(2, 0, 1).masked_fill(~causal, float("-inf")).exp()
+        att = torch.einsum("ihk,jhk->hij", qc, kc) * decay  # [H, L, L]
+        o = scale * (torch.einsum("ihk,hkv->ihv", qc * Gc.exp()[..., None], hc) + torch.einsum("hij,jhv->ihv", att, vc))
+        end = hc * Gc[-1].exp()[:, None, None] + torch.einsum("jhk,jhv->hkv", kc * (Gc[-1] - Gc).exp()[..., None], vc)
+        F = F + (do[n, a:b] * o).sum() + (dh[n, c] * end).sum()
+        F = F - (dv[n, a:b] * torch.einsum("jhk,hkv->jhv", w[n, a:b], hc)).sum()
+    return torch.autograd.grad(F, leaves)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_gated_chunk_backward_kernel(packed, device):
+    """hippolm.ops.fla_gated.dqkwg (our replacement of the FLA kernel that Triton miscompiles on
+    Hopper) against float64 autograd of the chunk equations: dq, dk, dw, dg; T not a multiple of the
+    chunk, head dims not powers of two (masked tiles; CPU), several V tiles, packed sequences."""
+    from hippolm.ops import fla_gated
+
+    Cb, K, V = (64, 128, 128) if CUDA else (16, 24, 80)
+    lengths = {(True, True): [300, 1, 77, 128], (True, False): [40, 1, 33, 16],
+               (False, True): [200, 200], (False, False): [50, 50]}[packed, CUDA]
+    H, B = 2, 1 if packed else len(lengths)
+    T = sum(lengths) if packed else lengths[0]
+    gen = torch.Generator().manual_seed(3)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    q, k, w = rnd(B, T, H, K), rnd(B, T, H, K) / K**0.5, rnd(B, T, H, K)
+    vn, do, dv = rnd(B, T, H, V), rnd(B, T, H, V), rnd(B, T, H, V)
+    starts = torch.tensor([0, *lengths[:-1]]).cumsum(0).tolist() if packed else [0] * B
+    spans, pairs = [], []  # (row, first, end, chunk index in h) per chunk; (sequence, chunk) pairs
+    for n, (s, ln) in enumerate(zip(starts, lengths, strict=True)):
+        for i, a in enumerate(range(0, ln, Cb)):
+            spans.append((0, s + a, s + min(a + Cb, ln), len(pairs)) if packed else (n, a, min(a + Cb, ln), i))
+            pairs.append((n, i))
+    g = torch.nn.functional.logsigmoid(rnd(B, T, H) + 2.0)
+    G = torch.zeros_like(g)  # within-chunk cumulative log decay
+    for n, a, b, _ in spans:
+        G[n, a:b] = g[n, a:b].cumsum(0)
+    n_chunks = len(pairs) if packed else len(pairs) // B
+    h, dh = rnd(B, n_chunks, H, K, V) / 4, rnd(B, n_chunks, H, K, V)
+    scale = K**-0.5
+    cu = idx = None
+    if packed:
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=device)
+        idx = torch.tensor(pairs, device=device)  # [NT, 2]: (sequence, chunk in sequence), as FLA builds it
+    for dtype in [torch.float32] + ([torch.bfloat16] if CUDA else []):
+        # q, k, v, do, dv in dtype, g and states in float32, as FLA feeds them; reference on those values
+        xs = [x.to(dtype) for x in (q, k, vn, do, dv, w)]
+        gs, hs, dhs = (x.float() for x in (G / math.log(2), h, dh))
+        want = _dqkwg_oracle(*(x.double() for x in (xs[0], xs[1], xs[2], gs * math.log(2), hs, xs[3], dhs, xs[4],
+                                                    xs[5])), spans, scale)
+        dev = [x.to(device) for x in (*xs, gs, hs, dhs)]
+        got = fla_gated.dqkwg(dev[0], dev[1], dev[2], dev[6], dev[7], dev[3], dev[8], scale, cu, idx, dv=dev[4],
+                              chunk_size=Cb)
+        tol = 1e-4 if not CUDA else (5e-3 if dtype == torch.float32 else 2e-2)  # CUDA float32: TF32 dots
+        for name, a, b in zip(("dq", "dk", "dw", "dg"), (got[0], got[1], got[2], got[3]), want, strict=True):
+            assert rel_err(a.cpu(), b) < tol, (name, dtype, rel_err(a.cpu(), b))

@@ -97,8 +97,10 @@ def ssd(
         backend: ``"auto"`` picks a fast kernel when it is right for the inputs, ``"torch"`` forces
             the reference, ``"fla"`` requires FLA's kernels, ``"triton"`` our own (``ssd``: the
             log-linear kernels with every level weighted 1; (gated) delta rule: torch chunk form with a
-            Triton state scan). ``"auto"`` uses them for training on CUDA where FLA's chunk backward is
-            wrong or missing (Hopper with Triton 3.4-3.7.0; Gated DeltaNet also in float32).
+            Triton state scan). ``"auto"`` uses them for training on CUDA where FLA is missing, and for
+            float32 Gated DeltaNet training (FLA's chunk kernels compute in TF32). Where FLA refuses
+            its gated backward (Hopper with Triton 3.4-3.7.0), ``"auto"`` and ``"fla"`` run FLA's
+            kernels with our replacement of the refused one (:mod:`hippolm.ops.fla_gated`).
     Returns:
         (o [B, T, H, V] in q's dtype, final state or None).
     """

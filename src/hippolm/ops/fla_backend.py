@@ -4,10 +4,9 @@
 dispatch then runs the reference). What FLA 0.6.0 gets wrong or refuses, and how we route:
 
 - gated chunk backward (``chunk_simple_gla`` with ``g``, ``chunk_gated_delta_rule``) on Hopper
-  with Triton in [3.4, 3.7.1) raises (FLA: "produces incorrect results"): 16-bit Mamba-2/SSD
-  training then runs our Triton kernels (:mod:`hippolm.ops.triton_backend`) and Gated DeltaNet
-  training our Triton state scan; where those do not apply, FLA's fused recurrent kernel (SSD)
-  or the reference;
+  with Triton in [3.4, 3.7.1) raises in one kernel (FLA: "produces incorrect results"): there we
+  run FLA's other kernels with our own in its place (form ``"chunk_patched"``,
+  :mod:`hippolm.ops.fla_gated`);
 - float32: the chunk kernels multiply in TF32 (relative error ~1.5e-3 against float64 measured
   on H100) and ``chunk_delta_rule`` rejects it, so float32 runs the fused recurrent kernels,
   which compute in full float32 (~1e-6);
@@ -57,7 +56,7 @@ def _kernel(op: str, form: str) -> Callable:
 
 
 def plan(op: str, mode: str, q: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor]) -> tuple[str | None, str]:
-    """Return (FLA form to use: "chunk" | "recurrent" | None, reason)."""
+    """Return (FLA form to use: "chunk" | "chunk_patched" | "recurrent" | None, reason)."""
     if not q.is_cuda:
         return None, "inputs are not on a CUDA device"
     if not fla_available():
@@ -76,13 +75,20 @@ def plan(op: str, mode: str, q: torch.Tensor, v: torch.Tensor, tensors: list[tor
             return None, "FLA has no full-float32 Gated DeltaNet kernel with a backward"
         form = "chunk"  # the fused recurrent kernel has no backward
     if needs_grad and form == "chunk" and op != "delta_rule" and gated_chunk_backward_broken(q.device.index or 0):
-        if op == "gated_delta_rule":
-            return None, "FLA's gated chunk backward is wrong on Hopper with Triton 3.4-3.7.0 and it has no other"
-        form = "recurrent"
+        # FLA refuses one kernel of this backward here; ours (hippolm.ops.fla_gated) replaces it.
+        return "chunk_patched", "fla, with our dq/dk/dg kernel in its gated chunk backward"
     return form, "fla"
 
 
 def run(op, form, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
+    if form == "chunk_patched":
+        from . import fla_gated
+        from .reference import resolve_scale
+
+        scale = resolve_scale(scale, q.shape[-1])
+        if op == "ssd":
+            return fla_gated.simple_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+        return fla_gated.gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
     kwargs = dict(scale=scale, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                   initial_state=None if initial_state is None else initial_state.float())
     fn = _kernel(op, form)

@@ -299,9 +299,9 @@ def run_loglinear_ssd(q, k, v, g, lam, scale: float, output_final_state: bool, c
 
 def plan_linear_ssd(q: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor], initial_state, mode: str,
                     backend: str) -> tuple[bool, str]:
-    """(run linear SSD / Mamba-2 on our kernels?, reason). ``"auto"`` picks them only with gradients on
-    CUDA where FLA has no correct chunk backward (Hopper with Triton 3.4-3.7.0, or FLA missing),
-    since FLA's chunk kernel is the faster one where it works."""
+    """(run linear SSD / Mamba-2 on our kernels?, reason). ``"auto"`` picks them only for 16-bit
+    training on CUDA without FLA: FLA's chunk kernels are faster (on Hopper with Triton 3.4-3.7.0
+    with our kernel in their backward, :mod:`hippolm.ops.fla_gated`)."""
     explicit = backend == "triton"
     if mode != "chunk" and not explicit:
         return False, "mode='recurrent'"
@@ -312,8 +312,8 @@ def plan_linear_ssd(q: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor
             return False, "no gradients: FLA's chunk forward is right"
         from . import fla_backend
 
-        if fla_backend.fla_available() and not fla_backend.gated_chunk_backward_broken(q.device.index or 0):
-            return False, "FLA's chunk backward is right here"
+        if fla_backend.fla_available():
+            return False, "FLA's chunk kernels (on Hopper with our gated backward kernel) are right here"
     return _kernels_take(q, v)
 
 
@@ -348,8 +348,9 @@ def run_linear_ssd(q, k, v, g, scale: float, output_final_state: bool, cu_seqlen
 def plan_delta(op: str, q: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor],
                backend: str) -> tuple[bool, str]:
     """(run (Gated) DeltaNet on our chunk form with the Triton state scan?, reason). ``"auto"``: only
-    Gated DeltaNet with gradients on CUDA where FLA has no correct kernel with a backward (Hopper with
-    Triton 3.4-3.7.0, float32, or FLA missing); FLA stays where it is right (faster, fused)."""
+    Gated DeltaNet with gradients on CUDA where FLA has no right kernel with a backward (float32:
+    FLA's chunk kernels compute in TF32; or FLA missing); FLA stays where it is right (faster, fused;
+    on Hopper with Triton 3.4-3.7.0 with our kernel in its backward, :mod:`hippolm.ops.fla_gated`)."""
     if backend != "triton":
         if op != "gated_delta_rule" or not q.is_cuda:
             return False, "FLA or the reference is right here"
@@ -357,10 +358,8 @@ def plan_delta(op: str, q: torch.Tensor, v: torch.Tensor, tensors: list[torch.Te
             return False, "no gradients: FLA's kernels are right"
         from . import fla_backend
 
-        fla_ok = (fla_backend.fla_available() and q.dtype != torch.float32
-                  and not fla_backend.gated_chunk_backward_broken(q.device.index or 0))
-        if fla_ok:
-            return False, "FLA's chunk backward is right here"
+        if fla_backend.fla_available() and q.dtype != torch.float32:
+            return False, "FLA's chunk kernels (on Hopper with our gated backward kernel) are right here"
     return _kernels_take(q, v)
 
 

@@ -1,7 +1,8 @@
-"""Gated DeltaNet chunk form for training on GPUs where FLA's gated backward is wrong (Hopper with
-Triton 3.4-3.7.0): the chunk-parallel parts (decay masks, the WY / UT transform with a batched
-triangular solve, outputs) are batched torch ops that autograd differentiates; the one sequential
-part, the inter-chunk state recurrence, is a Triton scan with a hand-written reverse-scan backward.
+"""Gated DeltaNet chunk form for float32 training on CUDA (FLA's chunk kernels compute in TF32),
+where FLA is missing, and for log-linear Gated DeltaNet: the chunk-parallel parts (decay masks,
+the WY / UT transform with a batched triangular solve, outputs) are batched torch ops that
+autograd differentiates; the one sequential part, the inter-chunk state recurrence, is a Triton
+scan with a hand-written reverse-scan backward.
 
 Per chunk i, with S_i the state at its start (as in :func:`hippolm.ops.reference.chunk_factors`):
 
