@@ -120,11 +120,13 @@ def main() -> None:
             try:
                 xs = make(backward)
 
+                leaves = [x for x in xs if x.requires_grad]
+
                 def fn():
                     o = call(*xs)
                     o = o[0] if isinstance(o, tuple) else o
-                    if backward:
-                        o.backward(torch.ones_like(o))
+                    if backward:  # gradients returned, not accumulated into .grad (an add per input)
+                        torch.autograd.grad(o, leaves, torch.ones_like(o))
 
                 row["ms"] = cuda_time_ms(fn, warmup, repeats)
             except Exception as err:  # record refusals (FLA's Hopper guard, OOM) instead of stopping the sweep

@@ -30,6 +30,11 @@ import triton
 import triton.language as tl
 
 CHUNK = 64
+# Tile and launch settings of _dqkwg, fixed rather than autotuned (a tuner could pick a config that
+# Triton miscompiles on Hopper, as FLA #984 found for num_warps=4 in another kernel): the fastest of
+# 18 on an H100 at 64k tokens, 16 heads, d=128 (1.98 ms vs 2.64 for 4 warps, 2 stages;
+# benchmarks/results/gdn_profile_h100.json), and the one the CUDA tests run.
+CONFIG = {"BK": 128, "BV": 64, "num_warps": 8, "num_stages": 3}
 
 
 @triton.jit
@@ -109,14 +114,15 @@ def _dqkwg(q, k, v, g, h, do, dh, dv, dq, dk, dw, dg, cu_seqlens, chunk_indices,
 
 
 def dqkwg(q, k, v, g, h, do, dh, scale: float, cu_seqlens=None, chunk_indices=None, dv=None,
-          chunk_size: int = CHUNK):
+          chunk_size: int = CHUNK, config: dict | None = None):
     """dq, dk, dw (None without ``dv``) and dg (float32, before the reverse cumsum) of one gated chunk
     backward; shapes as FLA's: q, k [B, T, H, K], v, do, dv [B, T, H, V], g [B, T, H] (within-chunk
     cumsum, log2 units), h, dh [B, NT, H, K, V]."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    BK = min(128, max(16, triton.next_power_of_2(K)))
-    BV = min(64, max(16, triton.next_power_of_2(V)))
+    config = {**CONFIG, **(config or {})}
+    BK = min(config["BK"], max(16, triton.next_power_of_2(K)))
+    BV = min(config["BV"], max(16, triton.next_power_of_2(V)))
     NK = triton.cdiv(K, BK)
     n_chunks = triton.cdiv(T, chunk_size) if cu_seqlens is None else chunk_indices.numel() // 2  # [NT, 2] pairs
     q, k, v, g, h, do, dh = (x.contiguous() for x in (q, k, v, g, h, do, dh))
@@ -128,7 +134,8 @@ def dqkwg(q, k, v, g, h, do, dh, scale: float, cu_seqlens=None, chunk_indices=No
         q, k, v, g, h, do, dh, dummy if dv is None else dv.contiguous(), dq, dk, dummy if dw is None else dw,
         dg, cu_seqlens if cu_seqlens is not None else dummy, chunk_indices if chunk_indices is not None else dummy,
         scale, T, B * T * H, H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV, NK=NK,
-        VARLEN=cu_seqlens is not None, HAS_DW=dv is not None, num_warps=4, num_stages=2)
+        VARLEN=cu_seqlens is not None, HAS_DW=dv is not None, num_warps=config["num_warps"],
+        num_stages=config["num_stages"] if q.element_size() == 2 else 1)  # float32 tiles: 3 stages overflow smem
     return dq, dk, dw, dg.sum(0)
 
 
