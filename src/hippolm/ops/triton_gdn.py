@@ -15,6 +15,8 @@ Imported lazily (only by :mod:`hippolm.ops.triton_backend`).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -142,39 +144,61 @@ class _Scan(torch.autograd.Function):
         return (dw.sum(0), du, dkd.sum(0), dge.sum(0), ds0.to(ctx.s0_dtype) if ctx.has_s0 else None, None)
 
 
-def gated_delta_rule(q, k, v, g, beta, scale: float, initial_state, output_final_state: bool, cu_seqlens,
-                     chunk_size: int = 64):
-    """Gated DeltaNet (or DeltaNet with g=None), chunk form; arguments as :func:`hippolm.ops.gated_delta_rule`."""
-    B, T, _H, _K = q.shape
-    C = chunk_size if chunk_size in (16, 32, 64) else 64
+class _Chunks(NamedTuple):
+    """Chunk-form factors of a (gated) delta rule, [N, H, n, C, *] (float32)."""
+
+    qb: torch.Tensor  # queries times the scale
+    kb: torch.Tensor
+    vb: torch.Tensor
+    G: torch.Tensor  # within-chunk cumulative log decay [N, H, n, C]
+    decay: torch.Tensor  # exp(G_i - G_j), causal [N, H, n, C, C]
+    mix: torch.Tensor  # (I + tril(beta K K^T decay, -1))^-1 diag(beta)
+    w: torch.Tensor
+    u: torch.Tensor
+    kd: torch.Tensor  # keys decayed to the chunk end
+
+
+def _padded(xs, T: int, cu_seqlens, B: int, C: int):
+    """(bounds, padded length, tensors as [N, length, ...] zero-padded to a multiple of C): zero
+    padding at the end is inert (k = 0 writes nothing, g = 0 keeps the state, beta = 0)."""
     bounds = reference._sequence_bounds(T, cu_seqlens, B)
-    longest = max(e - s for _, s, e in bounds)
-    length = max(C, -(-longest // C) * C)
+    length = max(C, -(-max(e - s for _, s, e in bounds) // C) * C)
     if cu_seqlens is None and length == T:
-        qs, ks, vs, gs, bs = q, k, v, g, beta
-    else:  # zero padding at the end: k = 0 writes nothing, g = 0 keeps the state, beta = 0
-        qs, ks, vs, gs, bs = (reference._to_padded(x, bounds, length) for x in (q, k, v, g, beta))
+        return bounds, length, xs
+    return bounds, length, [None if x is None else reference._to_padded(x, bounds, length) for x in xs]
+
+
+def _chunks(qs, ks, vs, gs, bs, scale: float, C: int) -> _Chunks:
     to = reference.to_blocks
     qb, kb, vb = to(qs.float() * scale, C), to(ks.float(), C), to(vs.float(), C)  # [N, H, n, C, D]
     G = to(gs.float(), C).cumsum(-1) if gs is not None else qb.new_zeros(qb.shape[:-1])
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    causal = torch.ones(C, C, dtype=torch.bool, device=qs.device).tril()
     decay = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf")).exp()
     b = to(bs.float(), C)
-    eye = torch.eye(C, dtype=torch.float32, device=q.device)
+    eye = torch.eye(C, dtype=torch.float32, device=qs.device)
     A = eye + (b[..., None] * (kb @ kb.transpose(-1, -2)) * decay).tril(-1)
     mix = torch.linalg.solve_triangular(A, eye * b[..., None, :], upper=False, unitriangular=True)
-    gamma = G.exp()[..., None]
-    w = mix @ (gamma * kb)
-    u = mix @ vb
-    kd = kb * (G[..., -1:] - G).exp()[..., None]
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    h, vn, final = _Scan.apply(w, u, kd, G[..., -1].exp(), initial_state, prec)
-    o = (qb * gamma) @ h + ((qb @ kb.transpose(-1, -2)) * decay) @ vn  # [N, H, n, C, V]
+    return _Chunks(qb, kb, vb, G, decay, mix, mix @ (G.exp()[..., None] * kb), mix @ vb,
+                   kb * (G[..., -1:] - G).exp()[..., None])
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def gated_delta_rule(q, k, v, g, beta, scale: float, initial_state, output_final_state: bool, cu_seqlens,
+                     chunk_size: int = 64):
+    """Gated DeltaNet (or DeltaNet with g=None), chunk form; arguments as :func:`hippolm.ops.gated_delta_rule`."""
+    B, T = q.shape[:2]
+    C = chunk_size if chunk_size in (16, 32, 64) else 64
+    bounds, _, (qs, ks, vs, gs, bs) = _padded([q, k, v, g, beta], T, cu_seqlens, B, C)
+    c = _chunks(qs, ks, vs, gs, bs, scale, C)
+    h, vn, final = _Scan.apply(c.w, c.u, c.kd, c.G[..., -1].exp(), initial_state, _precision(q.dtype))
+    o = (c.qb * c.G.exp()[..., None]) @ h + ((c.qb @ c.kb.transpose(-1, -2)) * c.decay) @ vn  # [N, H, n, C, V]
     N, H, n = o.shape[:3]
     o = o.permute(0, 2, 3, 1, 4).reshape(N, n * C, H, -1)
     o = torch.cat([o[i, : e - s] for i, (_, s, e) in enumerate(bounds)])[None] if cu_seqlens is not None else o[:, :T]
     return o.to(q.dtype), (final if output_final_state else None)
-
 
 
 def loglinear_gated_delta_rule(q, k, v, g, beta, lam, scale: float, output_final_state: bool, cu_seqlens,
@@ -192,30 +216,15 @@ def loglinear_gated_delta_rule(q, k, v, g, beta, lam, scale: float, output_final
     V, L = v.shape[-1], lam.shape[-1]
     C = chunk_size if chunk_size in (16, 32, 64) else 64
     CB = C.bit_length() - 1
-    bounds = reference._sequence_bounds(T, cu_seqlens, B)
+    bounds, length, (qs, ks, vs, gs, bs, ls) = _padded([q, k, v, g, beta, lam], T, cu_seqlens, B, C)
     lengths = [e - s for _, s, e in bounds]
-    length = max(C, -(-max(lengths) // C) * C)
-    if cu_seqlens is None and length == T:
-        qs, ks, vs, gs, bs, ls = q, k, v, g, beta, lam
-    else:
-        qs, ks, vs, gs, bs, ls = (reference._to_padded(x, bounds, length) for x in (q, k, v, g, beta, lam))
-    to = reference.to_blocks
-    qb, kb, vb = to(qs.float() * scale, C), to(ks.float(), C), to(vs.float(), C)
-    lamb = to(ls.float(), C)  # [N, H, n, C, L]
-    G = to(gs.float(), C).cumsum(-1)
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    decay = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-    b = to(bs.float(), C)
-    eye = torch.eye(C, dtype=torch.float32, device=q.device)
-    A = eye + (b[..., None] * (kb @ kb.transpose(-1, -2)) * decay).tril(-1)
-    mix = torch.linalg.solve_triangular(A, eye * b[..., None, :], upper=False, unitriangular=True)
+    c = _chunks(qs, ks, vs, gs, bs, scale, C)
+    qb, kb, vb, G, decay, mix, w, u, kd = c
+    lamb = reference.to_blocks(ls.float(), C)  # [N, H, n, C, L]
     gamma = G.exp()[..., None]
-    w = mix @ (gamma * kb)
-    u = mix @ vb
-    kd = kb * (G[..., -1:] - G).exp()[..., None]
     ge = G[..., -1].exp()
     attn = (qb @ kb.transpose(-1, -2)) * decay
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    prec = _precision(q.dtype)
     N, _, n = qb.shape[:3]
 
     r = torch.arange(C, device=q.device)
@@ -252,6 +261,6 @@ def loglinear_gated_delta_rule(q, k, v, g, beta, lam, scale: float, output_final
     key_level = torch.where(pos[None] <= last, key_level, -1)  # [N, length]
     masks = (key_level[..., None] == torch.arange(L, device=q.device)).float()  # [N, length, L]
     vm = (vs.float()[..., None, :] * masks[:, :, None, :, None]).reshape(N, length, H, L * V)
-    _, _, final = _Scan.apply(w, mix @ to(vm, C), kd, ge, None, prec)
+    _, _, final = _Scan.apply(w, mix @ reference.to_blocks(vm, C), kd, ge, None, prec)
     slots = final.reshape(N, H, K, L, V).permute(0, 1, 3, 2, 4).contiguous()
     return o.to(q.dtype), slots, lengths
