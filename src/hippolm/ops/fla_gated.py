@@ -225,12 +225,14 @@ class GatedDeltaRule(torch.autograd.Function):
         return dq, dk, dv.to(v.dtype), dg.to(ctx.g_dtype), db.to(beta.dtype), None, dh0, None, None
 
 
+@torch.compiler.disable  # as FLA's own entry points: Triton launches stay out of graphs
 def simple_gla(q, k, v, g, scale: float, initial_state, output_final_state: bool, cu_seqlens):
     """SSD / Mamba-2 chunk op (arguments as :func:`hippolm.ops.ssd`); returns (o, final state or None)."""
     s0 = None if initial_state is None else initial_state.float().contiguous()
     return SimpleGLA.apply(q, k, v, g, scale, s0, output_final_state, cu_seqlens)
 
 
+@torch.compiler.disable
 def gated_delta_rule(q, k, v, g, beta, scale: float, initial_state, output_final_state: bool, cu_seqlens):
     """Gated DeltaNet chunk op (arguments as :func:`hippolm.ops.gated_delta_rule`)."""
     s0 = None if initial_state is None else initial_state.float().contiguous()
