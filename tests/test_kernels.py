@@ -429,3 +429,11 @@ def test_gated_chunk_backward_kernel(packed, device):
         tol = 1e-4 if not CUDA else (5e-3 if dtype == torch.float32 else 2e-2)  # CUDA float32: TF32 dots
         for name, a, b in zip(("dq", "dk", "dw", "dg"), (got[0], got[1], got[2], got[3]), want, strict=True):
             assert rel_err(a.cpu(), b) < tol, (name, dtype, rel_err(a.cpu(), b))
+        # SSD's form (no dw) and K split into blocks (dg summed over them) give the same dq, dk, dg
+        split = {"BK": 16 if K > 16 else K}
+        other = fla_gated.dqkwg(dev[0], dev[1], dev[2], dev[6], dev[7], dev[3], dev[8], scale, cu, idx,
+                                chunk_size=Cb, config=split)
+        assert other[2] is None
+        for name, a, b in zip(("dq", "dk", "dg"), (other[0], other[1], other[3]), (want[0], want[1], want[3]),
+                              strict=True):
+            assert rel_err(a.cpu(), b) < tol, (name, dtype, "no dw, K blocks", rel_err(a.cpu(), b))

@@ -105,7 +105,8 @@ def test_fla_with_our_gated_backward_kernel(op_name, packed):
         else:
             g, beta = inputs[3], (inputs[4] if op_name == "gated_delta_rule" else None)
             o, s = fla_backend.run(op_name, "chunk_patched", *inputs[:3], g, beta, None, state, True, cu_d)
-        loss = (o.double() * w_o.to(dev)).sum() + (s.double() * w_s.to(dev)).sum()
+        # + s.sum(): its gradient reaches the op expanded (stride 0), which FLA reads as contiguous
+        loss = (o.double() * w_o.to(dev)).sum() + (s.double() * w_s.to(dev)).sum() + 0.1 * s.sum()
         results[where] = [o, s, *torch.autograd.grad(loss, leaves)]
     names = ["o", "final state", "dq", "dk", "dv", *[f"d{n}" for n in OP_GATES[op_name]], "d initial state"]
     for name, a, b in zip(names, results["cuda"], results["reference"], strict=True):

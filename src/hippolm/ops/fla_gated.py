@@ -25,6 +25,8 @@ for :func:`dqkwg`).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -37,7 +39,7 @@ CHUNK = 64
 CONFIG = {"BK": 128, "BV": 64, "num_warps": 8, "num_stages": 3}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "total"])
 def _dqkwg(q, k, v, g, h, do, dh, dv, dq, dk, dw, dg, cu_seqlens, chunk_indices, scale, T, total,
            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
            BV: tl.constexpr, NK: tl.constexpr, VARLEN: tl.constexpr, HAS_DW: tl.constexpr):
@@ -120,6 +122,8 @@ def dqkwg(q, k, v, g, h, do, dh, scale: float, cu_seqlens=None, chunk_indices=No
     cumsum, log2 units), h, dh [B, NT, H, K, V]."""
     B, T, H, K = q.shape
     V = v.shape[-1]
+    if (cu_seqlens is None) != (chunk_indices is None):
+        raise ValueError("dqkwg: pass cu_seqlens and chunk_indices together (FLA's prepare_chunk_indices)")
     config = {**CONFIG, **(config or {})}
     BK = min(config["BK"], max(16, triton.next_power_of_2(K)))
     BV = min(config["BV"], max(16, triton.next_power_of_2(V)))
@@ -139,6 +143,11 @@ def dqkwg(q, k, v, g, h, do, dh, scale: float, cu_seqlens=None, chunk_indices=No
     return dq, dk, dw, dg.sum(0)
 
 
+def _on_device(x: torch.Tensor):
+    """Launch on x's GPU (Triton launches on the current device), as FLA's own input_guard does."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _chunk_indices(cu_seqlens):
     from fla.ops.utils import prepare_chunk_indices
 
@@ -151,6 +160,16 @@ class SimpleGLA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
+        with _on_device(q):
+            return SimpleGLA._forward(ctx, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        with _on_device(do):
+            return SimpleGLA._backward(ctx, do, dht)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
         from fla.ops.simple_gla.chunk import chunk_simple_gla_fwd
         from fla.ops.utils import chunk_local_cumsum
         from fla.ops.utils.constant import RCP_LN2
@@ -167,13 +186,14 @@ class SimpleGLA(torch.autograd.Function):
         return o.to(q.dtype), final
 
     @staticmethod
-    def backward(ctx, do, dht):
+    def _backward(ctx, do, dht):
         from fla.ops.common.chunk_h import chunk_bwd_dh, chunk_fwd_h
         from fla.ops.common.chunk_o import chunk_bwd_dv
         from fla.ops.utils import chunk_local_cumsum
 
         q, k, v, gc, h0, cu_seqlens, idx = ctx.saved_tensors
-        scale, do = ctx.scale, do.contiguous()
+        # FLA reads dht as contiguous; the gradient of e.g. final.sum() arrives expanded (stride 0)
+        scale, do, dht = ctx.scale, do.contiguous(), None if dht is None else dht.contiguous()
         h, _ = chunk_fwd_h(k=k, v=v, g=gc, h0=h0, output_final_state=False, cu_seqlens=cu_seqlens,
                            chunk_size=CHUNK, states_in_fp32=True)
         dh, dh0 = chunk_bwd_dh(q=q, k=k, v=v, g=gc, do=do, h0=h0, dht=dht, scale=scale, cu_seqlens=cu_seqlens,
@@ -191,6 +211,17 @@ class GatedDeltaRule(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
+        with _on_device(q):
+            return GatedDeltaRule._forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state,
+                                           cu_seqlens)
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        with _on_device(do):
+            return GatedDeltaRule._backward(ctx, do, dht)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
         from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_fwd
 
         q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
@@ -203,14 +234,15 @@ class GatedDeltaRule(torch.autograd.Function):
         return o.to(q.dtype), final
 
     @staticmethod
-    def backward(ctx, do, dht):
+    def _backward(ctx, do, dht):
         from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_bwd_dhu, chunk_gated_delta_rule_fwd_h
         from fla.ops.common.chunk_o import chunk_bwd_dv_local
         from fla.ops.gated_delta_rule.wy_fast import prepare_wy_repr_bwd, recompute_w_u_fwd
         from fla.ops.utils import chunk_local_cumsum
 
         q, k, v, gc, beta, A, h0, cu_seqlens, idx = ctx.saved_tensors
-        scale, do = ctx.scale, do.contiguous()
+        # FLA reads dht as contiguous; the gradient of e.g. final.sum() arrives expanded (stride 0)
+        scale, do, dht = ctx.scale, do.contiguous(), None if dht is None else dht.contiguous()
         common = dict(cu_seqlens=cu_seqlens, chunk_indices=idx)
         w, u = recompute_w_u_fwd(k=k, v=v, beta=beta, A=A, g=gc, **common)
         h, v_new, _ = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, g=gc, initial_state=h0, output_final_state=False,

@@ -312,7 +312,7 @@ def plan_linear_ssd(q: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor
             return False, "no gradients: FLA's chunk forward is right"
         from . import fla_backend
 
-        if fla_backend.fla_available():
+        if fla_backend.plan("ssd", mode, q, v, tensors)[0] is not None:
             return False, "FLA's chunk kernels (on Hopper with our gated backward kernel) are right here"
     return _kernels_take(q, v)
 
@@ -358,7 +358,7 @@ def plan_delta(op: str, q: torch.Tensor, v: torch.Tensor, tensors: list[torch.Te
             return False, "no gradients: FLA's kernels are right"
         from . import fla_backend
 
-        if fla_backend.fla_available() and q.dtype != torch.float32:
+        if fla_backend.plan(op, "chunk", q, v, tensors)[0] is not None:
             return False, "FLA's chunk kernels (on Hopper with our gated backward kernel) are right here"
     return _kernels_take(q, v)
 
