@@ -41,8 +41,16 @@ def _run(
         raise ValueError(f"backend must be 'auto', 'torch', 'fla' or 'triton', got {backend!r}.")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+    tensors = [x for x in (q, k, v, g, beta, initial_state) if x is not None]
+    # FLA first where it takes the call (on Hopper with Triton 3.4-3.7.0 with our gated backward
+    # kernel); our Triton paths where it does not; the reference last.
+    if backend in ("auto", "fla"):
+        form, why = fla_backend.plan(op, mode, q, v, tensors)
+        if form is not None:
+            return fla_backend.run(op, form, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
+        if backend == "fla":
+            raise ValueError(f"backend='fla' cannot run {op} here: {why}. Use backend='auto'.")
     if backend in ("auto", "triton") and op != "ssd":
-        tensors = [x for x in (q, k, v, g, beta, initial_state) if x is not None]
         ok, why = triton_backend.plan_delta(op, q, v, tensors, backend)
         if ok:
             return triton_backend.run_delta(q, k, v, g, beta, reference.resolve_scale(scale, q.shape[-1]),
@@ -50,20 +58,12 @@ def _run(
         if backend == "triton":
             raise ValueError(f"backend='triton' cannot run {op} here: {why}. Use backend='auto'.")
     if backend in ("auto", "triton") and op == "ssd":
-        tensors = [x for x in (q, k, v, g, initial_state) if x is not None]
         ok, why = triton_backend.plan_linear_ssd(q, v, tensors, initial_state, mode, backend)
         if ok:
             return triton_backend.run_linear_ssd(q, k, v, g, reference.resolve_scale(scale, q.shape[-1]),
                                                  output_final_state, cu_seqlens, chunk_size, initial_state)
         if backend == "triton":
             raise ValueError(f"backend='triton' cannot run ssd here: {why}. Use backend='auto'.")
-    if backend in ("auto", "fla"):
-        tensors = [x for x in (q, k, v, g, beta, initial_state) if x is not None]
-        form, why = fla_backend.plan(op, mode, q, v, tensors)
-        if form is not None:
-            return fla_backend.run(op, form, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
-        if backend == "fla":
-            raise ValueError(f"backend='fla' cannot run {op} here: {why}. Use backend='auto'.")
     form = reference.chunk if mode == "chunk" else reference.recurrent
     kwargs = {"chunk_size": chunk_size} if mode == "chunk" else {}
     return form(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, **kwargs)

@@ -299,9 +299,8 @@ def run_loglinear_ssd(q, k, v, g, lam, scale: float, output_final_state: bool, c
 
 def plan_linear_ssd(q: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor], initial_state, mode: str,
                     backend: str) -> tuple[bool, str]:
-    """(run linear SSD / Mamba-2 on our kernels?, reason). ``"auto"`` picks them only for 16-bit
-    training on CUDA without FLA: FLA's chunk kernels are faster (on Hopper with Triton 3.4-3.7.0
-    with our kernel in their backward, :mod:`hippolm.ops.fla_gated`)."""
+    """(run linear SSD / Mamba-2 on our kernels?, reason). Asked by ``"auto"`` only where FLA does not
+    take the call (the dispatch asks FLA first): then for 16-bit training on CUDA."""
     explicit = backend == "triton"
     if mode != "chunk" and not explicit:
         return False, "mode='recurrent'"
@@ -309,11 +308,7 @@ def plan_linear_ssd(q: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor
         if not q.is_cuda or q.dtype == torch.float32:  # float32: FLA's full-precision recurrent kernel
             return False, "not a 16-bit CUDA call"
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-            return False, "no gradients: FLA's chunk forward is right"
-        from . import fla_backend
-
-        if fla_backend.plan("ssd", mode, q, v, tensors)[0] is not None:
-            return False, "FLA's chunk kernels (on Hopper with our gated backward kernel) are right here"
+            return False, "no gradients: the reference is right"
     return _kernels_take(q, v)
 
 
@@ -347,19 +342,14 @@ def run_linear_ssd(q, k, v, g, scale: float, output_final_state: bool, cu_seqlen
 
 def plan_delta(op: str, q: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor],
                backend: str) -> tuple[bool, str]:
-    """(run (Gated) DeltaNet on our chunk form with the Triton state scan?, reason). ``"auto"``: only
-    Gated DeltaNet with gradients on CUDA where FLA has no right kernel with a backward (float32:
-    FLA's chunk kernels compute in TF32; or FLA missing); FLA stays where it is right (faster, fused;
-    on Hopper with Triton 3.4-3.7.0 with our kernel in its backward, :mod:`hippolm.ops.fla_gated`)."""
+    """(run (Gated) DeltaNet on our chunk form with the Triton state scan?, reason). Asked by
+    ``"auto"`` only where FLA does not take the call (the dispatch asks FLA first: float32 Gated
+    DeltaNet training, FLA missing, ...): then for Gated DeltaNet with gradients on CUDA."""
     if backend != "triton":
         if op != "gated_delta_rule" or not q.is_cuda:
             return False, "FLA or the reference is right here"
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-            return False, "no gradients: FLA's kernels are right"
-        from . import fla_backend
-
-        if fla_backend.plan(op, "chunk", q, v, tensors)[0] is not None:
-            return False, "FLA's chunk kernels (on Hopper with our gated backward kernel) are right here"
+            return False, "no gradients: the reference is right"
     return _kernels_take(q, v)
 
 
