@@ -1,5 +1,5 @@
-"""Where the time of one Gated DeltaNet / SSD training step goes on the GPU, and the tile settings
-of our gated backward kernel (hippolm.ops.fla_gated.dqkwg): CUDA kernel times from the torch
+"""Where the time of one Gated DeltaNet / SSD (or log-linear, --ops) training step goes on the GPU,
+and the tile settings of our gated backward kernel (hippolm.ops.fla_gated.dqkwg): CUDA kernel times from the torch
 profiler for one fwd+bwd through the dispatch, then dqkwg timed per config and checked against the
 default config's results. bf16, H=16, d=128. Writes JSON (--json)."""
 
@@ -29,11 +29,17 @@ def inputs(B, T, H, d, grad):
 def profile(op: str, B: int, T: int, H: int, d: int) -> dict:
     xs = inputs(B, T, H, d, True)
 
+    lam = torch.rand(B, T, H, ops.num_levels(T), device="cuda", generator=torch.Generator(device="cuda").manual_seed(
+        1)).add_(0.5).requires_grad_()
+
     def step():
         q, k, v, g = xs
-        o, _ = ops.gated_delta_rule(q, k, v, g, torch.sigmoid(g + 2)) if op == "gated_delta_rule" else ops.ssd(
-            q, k, v, g)
-        torch.autograd.grad(o, xs, torch.ones_like(o))
+        beta = torch.sigmoid(g + 2)
+        o, _ = {"gated_delta_rule": lambda: ops.gated_delta_rule(q, k, v, g, beta),
+                "ssd": lambda: ops.ssd(q, k, v, g),
+                "loglinear_gated_delta_rule": lambda: ops.loglinear_gated_delta_rule(q, k, v, g, beta, lam),
+                "loglinear_ssd": lambda: ops.loglinear_ssd(q, k, v, g, lam)}[op]()
+        torch.autograd.grad(o, [*xs, lam], torch.ones_like(o))
 
     for _ in range(3):
         step()
@@ -81,16 +87,20 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--T", type=int, default=65536)
     ap.add_argument("--B", type=int, default=1)
+    ap.add_argument("--ops", default="gated_delta_rule,ssd",
+                    help="comma list of: gated_delta_rule, ssd, loglinear_gated_delta_rule, loglinear_ssd")
+    ap.add_argument("--no-tune", action="store_true", help="skip the dqkwg config sweep")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     H, d = 16, 128
     out = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                     "date": datetime.date.today().isoformat(), "B": args.B, "T": args.T, "H": H, "d": d,
                     "dtype": "bfloat16", "default_config": fla_gated.CONFIG}}
-    for op in ("gated_delta_rule", "ssd"):
+    for op in args.ops.split(","):
         out[f"profile_{op}_ms"] = profile(op, args.B, args.T, H, d)
         print(op, json.dumps(out[f"profile_{op}_ms"], indent=1), flush=True)
-    out["dqkwg_configs"] = tune(args.B, args.T, H, d)
+    if not args.no_tune:
+        out["dqkwg_configs"] = tune(args.B, args.T, H, d)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

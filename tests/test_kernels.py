@@ -296,7 +296,7 @@ def test_delta_rule_state_scan(op, packed, device):
             assert rel_err(a.cpu(), b) < 2e-2
 
 
-LL_GDN = [(1, [37, 1, 0, 50], 1)] if not CUDA else [(1, [37, 1, 0, 500], 2), (2, [1000, 1000], 4)]
+LL_GDN = [(1, [37, 1, 0, 50], 1), (1, [300], 1)] if not CUDA else [(1, [37, 1, 0, 500], 2), (2, [1000, 1000], 4)]
 
 
 @pytest.mark.parametrize("batch,lengths,heads", LL_GDN)

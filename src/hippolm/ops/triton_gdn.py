@@ -93,6 +93,120 @@ def _scan_bwd(w_ptr, kd_ptr, ge_ptr, h_ptr, vn_ptr, dh_ptr, dvn_ptr, dst_ptr,
     tl.store(ds0_ptr + bh * (K * V) + tile_kv, dS, mask=mkv)
 
 
+@triton.jit
+def _level_fwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, o_ptr, n, NBH, K, V, J, j,
+               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Chunk level j of log-linear Gated DeltaNet, one segment of 2^(j+1) chunks (sequence, head) and V
+    tile: the first half writes (state from zero), the second half reads ``lam_j * (qw_i S_i)`` into o
+    (added: one launch per level, so no two programs touch the same rows) while the state only decays."""
+    pid = tl.program_id(0)
+    bh, seg, iv = (pid % NBH).to(tl.int64), pid // NBH, tl.program_id(1)
+    s = seg * (2 << j)
+    m = s + (1 << j)
+    e = tl.minimum(s + (2 << j), n)
+    kk = tl.arange(0, BK)
+    vv = iv * BV + tl.arange(0, BV)
+    cc = tl.arange(0, C)
+    tile_ck = cc[:, None] * K + kk[None, :]
+    tile_cv = cc[:, None] * V + vv[None, :]
+    mck = kk[None, :] < K
+    mcv = vv[None, :] < V
+    dt = w_ptr.dtype.element_ty  # dot operands: the inputs' 16-bit type, or float32
+    S = tl.zeros((BK, BV), dtype=tl.float32)
+    for i in range(s, m):
+        base = bh * n + i
+        w = tl.load(w_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
+        u = tl.load(u_ptr + base * (C * V) + tile_cv, mask=mcv, other=0)
+        kd = tl.load(kd_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
+        vn = u - tl.dot(w, S.to(dt), input_precision=PREC)
+        S = tl.load(ge_ptr + base) * S + tl.dot(tl.trans(kd), vn.to(dt), input_precision=PREC)
+    for i in range(m, e):
+        base = bh * n + i
+        qw = tl.load(qw_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
+        lam = tl.load(lam_ptr + (base * C + cc) * J + j)
+        optr = o_ptr + base * (C * V) + tile_cv
+        tl.store(optr, tl.load(optr, mask=mcv, other=0) + lam[:, None] * tl.dot(qw, S.to(dt), input_precision=PREC),
+                 mask=mcv)
+        w = tl.load(w_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
+        kd = tl.load(kd_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
+        wS = tl.dot(w, S.to(dt), input_precision=PREC)
+        S = tl.load(ge_ptr + base) * S - tl.dot(tl.trans(kd), wS.to(dt), input_precision=PREC)
+
+
+@triton.jit
+def _level_bwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr,
+               du_ptr, dw_ptr, dkd_ptr, dqw_ptr, dge_ptr, dlam_ptr, n, NBH, K, V, J, j,
+               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Backward of :func:`_level_fwd` for one segment and V tile: the segment's states are recomputed
+    into ``hs`` (scratch shared by the levels, which run one launch each), then a reverse scan adds
+    this level's share to du and to this V tile's partial dw, dkd, dqw, dge, and stores its dlam column.
+    No transposed dot result feeds a dot (what Triton 3.4-3.7.0 miscompiles on Hopper, FLA #640):
+    dkd is accumulated transposed, dkd^T = dS vn^T, with vn^T built from loaded tiles."""
+    pid = tl.program_id(0)
+    bh, seg, iv = (pid % NBH).to(tl.int64), pid // NBH, tl.program_id(1)
+    s = seg * (2 << j)
+    m = s + (1 << j)
+    e = tl.minimum(s + (2 << j), n)
+    kk = tl.arange(0, BK)
+    vv = iv * BV + tl.arange(0, BV)
+    cc = tl.arange(0, C)
+    mkv = (kk[:, None] < K) & (vv[None, :] < V)
+    tile_kv = kk[:, None] * V + vv[None, :]
+    tile_ck = cc[:, None] * K + kk[None, :]
+    tile_kc = cc[None, :] * K + kk[:, None]  # a [C, K] tile read or written transposed, [K, C]
+    tile_cv = cc[:, None] * V + vv[None, :]
+    mck = kk[None, :] < K
+    mkc = kk[:, None] < K
+    mcv = vv[None, :] < V
+    part = iv * NBH * n  # this V tile's slice of the partial sums [NV, N*H, n, ...]
+    dt = w_ptr.dtype.element_ty  # dot operands and the saved states: the inputs' 16-bit type, or float32
+    S = tl.zeros((BK, BV), dtype=tl.float32)
+    for i in range(s, e):
+        base = bh * n + i
+        tl.store(hs_ptr + base * (K * V) + tile_kv, S.to(dt), mask=mkv)
+        w = tl.load(w_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
+        kd = tl.load(kd_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
+        u = tl.load(u_ptr + base * (C * V) + tile_cv, mask=mcv & (i < m), other=0)
+        vn = u - tl.dot(w, S.to(dt), input_precision=PREC)
+        S = tl.load(ge_ptr + base) * S + tl.dot(tl.trans(kd), vn.to(dt), input_precision=PREC)
+    dS = tl.zeros((BK, BV), dtype=tl.float32)  # gradient of the state after chunk i
+    for ii in range(e - s):
+        i = e - 1 - ii
+        base = bh * n + i
+        pbase = part + base
+        S = tl.load(hs_ptr + base * (K * V) + tile_kv, mask=mkv, other=0)
+        w = tl.load(w_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
+        kd = tl.load(kd_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
+        ge = tl.load(ge_ptr + base)
+        writes = i < m
+        u = tl.load(u_ptr + base * (C * V) + tile_cv, mask=mcv & writes, other=0)
+        dvn = tl.dot(kd, dS.to(dt), input_precision=PREC)  # [C, BV]
+        if writes:
+            duptr = du_ptr + base * (C * V) + tile_cv
+            tl.store(duptr, tl.load(duptr, mask=mcv, other=0) + dvn, mask=mcv)
+        dwptr = dw_ptr + pbase * (C * K) + tile_ck
+        tl.store(dwptr, tl.load(dwptr, mask=mck, other=0) - tl.dot(dvn.to(dt), tl.trans(S), input_precision=PREC),
+                 mask=mck)
+        vn_t = tl.trans(u).to(tl.float32) - tl.dot(tl.trans(S), tl.trans(w), input_precision=PREC)  # [BV, C]
+        dkdptr = dkd_ptr + pbase * (C * K) + tile_kc
+        tl.store(dkdptr, tl.load(dkdptr, mask=mkc, other=0) + tl.dot(dS.to(dt), vn_t.to(dt), input_precision=PREC),
+                 mask=mkc)
+        dgeptr = dge_ptr + pbase
+        tl.store(dgeptr, tl.load(dgeptr) + tl.sum(tl.sum(dS * S.to(tl.float32), axis=1), axis=0))
+        dS = ge * dS - tl.dot(tl.trans(w), dvn.to(dt), input_precision=PREC)
+        if i >= m:  # a read: o_i += lam_j * (qw_i S_i)
+            qw = tl.load(qw_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
+            lam = tl.load(lam_ptr + (base * C + cc) * J + j)
+            do = tl.load(do_ptr + base * (C * V) + tile_cv, mask=mcv, other=0)
+            r = tl.dot(qw, S, input_precision=PREC)
+            tl.store(dlam_ptr + (pbase * C + cc) * J + j, tl.sum(do * r, axis=1))
+            dr = lam[:, None] * do
+            dqwptr = dqw_ptr + pbase * (C * K) + tile_ck
+            tl.store(dqwptr, tl.load(dqwptr, mask=mck, other=0) + tl.dot(dr.to(dt), tl.trans(S), input_precision=PREC),
+                     mask=mck)
+            dS += tl.dot(tl.trans(qw), dr.to(dt), input_precision=PREC)
+
+
 def _tiles(K: int, V: int) -> tuple[int, int, int]:
     BK = max(16, triton.next_power_of_2(K))
     BV = min(32, max(16, triton.next_power_of_2(V)))
@@ -142,6 +256,65 @@ class _Scan(torch.autograd.Function):
         _scan_bwd[(N * H, NV)](w, kd, ge, h, vn, dh, dvn, dst, du, dw, dkd, dge, ds0, n, N * H, K, V,
                                C=C, BK=BK, BV=BV, PREC=ctx.prec, **_launch(ctx.prec, w.device))
         return (dw.sum(0), du, dkd.sum(0), dge.sum(0), ds0.to(ctx.s0_dtype) if ctx.has_s0 else None, None)
+
+
+LEVEL_BV = 64  # V tile of the level kernels (two tiles at V = 128)
+
+
+def _level_launch(prec: str, device: torch.device, backward: bool) -> dict:
+    # Hopper's shared memory holds two stages of the forward's float32 w, kd, u tiles at BV = 64,
+    # not of the backward's (it also loads the state, qw and do).
+    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return {"num_warps": 8, "num_stages": 2 if prec == "tf32" and hopper and not backward else 1}
+
+
+def _level_segments(n: int, j: int) -> int:
+    """Segments of chunk level j that have a read half (chunks m..e-1 with m < n)."""
+    return max(0, -(-(n - (1 << j)) // (2 << j)))
+
+
+class _LevelReads(torch.autograd.Function):
+    """Every chunk level's read of log-linear Gated DeltaNet, summed: (w, u, kd, qw [N, H, n, C, *],
+    ge [N, H, n], lam [N, H, n, C, J]: the weight of chunk level j) -> o [N, H, n, C, V] (float32).
+    ``operands``: the type w, u, kd, qw and the saved states take in the kernels (16-bit for 16-bit
+    inputs, as FLA's chunk kernels: half the bytes and full-rate tensor cores; the states and
+    every sum stay float32)."""
+
+    @staticmethod
+    def forward(ctx, w, u, kd, ge, qw, lam, prec: str, operands: torch.dtype):
+        N, H, n, C, K = w.shape
+        V, J = u.shape[-1], lam.shape[-1]
+        w, u, kd, qw = (x.to(operands).contiguous() for x in (w, u, kd, qw))
+        ge, lam = ge.contiguous(), lam.contiguous()
+        BK, BV = max(16, triton.next_power_of_2(K)), min(LEVEL_BV, max(16, triton.next_power_of_2(V)))
+        o = w.new_zeros(N, H, n, C, V)
+        for j in range(J):
+            if nseg := _level_segments(n, j):
+                _level_fwd[(N * H * nseg, -(-V // BV))](w, u, kd, ge, qw, lam, o, n, N * H, K, V, J, j, C=C, BK=BK,
+                                                         BV=BV, PREC=prec, **_level_launch(prec, w.device, False))
+        ctx.save_for_backward(w, u, kd, ge, qw, lam)
+        ctx.prec = prec
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        w, u, kd, ge, qw, lam = ctx.saved_tensors
+        N, H, n, C, K = w.shape
+        V, J = u.shape[-1], lam.shape[-1]
+        BK, BV = max(16, triton.next_power_of_2(K)), min(LEVEL_BV, max(16, triton.next_power_of_2(V)))
+        NV = -(-V // BV)
+        do = do.float().contiguous()
+        hs = w.new_empty(N, H, n, K, V)  # the operand type
+        du = u.new_zeros(u.shape, dtype=torch.float32)
+        dw, dkd, dqw = (w.new_zeros(NV, N, H, n, C, K, dtype=torch.float32) for _ in range(3))
+        dge = ge.new_zeros(NV, N, H, n)
+        dlam = lam.new_zeros(NV, N, H, n, C, J)
+        for j in range(J):
+            if nseg := _level_segments(n, j):
+                _level_bwd[(N * H * nseg, NV)](w, u, kd, ge, qw, lam, do, hs, du, dw, dkd, dqw, dge, dlam, n, N * H,
+                                               K, V, J, j, C=C, BK=BK, BV=BV, PREC=ctx.prec,
+                                               **_level_launch(ctx.prec, w.device, True))
+        return dw.sum(0), du, dkd.sum(0), dge.sum(0), dqw.sum(0), dlam.sum(0), None, None
 
 
 class _Chunks(NamedTuple):
@@ -207,10 +380,11 @@ def loglinear_gated_delta_rule(q, k, v, g, beta, lam, scale: float, output_final
     :func:`hippolm.ops.loglinear_gated_delta_rule`. Returns (o, final slots [N, H, L, K, V] or None, ends).
 
     Intra-chunk: the chunk's delta-rule attention matrix ``attn @ mix`` times the level weights
-    (torch). Chunk level j: one state scan (the Triton kernel above) in which only chunks with bit j
-    clear write, chunks with bit j set read (weighted by lam at level log2(C)+1+j), and the state
-    restarts every 2^(j+1) chunks (the previous chunk's decay and keys zeroed). Final slots: one scan
-    of the values masked by their level as seen from the last token (all levels side by side).
+    (torch). Chunk level j (:class:`_LevelReads`): segments of 2^(j+1) chunks, each its own program;
+    the first half writes a state from zero, the second half reads it, weighted by lam at level
+    log2(C)+1+j, while it keeps evolving (u = 0): with v_new = -w S the read of chunk i is
+    (q gamma - attn w) S, so no per-level state is ever stored in the forward. Final slots: one
+    scan of the values masked by their level as seen from the last token (all levels side by side).
     """
     B, T, H, K = q.shape
     V, L = v.shape[-1], lam.shape[-1]
@@ -234,19 +408,11 @@ def loglinear_gated_delta_rule(q, k, v, g, beta, lam, scale: float, output_final
         level_in += (x >> bit) > 0
     lam_in = lamb.gather(-1, level_in.clamp_max(L - 1).expand(N, H, n, C, C)) * (level_in < L)
     o = ((attn @ mix) * lam_in) @ vb
-    qg = qb * gamma
-    chunks = torch.arange(n, device=q.device)
-    for j in range((n - 1).bit_length()):
-        if CB + 1 + j >= L:
-            break
-        reads = ((chunks >> j) & 1).float()  # [n]
-        restart_next = torch.zeros(n, device=q.device)
-        restart_next[:-1] = ((chunks[1:] % (1 << (j + 1))) == 0).float()
-        keep = 1.0 - restart_next
-        u_j = u * (1.0 - reads)[:, None, None]
-        h, vn, _ = _Scan.apply(w, u_j, kd * keep[:, None, None], ge * keep, None, prec)
-        read = qg @ h + attn @ (vn - u_j)
-        o = o + (reads[:, None, None] * lamb[..., CB + 1 + j, None]) * read
+    J = max(0, min((n - 1).bit_length(), L - CB - 1))  # chunk levels that some chunk reads
+    if J:
+        qw = qb * gamma - attn @ w  # a read of state S in chunk i is lam_j * (qw_i S)
+        operands = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        o = o + _LevelReads.apply(w, u, kd, ge, qw, lamb[..., CB + 1 : CB + 1 + J], prec, operands)
     o = o.permute(0, 2, 3, 1, 4).reshape(N, n * C, H, V)
     o = torch.cat([o[i, :ln] for i, ln in enumerate(lengths)])[None] if cu_seqlens is not None else o[:, :T]
     if not output_final_state:
