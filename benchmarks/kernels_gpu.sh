@@ -4,6 +4,7 @@
 # Fits a 10-minute cap: tests <= TEST_TIMEOUT (210 s), benchmark <= BENCH_TIMEOUT (320 s) with its own
 # budget a little shorter so it ends cleanly. Results and logs go to $OUT (default /tmp/out):
 #   kernels_<gpu>.json (copy to benchmarks/results/), test_kernels_cuda.log, kernels_<gpu>.log.
+# TEST_K: a pytest -k expression selecting some of the tests.
 # Usage: bash benchmarks/kernels_gpu.sh [what: tests|bench|errors|all, or a comma list like errors,tests]
 #        [extra benchmark args, e.g. --quick]
 # errors: benchmarks/kernel_errors.py (every error per output/gradient and per chunk, <= ERR_TIMEOUT s)
@@ -30,7 +31,8 @@ if has errors; then
   echo "errors took $(( $(date +%s) - t0 )) s"
 fi
 if has tests; then
-  timeout ${TEST_TIMEOUT:-210} python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py --durations=5 -rA 2>&1 \
+  timeout ${TEST_TIMEOUT:-210} python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py ${TEST_K:+-k "$TEST_K"} \
+    --durations=5 -rA 2>&1 \
     | tee "$OUT/test_kernels_cuda.log" | tail -30
   echo "tests took $(( $(date +%s) - t0 )) s"
 fi
