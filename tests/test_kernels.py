@@ -148,11 +148,37 @@ def test_loglinear_ssd_matches_reference(shape, device):
     _assert_close(_run(xs, torch.float32, device, chunk_size=C), want, 1e-3, 5e-3)
     if device == "cuda":
         # bf16 dots of O(1) entries: an absolute floor of 1e-2 where the exact gradient is zero (dg at T=1).
-        # dg = reverse cumsum of q.dq - k.dk over the sequence: its bf16 error grows with T (H100,
-        # kernel_errors_h100*.json: 1.1-1.3% at T <= 600, 1.6-2.1% at T = 1000, 4.2% at 3000;
-        # the goal of 2e-2 is not met from T = 1000 on; this bound catches regressions).
+        # dg sums q.dq - k.dk over a range of the sequence, so its bf16 error grows with T (H100 with
+        # the suffix sum alone, kernel_errors_h100*.json: 1.1-1.3% at T <= 600, 1.6-2.1% at 1000, 4.2%
+        # at 3000; now each position takes the lighter of the prefix and suffix forms: 3.5% -> 1.6% at
+        # T = 3000 under the interpreter's bf16, see test_loglinear_ssd_bf16_dg_on_a_long_sequence).
         _assert_close(_run(xs, torch.bfloat16, device, chunk_size=C), _reference(_rounded(xs, torch.bfloat16)),
-                      2e-2, 2e-2, floor=1e-2, dg_tol=2e-2 if T <= 600 else 6e-2)
+                      2e-2, 2e-2, floor=1e-2, dg_tol=2e-2 if T <= 1000 else 3e-2)
+
+
+@pytest.mark.skipif(CUDA, reason="interpreter only (its bf16 rounds the kernels' 16-bit operands as the GPU)")
+def test_loglinear_ssd_bf16_dg_on_a_long_sequence(device):
+    """bf16 dg at T = 3000 for loss weights where summing dGc = q.dq - k.dk from the end of the
+    sequence is 3.5% off the reference of the rounded inputs (chunk 0: 7%): the per-position choice
+    of the prefix or suffix form is 1.6% off. (With other loss weights both are ~1-3%: the remaining
+    error is the 16-bit rounding of the terms, which no summation order removes.)"""
+    T, H, D = 3000, 2, 16
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, T, H, D, generator=gen, dtype=torch.float64) for _ in range(3))
+    k = torch.nn.functional.normalize(k, dim=-1)
+    g = torch.nn.functional.logsigmoid(torch.randn(1, T, H, generator=gen, dtype=torch.float64) + 3)
+    lam = torch.rand(1, T, H, ops.num_levels(T), generator=gen, dtype=torch.float64) + 0.25
+    w = torch.randn(1, T, H, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def dg(leaves, backend):
+        o, _ = ops.loglinear_ssd(*leaves, backend=backend, chunk_size=64)
+        return torch.autograd.grad((o.double() * w).sum(), leaves[3])[0]
+
+    rounded = [x.to(torch.bfloat16).double().requires_grad_() for x in (q, k, v)]
+    want = dg([*rounded, g.clone().requires_grad_(), lam], "torch")
+    got = dg([*(x.to(torch.bfloat16).requires_grad_() for x in (q, k, v)), g.float().requires_grad_(),
+              lam.float()], "triton")
+    assert rel_err(got, want) < 2.5e-2
 
 
 def test_loglinear_ssd_packed_sequences_and_final_state(device):
