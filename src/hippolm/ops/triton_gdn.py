@@ -25,19 +25,37 @@ from . import reference
 
 
 @triton.jit
+def _tiles(K, V, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Offsets and masks for this program's V tile (program axis 1): [K, V] state tiles, [C, K] and
+    [C, V] chunk rows, and [K, C]: a [C, K] tile read or written transposed."""
+    kk = tl.arange(0, BK)
+    vv = tl.program_id(1) * BV + tl.arange(0, BV)
+    cc = tl.arange(0, C)
+    return (kk[:, None] * V + vv[None, :], (kk[:, None] < K) & (vv[None, :] < V),
+            cc[:, None] * K + kk[None, :], kk[None, :] < K,
+            cc[:, None] * V + vv[None, :], vv[None, :] < V,
+            cc[None, :] * K + kk[:, None], kk[:, None] < K)
+
+
+@triton.jit
+def _write(w_ptr, u_ptr, kd_ptr, ge_ptr, base, S, tile_ck, mck, tile_cv, umask, K, V,
+           C: tl.constexpr, PREC: tl.constexpr):
+    """Chunk ``base`` of the state recurrence: (S <- ge S + kd^T v_new, v_new = u - w S); u is read
+    where ``umask`` (elsewhere 0: the state only evolves). Dot operands in w's type."""
+    dt = w_ptr.dtype.element_ty
+    w = tl.load(w_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
+    u = tl.load(u_ptr + base * (C * V) + tile_cv, mask=umask, other=0)
+    kd = tl.load(kd_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
+    vn = u - tl.dot(w, S.to(dt), input_precision=PREC)
+    return tl.load(ge_ptr + base) * S + tl.dot(tl.trans(kd), vn.to(dt), input_precision=PREC), vn
+
+
+@triton.jit
 def _scan_fwd(w_ptr, u_ptr, kd_ptr, ge_ptr, s0_ptr, h_ptr, vn_ptr, st_ptr, n, K, V,
               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr, PREC: tl.constexpr):
     """One (sequence, head) and V tile: states at every chunk start, corrected pseudo-values, final state."""
-    bh, iv = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    kk = tl.arange(0, BK)
-    vv = iv * BV + tl.arange(0, BV)
-    cc = tl.arange(0, C)
-    mkv = (kk[:, None] < K) & (vv[None, :] < V)
-    tile_kv = kk[:, None] * V + vv[None, :]
-    tile_ck = cc[:, None] * K + kk[None, :]
-    tile_cv = cc[:, None] * V + vv[None, :]
-    mck = kk[None, :] < K
-    mcv = vv[None, :] < V
+    bh = tl.program_id(0).to(tl.int64)
+    tile_kv, mkv, tile_ck, mck, tile_cv, mcv, _, _ = _tiles(K, V, C, BK, BV)
     if HAS_S0:
         S = tl.load(s0_ptr + bh * (K * V) + tile_kv, mask=mkv, other=0).to(tl.float32)
     else:
@@ -45,12 +63,8 @@ def _scan_fwd(w_ptr, u_ptr, kd_ptr, ge_ptr, s0_ptr, h_ptr, vn_ptr, st_ptr, n, K,
     for i in range(n):
         base = bh * n + i
         tl.store(h_ptr + base * (K * V) + tile_kv, S, mask=mkv)
-        w = tl.load(w_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
-        u = tl.load(u_ptr + base * (C * V) + tile_cv, mask=mcv, other=0)
-        vn = u - tl.dot(w, S, input_precision=PREC)
+        S, vn = _write(w_ptr, u_ptr, kd_ptr, ge_ptr, base, S, tile_ck, mck, tile_cv, mcv, K, V, C, PREC)
         tl.store(vn_ptr + base * (C * V) + tile_cv, vn, mask=mcv)
-        kd = tl.load(kd_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
-        S = tl.load(ge_ptr + base) * S + tl.dot(tl.trans(kd), vn, input_precision=PREC)
     tl.store(st_ptr + bh * (K * V) + tile_kv, S, mask=mkv)
 
 
@@ -59,17 +73,9 @@ def _scan_bwd(w_ptr, kd_ptr, ge_ptr, h_ptr, vn_ptr, dh_ptr, dvn_ptr, dst_ptr,
               du_ptr, dw_ptr, dkd_ptr, dge_ptr, ds0_ptr, n, NBH, K, V,
               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """Reverse scan; dw, dkd, dge are partial sums over this V tile (added up on the host)."""
-    bh, iv = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    kk = tl.arange(0, BK)
-    vv = iv * BV + tl.arange(0, BV)
-    cc = tl.arange(0, C)
-    mkv = (kk[:, None] < K) & (vv[None, :] < V)
-    tile_kv = kk[:, None] * V + vv[None, :]
-    tile_ck = cc[:, None] * K + kk[None, :]
-    tile_cv = cc[:, None] * V + vv[None, :]
-    mck = kk[None, :] < K
-    mcv = vv[None, :] < V
-    part = iv * NBH * n  # this V tile's slice of the partial outputs [NV, N*H, n, ...]
+    bh = tl.program_id(0).to(tl.int64)
+    tile_kv, mkv, tile_ck, mck, tile_cv, mcv, tile_kc, mkc = _tiles(K, V, C, BK, BV)
+    part = tl.program_id(1) * NBH * n  # this V tile's slice of the partial outputs [NV, N*H, n, ...]
     dS = tl.load(dst_ptr + bh * (K * V) + tile_kv, mask=mkv, other=0)  # gradient of S_{i+1}
     for ii in range(n):
         i = n - 1 - ii
@@ -86,11 +92,20 @@ def _scan_bwd(w_ptr, kd_ptr, ge_ptr, h_ptr, vn_ptr, dh_ptr, dvn_ptr, dst_ptr,
         # dkd = vn dS^T, computed as (dS vn^T)^T and stored transposed: dS is a dot accumulator, and
         # tl.trans of one feeding a tl.dot is what Triton 3.4-3.7.0 miscompiles on Hopper (FLA #640).
         dkd_t = tl.dot(dS, tl.trans(vn), input_precision=PREC)  # [BK, C]
-        tl.store(dkd_ptr + pbase * (C * K) + cc[None, :] * K + kk[:, None], dkd_t, mask=kk[:, None] < K)
+        tl.store(dkd_ptr + pbase * (C * K) + tile_kc, dkd_t, mask=mkc)
         tl.store(dge_ptr + pbase, tl.sum(tl.sum(dS * S, axis=1), axis=0))
         dS = ge * dS - tl.dot(tl.trans(w), dvn, input_precision=PREC)
         dS += tl.load(dh_ptr + base * (K * V) + tile_kv, mask=mkv, other=0)
     tl.store(ds0_ptr + bh * (K * V) + tile_kv, dS, mask=mkv)
+
+
+@triton.jit
+def _segment(n, NBH, j):
+    """(sequence-head, first, middle, end chunk) of this program's segment of chunk level j
+    (program axis 0 = segment * NBH + sequence-head): chunks [first, middle) write, [middle, end) read."""
+    pid = tl.program_id(0)
+    s = (pid // NBH) * (2 << j)
+    return (pid % NBH).to(tl.int64), s, s + (1 << j), tl.minimum(s + (2 << j), n)
 
 
 @triton.jit
@@ -99,38 +114,20 @@ def _level_fwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, o_ptr, n, NBH, K, 
     """Chunk level j of log-linear Gated DeltaNet, one segment of 2^(j+1) chunks (sequence, head) and V
     tile: the first half writes (state from zero), the second half reads ``lam_j * (qw_i S_i)`` into o
     (added: one launch per level, so no two programs touch the same rows) while the state only decays."""
-    pid = tl.program_id(0)
-    bh, seg, iv = (pid % NBH).to(tl.int64), pid // NBH, tl.program_id(1)
-    s = seg * (2 << j)
-    m = s + (1 << j)
-    e = tl.minimum(s + (2 << j), n)
-    kk = tl.arange(0, BK)
-    vv = iv * BV + tl.arange(0, BV)
+    bh, s, m, e = _segment(n, NBH, j)
+    _, _, tile_ck, mck, tile_cv, mcv, _, _ = _tiles(K, V, C, BK, BV)
     cc = tl.arange(0, C)
-    tile_ck = cc[:, None] * K + kk[None, :]
-    tile_cv = cc[:, None] * V + vv[None, :]
-    mck = kk[None, :] < K
-    mcv = vv[None, :] < V
-    dt = w_ptr.dtype.element_ty  # dot operands: the inputs' 16-bit type, or float32
     S = tl.zeros((BK, BV), dtype=tl.float32)
     for i in range(s, m):
-        base = bh * n + i
-        w = tl.load(w_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
-        u = tl.load(u_ptr + base * (C * V) + tile_cv, mask=mcv, other=0)
-        kd = tl.load(kd_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
-        vn = u - tl.dot(w, S.to(dt), input_precision=PREC)
-        S = tl.load(ge_ptr + base) * S + tl.dot(tl.trans(kd), vn.to(dt), input_precision=PREC)
+        S, _ = _write(w_ptr, u_ptr, kd_ptr, ge_ptr, bh * n + i, S, tile_ck, mck, tile_cv, mcv, K, V, C, PREC)
     for i in range(m, e):
         base = bh * n + i
         qw = tl.load(qw_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
         lam = tl.load(lam_ptr + (base * C + cc) * J + j)
         optr = o_ptr + base * (C * V) + tile_cv
-        tl.store(optr, tl.load(optr, mask=mcv, other=0) + lam[:, None] * tl.dot(qw, S.to(dt), input_precision=PREC),
-                 mask=mcv)
-        w = tl.load(w_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
-        kd = tl.load(kd_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
-        wS = tl.dot(w, S.to(dt), input_precision=PREC)
-        S = tl.load(ge_ptr + base) * S - tl.dot(tl.trans(kd), wS.to(dt), input_precision=PREC)
+        read = tl.dot(qw, S.to(qw.dtype), input_precision=PREC)
+        tl.store(optr, tl.load(optr, mask=mcv, other=0) + lam[:, None] * read, mask=mcv)
+        S, _ = _write(w_ptr, u_ptr, kd_ptr, ge_ptr, base, S, tile_ck, mck, tile_cv, mcv & (i < m), K, V, C, PREC)
 
 
 @triton.jit
@@ -142,33 +139,16 @@ def _level_bwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr,
     this level's share to du and to this V tile's partial dw, dkd, dqw, dge, and stores its dlam column.
     No transposed dot result feeds a dot (what Triton 3.4-3.7.0 miscompiles on Hopper, FLA #640):
     dkd is accumulated transposed, dkd^T = dS vn^T, with vn^T built from loaded tiles."""
-    pid = tl.program_id(0)
-    bh, seg, iv = (pid % NBH).to(tl.int64), pid // NBH, tl.program_id(1)
-    s = seg * (2 << j)
-    m = s + (1 << j)
-    e = tl.minimum(s + (2 << j), n)
-    kk = tl.arange(0, BK)
-    vv = iv * BV + tl.arange(0, BV)
+    bh, s, m, e = _segment(n, NBH, j)
+    tile_kv, mkv, tile_ck, mck, tile_cv, mcv, tile_kc, mkc = _tiles(K, V, C, BK, BV)
     cc = tl.arange(0, C)
-    mkv = (kk[:, None] < K) & (vv[None, :] < V)
-    tile_kv = kk[:, None] * V + vv[None, :]
-    tile_ck = cc[:, None] * K + kk[None, :]
-    tile_kc = cc[None, :] * K + kk[:, None]  # a [C, K] tile read or written transposed, [K, C]
-    tile_cv = cc[:, None] * V + vv[None, :]
-    mck = kk[None, :] < K
-    mkc = kk[:, None] < K
-    mcv = vv[None, :] < V
-    part = iv * NBH * n  # this V tile's slice of the partial sums [NV, N*H, n, ...]
+    part = tl.program_id(1) * NBH * n  # this V tile's slice of the partial sums [NV, N*H, n, ...]
     dt = w_ptr.dtype.element_ty  # dot operands and the saved states: the inputs' 16-bit type, or float32
     S = tl.zeros((BK, BV), dtype=tl.float32)
     for i in range(s, e):
         base = bh * n + i
         tl.store(hs_ptr + base * (K * V) + tile_kv, S.to(dt), mask=mkv)
-        w = tl.load(w_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
-        kd = tl.load(kd_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
-        u = tl.load(u_ptr + base * (C * V) + tile_cv, mask=mcv & (i < m), other=0)
-        vn = u - tl.dot(w, S.to(dt), input_precision=PREC)
-        S = tl.load(ge_ptr + base) * S + tl.dot(tl.trans(kd), vn.to(dt), input_precision=PREC)
+        S, _ = _write(w_ptr, u_ptr, kd_ptr, ge_ptr, base, S, tile_ck, mck, tile_cv, mcv & (i < m), K, V, C, PREC)
     dS = tl.zeros((BK, BV), dtype=tl.float32)  # gradient of the state after chunk i
     for ii in range(e - s):
         i = e - 1 - ii
@@ -207,7 +187,7 @@ def _level_bwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr,
             dS += tl.dot(tl.trans(qw), dr.to(dt), input_precision=PREC)
 
 
-def _tiles(K: int, V: int) -> tuple[int, int, int]:
+def _tile_sizes(K: int, V: int) -> tuple[int, int, int]:
     BK = max(16, triton.next_power_of_2(K))
     BV = min(32, max(16, triton.next_power_of_2(V)))
     return BK, BV, -(-V // BV)
@@ -231,7 +211,7 @@ class _Scan(torch.autograd.Function):
         h = w.new_empty(N, H, n, K, V)
         vn = torch.empty_like(u)
         st = w.new_empty(N, H, K, V)
-        BK, BV, NV = _tiles(K, V)
+        BK, BV, NV = _tile_sizes(K, V)
         s0c = None if s0 is None else s0.float().contiguous()
         _scan_fwd[(N * H, NV)](w, u, kd, ge, s0c if s0c is not None else st, h, vn, st, n, K, V,
                                C=C, BK=BK, BV=BV, HAS_S0=s0c is not None, PREC=prec, **_launch(prec, w.device))
@@ -244,7 +224,7 @@ class _Scan(torch.autograd.Function):
         w, kd, ge, h, vn = ctx.saved_tensors
         N, H, n, C, K = w.shape
         V = vn.shape[-1]
-        BK, BV, NV = _tiles(K, V)
+        BK, BV, NV = _tile_sizes(K, V)
         dh = torch.zeros_like(h) if dh is None else dh.contiguous()
         dvn = torch.zeros_like(vn) if dvn is None else dvn.contiguous()
         dst = w.new_zeros(N, H, K, V) if dst is None else dst.float().contiguous()
