@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..ops.decode import decode_attention, evicted_slot
+from ..ops.decode import decode_attention, evicted_entry
 from .cache import AHNCache, AHNLayerCache
 from .config import validate_window
 
@@ -164,11 +164,9 @@ class AHNAttentionMixin:
         if has_past and T == 1:  # the token leaving now sits in the slot the new one will take
             # Indexed by the device cursor, not the host stream length, so the step is a fixed
             # sequence of kernels (CUDA-graph capturable before the window fills too).
-            slot = evicted_slot(cache.cursor, sinks, window)
-            rows = torch.arange(B, device=q.device)
-            src = [cache.keys[rows, :, slot, None], cache.values[rows, :, slot, None]]
-            src_gates = cache.ring_gates[rows, slot - sinks][:, None].float()
-            src_pos = cache.slot_pos[rows, slot][:, None].long()
+            ek, ev, eg, slot = evicted_entry(cache.keys, cache.values, cache.ring_gates, cache.cursor, sinks, window)
+            src, src_gates = [ek[:, :, None], ev[:, :, None]], eg[:, None]
+            src_pos = cache.slot_pos[torch.arange(B, device=q.device), slot][:, None].long()
         elif has_past:
             rk, rv, rg, rpos = cache.ring_in_stream_order()
             src = [torch.cat([a, b], 2)[:, :, :T] for a, b in ((rk, k), (rv, v))]

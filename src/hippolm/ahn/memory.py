@@ -17,7 +17,7 @@ from torch import nn
 from .. import ops
 from ..layers.common import decay_init
 from ..ops import reference
-from ..ops.decode import evicted_slot, loglinear_step_, memory_step_from_cache
+from ..ops.decode import evicted_entry, loglinear_step_, memory_step_from_cache
 from ..ops.loglinear import step_unchecked as loglinear_step
 from .config import MEMORY_TYPES
 
@@ -170,11 +170,10 @@ class MemoryModule(nn.Module):
         (:func:`hippolm.ops.decode.memory_step_from_cache`: cache read, step, read-out) and one for
         the log-linear step (:func:`hippolm.ops.decode.loglinear_step_`)."""
         if self.levels:
-            slot = evicted_slot(cursor, sinks, window)
-            b = torch.arange(q.shape[0], device=q.device)
+            k, v, wg, _ = evicted_entry(keys, values, ring_gates, cursor, sinks, window)
             rep = q.shape[1] // keys.shape[1]
-            k, v = (a[b, :, slot].repeat_interleave(rep, 1) for a in (keys, values))
-            o = loglinear_step_(*self._step_args(q, k, v, ring_gates[b, slot - sinks].float()), lam, state)
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+            o = loglinear_step_(*self._step_args(q, k, v, wg), lam, state)
             return self.readout(o, gate)
         g_idx = -1 if self.base_kind == "deltanet" else 0
         beta_idx = 0 if self.base_kind == "deltanet" else 1

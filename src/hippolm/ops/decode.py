@@ -220,12 +220,18 @@ def evicted_slot(cursor: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
     return sinks + cursor % window
 
 
+def evicted_entry(keys: torch.Tensor, values: torch.Tensor, ring_gates: torch.Tensor, cursor: torch.Tensor,
+                  sinks: int, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What leaves the window at stream index ``cursor`` [B]: its key and value [B, Hkv, d], its write
+    gates [B, ...] (float32) and its ring slot [B]; a fixed sequence of gathers (no host sync)."""
+    slot = evicted_slot(cursor, sinks, window)
+    rows = torch.arange(keys.shape[0], device=keys.device)
+    return keys[rows, :, slot], values[rows, :, slot], ring_gates[rows, slot - sinks].float(), slot
+
+
 def memory_step_from_cache_reference(q, keys, values, ring_gates, cursor, sinks, window, g_idx, beta_idx, delta,
                                      state, norm_weight, gate, eps, scale, o_proj=None):
-    slot = evicted_slot(cursor, sinks, window)
-    b = torch.arange(q.shape[0], device=q.device)
-    k, v = keys[b, :, slot], values[b, :, slot]  # [B, Hkv, d]
-    wg = ring_gates[b, slot - sinks].float()  # [B, H, G]
+    k, v, wg, _ = evicted_entry(keys, values, ring_gates, cursor, sinks, window)  # [B, Hkv, d], [B, H, G]
     g = wg[..., g_idx] if g_idx >= 0 else None
     out, new = memory_step_reference(q, k, v, g, wg[..., beta_idx], delta, state, norm_weight, gate, eps, scale)
     state.copy_(new)
@@ -446,6 +452,6 @@ def loglinear_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.
     return o
 
 
-__all__ = ["cache_write", "cache_write_reference", "decode_attention", "decode_attention_reference", "evicted_slot",
-           "loglinear_step_", "memory_step", "memory_step_from_cache", "memory_step_from_cache_reference",
-           "memory_step_reference"]
+__all__ = ["cache_write", "cache_write_reference", "decode_attention", "decode_attention_reference", "evicted_entry",
+           "evicted_slot", "loglinear_step_", "memory_step", "memory_step_from_cache",
+           "memory_step_from_cache_reference", "memory_step_reference"]
