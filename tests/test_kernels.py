@@ -358,6 +358,35 @@ def test_loglinear_gated_delta_rule_scans(batch, lengths, heads, device):
             assert rel_err(a.cpu(), b) < gtol
 
 
+@pytest.mark.skipif(CUDA, reason="CUDA runs the default tiles (each other tile is a compilation)")
+@pytest.mark.parametrize("fwd,bwd", [((1, 16), (4, 16)), ((4, 16), (2, 32))])
+def test_loglinear_gated_delta_rule_level_groups(fwd, bwd, device, monkeypatch):
+    """The level kernels with 1, 2 or 4 chunk levels per program (a group's last may not exist) and
+    one or two V tiles (V = 32), over 7 chunk levels with partial segments, K below the tile:
+    outputs and every gradient == the reference."""
+    from conftest import make_inputs
+
+    from hippolm.ops import triton_gdn
+
+    monkeypatch.setitem(triton_gdn.LEVEL_TILES, "fwd", fwd)
+    monkeypatch.setitem(triton_gdn.LEVEL_TILES, "bwd", bwd)
+    T, C = 1100, 16  # 69 chunks: chunk levels 0..6, the top one's segment cut short
+    xs = make_inputs("gated_delta_rule", 1, T, 1, 8, 32, seed=5)
+    xs.append(torch.rand(1, T, 1, ops.num_levels(T), generator=torch.Generator().manual_seed(3),
+                         dtype=torch.float64) + 0.25)
+    w = torch.randn(1, T, 1, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+    def run(leaves, backend):
+        o, _ = ops.loglinear_gated_delta_rule(*leaves, backend=backend, chunk_size=C)
+        return o, torch.autograd.grad((o.double() * w).sum(), leaves)
+
+    o_ref, g_ref = run([x.clone().requires_grad_() for x in xs], "torch")
+    o, grads = run([x.float().requires_grad_() for x in xs], "triton")
+    assert rel_err(o, o_ref) < 1e-4
+    for a, b in zip(grads, g_ref, strict=True):
+        assert rel_err(a, b) < 1e-4
+
+
 @pytest.mark.parametrize("op", ["gated_delta_rule", "loglinear_gated_delta_rule", "loglinear_ssd"])
 def test_kernels_under_autocast_keep_float32_math(op, device):
     """Training runs under bf16 autocast: the kernels' torch parts must stay float32 (else bf16

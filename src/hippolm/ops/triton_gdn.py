@@ -100,91 +100,121 @@ def _scan_bwd(w_ptr, kd_ptr, ge_ptr, h_ptr, vn_ptr, dh_ptr, dvn_ptr, dst_ptr,
 
 
 @triton.jit
-def _segment(n, NBH, j):
-    """(sequence-head, first, middle, end chunk) of this program's segment of chunk level j
-    (program axis 0 = segment * NBH + sequence-head): chunks [first, middle) write, [middle, end) read."""
+def _group(n, NBH, J, j0, top, V, BV: tl.constexpr, NL: tl.constexpr):
+    """This program's part of a group of chunk levels j0..j0+NL-1 (program axis 0 = segment * NBH +
+    sequence-head, axis 1 = V tile): sequence-head, first and end chunk of its segment of 2^(top+1)
+    chunks (top: the group's highest level), and per column of its [K, NL * BV] state tile (level l's
+    BV columns side by side) the chunk level, the V column, and whether both exist."""
     pid = tl.program_id(0)
-    s = (pid // NBH) * (2 << j)
-    return (pid % NBH).to(tl.int64), s, s + (1 << j), tl.minimum(s + (2 << j), n)
+    s = (pid // NBH) * (2 << top)
+    cols = tl.arange(0, NL * BV)
+    jl = j0 + cols // BV
+    vcol = tl.program_id(1) * BV + cols % BV
+    return (pid % NBH).to(tl.int64), s, tl.minimum(s + (2 << top), n), jl, vcol, (jl < J) & (vcol < V)
 
 
 @triton.jit
-def _level_fwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, o_ptr, n, NBH, K, V, J, j,
-               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """Chunk level j of log-linear Gated DeltaNet, one segment of 2^(j+1) chunks (sequence, head) and V
-    tile: the first half writes (state from zero), the second half reads ``lam_j * (qw_i S_i)`` into o
-    (added: one launch per level, so no two programs touch the same rows) while the state only decays."""
-    bh, s, m, e = _segment(n, NBH, j)
-    _, _, tile_ck, mck, tile_cv, mcv, _, _ = _tiles(K, V, C, BK, BV)
+def _level_fwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, o_ptr, n, NBH, K, V, J, j0, top,
+               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NL: tl.constexpr, PREC: tl.constexpr):
+    """Chunk levels j0..j0+NL-1 of log-linear Gated DeltaNet for one segment, (sequence, head) and V
+    tile, all levels in one pass with their states side by side: level j restarts every 2^(j+1)
+    chunks; a chunk with bit j clear writes into it, one with bit j set reads ``lam_j * (qw_i S_i)``
+    (added into o: one launch per group, so no two programs touch the same rows) and only evolves it.
+    The levels share every load of w, kd and qw, and one dot serves them all."""
+    bh, s, e, jl, vcol, live = _group(n, NBH, J, j0, top, V, BV, NL)
+    kk = tl.arange(0, BK)
     cc = tl.arange(0, C)
-    S = tl.zeros((BK, BV), dtype=tl.float32)
-    for i in range(s, m):
-        S, _ = _write(w_ptr, u_ptr, kd_ptr, ge_ptr, bh * n + i, S, tile_ck, mck, tile_cv, mcv, K, V, C, PREC)
-    for i in range(m, e):
+    vv = tl.program_id(1) * BV + tl.arange(0, BV)
+    tile_ck = cc[:, None] * K + kk[None, :]
+    mck = kk[None, :] < K
+    tile_cw = cc[:, None] * V + vcol[None, :]  # u's columns, repeated for every level
+    S = tl.zeros((BK, NL * BV), dtype=tl.float32)
+    for i in range(s, e):
         base = bh * n + i
-        qw = tl.load(qw_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
-        lam = tl.load(lam_ptr + (base * C + cc) * J + j)
-        optr = o_ptr + base * (C * V) + tile_cv
-        read = tl.dot(qw, S.to(qw.dtype), input_precision=PREC)
-        tl.store(optr, tl.load(optr, mask=mcv, other=0) + lam[:, None] * read, mask=mcv)
-        S, _ = _write(w_ptr, u_ptr, kd_ptr, ge_ptr, base, S, tile_ck, mck, tile_cv, mcv & (i < m), K, V, C, PREC)
+        S = tl.where(((i & ((2 << jl) - 1)) == 0)[None, :], 0.0, S)
+        reads = ((i >> jl) & 1) == 1
+        if ((i >> j0) & ((1 << NL) - 1)) != 0:  # some level of the group reads chunk i
+            qw = tl.load(qw_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
+            lam = tl.load(lam_ptr + (base * C + cc)[:, None] * J + jl[None, :], mask=(reads & live)[None, :], other=0)
+            r = lam * tl.dot(qw, S.to(qw.dtype), input_precision=PREC)
+            optr = o_ptr + base * (C * V) + cc[:, None] * V + vv[None, :]
+            tl.store(optr, tl.load(optr, mask=vv[None, :] < V, other=0) + tl.sum(tl.reshape(r, (C, NL, BV)), axis=1),
+                     mask=vv[None, :] < V)
+        S, _ = _write(w_ptr, u_ptr, kd_ptr, ge_ptr, base, S, tile_ck, mck, tile_cw, (live & ~reads)[None, :],
+                      K, V, C, PREC)
 
 
 @triton.jit
 def _level_bwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr,
-               du_ptr, dw_ptr, dkd_ptr, dqw_ptr, dge_ptr, dlam_ptr, n, NBH, K, V, J, j,
-               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+               du_ptr, dw_ptr, dkd_ptr, dqw_ptr, dge_ptr, dlam_ptr, n, NBH, K, V, J, j0, top,
+               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NL: tl.constexpr, PREC: tl.constexpr):
     """Backward of :func:`_level_fwd` for one segment and V tile: the segment's states are recomputed
-    into ``hs`` (scratch shared by the levels, which run one launch each), then a reverse scan adds
-    this level's share to du and to this V tile's partial dw, dkd, dqw, dge, and stores its dlam column.
-    No transposed dot result feeds a dot (what Triton 3.4-3.7.0 miscompiles on Hopper, FLA #640):
-    dkd is accumulated transposed, dkd^T = dS vn^T, with vn^T built from loaded tiles."""
-    bh, s, m, e = _segment(n, NBH, j)
-    tile_kv, mkv, tile_ck, mck, tile_cv, mcv, tile_kc, mkc = _tiles(K, V, C, BK, BV)
+    into ``hs`` (scratch shared by the groups, which run one launch each), then a reverse scan adds
+    the group's share to du and to this V tile's partial dw, dkd, dqw, dge, and stores its dlam
+    columns. No transposed dot result feeds a dot (what Triton 3.4-3.7.0 miscompiles on Hopper, FLA
+    #640): dkd is accumulated transposed, dkd^T = dS vn^T, with vn^T built from loaded tiles."""
+    bh, s, e, jl, vcol, live = _group(n, NBH, J, j0, top, V, BV, NL)
+    kk = tl.arange(0, BK)
     cc = tl.arange(0, C)
+    ll = tl.arange(0, NL)
+    vv = tl.program_id(1) * BV + tl.arange(0, BV)
+    tile_ck = cc[:, None] * K + kk[None, :]
+    tile_kc = cc[None, :] * K + kk[:, None]  # a [C, K] tile written transposed, [K, C]
+    mck = kk[None, :] < K
+    mkc = kk[:, None] < K
+    tile_cw = cc[:, None] * V + vcol[None, :]
+    tile_cv = cc[:, None] * V + vv[None, :]
+    mcv = vv[None, :] < V
+    WT = tl.num_programs(1) * (NL * BV)  # columns of the scratch: every V tile's states side by side
+    tile_hs = kk[:, None] * WT + (tl.program_id(1) * (NL * BV) + tl.arange(0, NL * BV))[None, :]
     part = tl.program_id(1) * NBH * n  # this V tile's slice of the partial sums [NV, N*H, n, ...]
     dt = w_ptr.dtype.element_ty  # dot operands and the saved states: the inputs' 16-bit type, or float32
-    S = tl.zeros((BK, BV), dtype=tl.float32)
+    S = tl.zeros((BK, NL * BV), dtype=tl.float32)
     for i in range(s, e):
         base = bh * n + i
-        tl.store(hs_ptr + base * (K * V) + tile_kv, S.to(dt), mask=mkv)
-        S, _ = _write(w_ptr, u_ptr, kd_ptr, ge_ptr, base, S, tile_ck, mck, tile_cv, mcv & (i < m), K, V, C, PREC)
-    dS = tl.zeros((BK, BV), dtype=tl.float32)  # gradient of the state after chunk i
+        S = tl.where(((i & ((2 << jl) - 1)) == 0)[None, :], 0.0, S)
+        tl.store(hs_ptr + base * (K * WT) + tile_hs, S.to(dt), mask=mkc)
+        writes = live & (((i >> jl) & 1) == 0)
+        S, _ = _write(w_ptr, u_ptr, kd_ptr, ge_ptr, base, S, tile_ck, mck, tile_cw, writes[None, :], K, V, C, PREC)
+    dS = tl.zeros((BK, NL * BV), dtype=tl.float32)  # gradient of the state after chunk i
     for ii in range(e - s):
         i = e - 1 - ii
         base = bh * n + i
         pbase = part + base
-        S = tl.load(hs_ptr + base * (K * V) + tile_kv, mask=mkv, other=0)
+        reads = ((i >> jl) & 1) == 1
+        writes = live & ~reads
+        S = tl.load(hs_ptr + base * (K * WT) + tile_hs, mask=mkc, other=0)
         w = tl.load(w_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
         kd = tl.load(kd_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
-        ge = tl.load(ge_ptr + base)
-        writes = i < m
-        u = tl.load(u_ptr + base * (C * V) + tile_cv, mask=mcv & writes, other=0)
-        dvn = tl.dot(kd, dS.to(dt), input_precision=PREC)  # [C, BV]
-        if writes:
-            duptr = du_ptr + base * (C * V) + tile_cv
-            tl.store(duptr, tl.load(duptr, mask=mcv, other=0) + dvn, mask=mcv)
+        u = tl.load(u_ptr + base * (C * V) + tile_cw, mask=writes[None, :], other=0)
+        dvn = tl.dot(kd, dS.to(dt), input_precision=PREC)  # [C, NL * BV]
+        duptr = du_ptr + base * (C * V) + tile_cv
+        du = tl.sum(tl.reshape(tl.where(writes[None, :], dvn, 0.0), (C, NL, BV)), axis=1)
+        tl.store(duptr, tl.load(duptr, mask=mcv, other=0) + du, mask=mcv)
         dwptr = dw_ptr + pbase * (C * K) + tile_ck
         tl.store(dwptr, tl.load(dwptr, mask=mck, other=0) - tl.dot(dvn.to(dt), tl.trans(S), input_precision=PREC),
                  mask=mck)
-        vn_t = tl.trans(u).to(tl.float32) - tl.dot(tl.trans(S), tl.trans(w), input_precision=PREC)  # [BV, C]
+        vn_t = tl.trans(u).to(tl.float32) - tl.dot(tl.trans(S), tl.trans(w), input_precision=PREC)  # [NL * BV, C]
         dkdptr = dkd_ptr + pbase * (C * K) + tile_kc
         tl.store(dkdptr, tl.load(dkdptr, mask=mkc, other=0) + tl.dot(dS.to(dt), vn_t.to(dt), input_precision=PREC),
                  mask=mkc)
         dgeptr = dge_ptr + pbase
         tl.store(dgeptr, tl.load(dgeptr) + tl.sum(tl.sum(dS * S.to(tl.float32), axis=1), axis=0))
-        dS = ge * dS - tl.dot(tl.trans(w), dvn.to(dt), input_precision=PREC)
-        if i >= m:  # a read: o_i += lam_j * (qw_i S_i)
+        dS = tl.load(ge_ptr + base) * dS - tl.dot(tl.trans(w), dvn.to(dt), input_precision=PREC)
+        if ((i >> j0) & ((1 << NL) - 1)) != 0:  # some level reads: o_i += sum_j lam_j * (qw_i S_i^(j))
             qw = tl.load(qw_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
-            lam = tl.load(lam_ptr + (base * C + cc) * J + j)
-            do = tl.load(do_ptr + base * (C * V) + tile_cv, mask=mcv, other=0)
+            rmask = (reads & live)[None, :]
+            lam = tl.load(lam_ptr + (base * C + cc)[:, None] * J + jl[None, :], mask=rmask, other=0)
+            do = tl.load(do_ptr + base * (C * V) + tile_cw, mask=rmask, other=0)  # do's columns, per level
             r = tl.dot(qw, S, input_precision=PREC)
-            tl.store(dlam_ptr + (pbase * C + cc) * J + j, tl.sum(do * r, axis=1))
-            dr = lam[:, None] * do
+            dl = tl.sum(tl.reshape(do * r, (C, NL, BV)), axis=2)  # [C, NL]
+            tl.store(dlam_ptr + (pbase * C + cc)[:, None] * J + (j0 + ll)[None, :], dl, mask=(j0 + ll < J)[None, :])
+            dr = lam * do
             dqwptr = dqw_ptr + pbase * (C * K) + tile_ck
             tl.store(dqwptr, tl.load(dqwptr, mask=mck, other=0) + tl.dot(dr.to(dt), tl.trans(S), input_precision=PREC),
                      mask=mck)
             dS += tl.dot(tl.trans(qw), dr.to(dt), input_precision=PREC)
+        dS = tl.where(((i & ((2 << jl) - 1)) == 0)[None, :], 0.0, dS)  # a restart: nothing flows further back
 
 
 def _tile_sizes(K: int, V: int) -> tuple[int, int, int]:
@@ -238,19 +268,29 @@ class _Scan(torch.autograd.Function):
         return (dw.sum(0), du, dkd.sum(0), dge.sum(0), ds0.to(ctx.s0_dtype) if ctx.has_s0 else None, None)
 
 
-LEVEL_BV = 64  # V tile of the level kernels (two tiles at V = 128)
+# Levels per program and V columns per level of the level kernels (forward, backward): a state tile
+# of NL * BV columns; the backward holds the state and its gradient, so it takes fewer.
+LEVEL_TILES = {"fwd": (4, 32), "bwd": (2, 64)}
 
 
 def _level_launch(prec: str, device: torch.device, backward: bool) -> dict:
-    # Hopper's shared memory holds two stages of the forward's float32 w, kd, u tiles at BV = 64,
-    # not of the backward's (it also loads the state, qw and do).
+    # Hopper's shared memory holds two stages of the forward's 16-bit w, kd, u tiles, not of the
+    # backward's (it also loads the state, qw and do) nor of float32 tiles.
     hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
     return {"num_warps": 8, "num_stages": 2 if prec == "tf32" and hopper and not backward else 1}
 
 
-def _level_segments(n: int, j: int) -> int:
-    """Segments of chunk level j that have a read half (chunks m..e-1 with m < n)."""
-    return max(0, -(-(n - (1 << j)) // (2 << j)))
+def _level_groups(n: int, J: int, NL: int):
+    """(first level, top level, segments) of each launch: NL chunk levels at a time, segments of
+    2^(top+1) chunks; groups whose lowest level no chunk reads are left out."""
+    return [(j0, min(j0 + NL, J) - 1, -(-n // (2 << (min(j0 + NL, J) - 1))))
+            for j0 in range(0, J, NL) if n > 1 << j0]
+
+
+def _level_tiles(K: int, V: int, which: str) -> tuple[int, int, int, int]:
+    NL, BV = LEVEL_TILES[which]
+    BV = min(BV, max(16, triton.next_power_of_2(V)))
+    return max(16, triton.next_power_of_2(K)), BV, NL, -(-V // BV)
 
 
 class _LevelReads(torch.autograd.Function):
@@ -266,12 +306,11 @@ class _LevelReads(torch.autograd.Function):
         V, J = u.shape[-1], lam.shape[-1]
         w, u, kd, qw = (x.to(operands).contiguous() for x in (w, u, kd, qw))
         ge, lam = ge.contiguous(), lam.contiguous()
-        BK, BV = max(16, triton.next_power_of_2(K)), min(LEVEL_BV, max(16, triton.next_power_of_2(V)))
-        o = w.new_zeros(N, H, n, C, V)
-        for j in range(J):
-            if nseg := _level_segments(n, j):
-                _level_fwd[(N * H * nseg, -(-V // BV))](w, u, kd, ge, qw, lam, o, n, N * H, K, V, J, j, C=C, BK=BK,
-                                                         BV=BV, PREC=prec, **_level_launch(prec, w.device, False))
+        BK, BV, NL, NV = _level_tiles(K, V, "fwd")
+        o = w.new_zeros(N, H, n, C, V, dtype=torch.float32)
+        for j0, top, nseg in _level_groups(n, J, NL):
+            _level_fwd[(N * H * nseg, NV)](w, u, kd, ge, qw, lam, o, n, N * H, K, V, J, j0, top, C=C, BK=BK, BV=BV,
+                                           NL=NL, PREC=prec, **_level_launch(prec, w.device, False))
         ctx.save_for_backward(w, u, kd, ge, qw, lam)
         ctx.prec = prec
         return o
@@ -281,19 +320,17 @@ class _LevelReads(torch.autograd.Function):
         w, u, kd, ge, qw, lam = ctx.saved_tensors
         N, H, n, C, K = w.shape
         V, J = u.shape[-1], lam.shape[-1]
-        BK, BV = max(16, triton.next_power_of_2(K)), min(LEVEL_BV, max(16, triton.next_power_of_2(V)))
-        NV = -(-V // BV)
+        BK, BV, NL, NV = _level_tiles(K, V, "bwd")
         do = do.float().contiguous()
-        hs = w.new_empty(N, H, n, K, V)  # the operand type
+        hs = w.new_empty(N, H, n, K, NV * NL * BV)  # the operand type
         du = u.new_zeros(u.shape, dtype=torch.float32)
         dw, dkd, dqw = (w.new_zeros(NV, N, H, n, C, K, dtype=torch.float32) for _ in range(3))
         dge = ge.new_zeros(NV, N, H, n)
         dlam = lam.new_zeros(NV, N, H, n, C, J)
-        for j in range(J):
-            if nseg := _level_segments(n, j):
-                _level_bwd[(N * H * nseg, NV)](w, u, kd, ge, qw, lam, do, hs, du, dw, dkd, dqw, dge, dlam, n, N * H,
-                                               K, V, J, j, C=C, BK=BK, BV=BV, PREC=ctx.prec,
-                                               **_level_launch(ctx.prec, w.device, True))
+        for j0, top, nseg in _level_groups(n, J, NL):
+            _level_bwd[(N * H * nseg, NV)](w, u, kd, ge, qw, lam, do, hs, du, dw, dkd, dqw, dge, dlam, n, N * H,
+                                           K, V, J, j0, top, C=C, BK=BK, BV=BV, NL=NL, PREC=ctx.prec,
+                                           **_level_launch(ctx.prec, w.device, True))
         return dw.sum(0), du, dkd.sum(0), dge.sum(0), dqw.sum(0), dlam.sum(0), None, None
 
 
