@@ -368,8 +368,8 @@ def test_loglinear_gated_delta_rule_level_groups(fwd, bwd, device, monkeypatch):
 
     from hippolm.ops import triton_gdn
 
-    monkeypatch.setitem(triton_gdn.LEVEL_TILES, "fwd", fwd)
-    monkeypatch.setitem(triton_gdn.LEVEL_TILES, "bwd", bwd)
+    monkeypatch.setitem(triton_gdn.LEVEL_TILES, "fwd_fp32", fwd)  # float32 inputs: the float32 tiles
+    monkeypatch.setitem(triton_gdn.LEVEL_TILES, "bwd_fp32", bwd)
     T, C = 1100, 16  # 69 chunks: chunk levels 0..6, the top one's segment cut short
     xs = make_inputs("gated_delta_rule", 1, T, 1, 8, 32, seed=5)
     xs.append(torch.rand(1, T, 1, ops.num_levels(T), generator=torch.Generator().manual_seed(3),

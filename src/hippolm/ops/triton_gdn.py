@@ -176,6 +176,7 @@ def _level_bwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr,
         tl.store(hs_ptr + base * (K * WT) + tile_hs, S.to(dt), mask=mkc)
         writes = live & (((i >> jl) & 1) == 0)
         S, _ = _write(w_ptr, u_ptr, kd_ptr, ge_ptr, base, S, tile_ck, mck, tile_cw, writes[None, :], K, V, C, PREC)
+    tl.debug_barrier()  # the scratch written above is read below by other threads of this program
     dS = tl.zeros((BK, NL * BV), dtype=tl.float32)  # gradient of the state after chunk i
     for ii in range(e - s):
         i = e - 1 - ii
@@ -183,7 +184,7 @@ def _level_bwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr,
         pbase = part + base
         reads = ((i >> jl) & 1) == 1
         writes = live & ~reads
-        S = tl.load(hs_ptr + base * (K * WT) + tile_hs, mask=mkc, other=0)
+        Sh = tl.load(hs_ptr + base * (K * WT) + tile_hs, mask=mkc, other=0)  # the operand type (S is float32)
         w = tl.load(w_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
         kd = tl.load(kd_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
         u = tl.load(u_ptr + base * (C * V) + tile_cw, mask=writes[None, :], other=0)
@@ -192,26 +193,26 @@ def _level_bwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr,
         du = tl.sum(tl.reshape(tl.where(writes[None, :], dvn, 0.0), (C, NL, BV)), axis=1)
         tl.store(duptr, tl.load(duptr, mask=mcv, other=0) + du, mask=mcv)
         dwptr = dw_ptr + pbase * (C * K) + tile_ck
-        tl.store(dwptr, tl.load(dwptr, mask=mck, other=0) - tl.dot(dvn.to(dt), tl.trans(S), input_precision=PREC),
+        tl.store(dwptr, tl.load(dwptr, mask=mck, other=0) - tl.dot(dvn.to(dt), tl.trans(Sh), input_precision=PREC),
                  mask=mck)
-        vn_t = tl.trans(u).to(tl.float32) - tl.dot(tl.trans(S), tl.trans(w), input_precision=PREC)  # [NL * BV, C]
+        vn_t = tl.trans(u).to(tl.float32) - tl.dot(tl.trans(Sh), tl.trans(w), input_precision=PREC)  # [NL * BV, C]
         dkdptr = dkd_ptr + pbase * (C * K) + tile_kc
         tl.store(dkdptr, tl.load(dkdptr, mask=mkc, other=0) + tl.dot(dS.to(dt), vn_t.to(dt), input_precision=PREC),
                  mask=mkc)
         dgeptr = dge_ptr + pbase
-        tl.store(dgeptr, tl.load(dgeptr) + tl.sum(tl.sum(dS * S.to(tl.float32), axis=1), axis=0))
+        tl.store(dgeptr, tl.load(dgeptr) + tl.sum(tl.sum(dS * Sh.to(tl.float32), axis=1), axis=0))
         dS = tl.load(ge_ptr + base) * dS - tl.dot(tl.trans(w), dvn.to(dt), input_precision=PREC)
         if ((i >> j0) & ((1 << NL) - 1)) != 0:  # some level reads: o_i += sum_j lam_j * (qw_i S_i^(j))
             qw = tl.load(qw_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
             rmask = (reads & live)[None, :]
             lam = tl.load(lam_ptr + (base * C + cc)[:, None] * J + jl[None, :], mask=rmask, other=0)
             do = tl.load(do_ptr + base * (C * V) + tile_cw, mask=rmask, other=0)  # do's columns, per level
-            r = tl.dot(qw, S, input_precision=PREC)
+            r = tl.dot(qw, Sh, input_precision=PREC)
             dl = tl.sum(tl.reshape(do * r, (C, NL, BV)), axis=2)  # [C, NL]
             tl.store(dlam_ptr + (pbase * C + cc)[:, None] * J + (j0 + ll)[None, :], dl, mask=(j0 + ll < J)[None, :])
             dr = lam * do
             dqwptr = dqw_ptr + pbase * (C * K) + tile_ck
-            tl.store(dqwptr, tl.load(dqwptr, mask=mck, other=0) + tl.dot(dr.to(dt), tl.trans(S), input_precision=PREC),
+            tl.store(dqwptr, tl.load(dqwptr, mask=mck, other=0) + tl.dot(dr.to(dt), tl.trans(Sh), input_precision=PREC),
                      mask=mck)
             dS += tl.dot(tl.trans(qw), dr.to(dt), input_precision=PREC)
         dS = tl.where(((i & ((2 << jl) - 1)) == 0)[None, :], 0.0, dS)  # a restart: nothing flows further back
@@ -268,16 +269,22 @@ class _Scan(torch.autograd.Function):
         return (dw.sum(0), du, dkd.sum(0), dge.sum(0), ds0.to(ctx.s0_dtype) if ctx.has_s0 else None, None)
 
 
-# Levels per program and V columns per level of the level kernels (forward, backward): a state tile
-# of NL * BV columns; the backward holds the state and its gradient, so it takes fewer.
-LEVEL_TILES = {"fwd": (4, 32), "bwd": (2, 64)}
+# Levels per program and V columns per level of the level kernels, per pass and operand type: a
+# state tile of NL * BV columns. The backward holds the state and its gradient, so it takes fewer;
+# float32 operands take smaller tiles (an A100's 164 KB of shared memory; compiled sizes in
+# tests/test_kernel_compile.py).
+LEVEL_TILES = {"fwd": (4, 32), "bwd": (2, 64), "fwd_fp32": (2, 32), "bwd_fp32": (1, 32)}
 
 
-def _level_launch(prec: str, device: torch.device, backward: bool) -> dict:
-    # Hopper's shared memory holds two stages of the forward's 16-bit w, kd, u tiles, not of the
-    # backward's (it also loads the state, qw and do) nor of float32 tiles.
-    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-    return {"num_warps": 8, "num_stages": 2 if prec == "tf32" and hopper and not backward else 1}
+def _level_launch(prec: str, major: int, backward: bool) -> dict:
+    """Launch options on a GPU of compute capability ``major``: Hopper's shared memory holds two
+    stages of the forward's 16-bit w, kd, u tiles, not of the backward's (it also loads the state,
+    qw and do) nor of float32 tiles."""
+    return {"num_warps": 8, "num_stages": 2 if prec == "tf32" and major >= 9 and not backward else 1}
+
+
+def _major(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
 
 
 def _level_groups(n: int, J: int, NL: int):
@@ -287,8 +294,9 @@ def _level_groups(n: int, J: int, NL: int):
             for j0 in range(0, J, NL) if n > 1 << j0]
 
 
-def _level_tiles(K: int, V: int, which: str) -> tuple[int, int, int, int]:
-    NL, BV = LEVEL_TILES[which]
+def _level_tiles(K: int, V: int, which: str, prec: str) -> tuple[int, int, int, int]:
+    """(BK, BV, levels per program, V tiles) for pass ``which`` ("fwd" or "bwd")."""
+    NL, BV = LEVEL_TILES[which if prec == "tf32" else which + "_fp32"]
     BV = min(BV, max(16, triton.next_power_of_2(V)))
     return max(16, triton.next_power_of_2(K)), BV, NL, -(-V // BV)
 
@@ -306,11 +314,11 @@ class _LevelReads(torch.autograd.Function):
         V, J = u.shape[-1], lam.shape[-1]
         w, u, kd, qw = (x.to(operands).contiguous() for x in (w, u, kd, qw))
         ge, lam = ge.contiguous(), lam.contiguous()
-        BK, BV, NL, NV = _level_tiles(K, V, "fwd")
+        BK, BV, NL, NV = _level_tiles(K, V, "fwd", prec)
         o = w.new_zeros(N, H, n, C, V, dtype=torch.float32)
         for j0, top, nseg in _level_groups(n, J, NL):
             _level_fwd[(N * H * nseg, NV)](w, u, kd, ge, qw, lam, o, n, N * H, K, V, J, j0, top, C=C, BK=BK, BV=BV,
-                                           NL=NL, PREC=prec, **_level_launch(prec, w.device, False))
+                                           NL=NL, PREC=prec, **_level_launch(prec, _major(w.device), False))
         ctx.save_for_backward(w, u, kd, ge, qw, lam)
         ctx.prec = prec
         return o
@@ -320,7 +328,7 @@ class _LevelReads(torch.autograd.Function):
         w, u, kd, ge, qw, lam = ctx.saved_tensors
         N, H, n, C, K = w.shape
         V, J = u.shape[-1], lam.shape[-1]
-        BK, BV, NL, NV = _level_tiles(K, V, "bwd")
+        BK, BV, NL, NV = _level_tiles(K, V, "bwd", ctx.prec)
         do = do.float().contiguous()
         hs = w.new_empty(N, H, n, K, NV * NL * BV)  # the operand type
         du = u.new_zeros(u.shape, dtype=torch.float32)
@@ -330,7 +338,7 @@ class _LevelReads(torch.autograd.Function):
         for j0, top, nseg in _level_groups(n, J, NL):
             _level_bwd[(N * H * nseg, NV)](w, u, kd, ge, qw, lam, do, hs, du, dw, dkd, dqw, dge, dlam, n, N * H,
                                            K, V, J, j0, top, C=C, BK=BK, BV=BV, NL=NL, PREC=ctx.prec,
-                                           **_level_launch(ctx.prec, w.device, True))
+                                           **_level_launch(ctx.prec, _major(w.device), True))
         return dw.sum(0), du, dkd.sum(0), dge.sum(0), dqw.sum(0), dlam.sum(0), None, None
 
 
