@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from . import reference
+from .loglinear import bit_length
 
 
 @triton.jit
@@ -122,11 +123,8 @@ def _level_fwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, o_ptr, n, NBH, K, 
     (added into o: one launch per group, so no two programs touch the same rows) and only evolves it.
     The levels share every load of w, kd and qw, and one dot serves them all."""
     bh, s, e, jl, vcol, live = _group(n, NBH, J, j0, top, V, BV, NL)
-    kk = tl.arange(0, BK)
+    _, _, tile_ck, mck, tile_cv, mcv, _, _ = _tiles(K, V, C, BK, BV)
     cc = tl.arange(0, C)
-    vv = tl.program_id(1) * BV + tl.arange(0, BV)
-    tile_ck = cc[:, None] * K + kk[None, :]
-    mck = kk[None, :] < K
     tile_cw = cc[:, None] * V + vcol[None, :]  # u's columns, repeated for every level
     S = tl.zeros((BK, NL * BV), dtype=tl.float32)
     for i in range(s, e):
@@ -137,11 +135,10 @@ def _level_fwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, o_ptr, n, NBH, K, 
             qw = tl.load(qw_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
             lam = tl.load(lam_ptr + (base * C + cc)[:, None] * J + jl[None, :], mask=(reads & live)[None, :], other=0)
             r = lam * tl.dot(qw, S.to(qw.dtype), input_precision=PREC)
-            optr = o_ptr + base * (C * V) + cc[:, None] * V + vv[None, :]
-            tl.store(optr, tl.load(optr, mask=vv[None, :] < V, other=0) + tl.sum(tl.reshape(r, (C, NL, BV)), axis=1),
-                     mask=vv[None, :] < V)
-        S, _ = _write(w_ptr, u_ptr, kd_ptr, ge_ptr, base, S, tile_ck, mck, tile_cw, (live & ~reads)[None, :],
-                      K, V, C, PREC)
+            optr = o_ptr + base * (C * V) + tile_cv
+            tl.store(optr, tl.load(optr, mask=mcv, other=0) + tl.sum(tl.reshape(r, (C, NL, BV)), axis=1), mask=mcv)
+        S = _write(w_ptr, u_ptr, kd_ptr, ge_ptr, base, S, tile_ck, mck, tile_cw, (live & ~reads)[None, :],
+                   K, V, C, PREC)[0]
 
 
 @triton.jit
@@ -154,17 +151,11 @@ def _level_bwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr,
     columns. No transposed dot result feeds a dot (what Triton 3.4-3.7.0 miscompiles on Hopper, FLA
     #640): dkd is accumulated transposed, dkd^T = dS vn^T, with vn^T built from loaded tiles."""
     bh, s, e, jl, vcol, live = _group(n, NBH, J, j0, top, V, BV, NL)
+    _, _, tile_ck, mck, tile_cv, mcv, tile_kc, mkc = _tiles(K, V, C, BK, BV)
     kk = tl.arange(0, BK)
     cc = tl.arange(0, C)
     ll = tl.arange(0, NL)
-    vv = tl.program_id(1) * BV + tl.arange(0, BV)
-    tile_ck = cc[:, None] * K + kk[None, :]
-    tile_kc = cc[None, :] * K + kk[:, None]  # a [C, K] tile written transposed, [K, C]
-    mck = kk[None, :] < K
-    mkc = kk[:, None] < K
-    tile_cw = cc[:, None] * V + vcol[None, :]
-    tile_cv = cc[:, None] * V + vv[None, :]
-    mcv = vv[None, :] < V
+    tile_cw = cc[:, None] * V + vcol[None, :]  # u's and do's columns, repeated for every level
     WT = tl.num_programs(1) * (NL * BV)  # columns of the scratch: every V tile's states side by side
     tile_hs = kk[:, None] * WT + (tl.program_id(1) * (NL * BV) + tl.arange(0, NL * BV))[None, :]
     part = tl.program_id(1) * NBH * n  # this V tile's slice of the partial sums [NV, N*H, n, ...]
@@ -175,7 +166,7 @@ def _level_bwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr,
         S = tl.where(((i & ((2 << jl) - 1)) == 0)[None, :], 0.0, S)
         tl.store(hs_ptr + base * (K * WT) + tile_hs, S.to(dt), mask=mkc)
         writes = live & (((i >> jl) & 1) == 0)
-        S, _ = _write(w_ptr, u_ptr, kd_ptr, ge_ptr, base, S, tile_ck, mck, tile_cw, writes[None, :], K, V, C, PREC)
+        S = _write(w_ptr, u_ptr, kd_ptr, ge_ptr, base, S, tile_ck, mck, tile_cw, writes[None, :], K, V, C, PREC)[0]
     tl.debug_barrier()  # the scratch written above is read below by other threads of this program
     dS = tl.zeros((BK, NL * BV), dtype=tl.float32)  # gradient of the state after chunk i
     for ii in range(e - s):
@@ -227,8 +218,12 @@ def _tile_sizes(K: int, V: int) -> tuple[int, int, int]:
 def _launch(prec: str, device: torch.device) -> dict:
     # ptxas for sm_90 at K=128, BV=32: 2 stages fit Hopper's shared memory (172/205 KB of 227) with
     # TF32 dots, not an A100's (164 KB); the IEEE float32 dots (register-hungry FMA loops) get 1 stage.
-    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-    return {"num_warps": 8, "num_stages": 2 if prec == "tf32" and hopper else 1}
+    return {"num_warps": 8, "num_stages": 2 if prec == "tf32" and _major(device) >= 9 else 1}
+
+
+def _major(device: torch.device) -> int:
+    """Compute capability major of ``device`` (0 off CUDA)."""
+    return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
 
 
 class _Scan(torch.autograd.Function):
@@ -281,10 +276,6 @@ def _level_launch(prec: str, major: int, backward: bool) -> dict:
     stages of the forward's 16-bit w, kd, u tiles, not of the backward's (it also loads the state,
     qw and do) nor of float32 tiles."""
     return {"num_warps": 8, "num_stages": 2 if prec == "tf32" and major >= 9 and not backward else 1}
-
-
-def _major(device: torch.device) -> int:
-    return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
 
 
 def _level_groups(n: int, J: int, NL: int):
@@ -427,10 +418,7 @@ def loglinear_gated_delta_rule(q, k, v, g, beta, lam, scale: float, output_final
     N, _, n = qb.shape[:3]
 
     r = torch.arange(C, device=q.device)
-    x = r[:, None] ^ r[None, :]
-    level_in = torch.zeros_like(x)
-    for bit in range(CB):
-        level_in += (x >> bit) > 0
+    level_in = bit_length(r[:, None] ^ r[None, :], CB)
     lam_in = lamb.gather(-1, level_in.clamp_max(L - 1).expand(N, H, n, C, C)) * (level_in < L)
     o = ((attn @ mix) * lam_in) @ vb
     J = max(0, min((n - 1).bit_length(), L - CB - 1))  # chunk levels that some chunk reads
@@ -445,10 +433,7 @@ def loglinear_gated_delta_rule(q, k, v, g, beta, lam, scale: float, output_final
     # Values masked by their level seen from each sequence's last token, all levels side by side.
     pos = torch.arange(length, device=q.device)
     last = torch.tensor(lengths, device=q.device)[:, None] - 1
-    xl = (last ^ pos[None]).clamp_min(0)
-    key_level = torch.zeros_like(xl)
-    for bit in range(max(length, 1).bit_length()):
-        key_level += (xl >> bit) > 0
+    key_level = bit_length((last ^ pos[None]).clamp_min(0), max(length, 1).bit_length())
     key_level = torch.where(pos[None] <= last, key_level, -1)  # [N, length]
     masks = (key_level[..., None] == torch.arange(L, device=q.device)).float()  # [N, length, L]
     vm = (vs.float()[..., None, :] * masks[:, :, None, :, None]).reshape(N, length, H, L * V)
