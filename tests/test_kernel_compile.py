@@ -1,5 +1,5 @@
-"""Our log-linear Gated DeltaNet level kernels compiled for Hopper (sm_90) and Ampere (sm_80)
-without a GPU (Triton's bundled ptxas), with the tiles and launch options the host picks.
+"""Our Gated DeltaNet Triton kernels (state scan, log-linear level kernels) compiled for Hopper
+(sm_90) and Ampere (sm_80) without a GPU (Triton's bundled ptxas), with the tiles and launch options the host picks.
 
 Catches what the CPU interpreter cannot: code the compiler rejects (a loop-carried float32 state
 re-assigned from a 16-bit load once broke the 16-bit backward) and tiles that need more shared
@@ -22,29 +22,24 @@ pytestmark = [
 SHARED = {9: 232448, 8: 166912}
 
 
-def _compile(which: str, prec: str, major: int, K: int = 128, V: int = 128, C: int = 64):
+def _compile(fn, consts: dict, options: dict, major: int, operand: str, operand_ptrs=()):
+    """``fn`` compiled for ``major`` (9: sm_90, 8: sm_80): pointers in ``operand_ptrs`` of type
+    ``operand``, other pointers float32, other runtime arguments int32."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from hippolm.ops import triton_gdn
-
-    fn = triton_gdn._level_fwd if which == "fwd" else triton_gdn._level_bwd
-    BK, BV, NL, _ = triton_gdn._level_tiles(K, V, which, prec)
-    consts = {"C": C, "BK": BK, "BV": BV, "NL": NL, "PREC": prec}
-    operand = "bf16" if prec == "tf32" else "fp32"
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
             sig[name] = "constexpr"
             continue
-        if name in ("w_ptr", "u_ptr", "kd_ptr", "qw_ptr", "hs_ptr"):
+        if name in operand_ptrs:
             sig[name] = "*" + operand
         else:
             sig[name] = "*fp32" if name.endswith("_ptr") else "i32"
         if name.endswith("_ptr") or name in ("K", "V"):  # as the launcher specialises aligned arguments
             attrs[(i,)] = [["tt.divisibility", 16]]
-    options = triton_gdn._level_launch(prec, major, which == "bwd")
     return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", major * 10, 32), options=options)
 
 
@@ -52,5 +47,23 @@ def _compile(which: str, prec: str, major: int, K: int = 128, V: int = 128, C: i
 @pytest.mark.parametrize("prec,major", [("tf32", 9), ("ieee", 8)])
 def test_level_kernels_compile_and_fit_shared_memory(which, prec, major):
     """16-bit operands on Hopper (the fast path) and float32 on an A100 (the tightest shared memory)."""
-    kernel = _compile(which, prec, major)
+    from hippolm.ops import triton_gdn
+
+    BK, BV, NL, _ = triton_gdn._level_tiles(128, 128, which, prec)
+    kernel = _compile(triton_gdn._level_fwd if which == "fwd" else triton_gdn._level_bwd,
+                      {"C": 64, "BK": BK, "BV": BV, "NL": NL, "PREC": prec},
+                      triton_gdn._level_launch(prec, major, which == "bwd"), major,
+                      "bf16" if prec == "tf32" else "fp32", ("w_ptr", "u_ptr", "kd_ptr", "qw_ptr", "hs_ptr"))
     assert 0 < kernel.metadata.shared <= SHARED[major], kernel.metadata.shared
+
+
+@pytest.mark.parametrize("which", ["fwd", "bwd"])
+def test_state_scan_kernels_compile_and_fit_shared_memory(which):
+    """The linear Gated DeltaNet state scan (float32 tiles, TF32 dots) on Hopper."""
+    from hippolm.ops import triton_gdn
+
+    BK, BV, _ = triton_gdn._tile_sizes(128, 128)
+    consts = {"C": 64, "BK": BK, "BV": BV, "PREC": "tf32"} | ({"HAS_S0": True} if which == "fwd" else {})
+    options = {"num_warps": 8, "num_stages": 2}  # _launch's choice for TF32 on Hopper
+    kernel = _compile(triton_gdn._scan_fwd if which == "fwd" else triton_gdn._scan_bwd, consts, options, 9, "fp32")
+    assert 0 < kernel.metadata.shared <= SHARED[9], kernel.metadata.shared
