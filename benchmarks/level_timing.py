@@ -82,11 +82,45 @@ def concurrent(fns, streams):
         main.wait_stream(s)
 
 
+def full(x, tilings: str) -> list[dict]:
+    """The level reads through their autograd function (both lanes, partial sums added up), forward
+    and backward timed apart per forward/backward tiling, results checked against the first tiling."""
+    w, u, kd, ge, qw, lam, do = x
+    saved, rows, base = dict(tg.LEVEL_TILES), [], None
+    try:
+        for cfg in tilings.split(","):
+            fwd, bwd = (tuple(int(a) for a in part.split("x")) for part in cfg.split("/"))
+            tg.LEVEL_TILES.update(fwd=fwd, bwd=bwd)
+            row = {"tiles": cfg}
+            try:
+                leaves = [t.detach().requires_grad_() for t in (w, u, kd, ge, qw, lam)]
+                o = tg._LevelReads.apply(*leaves, "tf32", torch.bfloat16)
+                grads = torch.autograd.grad(o, leaves, do)
+                out = [o, *grads]
+                base = base or out
+                row["max_rel_diff"] = max(((a.float() - b.float()).norm() / b.float().norm()).item()
+                                          for a, b in zip(out, base, strict=True))
+                row["fwd_ms"] = round(timed(lambda: tg._LevelReads.apply(w, u, kd, ge, qw, lam, "tf32",
+                                                                          torch.bfloat16)), 3)
+                row["fwd_bwd_ms"] = round(timed(lambda leaves=leaves: torch.autograd.grad(
+                    tg._LevelReads.apply(*leaves, "tf32", torch.bfloat16), leaves, do)), 3)
+            except Exception as err:  # out of shared memory / registers
+                row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            torch.cuda.empty_cache()
+    finally:
+        tg.LEVEL_TILES.update(saved)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--T", type=int, default=65536)
     ap.add_argument("--fwd", default="4x32,2x32,1x32,1x16,2x64")
     ap.add_argument("--bwd", default="2x64,2x32,1x32,1x16,1x64")
+    ap.add_argument("--full", default="4x32/2x64,2x32/2x32,4x32/1x64,2x32/1x32",
+                    help="forward/backward tilings timed through the autograd function (first: the reference)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     N, H, C, d = 1, 16, 64, 128
@@ -97,6 +131,7 @@ def main():
     out = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                     "date": datetime.date.today().isoformat(), "N": N, "T": args.T, "H": H, "d": d, "C": C,
                     "chunk_levels": J, "dtype": "bfloat16"}, "rows": []}
+    out["full"] = full(x, args.full)
     for which, cfgs in (("fwd", args.fwd), ("bwd", args.bwd)):
         for cfg in cfgs.split(","):
             NL, BV = (int(a) for a in cfg.split("x"))

@@ -359,7 +359,7 @@ def test_loglinear_gated_delta_rule_scans(batch, lengths, heads, device):
 
 
 @pytest.mark.skipif(CUDA, reason="CUDA runs the default tiles (each other tile is a compilation)")
-@pytest.mark.parametrize("fwd,bwd", [((1, 16), (4, 16)), ((4, 16), (2, 32))])
+@pytest.mark.parametrize("fwd,bwd", [((1, 16), (4, 16)), ((4, 16), (2, 32)), ((2, 16), (1, 16))])
 def test_loglinear_gated_delta_rule_level_groups(fwd, bwd, device, monkeypatch):
     """The level kernels with 1, 2 or 4 chunk levels per program (a group's last may not exist) and
     one or two V tiles (V = 32), over 7 chunk levels with partial segments, K below the tile:

@@ -115,6 +115,24 @@ def _group(n, NBH, J, j0, top, V, BV: tl.constexpr, NL: tl.constexpr):
 
 
 @triton.jit
+def _fold(x, C: tl.constexpr, NL: tl.constexpr, BV: tl.constexpr):
+    """[C, NL * BV] -> [C, BV]: the levels' columns added up (no size-1 reshape for one level)."""
+    if NL == 1:
+        return x
+    else:
+        return tl.sum(tl.reshape(x, (C, NL, BV)), axis=1)
+
+
+@triton.jit
+def _per_level(x, C: tl.constexpr, NL: tl.constexpr, BV: tl.constexpr):
+    """[C, NL * BV] -> [C, NL]: each level's columns added up."""
+    if NL == 1:
+        return tl.sum(x, axis=1)[:, None]
+    else:
+        return tl.sum(tl.reshape(x, (C, NL, BV)), axis=2)
+
+
+@triton.jit
 def _level_fwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, o_ptr, n, NBH, K, V, J, j0, top,
                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NL: tl.constexpr, PREC: tl.constexpr):
     """Chunk levels j0..j0+NL-1 of log-linear Gated DeltaNet for one segment, (sequence, head) and V
@@ -136,7 +154,7 @@ def _level_fwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, o_ptr, n, NBH, K, 
             lam = tl.load(lam_ptr + (base * C + cc)[:, None] * J + jl[None, :], mask=(reads & live)[None, :], other=0)
             r = lam * tl.dot(qw, S.to(qw.dtype), input_precision=PREC)
             optr = o_ptr + base * (C * V) + tile_cv
-            tl.store(optr, tl.load(optr, mask=mcv, other=0) + tl.sum(tl.reshape(r, (C, NL, BV)), axis=1), mask=mcv)
+            tl.store(optr, tl.load(optr, mask=mcv, other=0) + _fold(r, C, NL, BV), mask=mcv)
         S = _write(w_ptr, u_ptr, kd_ptr, ge_ptr, base, S, tile_ck, mck, tile_cw, (live & ~reads)[None, :],
                    K, V, C, PREC)[0]
 
@@ -181,7 +199,7 @@ def _level_bwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr,
         u = tl.load(u_ptr + base * (C * V) + tile_cw, mask=writes[None, :], other=0)
         dvn = tl.dot(kd, dS.to(dt), input_precision=PREC)  # [C, NL * BV]
         duptr = du_ptr + base * (C * V) + tile_cv
-        du = tl.sum(tl.reshape(tl.where(writes[None, :], dvn, 0.0), (C, NL, BV)), axis=1)
+        du = _fold(tl.where(writes[None, :], dvn, 0.0), C, NL, BV)
         tl.store(duptr, tl.load(duptr, mask=mcv, other=0) + du, mask=mcv)
         dwptr = dw_ptr + pbase * (C * K) + tile_ck
         tl.store(dwptr, tl.load(dwptr, mask=mck, other=0) - tl.dot(dvn.to(dt), tl.trans(Sh), input_precision=PREC),
@@ -199,7 +217,7 @@ def _level_bwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr,
             lam = tl.load(lam_ptr + (base * C + cc)[:, None] * J + jl[None, :], mask=rmask, other=0)
             do = tl.load(do_ptr + base * (C * V) + tile_cw, mask=rmask, other=0)  # do's columns, per level
             r = tl.dot(qw, Sh, input_precision=PREC)
-            dl = tl.sum(tl.reshape(do * r, (C, NL, BV)), axis=2)  # [C, NL]
+            dl = _per_level(do * r, C, NL, BV)  # [C, NL]
             tl.store(dlam_ptr + (pbase * C + cc)[:, None] * J + (j0 + ll)[None, :], dl, mask=(j0 + ll < J)[None, :])
             dr = lam * do
             dqwptr = dqw_ptr + pbase * (C * K) + tile_ck
@@ -292,12 +310,35 @@ def _level_tiles(K: int, V: int, which: str, prec: str) -> tuple[int, int, int, 
     return max(16, triton.next_power_of_2(K)), BV, NL, -(-V // BV)
 
 
+def _in_lanes(groups, launch, buffers, device: torch.device) -> list:
+    """Runs ``launch(group, bufs)`` for every level group; returns the buffer sets to add up. On CUDA
+    the top group (few programs, each scanning up to all chunks: latency-bound, most of the GPU idle)
+    runs on a side stream into its own ``buffers()``, concurrently with the others, which run in
+    order on the current stream (groups add into the same rows, so no two may share buffers at once)."""
+    bufs = buffers()
+    if device.type != "cuda" or len(groups) < 2:
+        for group in groups:
+            launch(group, bufs)
+        return [bufs]
+    side_bufs = buffers()
+    main, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+    side.wait_stream(main)  # the inputs and the zeroed buffers
+    with torch.cuda.stream(side):
+        launch(groups[-1], side_bufs)
+    for group in groups[:-1]:
+        launch(group, bufs)
+    main.wait_stream(side)  # before anything reads the side buffers or frees what it used
+    return [bufs, side_bufs]
+
+
 class _LevelReads(torch.autograd.Function):
     """Every chunk level's read of log-linear Gated DeltaNet, summed: (w, u, kd, qw [N, H, n, C, *],
     ge [N, H, n], lam [N, H, n, C, J]: the weight of chunk level j) -> o [N, H, n, C, V] (float32).
     ``operands``: the type w, u, kd, qw and the saved states take in the kernels (16-bit for 16-bit
     inputs, as FLA's chunk kernels: half the bytes and full-rate tensor cores; the states and
-    every sum stay float32)."""
+    in-kernel sums stay float32). The backward's partial sums of dw, dkd, dqw over the groups and V
+    tiles (its largest traffic: read and written by every group) are kept in the operand type too;
+    they are added up in float32."""
 
     @staticmethod
     def forward(ctx, w, u, kd, ge, qw, lam, prec: str, operands: torch.dtype):
@@ -306,13 +347,18 @@ class _LevelReads(torch.autograd.Function):
         w, u, kd, qw = (x.to(operands).contiguous() for x in (w, u, kd, qw))
         ge, lam = ge.contiguous(), lam.contiguous()
         BK, BV, NL, NV = _level_tiles(K, V, "fwd", prec)
-        o = w.new_zeros(N, H, n, C, V, dtype=torch.float32)
-        for j0, top, nseg in _level_groups(n, J, NL):
+        opts = _level_launch(prec, _major(w.device), False)
+
+        def launch(group, o):
+            j0, top, nseg = group
             _level_fwd[(N * H * nseg, NV)](w, u, kd, ge, qw, lam, o, n, N * H, K, V, J, j0, top, C=C, BK=BK, BV=BV,
-                                           NL=NL, PREC=prec, **_level_launch(prec, _major(w.device), False))
+                                           NL=NL, PREC=prec, **opts)
+
+        lanes = _in_lanes(_level_groups(n, J, NL), launch,
+                          lambda: w.new_zeros(N, H, n, C, V, dtype=torch.float32), w.device)
         ctx.save_for_backward(w, u, kd, ge, qw, lam)
         ctx.prec = prec
-        return o
+        return sum(lanes[1:], lanes[0])
 
     @staticmethod
     def backward(ctx, do):
@@ -320,17 +366,23 @@ class _LevelReads(torch.autograd.Function):
         N, H, n, C, K = w.shape
         V, J = u.shape[-1], lam.shape[-1]
         BK, BV, NL, NV = _level_tiles(K, V, "bwd", ctx.prec)
+        opts = _level_launch(ctx.prec, _major(w.device), True)
         do = do.float().contiguous()
-        hs = w.new_empty(N, H, n, K, NV * NL * BV)  # the operand type
-        du = u.new_zeros(u.shape, dtype=torch.float32)
-        dw, dkd, dqw = (w.new_zeros(NV, N, H, n, C, K, dtype=torch.float32) for _ in range(3))
-        dge = ge.new_zeros(NV, N, H, n)
-        dlam = lam.new_zeros(NV, N, H, n, C, J)
-        for j0, top, nseg in _level_groups(n, J, NL):
-            _level_bwd[(N * H * nseg, NV)](w, u, kd, ge, qw, lam, do, hs, du, dw, dkd, dqw, dge, dlam, n, N * H,
-                                           K, V, J, j0, top, C=C, BK=BK, BV=BV, NL=NL, PREC=ctx.prec,
-                                           **_level_launch(ctx.prec, _major(w.device), True))
-        return dw.sum(0), du, dkd.sum(0), dge.sum(0), dqw.sum(0), dlam.sum(0), None, None
+
+        def buffers():  # scratch states (operand type), du, partial dw, dkd, dqw (operand type), dge, dlam
+            return (w.new_empty(N, H, n, K, NV * NL * BV), u.new_zeros(u.shape, dtype=torch.float32),
+                    *(w.new_zeros(NV, N, H, n, C, K) for _ in range(3)),
+                    ge.new_zeros(NV, N, H, n), lam.new_zeros(NV, N, H, n, C, J))
+
+        def launch(group, bufs):
+            j0, top, nseg = group
+            _level_bwd[(N * H * nseg, NV)](w, u, kd, ge, qw, lam, do, *bufs, n, N * H, K, V, J, j0, top,
+                                           C=C, BK=BK, BV=BV, NL=NL, PREC=ctx.prec, **opts)
+
+        lanes = _in_lanes(_level_groups(n, J, NL), launch, buffers, w.device)
+        du, dw, dkd, dqw, dge, dlam = (sum(lane[i].sum(0, dtype=torch.float32) if i > 1 else lane[i] for lane in lanes)
+                                       for i in range(1, 7))
+        return dw, du, dkd, dge, dqw, dlam, None, None
 
 
 class _Chunks(NamedTuple):
