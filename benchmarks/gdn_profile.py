@@ -83,40 +83,6 @@ def tune(B: int, T: int, H: int, d: int) -> list[dict]:
     return rows
 
 
-def tune_levels(B: int, T: int, H: int, d: int, configs: str) -> list[dict]:
-    """Log-linear GDN fwd+bwd per level-kernel tiling (hippolm.ops.triton_gdn.LEVEL_TILES: levels per
-    program x V columns per level, forward/backward), outputs and gradients checked against the first."""
-    from hippolm.ops import triton_gdn
-
-    q, k, v, g = inputs(B, T, H, d, True)
-    lam = torch.rand(B, T, H, ops.num_levels(T), device="cuda").add_(0.5).requires_grad_()
-    beta = torch.sigmoid(g.detach() + 2)
-
-    def step():
-        o, _ = ops.loglinear_gated_delta_rule(q, k, v, g, beta, lam)
-        return (o, *torch.autograd.grad(o, [q, k, v, g, lam], torch.ones_like(o)))
-
-    saved, rows, base = dict(triton_gdn.LEVEL_TILES), [], None
-    try:
-        for cfg in configs.split(","):
-            fwd, bwd = ((int(a) for a in part.split("x")) for part in cfg.split("/"))
-            triton_gdn.LEVEL_TILES.update(fwd=tuple(fwd), bwd=tuple(bwd))
-            row = {"tiles": cfg}
-            try:
-                out = step()
-                base = base or out
-                row["max_rel_diff"] = max(((a.float() - b.float()).norm() / b.float().norm()).item()
-                                          for a, b in zip(out, base, strict=True))
-                row["ms"] = triton.testing.do_bench(step, warmup=2, rep=20)
-            except Exception as err:  # out of shared memory / registers
-                row["error"] = f"{type(err).__name__}: {str(err)[:120]}"
-            print(row, flush=True)
-            rows.append(row)
-    finally:
-        triton_gdn.LEVEL_TILES.update(saved)
-    return rows
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--T", type=int, default=65536)
@@ -124,9 +90,6 @@ def main():
     ap.add_argument("--ops", default="gated_delta_rule,ssd",
                     help="comma list of: gated_delta_rule, ssd, loglinear_gated_delta_rule, loglinear_ssd")
     ap.add_argument("--no-tune", action="store_true", help="skip the dqkwg config sweep")
-    ap.add_argument("--level-tiles", default=None,
-                    help="log-linear GDN level-kernel tilings to time, e.g. 4x32/2x64,2x64/2x64,1x64/1x64 "
-                         "(forward levels x V columns / backward levels x V columns)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     H, d = 16, 128
@@ -138,8 +101,6 @@ def main():
         print(op, json.dumps(out[f"profile_{op}_ms"], indent=1), flush=True)
     if not args.no_tune:
         out["dqkwg_configs"] = tune(args.B, args.T, H, d)
-    if args.level_tiles:
-        out["level_tiles"] = tune_levels(args.B, args.T, H, d, args.level_tiles)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -105,13 +105,14 @@ def _group(n, NBH, J, j0, top, V, BV: tl.constexpr, NL: tl.constexpr):
     """This program's part of a group of chunk levels j0..j0+NL-1 (program axis 0 = segment * NBH +
     sequence-head, axis 1 = V tile): sequence-head, first and end chunk of its segment of 2^(top+1)
     chunks (top: the group's highest level), and per column of its [K, NL * BV] state tile (level l's
-    BV columns side by side) the chunk level, the V column, and whether both exist."""
+    BV columns side by side) the chunk level, the V column, and whether both exist (a level above
+    ``top`` belongs to another group)."""
     pid = tl.program_id(0)
     s = (pid // NBH) * (2 << top)
     cols = tl.arange(0, NL * BV)
     jl = j0 + cols // BV
     vcol = tl.program_id(1) * BV + cols % BV
-    return (pid % NBH).to(tl.int64), s, tl.minimum(s + (2 << top), n), jl, vcol, (jl < J) & (vcol < V)
+    return (pid % NBH).to(tl.int64), s, tl.minimum(s + (2 << top), n), jl, vcol, (jl <= top) & (vcol < V)
 
 
 @triton.jit
@@ -218,7 +219,7 @@ def _level_bwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr,
             do = tl.load(do_ptr + base * (C * V) + tile_cw, mask=rmask, other=0)  # do's columns, per level
             r = tl.dot(qw, Sh, input_precision=PREC)
             dl = _per_level(do * r, C, NL, BV)  # [C, NL]
-            tl.store(dlam_ptr + (pbase * C + cc)[:, None] * J + (j0 + ll)[None, :], dl, mask=(j0 + ll < J)[None, :])
+            tl.store(dlam_ptr + (pbase * C + cc)[:, None] * J + (j0 + ll)[None, :], dl, mask=(j0 + ll <= top)[None, :])
             dr = lam * do
             dqwptr = dqw_ptr + pbase * (C * K) + tile_ck
             tl.store(dqwptr, tl.load(dqwptr, mask=mck, other=0) + tl.dot(dr.to(dt), tl.trans(Sh), input_precision=PREC),
@@ -283,52 +284,78 @@ class _Scan(torch.autograd.Function):
 
 
 # Levels per program and V columns per level of the level kernels, per pass and operand type: a
-# state tile of NL * BV columns. The backward holds the state and its gradient, so it takes fewer;
-# float32 operands take smaller tiles (an A100's 164 KB of shared memory; compiled sizes in
-# tests/test_kernel_compile.py).
-LEVEL_TILES = {"fwd": (4, 32), "bwd": (2, 64), "fwd_fp32": (2, 32), "bwd_fp32": (1, 32)}
+# state tile of NL * BV columns. The top levels ("_top": the top NL of them) run in their own lane,
+# concurrently with the others: one segment of up to every chunk each, so few programs, and narrower
+# tiles give more. The backward holds the state and its gradient, so it takes fewer; float32 operands
+# take smaller tiles (an A100's 164 KB of shared memory; compiled sizes in tests/test_kernel_compile.py)
+# and the same in both lanes. Timings: benchmarks/level_timing.py.
+LEVEL_TILES = {"fwd": (4, 32), "bwd": (2, 64), "fwd_top": (2, 32), "bwd_top": (2, 64),
+               "fwd_fp32": (2, 32), "bwd_fp32": (1, 32)}
+# Pipeline stages of the 16-bit kernels on Hopper (its shared memory holds two of the backward's).
+LEVEL_STAGES = {"fwd": 2, "bwd": 1}
 
 
 def _level_launch(prec: str, major: int, backward: bool) -> dict:
-    """Launch options on a GPU of compute capability ``major``: Hopper's shared memory holds two
-    stages of the forward's 16-bit w, kd, u tiles, not of the backward's (it also loads the state,
-    qw and do) nor of float32 tiles."""
-    return {"num_warps": 8, "num_stages": 2 if prec == "tf32" and major >= 9 and not backward else 1}
+    """Launch options on a GPU of compute capability ``major``: Hopper's shared memory holds more than
+    one stage of the 16-bit tiles (LEVEL_STAGES), not of float32 tiles."""
+    stages = LEVEL_STAGES["bwd" if backward else "fwd"] if prec == "tf32" and major >= 9 else 1
+    return {"num_warps": 8, "num_stages": stages}
 
 
-def _level_groups(n: int, J: int, NL: int):
-    """(first level, top level, segments) of each launch: NL chunk levels at a time, segments of
-    2^(top+1) chunks; groups whose lowest level no chunk reads are left out."""
-    return [(j0, min(j0 + NL, J) - 1, -(-n // (2 << (min(j0 + NL, J) - 1))))
-            for j0 in range(0, J, NL) if n > 1 << j0]
+class _Lane(NamedTuple):
+    """Tiles and level groups (first level, top level, segments of 2^(top+1) chunks) of one lane."""
+
+    BK: int
+    BV: int
+    NL: int
+    NV: int
+    groups: list
 
 
-def _level_tiles(K: int, V: int, which: str, prec: str) -> tuple[int, int, int, int]:
-    """(BK, BV, levels per program, V tiles) for pass ``which`` ("fwd" or "bwd")."""
-    NL, BV = LEVEL_TILES[which if prec == "tf32" else which + "_fp32"]
-    BV = min(BV, max(16, triton.next_power_of_2(V)))
-    return max(16, triton.next_power_of_2(K)), BV, NL, -(-V // BV)
+def _level_lanes(n: int, J: int, K: int, V: int, which: str, prec: str) -> list[_Lane]:
+    """The lanes of pass ``which`` ("fwd" or "bwd") over chunk levels 0..J-1 of n chunks: the levels
+    below the top ones NL at a time, then the top NL levels in one group (each lane left out if empty)."""
+    key = which if prec == "tf32" else which + "_fp32"
+    main, top = LEVEL_TILES[key], LEVEL_TILES[key if prec != "tf32" else which + "_top"]
+    split = max(0, J - top[0])
+    BK = max(16, triton.next_power_of_2(K))
+    lanes = []
+    for lo, hi, (NL, BV) in ((0, split, main), (split, J, top)):
+        BV = min(BV, max(16, triton.next_power_of_2(V)))
+        groups = [(j0, min(j0 + NL, hi) - 1, -(-n // (2 << (min(j0 + NL, hi) - 1)))) for j0 in range(lo, hi, NL)]
+        if groups:
+            lanes.append(_Lane(BK, BV, NL, -(-V // BV), groups))
+    return lanes
 
 
-def _in_lanes(groups, launch, buffers, device: torch.device) -> list:
-    """Runs ``launch(group, bufs)`` for every level group; returns the buffer sets to add up. On CUDA
-    the top group (few programs, each scanning up to all chunks: latency-bound, most of the GPU idle)
-    runs on a side stream into its own ``buffers()``, concurrently with the others, which run in
-    order on the current stream (groups add into the same rows, so no two may share buffers at once)."""
-    bufs = buffers()
-    if device.type != "cuda" or len(groups) < 2:
-        for group in groups:
-            launch(group, bufs)
-        return [bufs]
-    side_bufs = buffers()
+def _in_lanes(lanes: list[_Lane], launch, buffers, device: torch.device) -> list:
+    """Runs ``launch(lane, group, bufs)`` for every group of every lane, each lane into its own
+    ``buffers(lane)`` (groups add into the same rows, so no two may share buffers at once); returns
+    the buffer sets to add up. On CUDA the top lane runs on a side stream, concurrently with the
+    others (its few long scans would leave most of the GPU idle)."""
+    sets = [buffers(lane) for lane in lanes]
+    if device.type != "cuda" or len(lanes) < 2:
+        for lane, bufs in zip(lanes, sets, strict=True):
+            for group in lane.groups:
+                launch(lane, group, bufs)
+        return sets
     main, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
     side.wait_stream(main)  # the inputs and the zeroed buffers
     with torch.cuda.stream(side):
-        launch(groups[-1], side_bufs)
-    for group in groups[:-1]:
-        launch(group, bufs)
+        for group in lanes[1].groups:
+            launch(lanes[1], group, sets[1])
+    for group in lanes[0].groups:
+        launch(lanes[0], group, sets[0])
     main.wait_stream(side)  # before anything reads the side buffers or frees what it used
-    return [bufs, side_bufs]
+    return sets
+
+
+def _added(parts: list[torch.Tensor], partial: bool) -> torch.Tensor:
+    """The lanes' buffers added up in float32 (``partial``: over their V tiles too)."""
+    total = parts[0].sum(0, dtype=torch.float32) if partial else parts[0]
+    for part in parts[1:]:
+        total.add_(part.sum(0, dtype=torch.float32) if partial else part)
+    return total
 
 
 class _LevelReads(torch.autograd.Function):
@@ -346,42 +373,40 @@ class _LevelReads(torch.autograd.Function):
         V, J = u.shape[-1], lam.shape[-1]
         w, u, kd, qw = (x.to(operands).contiguous() for x in (w, u, kd, qw))
         ge, lam = ge.contiguous(), lam.contiguous()
-        BK, BV, NL, NV = _level_tiles(K, V, "fwd", prec)
         opts = _level_launch(prec, _major(w.device), False)
 
-        def launch(group, o):
+        def launch(lane, group, o):
             j0, top, nseg = group
-            _level_fwd[(N * H * nseg, NV)](w, u, kd, ge, qw, lam, o, n, N * H, K, V, J, j0, top, C=C, BK=BK, BV=BV,
-                                           NL=NL, PREC=prec, **opts)
+            _level_fwd[(N * H * nseg, lane.NV)](w, u, kd, ge, qw, lam, o, n, N * H, K, V, J, j0, top, C=C,
+                                                BK=lane.BK, BV=lane.BV, NL=lane.NL, PREC=prec, **opts)
 
-        lanes = _in_lanes(_level_groups(n, J, NL), launch,
-                          lambda: w.new_zeros(N, H, n, C, V, dtype=torch.float32), w.device)
+        sets = _in_lanes(_level_lanes(n, J, K, V, "fwd", prec), launch,
+                         lambda lane: w.new_zeros(N, H, n, C, V, dtype=torch.float32), w.device)
         ctx.save_for_backward(w, u, kd, ge, qw, lam)
         ctx.prec = prec
-        return sum(lanes[1:], lanes[0])
+        return _added(sets, False)
 
     @staticmethod
     def backward(ctx, do):
         w, u, kd, ge, qw, lam = ctx.saved_tensors
         N, H, n, C, K = w.shape
         V, J = u.shape[-1], lam.shape[-1]
-        BK, BV, NL, NV = _level_tiles(K, V, "bwd", ctx.prec)
         opts = _level_launch(ctx.prec, _major(w.device), True)
         do = do.float().contiguous()
 
-        def buffers():  # scratch states (operand type), du, partial dw, dkd, dqw (operand type), dge, dlam
-            return (w.new_empty(N, H, n, K, NV * NL * BV), u.new_zeros(u.shape, dtype=torch.float32),
+        def buffers(lane):  # scratch states, du, partial dw, dkd, dqw (operand type), dge, dlam
+            NV = lane.NV
+            return (w.new_empty(N, H, n, K, NV * lane.NL * lane.BV), u.new_zeros(u.shape, dtype=torch.float32),
                     *(w.new_zeros(NV, N, H, n, C, K) for _ in range(3)),
                     ge.new_zeros(NV, N, H, n), lam.new_zeros(NV, N, H, n, C, J))
 
-        def launch(group, bufs):
+        def launch(lane, group, bufs):
             j0, top, nseg = group
-            _level_bwd[(N * H * nseg, NV)](w, u, kd, ge, qw, lam, do, *bufs, n, N * H, K, V, J, j0, top,
-                                           C=C, BK=BK, BV=BV, NL=NL, PREC=ctx.prec, **opts)
+            _level_bwd[(N * H * nseg, lane.NV)](w, u, kd, ge, qw, lam, do, *bufs, n, N * H, K, V, J, j0, top,
+                                                C=C, BK=lane.BK, BV=lane.BV, NL=lane.NL, PREC=ctx.prec, **opts)
 
-        lanes = _in_lanes(_level_groups(n, J, NL), launch, buffers, w.device)
-        du, dw, dkd, dqw, dge, dlam = (sum(lane[i].sum(0, dtype=torch.float32) if i > 1 else lane[i] for lane in lanes)
-                                       for i in range(1, 7))
+        sets = _in_lanes(_level_lanes(n, J, K, V, "bwd", ctx.prec), launch, buffers, w.device)
+        du, dw, dkd, dqw, dge, dlam = (_added([bufs[i] for bufs in sets], i > 1) for i in range(1, 7))
         return dw, du, dkd, dge, dqw, dlam, None, None
 
 
