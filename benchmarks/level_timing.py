@@ -4,8 +4,9 @@ forward+backward time through the autograd function (both lanes, partial sums ad
 checked against the first configuration, and each lane's kernel time from the profiler (the lower
 levels on the current stream, the top levels on a side stream: the step takes about the longer).
 
-A configuration: forward/backward, each ``main+top@stages`` with a tile ``levels x V columns``,
-e.g. ``4x32+2x32@2/2x64+2x64@1`` (LEVEL_TILES, LEVEL_STAGES). Writes JSON (--json)."""
+A configuration: forward/backward, each ``main+top@stages[wWARPS]`` with a tile ``levels x V
+columns``, e.g. ``4x32+2x32@2/2x64+2x64@1w16`` (LEVEL_TILES, LEVEL_STAGES, LEVEL_WARPS; warps 8 if
+left out). Writes JSON (--json)."""
 
 from __future__ import annotations
 
@@ -53,10 +54,12 @@ def timed(fn, reps: int = 3) -> float:
 
 def configure(cfg: str) -> None:
     for which, part in zip(("fwd", "bwd"), cfg.split("/"), strict=True):
-        tiles, stages = part.split("@")
+        tiles, launch = part.split("@")
         main, top = (tuple(int(a) for a in t.split("x")) for t in tiles.split("+"))
+        stages, _, warps = launch.partition("w")
         tg.LEVEL_TILES.update({which: main, which + "_top": top})
         tg.LEVEL_STAGES[which] = int(stages)
+        tg.LEVEL_WARPS[which] = int(warps or 8)
 
 
 def lane_times(step) -> dict:
@@ -90,7 +93,8 @@ def main():
     out = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                     "date": datetime.date.today().isoformat(), "N": N, "T": args.T, "H": H, "d": d, "C": C,
                     "chunk_levels": J, "dtype": "bfloat16"}, "rows": []}
-    saved_tiles, saved_stages, base = dict(tg.LEVEL_TILES), dict(tg.LEVEL_STAGES), None
+    saved = [(table, dict(table)) for table in (tg.LEVEL_TILES, tg.LEVEL_STAGES, tg.LEVEL_WARPS)]
+    base = None
     for cfg in args.configs.split(","):
         row = {"config": cfg}
         try:
@@ -113,8 +117,8 @@ def main():
         except Exception as err:  # out of shared memory / registers
             row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
         finally:
-            tg.LEVEL_TILES.update(saved_tiles)
-            tg.LEVEL_STAGES.update(saved_stages)
+            for table, values in saved:
+                table.update(values)
         print(json.dumps(row), flush=True)
         out["rows"].append(row)
         if "error" in row and "illegal" in row["error"]:

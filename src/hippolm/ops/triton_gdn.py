@@ -291,15 +291,18 @@ class _Scan(torch.autograd.Function):
 # and the same in both lanes. Timings: benchmarks/level_timing.py.
 LEVEL_TILES = {"fwd": (4, 32), "bwd": (2, 64), "fwd_top": (2, 32), "bwd_top": (2, 64),
                "fwd_fp32": (2, 32), "bwd_fp32": (1, 32)}
-# Pipeline stages of the 16-bit kernels on Hopper (its shared memory holds two of the backward's).
+# Pipeline stages of the 16-bit kernels on Hopper (its shared memory holds two of the backward's; a
+# second made no difference on the H100) and warps per program.
 LEVEL_STAGES = {"fwd": 2, "bwd": 1}
+LEVEL_WARPS = {"fwd": 8, "bwd": 8}
 
 
 def _level_launch(prec: str, major: int, backward: bool) -> dict:
     """Launch options on a GPU of compute capability ``major``: Hopper's shared memory holds more than
     one stage of the 16-bit tiles (LEVEL_STAGES), not of float32 tiles."""
-    stages = LEVEL_STAGES["bwd" if backward else "fwd"] if prec == "tf32" and major >= 9 else 1
-    return {"num_warps": 8, "num_stages": stages}
+    which = "bwd" if backward else "fwd"
+    stages = LEVEL_STAGES[which] if prec == "tf32" and major >= 9 else 1
+    return {"num_warps": LEVEL_WARPS[which], "num_stages": stages}
 
 
 class _Lane(NamedTuple):
