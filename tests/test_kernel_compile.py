@@ -71,3 +71,22 @@ def test_state_scan_kernels_compile_and_fit_shared_memory(which):
     options = {"num_warps": 8, "num_stages": 2}  # _launch's choice for TF32 on Hopper
     kernel = _compile(triton_gdn._scan_fwd if which == "fwd" else triton_gdn._scan_bwd, consts, options, 9, "fp32")
     assert 0 < kernel.metadata.shared <= SHARED[9], kernel.metadata.shared
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 64, 1000, 1024, 1025, 4096])
+def test_level_lanes_cover_every_chunk_level_once(n):
+    """Each chunk level 0..J-1 in exactly one group of one lane, no group wider than its lane's tile,
+    and its segments (of 2^(top+1) chunks) covering all n chunks; the top lane holds the top levels."""
+    from hippolm.ops import triton_gdn
+
+    J = (n - 1).bit_length()
+    for which in ("fwd", "bwd"):
+        for prec in ("tf32", "ieee"):
+            lanes = triton_gdn._level_lanes(n, J, 128, 128, which, prec)
+            levels = [j for lane in lanes for j0, top, _ in lane.groups for j in range(j0, top + 1)]
+            assert sorted(levels) == list(range(J)), (which, prec, lanes)
+            for lane in lanes:
+                assert lane.NV * lane.BV >= 128
+                for j0, top, nseg in lane.groups:
+                    assert top - j0 < lane.NL and nseg * (2 << top) >= n > (nseg - 1) * (2 << top)
+            assert max(top for _, top, _ in lanes[-1].groups) == J - 1
