@@ -18,6 +18,7 @@ import tempfile
 
 import torch
 import triton
+from ops_gpu import cuda_time_ms  # benchmarks/ is on the path when run as a script
 
 from hippolm.ops import triton_gdn as tg
 
@@ -38,18 +39,8 @@ def factors(N: int, H: int, n: int, C: int, d: int, J: int):
     return w, u, kd, ge, qw, lam, do
 
 
-def timed(fn, reps: int = 3) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+def timed(fn) -> float:
+    return cuda_time_ms(fn, warmup=1, repeats=3)
 
 
 def configure(cfg: str) -> None:
