@@ -39,7 +39,7 @@ def shared_memory() -> list[dict]:
                     k = _compile(triton_gdn._level_fwd if which == "fwd" else triton_gdn._level_bwd,
                                  {"C": 64, "BK": 128, "BV": BV, "NL": NL, "PREC": prec},
                                  triton_gdn._level_launch(prec, major, which == "bwd"), major, row["operands"],
-                                 ("w_ptr", "u_ptr", "kd_ptr", "qw_ptr", "hs_ptr"))
+                                 ("w_ptr", "u_ptr", "kd_ptr", "qw_ptr", "hs_ptr", "dw_ptr", "dkd_ptr", "dqw_ptr"))
                     row["shared_bytes"] = k.metadata.shared
                 except Exception as err:
                     row["error"] = f"{type(err).__name__}: {str(err)[-200:]}"

@@ -70,10 +70,10 @@ def main() -> None:
             row["seconds"] = round(time.time() - t0, 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "date": datetime.date.today().isoformat(), "rows": rows}
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+            if args.json:  # after every case: a run cut short by its time limit keeps what it measured
+                result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                          "date": datetime.date.today().isoformat(), "rows": rows}
+                Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
