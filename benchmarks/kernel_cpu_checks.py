@@ -5,9 +5,12 @@
   options the host picks;
 * the bf16 dg error of log-linear Mamba-2 at T = 3000 under Triton's CPU interpreter, against the
   float64 reference of the rounded inputs, for the per-position prefix/suffix sum and for the
-  suffix sum alone (the case of tests/test_kernels.py::test_loglinear_ssd_bf16_dg_on_a_long_sequence).
+  suffix sum alone (the case of tests/test_kernels.py::test_loglinear_ssd_bf16_dg_on_a_long_sequence);
+* the gradient errors of log-linear Gated DeltaNet with bf16 inputs under the interpreter, with the
+  backward's partial sums in bf16 or float32 (the default: triton_gdn.LEVEL_PARTIALS).
 
-Run: python benchmarks/kernel_cpu_checks.py --json benchmarks/results/kernel_cpu_checks.json (~2 min).
+Run: python benchmarks/kernel_cpu_checks.py --json benchmarks/results/kernel_cpu_checks.json
+(--parts to run some; the JSON keeps the others).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def shared_memory() -> list[dict]:
                     k = _compile(triton_gdn._level_fwd if which == "fwd" else triton_gdn._level_bwd,
                                  {"C": 64, "BK": 128, "BV": BV, "NL": NL, "PREC": prec},
                                  triton_gdn._level_launch(prec, major, which == "bwd"), major, row["operands"],
-                                 ("w_ptr", "u_ptr", "kd_ptr", "qw_ptr", "hs_ptr", "dw_ptr", "dkd_ptr", "dqw_ptr"))
+                                 ("w_ptr", "u_ptr", "kd_ptr", "qw_ptr", "hs_ptr"))
                     row["shared_bytes"] = k.metadata.shared
                 except Exception as err:
                     row["error"] = f"{type(err).__name__}: {str(err)[-200:]}"
@@ -75,23 +78,65 @@ print(json.dumps(out))
 '''
 
 
-def dg_interpreter() -> dict:
+# Log-linear GDN backward with bf16 inputs under the interpreter's bf16: gradient errors against the
+# float64 reference of the rounded inputs with the partial dw, dkd, dqw in bf16 (rounded once per
+# group) or float32, one level per group (the most roundings: 7 chunk levels, 6 in the lower lane).
+PARTIALS_CASE = r'''
+import json, sys, torch
+sys.path.insert(0, "tests")
+from conftest import make_inputs
+from hippolm import ops
+from hippolm.ops import triton_gdn
+T, C = 2048, 16
+xs = make_inputs("gated_delta_rule", 1, T, 2, 32, 32, seed=7)
+gen = torch.Generator().manual_seed(3)
+xs.append(torch.rand(1, T, 2, ops.num_levels(T), generator=gen, dtype=torch.float64) + 0.25)
+xs = [x.to(torch.bfloat16).double() if i < 3 else x for i, x in enumerate(xs)]
+w = torch.randn(1, T, 2, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+triton_gdn.LEVEL_TILES.update(bwd=(1, 16), bwd_top=(1, 16))
+def grads(leaves, backend):
+    o, _ = ops.loglinear_gated_delta_rule(*leaves, backend=backend, chunk_size=C)
+    return torch.autograd.grad((o.double() * w).sum(), leaves)
+want = grads([x.clone().requires_grad_() for x in xs], "torch")
+def err(a, b): return ((a.double() - b).norm() / b.norm()).item()
+out = {}
+for name, table in (("bf16_partials", {torch.bfloat16: torch.bfloat16}), ("float32_partials", {})):
+    triton_gdn.LEVEL_PARTIALS = table
+    got = grads([x.to(torch.bfloat16 if i < 3 else torch.float32).requires_grad_() for i, x in enumerate(xs)],
+                "triton")
+    out[name] = {n: err(a, b) for n, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), got, want, strict=True)}
+print(json.dumps(out))
+'''
+
+
+def interpreted(case: str) -> dict:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT / "src"))
-    run = subprocess.run([sys.executable, "-c", DG_CASE], env=env, capture_output=True, text=True, check=True)
+    run = subprocess.run([sys.executable, "-c", case], env=env, capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=None, help="updated in place: the parts not run keep their results")
+    ap.add_argument("--parts", default="shared,dg,partials",
+                    help="comma list of: shared (level-kernel shared memory), dg (log-linear SSD bf16 dg), "
+                         "partials (log-linear GDN bf16 partial sums)")
     args = ap.parse_args()
     import torch
     import triton
 
-    out = {"meta": {"device": "cpu (no GPU: compiled for sm_90/sm_80, interpreter)", "torch": torch.__version__,
-                    "triton": triton.__version__, "date": datetime.date.today().isoformat()},
-           "level_kernel_shared_memory": shared_memory(), "loglinear_ssd_bf16_dg_T3000_interpreter": dg_interpreter()}
-    print(json.dumps(out["loglinear_ssd_bf16_dg_T3000_interpreter"]))
+    parts = args.parts.split(",")
+    out = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).exists() else {}
+    out["meta"] = {"device": "cpu (no GPU: compiled for sm_90/sm_80, interpreter)", "torch": torch.__version__,
+                   "triton": triton.__version__, "date": datetime.date.today().isoformat(), "parts_run": parts}
+    if "shared" in parts:
+        out["level_kernel_shared_memory"] = shared_memory()
+    if "dg" in parts:
+        out["loglinear_ssd_bf16_dg_T3000_interpreter"] = interpreted(DG_CASE)
+        print(json.dumps(out["loglinear_ssd_bf16_dg_T3000_interpreter"]))
+    if "partials" in parts:
+        out["loglinear_gdn_bf16_partials_interpreter"] = interpreted(PARTIALS_CASE)
+        print(json.dumps(out["loglinear_gdn_bf16_partials_interpreter"]))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
 

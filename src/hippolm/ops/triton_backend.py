@@ -7,6 +7,7 @@ On CPU the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1``, 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import itertools
@@ -252,20 +253,25 @@ def _final_slots_from(k, v, g, p: int, slots_old, L: int) -> torch.Tensor:
     return new
 
 
-def _outside_autocast(fn):
-    """Run ``fn`` with autocast off: its torch parts (WY transform, decays, level sums) are float32 by
+def _kernel_entry(fn):
+    """Run ``fn`` (torch parts + our Triton launches) with autocast off, on q's GPU, outside
+    torch.compile graphs. Autocast: the torch parts (WY transform, decays, level sums) are float32 by
     design, and under autocast their matmuls would come out bf16 and meet float32 states inside the
-    kernels (``tl.dot`` refuses mixed operands). Inputs keep their dtypes; outputs match them."""
+    kernels (``tl.dot`` refuses mixed operands); inputs keep their dtypes, outputs match them. Device:
+    Triton launches on the current device, whatever the tensors' (autograd sets it for the backward).
+    Graphs: the launches and the log-linear GDN side stream stay out, as FLA's entry points do."""
 
+    @torch.compiler.disable
     @functools.wraps(fn)
     def run(q, *args, **kwargs):
-        with torch.autocast(q.device.type, enabled=False):
+        device = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
+        with device, torch.autocast(q.device.type, enabled=False):
             return fn(q, *args, **kwargs)
 
     return run
 
 
-@_outside_autocast
+@_kernel_entry
 def run_loglinear_ssd(q, k, v, g, lam, scale: float, output_final_state: bool, cu_seqlens, chunk_size: int,
                       initial_state=None):
     """Log-linear Mamba-2 on the Triton kernels.
@@ -312,7 +318,7 @@ def plan_linear_ssd(q: torch.Tensor, v: torch.Tensor, tensors: list[torch.Tensor
     return _kernels_take(q, v)
 
 
-@_outside_autocast
+@_kernel_entry
 def run_linear_ssd(q, k, v, g, scale: float, output_final_state: bool, cu_seqlens, chunk_size: int,
                    initial_state=None):
     """Linear SSD as log-linear SSD with every level weighted 1 (exact: the collapse identity);
@@ -353,7 +359,7 @@ def plan_delta(op: str, q: torch.Tensor, v: torch.Tensor, tensors: list[torch.Te
     return _kernels_take(q, v)
 
 
-@_outside_autocast
+@_kernel_entry
 def run_delta(q, k, v, g, beta, scale: float, initial_state, output_final_state: bool, cu_seqlens,
               chunk_size: int):
     """(Gated) DeltaNet: chunk-parallel WY parts in torch, the inter-chunk state scan in Triton."""
@@ -365,10 +371,10 @@ def run_delta(q, k, v, g, beta, scale: float, initial_state, output_final_state:
                                        chunk_size)
 
 
-@_outside_autocast
+@_kernel_entry
 def run_loglinear_delta(q, k, v, g, beta, lam, scale: float, output_final_state: bool, cu_seqlens,
                         chunk_size: int):
-    """Log-linear Gated DeltaNet from position 0: torch chunk parts + one Triton state scan per level."""
+    """Log-linear Gated DeltaNet from position 0: torch chunk parts + the Triton level kernels."""
     if interpreting():
         _patch_interpreter()
     from . import triton_gdn

@@ -101,7 +101,7 @@ def _scan_bwd(w_ptr, kd_ptr, ge_ptr, h_ptr, vn_ptr, dh_ptr, dvn_ptr, dst_ptr,
 
 
 @triton.jit
-def _group(n, NBH, J, j0, top, V, BV: tl.constexpr, NL: tl.constexpr):
+def _group(n, NBH, j0, top, V, BV: tl.constexpr, NL: tl.constexpr):
     """This program's part of a group of chunk levels j0..j0+NL-1 (program axis 0 = segment * NBH +
     sequence-head, axis 1 = V tile): sequence-head, first and end chunk of its segment of 2^(top+1)
     chunks (top: the group's highest level), and per column of its [K, NL * BV] state tile (level l's
@@ -141,7 +141,7 @@ def _level_fwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, o_ptr, n, NBH, K, 
     chunks; a chunk with bit j clear writes into it, one with bit j set reads ``lam_j * (qw_i S_i)``
     (added into o: one launch per group, so no two programs touch the same rows) and only evolves it.
     The levels share every load of w, kd and qw, and one dot serves them all."""
-    bh, s, e, jl, vcol, live = _group(n, NBH, J, j0, top, V, BV, NL)
+    bh, s, e, jl, vcol, live = _group(n, NBH, j0, top, V, BV, NL)
     _, _, tile_ck, mck, tile_cv, mcv, _, _ = _tiles(K, V, C, BK, BV)
     cc = tl.arange(0, C)
     tile_cw = cc[:, None] * V + vcol[None, :]  # u's columns, repeated for every level
@@ -150,7 +150,7 @@ def _level_fwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, o_ptr, n, NBH, K, 
         base = bh * n + i
         S = tl.where(((i & ((2 << jl) - 1)) == 0)[None, :], 0.0, S)
         reads = ((i >> jl) & 1) == 1
-        if ((i >> j0) & ((1 << NL) - 1)) != 0:  # some level of the group reads chunk i
+        if ((i >> j0) & ((2 << (top - j0)) - 1)) != 0:  # some level of the group reads chunk i
             qw = tl.load(qw_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
             lam = tl.load(lam_ptr + (base * C + cc)[:, None] * J + jl[None, :], mask=(reads & live)[None, :], other=0)
             r = lam * tl.dot(qw, S.to(qw.dtype), input_precision=PREC)
@@ -169,7 +169,7 @@ def _level_bwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr,
     the group's share to du and to this V tile's partial dw, dkd, dqw, dge, and stores its dlam
     columns. No transposed dot result feeds a dot (what Triton 3.4-3.7.0 miscompiles on Hopper, FLA
     #640): dkd is accumulated transposed, dkd^T = dS vn^T, with vn^T built from loaded tiles."""
-    bh, s, e, jl, vcol, live = _group(n, NBH, J, j0, top, V, BV, NL)
+    bh, s, e, jl, vcol, live = _group(n, NBH, j0, top, V, BV, NL)
     _, _, tile_ck, mck, tile_cv, mcv, tile_kc, mkc = _tiles(K, V, C, BK, BV)
     kk = tl.arange(0, BK)
     cc = tl.arange(0, C)
@@ -212,7 +212,7 @@ def _level_bwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr,
         dgeptr = dge_ptr + pbase
         tl.store(dgeptr, tl.load(dgeptr) + tl.sum(tl.sum(dS * Sh.to(tl.float32), axis=1), axis=0))
         dS = tl.load(ge_ptr + base) * dS - tl.dot(tl.trans(w), dvn.to(dt), input_precision=PREC)
-        if ((i >> j0) & ((1 << NL) - 1)) != 0:  # some level reads: o_i += sum_j lam_j * (qw_i S_i^(j))
+        if ((i >> j0) & ((2 << (top - j0)) - 1)) != 0:  # some level reads: o_i += sum_j lam_j * (qw_i S_i^(j))
             qw = tl.load(qw_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
             rmask = (reads & live)[None, :]
             lam = tl.load(lam_ptr + (base * C + cc)[:, None] * J + jl[None, :], mask=rmask, other=0)
@@ -295,6 +295,12 @@ LEVEL_TILES = {"fwd": (4, 32), "bwd": (2, 64), "fwd_top": (2, 32), "bwd_top": (2
 # second made no difference on the H100) and warps per program.
 LEVEL_STAGES = {"fwd": 2, "bwd": 1}
 LEVEL_WARPS = {"fwd": 8, "bwd": 8}
+# Type of the backward's partial dw, dkd, dqw per operand type, float32 where not listed. bf16 halves
+# the backward's largest traffic (its H100 gain not measured on its own: it came with the side lane,
+# 85 -> 60 ms for the level kernels at 64k) but doubles the gradient errors (interpreter, bf16
+# inputs, 6 groups: dk 0.55% -> 1.19%, dg 0.70% -> 1.37%; benchmarks/kernel_cpu_checks.py), and
+# float16's range is too small.
+LEVEL_PARTIALS: dict[torch.dtype, torch.dtype] = {}
 
 
 def _level_launch(prec: str, major: int, backward: bool) -> dict:
@@ -331,6 +337,10 @@ def _level_lanes(n: int, J: int, K: int, V: int, which: str, prec: str) -> list[
     return lanes
 
 
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}  # one per GPU (a fresh one per call could be
+# any stream of PyTorch's pool, e.g. one that DDP's all-reduce holds)
+
+
 def _in_lanes(lanes: list[_Lane], launch, buffers, device: torch.device) -> list:
     """Runs ``launch(lane, group, bufs)`` for every group of every lane, each lane into its own
     ``buffers(lane)`` (groups add into the same rows, so no two may share buffers at once); returns
@@ -342,14 +352,17 @@ def _in_lanes(lanes: list[_Lane], launch, buffers, device: torch.device) -> list
             for group in lane.groups:
                 launch(lane, group, bufs)
         return sets
-    main, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+    main = torch.cuda.current_stream(device)
+    side = _SIDE_STREAMS.setdefault(device, torch.cuda.Stream(device))
     side.wait_stream(main)  # the inputs and the zeroed buffers
-    with torch.cuda.stream(side):
-        for group in lanes[1].groups:
-            launch(lanes[1], group, sets[1])
-    for group in lanes[0].groups:
-        launch(lanes[0], group, sets[0])
-    main.wait_stream(side)  # before anything reads the side buffers or frees what it used
+    try:
+        with torch.cuda.stream(side):
+            for group in lanes[1].groups:
+                launch(lanes[1], group, sets[1])
+        for group in lanes[0].groups:
+            launch(lanes[0], group, sets[0])
+    finally:  # also on a failed launch: nothing the side stream uses may be freed before it is done
+        main.wait_stream(side)
     return sets
 
 
@@ -366,9 +379,8 @@ class _LevelReads(torch.autograd.Function):
     ge [N, H, n], lam [N, H, n, C, J]: the weight of chunk level j) -> o [N, H, n, C, V] (float32).
     ``operands``: the type w, u, kd, qw and the saved states take in the kernels (16-bit for 16-bit
     inputs, as FLA's chunk kernels: half the bytes and full-rate tensor cores; the states and
-    in-kernel sums stay float32). The backward's partial sums of dw, dkd, dqw over the groups and V
-    tiles (its largest traffic: read and written by every group) are kept in the operand type too;
-    they are added up in float32."""
+    in-kernel sums stay float32). The backward's partial sums of dw, dkd and dqw over a lane's groups
+    and V tiles stay float32 (LEVEL_PARTIALS)."""
 
     @staticmethod
     def forward(ctx, w, u, kd, ge, qw, lam, prec: str, operands: torch.dtype):
@@ -397,11 +409,13 @@ class _LevelReads(torch.autograd.Function):
         opts = _level_launch(ctx.prec, _major(w.device), True)
         do = do.float().contiguous()
 
-        def buffers(lane):  # scratch states, du, partial dw, dkd, dqw (operand type), dge, dlam
+        partials = LEVEL_PARTIALS.get(w.dtype, torch.float32)
+
+        def buffers(lane):  # scratch states (operand type), du, partial dw, dkd, dqw, dge, dlam
             NV = lane.NV
-            return (w.new_empty(N, H, n, K, NV * lane.NL * lane.BV), u.new_zeros(u.shape, dtype=torch.float32),
-                    *(w.new_zeros(NV, N, H, n, C, K) for _ in range(3)),
-                    ge.new_zeros(NV, N, H, n), lam.new_zeros(NV, N, H, n, C, J))
+            return [w.new_empty(N, H, n, K, NV * lane.NL * lane.BV), u.new_zeros(u.shape, dtype=torch.float32),
+                    *(w.new_zeros(NV, N, H, n, C, K, dtype=partials) for _ in range(3)),
+                    ge.new_zeros(NV, N, H, n), lam.new_zeros(NV, N, H, n, C, J)]
 
         def launch(lane, group, bufs):
             j0, top, nseg = group
@@ -409,6 +423,8 @@ class _LevelReads(torch.autograd.Function):
                                                 C=C, BK=lane.BK, BV=lane.BV, NL=lane.NL, PREC=ctx.prec, **opts)
 
         sets = _in_lanes(_level_lanes(n, J, K, V, "bwd", ctx.prec), launch, buffers, w.device)
+        for bufs in sets:
+            bufs[0] = None  # the scratch, before the sums allocate
         du, dw, dkd, dqw, dge, dlam = (_added([bufs[i] for bufs in sets], i > 1) for i in range(1, 7))
         return dw, du, dkd, dge, dqw, dlam, None, None
 
