@@ -5,7 +5,7 @@
 # budget a little shorter so it ends cleanly. Results and logs go to $OUT (default /tmp/out):
 #   kernels_<gpu>.json (copy to benchmarks/results/), test_kernels_cuda.log, kernels_<gpu>.log.
 # TEST_K: a pytest -k expression selecting some of the tests.
-# Usage: bash benchmarks/kernels_gpu.sh [what: tests|bench|errors|all, or a comma list like errors,tests]
+# Usage: bash benchmarks/kernels_gpu.sh [what: tests|bench|errors|level|all, or a comma list like errors,tests]
 #        [extra benchmark args, e.g. --quick]
 # errors: benchmarks/kernel_errors.py (every error per output/gradient and per chunk, <= ERR_TIMEOUT s)
 #   to kernel_errors_<gpu>.json; run it first: the tests then reuse its compiled kernels.
@@ -35,6 +35,11 @@ if has tests; then
     --durations=5 -rA 2>&1 \
     | tee "$OUT/test_kernels_cuda.log" | tail -30
   echo "tests took $(( $(date +%s) - t0 )) s"
+fi
+if [[ ",$what," == *",level,"* ]]; then  # not in 'all'. level_timing.py: log-linear GDN level kernels
+  # per configuration (LEVEL_ARGS: its options, e.g. "--dtype float32 --configs default")
+  timeout ${LEVEL_TIMEOUT:-200} python3 benchmarks/level_timing.py ${LEVEL_ARGS:-} --json "$OUT/level_timing_$dev.json" 2>&1 \
+    | grep -v "^ \|Warn" | cut -c1-900
 fi
 if has bench; then
   timeout ${BENCH_TIMEOUT:-320} python3 benchmarks/kernel_bench.py --budget ${BENCH_BUDGET:-280} "$@" \

@@ -1,12 +1,13 @@
 """Log-linear Gated DeltaNet level kernels (hippolm.ops.triton_gdn._LevelReads) per configuration, on
-random bf16 chunk factors of one training step (B=1, T=65536, H=16, d=128, chunk 64): forward and
+random bf16 (or --dtype float32) chunk factors of one training step (B=1, T=65536, H=16, d=128, chunk 64): forward and
 forward+backward time through the autograd function (both lanes, partial sums added up), results
 checked against the first configuration, and each lane's kernel time from the profiler (the lower
 levels on the current stream, the top levels on a side stream: the step takes about the longer).
 
 A configuration: forward/backward, each ``main+top@stages[wWARPS]`` with a tile ``levels x V
 columns``, e.g. ``4x32+2x32@2/2x64+2x64@1w16`` (LEVEL_TILES, LEVEL_STAGES, LEVEL_WARPS; warps 8 if
-left out). Writes JSON (--json)."""
+left out), or ``default`` (the tables as they are: the only choice with --dtype float32, whose
+tiles are LEVEL_TILES' *_fp32). Writes JSON (--json)."""
 
 from __future__ import annotations
 
@@ -25,11 +26,11 @@ from hippolm.ops import triton_gdn as tg
 DEFAULT = "4x32+2x32@2/2x64+2x64@1"
 
 
-def factors(N: int, H: int, n: int, C: int, d: int, J: int):
+def factors(N: int, H: int, n: int, C: int, d: int, J: int, dtype: torch.dtype):
     gen = torch.Generator(device="cuda").manual_seed(0)
 
     def r(*s, scale=1.0):
-        return (torch.randn(*s, device="cuda", generator=gen) * scale).bfloat16()
+        return (torch.randn(*s, device="cuda", generator=gen) * scale).to(dtype)
 
     w, kd, qw = (r(N, H, n, C, d, scale=d**-0.5) for _ in range(3))
     u = r(N, H, n, C, d)
@@ -44,6 +45,8 @@ def timed(fn) -> float:
 
 
 def configure(cfg: str) -> None:
+    if cfg == "default":
+        return
     for which, part in zip(("fwd", "bwd"), cfg.split("/"), strict=True):
         tiles, launch = part.split("@")
         main, top = (tuple(int(a) for a in t.split("x")) for t in tiles.split("+"))
@@ -75,15 +78,18 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--T", type=int, default=65536)
     ap.add_argument("--configs", default=f"{DEFAULT},4x32+2x32@2/2x64+2x64@2,4x32+2x32@2/2x64+2x32@1")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    prec = "tf32" if dtype == torch.bfloat16 else "ieee"
     N, H, C, d = 1, 16, 64, 128
     n = args.T // C
     J = (n - 1).bit_length()
-    w, u, kd, ge, qw, lam, do = factors(N, H, n, C, d, J)
+    w, u, kd, ge, qw, lam, do = factors(N, H, n, C, d, J, dtype)
     out = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                     "date": datetime.date.today().isoformat(), "N": N, "T": args.T, "H": H, "d": d, "C": C,
-                    "chunk_levels": J, "dtype": "bfloat16"}, "rows": []}
+                    "chunk_levels": J, "dtype": args.dtype}, "rows": []}
     saved = [(table, dict(table)) for table in (tg.LEVEL_TILES, tg.LEVEL_STAGES, tg.LEVEL_WARPS)]
     base = None
     for cfg in args.configs.split(","):
@@ -93,7 +99,7 @@ def main():
             leaves = [t.detach().requires_grad_() for t in (w, u, kd, ge, qw, lam)]
 
             def fwd(leaves=leaves):
-                return tg._LevelReads.apply(*leaves, "tf32", torch.bfloat16)
+                return tg._LevelReads.apply(*leaves, prec, dtype)
 
             def step(leaves=leaves):
                 return torch.autograd.grad(fwd(leaves), leaves, do)
