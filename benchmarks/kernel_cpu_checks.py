@@ -127,8 +127,10 @@ def main() -> None:
 
     parts = args.parts.split(",")
     out = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).exists() else {}
+    runs = out.get("meta", {}).get("parts", {})  # part -> date it was last run
+    runs.update(dict.fromkeys(parts, datetime.date.today().isoformat()))
     out["meta"] = {"device": "cpu (no GPU: compiled for sm_90/sm_80, interpreter)", "torch": torch.__version__,
-                   "triton": triton.__version__, "date": datetime.date.today().isoformat(), "parts_run": parts}
+                   "triton": triton.__version__, "parts": runs}
     if "shared" in parts:
         out["level_kernel_shared_memory"] = shared_memory()
     if "dg" in parts:
