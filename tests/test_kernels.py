@@ -387,6 +387,36 @@ def test_loglinear_gated_delta_rule_level_groups(fwd, bwd, device, monkeypatch):
         assert rel_err(a, b) < 1e-4
 
 
+@pytest.mark.skipif(CUDA, reason="interpreter only (CUDA runs the default tiles)")
+def test_loglinear_gated_delta_rule_lanes_with_their_own_tiles(device, monkeypatch):
+    """16-bit inputs: the lower-level and top-level lanes with different tiles (levels per program,
+    V columns), each lane into its own buffers, added up == the float64 reference of the rounded
+    inputs at bf16 tolerance (a level left out or counted twice is off by far more)."""
+    from conftest import make_inputs
+
+    from hippolm.ops import triton_gdn
+
+    for key, tile in {"fwd": (2, 16), "fwd_top": (1, 32), "bwd": (1, 16), "bwd_top": (2, 32)}.items():
+        monkeypatch.setitem(triton_gdn.LEVEL_TILES, key, tile)
+    T, C = 600, 16  # 38 chunks: chunk levels 0..5; the top lane gets 1 (forward) or 2 (backward)
+    xs = make_inputs("gated_delta_rule", 1, T, 1, 8, 32, seed=9)
+    xs = [x.to(torch.bfloat16).double() if i < 3 else x for i, x in enumerate(xs)]
+    xs.append(torch.rand(1, T, 1, ops.num_levels(T), generator=torch.Generator().manual_seed(3),
+                         dtype=torch.float64) + 0.25)
+    w = torch.randn(1, T, 1, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+    def run(leaves, backend):
+        o, _ = ops.loglinear_gated_delta_rule(*leaves, backend=backend, chunk_size=C)
+        return o, torch.autograd.grad((o.double() * w).sum(), leaves)
+
+    o_ref, g_ref = run([x.clone().requires_grad_() for x in xs], "torch")
+    o, grads = run([x.to(torch.bfloat16 if i < 3 else torch.float32).requires_grad_() for i, x in enumerate(xs)],
+                   "triton")
+    assert rel_err(o, o_ref) < 2e-2
+    for a, b in zip(grads, g_ref, strict=True):
+        assert rel_err(a, b) < 2e-2
+
+
 @pytest.mark.parametrize("op", ["gated_delta_rule", "loglinear_gated_delta_rule", "loglinear_ssd"])
 def test_kernels_under_autocast_keep_float32_math(op, device):
     """Training runs under bf16 autocast: the kernels' torch parts must stay float32 (else bf16
