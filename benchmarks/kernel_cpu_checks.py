@@ -52,28 +52,18 @@ def shared_memory() -> list[dict]:
 
 
 DG_CASE = r'''
-import json, torch
-from hippolm import ops
+import json, sys
+sys.path.insert(0, "tests")
+from test_kernels import _bf16_dg_long_case
 from hippolm.ops import triton_loglinear as tl_
-T, H, D = 3000, 2, 16
-gen = torch.Generator().manual_seed(0)
-q, k, v = (torch.randn(1, T, H, D, generator=gen, dtype=torch.float64) for _ in range(3))
-k = torch.nn.functional.normalize(k, dim=-1)
-g = torch.nn.functional.logsigmoid(torch.randn(1, T, H, generator=gen, dtype=torch.float64) + 3)
-lam = torch.rand(1, T, H, ops.num_levels(T), generator=gen, dtype=torch.float64) + 0.25
-w = torch.randn(1, T, H, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-def dg(leaves, backend):
-    o, _ = ops.loglinear_ssd(*leaves, backend=backend, chunk_size=64)
-    return torch.autograd.grad((o.double() * w).sum(), leaves[3])[0]
-want = dg([*(x.to(torch.bfloat16).double() for x in (q, k, v)), g.clone().requires_grad_(), lam], "torch")
+want, got = _bf16_dg_long_case()
 def err(a, b): return ((a.double() - b).norm() / b.norm()).item()
 out = {}
 for name in ("prefix_or_suffix", "suffix_only"):
     if name == "suffix_only":
         tl_._dg_from_dgc = lambda dgc: dgc.double().flip(-1).cumsum(-1).flip(-1)
-    got = dg([*(x.to(torch.bfloat16).requires_grad_() for x in (q, k, v)), g.float().requires_grad_(),
-              lam.float()], "triton")
-    out[name] = {"dg_rel_err": err(got, want), "dg_rel_err_chunk0": err(got[:, :64], want[:, :64])}
+    dg = got()
+    out[name] = {"dg_rel_err": err(dg, want), "dg_rel_err_chunk0": err(dg[:, :64], want[:, :64])}
 print(json.dumps(out))
 '''
 
@@ -84,26 +74,17 @@ print(json.dumps(out))
 PARTIALS_CASE = r'''
 import json, sys, torch
 sys.path.insert(0, "tests")
-from conftest import make_inputs
-from hippolm import ops
+from test_kernels import _level_case
 from hippolm.ops import triton_gdn
-T, C = 2048, 16
-xs = make_inputs("gated_delta_rule", 1, T, 2, 32, 32, seed=7)
-gen = torch.Generator().manual_seed(3)
-xs.append(torch.rand(1, T, 2, ops.num_levels(T), generator=gen, dtype=torch.float64) + 0.25)
-xs = [x.to(torch.bfloat16).double() if i < 3 else x for i, x in enumerate(xs)]
-w = torch.randn(1, T, 2, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+xs, run = _level_case(2048, seed=7, bf16=True, H=2, K=32)
 triton_gdn.LEVEL_TILES.update(bwd=(1, 16), bwd_top=(1, 16))
-def grads(leaves, backend):
-    o, _ = ops.loglinear_gated_delta_rule(*leaves, backend=backend, chunk_size=C)
-    return torch.autograd.grad((o.double() * w).sum(), leaves)
-want = grads([x.clone().requires_grad_() for x in xs], "torch")
+want = run([x.clone().requires_grad_() for x in xs], "torch")[1]
 def err(a, b): return ((a.double() - b).norm() / b.norm()).item()
 out = {}
 for name, table in (("bf16_partials", {torch.bfloat16: torch.bfloat16}), ("float32_partials", {})):
     triton_gdn.LEVEL_PARTIALS = table
-    got = grads([x.to(torch.bfloat16 if i < 3 else torch.float32).requires_grad_() for i, x in enumerate(xs)],
-                "triton")
+    got = run([x.to(torch.bfloat16 if i < 3 else torch.float32).requires_grad_() for i, x in enumerate(xs)],
+              "triton")[1]
     out[name] = {n: err(a, b) for n, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), got, want, strict=True)}
 print(json.dumps(out))
 '''
