@@ -6,8 +6,9 @@
 * the bf16 dg error of log-linear Mamba-2 at T = 3000 under Triton's CPU interpreter, against the
   float64 reference of the rounded inputs, for the per-position prefix/suffix sum and for the
   suffix sum alone (the case of tests/test_kernels.py::test_loglinear_ssd_bf16_dg_on_a_long_sequence);
-* the gradient errors of log-linear Gated DeltaNet with bf16 inputs under the interpreter, with the
-  backward's partial sums in bf16 or float32 (the default: triton_gdn.LEVEL_PARTIALS).
+* the gradient errors of log-linear Gated DeltaNet with bf16 inputs under the interpreter (16-bit
+  chunk matmuls, states and state gradients saved in bf16 between the backward's scans and its
+  gradient kernel).
 
 Run: python benchmarks/kernel_cpu_checks.py --json benchmarks/results/kernel_cpu_checks.json
 (--parts to run some; the JSON keeps the others).
@@ -69,9 +70,8 @@ print(json.dumps(out))
 
 
 # Log-linear GDN backward with bf16 inputs under the interpreter's bf16: gradient errors against the
-# float64 reference of the rounded inputs with the partial dw, dkd, dqw in bf16 (rounded once per
-# group) or float32, one level per group (the most roundings: 7 chunk levels, 6 in the lower lane).
-PARTIALS_CASE = r'''
+# float64 reference of the rounded inputs, one level per group (7 chunk levels, 6 in the lower lane).
+GRADS_CASE = r'''
 import json, sys, torch
 sys.path.insert(0, "tests")
 from test_kernels import _level_case
@@ -80,13 +80,8 @@ xs, run = _level_case(2048, seed=7, bf16=True, H=2, K=32)
 triton_gdn.LEVEL_TILES.update(bwd=(1, 16), bwd_top=(1, 16))
 want = run([x.clone().requires_grad_() for x in xs], "torch")[1]
 def err(a, b): return ((a.double() - b).norm() / b.norm()).item()
-out = {}
-for name, table in (("bf16_partials", {torch.bfloat16: torch.bfloat16}), ("float32_partials", {})):
-    triton_gdn.LEVEL_PARTIALS = table
-    got = run([x.to(torch.bfloat16 if i < 3 else torch.float32).requires_grad_() for i, x in enumerate(xs)],
-              "triton")[1]
-    out[name] = {n: err(a, b) for n, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), got, want, strict=True)}
-print(json.dumps(out))
+got = run([x.to(torch.bfloat16 if i < 3 else torch.float32).requires_grad_() for i, x in enumerate(xs)], "triton")[1]
+print(json.dumps({n: err(a, b) for n, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dlam"), got, want, strict=True)}))
 '''
 
 
@@ -99,9 +94,9 @@ def interpreted(case: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--json", default=None, help="updated in place: the parts not run keep their results")
-    ap.add_argument("--parts", default="shared,dg,partials",
+    ap.add_argument("--parts", default="shared,dg,grads",
                     help="comma list of: shared (level-kernel shared memory), dg (log-linear SSD bf16 dg), "
-                         "partials (log-linear GDN bf16 partial sums)")
+                         "grads (log-linear GDN bf16 gradient errors)")
     args = ap.parse_args()
     import torch
     import triton
@@ -117,9 +112,9 @@ def main() -> None:
     if "dg" in parts:
         out["loglinear_ssd_bf16_dg_T3000_interpreter"] = interpreted(DG_CASE)
         print(json.dumps(out["loglinear_ssd_bf16_dg_T3000_interpreter"]))
-    if "partials" in parts:
-        out["loglinear_gdn_bf16_partials_interpreter"] = interpreted(PARTIALS_CASE)
-        print(json.dumps(out["loglinear_gdn_bf16_partials_interpreter"]))
+    if "grads" in parts:
+        out["loglinear_gdn_bf16_grads_interpreter"] = interpreted(GRADS_CASE)
+        print(json.dumps(out["loglinear_gdn_bf16_grads_interpreter"]))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
 

@@ -1,6 +1,6 @@
 """Log-linear Gated DeltaNet level kernels (hippolm.ops.triton_gdn._LevelReads) per configuration, on
 random bf16 (or --dtype float32) chunk factors of one training step (B=1, T=65536, H=16, d=128, chunk 64): forward and
-forward+backward time through the autograd function (both lanes, partial sums added up), results
+forward+backward time through the autograd function (both lanes, their outputs added up), results
 checked against the first configuration, and each lane's kernel time from the profiler (the lower
 levels on the current stream, the top levels on a side stream: the step takes about the longer).
 

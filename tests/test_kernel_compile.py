@@ -20,6 +20,8 @@ pytestmark = [
 
 # Shared memory per block (bytes): H100, A100.
 SHARED = {9: 232448, 8: 166912}
+# Pointers of the level kernels in the operand type (16-bit for 16-bit inputs); the others float32.
+OPERAND_PTRS = ("w_ptr", "u_ptr", "kd_ptr", "qw_ptr", "hs_ptr", "hd_ptr")
 
 
 def _compile(fn, consts: dict, options: dict, major: int, operand: str, operand_ptrs=()):
@@ -55,8 +57,18 @@ def test_level_kernels_compile_and_fit_shared_memory(which, prec, major):
         kernel = _compile(triton_gdn._level_fwd if which == "fwd" else triton_gdn._level_bwd,
                           {"C": 64, "BK": lane.BK, "BV": lane.BV, "NL": lane.NL, "PREC": prec},
                           triton_gdn._level_launch(prec, major, which == "bwd"), major,
-                          "bf16" if prec == "tf32" else "fp32", ("w_ptr", "u_ptr", "kd_ptr", "qw_ptr", "hs_ptr"))
+                          "bf16" if prec == "tf32" else "fp32", OPERAND_PTRS)
         assert 0 < kernel.metadata.shared <= SHARED[major], (lane, kernel.metadata.shared)
+
+
+@pytest.mark.parametrize("prec,major", [("tf32", 9), ("ieee", 8)])
+def test_level_gradient_kernel_compiles_and_fits_shared_memory(prec, major):
+    from hippolm.ops import triton_gdn
+
+    consts = {"C": 64, "BK": 128, "BV": triton_gdn.LEVEL_GRADS_BV[prec], "JP": 16, "PREC": prec}
+    kernel = _compile(triton_gdn._level_grads, consts, triton_gdn._level_launch(prec, major, True), major,
+                      "bf16" if prec == "tf32" else "fp32", OPERAND_PTRS)
+    assert 0 < kernel.metadata.shared <= SHARED[major], kernel.metadata.shared
 
 
 @pytest.mark.parametrize("which", ["fwd", "bwd"])

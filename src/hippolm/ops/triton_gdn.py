@@ -161,71 +161,104 @@ def _level_fwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, o_ptr, n, NBH, K, 
 
 
 @triton.jit
-def _level_bwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr,
-               du_ptr, dw_ptr, dkd_ptr, dqw_ptr, dge_ptr, dlam_ptr, n, NBH, K, V, J, j0, top,
+def _level_bwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr, hd_ptr, n, NBH, K, V, J, j0, top,
                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NL: tl.constexpr, PREC: tl.constexpr):
-    """Backward of :func:`_level_fwd` for one segment and V tile: the segment's states are recomputed
-    into ``hs`` (scratch shared by the groups, which run one launch each), then a reverse scan adds
-    the group's share to du and to this V tile's partial dw, dkd, dqw, dge, and stores its dlam
-    columns. No transposed dot result feeds a dot (what Triton 3.4-3.7.0 miscompiles on Hopper, FLA
-    #640): dkd is accumulated transposed, dkd^T = dS vn^T, with vn^T built from loaded tiles."""
+    """Backward scans of :func:`_level_fwd` for one segment and V tile: the segment's states are
+    recomputed into ``hs`` (the state before each chunk), then a reverse scan stores into ``hd`` the
+    gradient of the state after each chunk. Both scratches are [N*H*n, J, K, V] in the operand type;
+    :func:`_level_grads` turns them into the gradients, all chunks and levels in parallel, so the
+    sequential part does 2 + 3 dots per chunk and no partial sums."""
     bh, s, e, jl, vcol, live = _group(n, NBH, j0, top, V, BV, NL)
-    _, _, tile_ck, mck, tile_cv, mcv, tile_kc, mkc = _tiles(K, V, C, BK, BV)
+    _, _, tile_ck, mck, _, _, _, _ = _tiles(K, V, C, BK, BV)
     kk = tl.arange(0, BK)
     cc = tl.arange(0, C)
-    ll = tl.arange(0, NL)
     tile_cw = cc[:, None] * V + vcol[None, :]  # u's and do's columns, repeated for every level
-    WT = tl.num_programs(1) * (NL * BV)  # columns of the scratch: every V tile's states side by side
-    tile_hs = kk[:, None] * WT + (tl.program_id(1) * (NL * BV) + tl.arange(0, NL * BV))[None, :]
-    part = tl.program_id(1) * NBH * n  # this V tile's slice of the partial sums [NV, N*H, n, ...]
-    dt = w_ptr.dtype.element_ty  # dot operands and the saved states: the inputs' 16-bit type, or float32
+    tile_h = (jl[None, :] * K + kk[:, None]) * V + vcol[None, :]  # [BK, NL * BV] of a chunk's [J, K, V]
+    mh = (kk[:, None] < K) & live[None, :]
+    dt = w_ptr.dtype.element_ty
     S = tl.zeros((BK, NL * BV), dtype=tl.float32)
     for i in range(s, e):
         base = bh * n + i
         S = tl.where(((i & ((2 << jl) - 1)) == 0)[None, :], 0.0, S)
-        tl.store(hs_ptr + base * (K * WT) + tile_hs, S.to(dt), mask=mkc)
+        tl.store(hs_ptr + base * J * K * V + tile_h, S.to(dt), mask=mh)
         writes = live & (((i >> jl) & 1) == 0)
         S = _write(w_ptr, u_ptr, kd_ptr, ge_ptr, base, S, tile_ck, mck, tile_cw, writes[None, :], K, V, C, PREC)[0]
-    tl.debug_barrier()  # the scratch written above is read below by other threads of this program
     dS = tl.zeros((BK, NL * BV), dtype=tl.float32)  # gradient of the state after chunk i
     for ii in range(e - s):
         i = e - 1 - ii
         base = bh * n + i
-        pbase = part + base
-        reads = ((i >> jl) & 1) == 1
-        writes = live & ~reads
-        Sh = tl.load(hs_ptr + base * (K * WT) + tile_hs, mask=mkc, other=0)  # the operand type (S is float32)
+        tl.store(hd_ptr + base * J * K * V + tile_h, dS.to(dt), mask=mh)
         w = tl.load(w_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
         kd = tl.load(kd_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
-        u = tl.load(u_ptr + base * (C * V) + tile_cw, mask=writes[None, :], other=0)
         dvn = tl.dot(kd, dS.to(dt), input_precision=PREC)  # [C, NL * BV]
-        duptr = du_ptr + base * (C * V) + tile_cv
-        du = _fold(tl.where(writes[None, :], dvn, 0.0), C, NL, BV)
-        tl.store(duptr, tl.load(duptr, mask=mcv, other=0) + du, mask=mcv)
-        dwptr = dw_ptr + pbase * (C * K) + tile_ck
-        tl.store(dwptr, tl.load(dwptr, mask=mck, other=0) - tl.dot(dvn.to(dt), tl.trans(Sh), input_precision=PREC),
-                 mask=mck)
-        vn_t = tl.trans(u).to(tl.float32) - tl.dot(tl.trans(Sh), tl.trans(w), input_precision=PREC)  # [NL * BV, C]
-        dkdptr = dkd_ptr + pbase * (C * K) + tile_kc
-        tl.store(dkdptr, tl.load(dkdptr, mask=mkc, other=0) + tl.dot(dS.to(dt), vn_t.to(dt), input_precision=PREC),
-                 mask=mkc)
-        dgeptr = dge_ptr + pbase
-        tl.store(dgeptr, tl.load(dgeptr) + tl.sum(tl.sum(dS * Sh.to(tl.float32), axis=1), axis=0))
         dS = tl.load(ge_ptr + base) * dS - tl.dot(tl.trans(w), dvn.to(dt), input_precision=PREC)
         if ((i >> j0) & ((2 << (top - j0)) - 1)) != 0:  # some level reads: o_i += sum_j lam_j * (qw_i S_i^(j))
             qw = tl.load(qw_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
-            rmask = (reads & live)[None, :]
+            rmask = ((((i >> jl) & 1) == 1) & live)[None, :]
             lam = tl.load(lam_ptr + (base * C + cc)[:, None] * J + jl[None, :], mask=rmask, other=0)
             do = tl.load(do_ptr + base * (C * V) + tile_cw, mask=rmask, other=0)  # do's columns, per level
-            r = tl.dot(qw, Sh, input_precision=PREC)
-            dl = _per_level(do * r, C, NL, BV)  # [C, NL]
-            tl.store(dlam_ptr + (pbase * C + cc)[:, None] * J + (j0 + ll)[None, :], dl, mask=(j0 + ll <= top)[None, :])
-            dr = lam * do
-            dqwptr = dqw_ptr + pbase * (C * K) + tile_ck
-            tl.store(dqwptr, tl.load(dqwptr, mask=mck, other=0) + tl.dot(dr.to(dt), tl.trans(Sh), input_precision=PREC),
-                     mask=mck)
-            dS += tl.dot(tl.trans(qw), dr.to(dt), input_precision=PREC)
+            dS += tl.dot(tl.trans(qw), (lam * do).to(dt), input_precision=PREC)
         dS = tl.where(((i & ((2 << jl) - 1)) == 0)[None, :], 0.0, dS)  # a restart: nothing flows further back
+
+
+@triton.jit
+def _level_grads(w_ptr, u_ptr, kd_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr, hd_ptr,
+                 du_ptr, dw_ptr, dkd_ptr, dqw_ptr, dge_ptr, dlam_ptr, n, K, V, J,
+                 C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, JP: tl.constexpr, PREC: tl.constexpr):
+    """Gradients of every chunk level's part of one chunk (program axis 0: sequence-head * n + chunk)
+    from the states S before it and the gradients dS of the states after it (:func:`_level_bwd`),
+    summed over levels and V tiles in registers and written once: with v_new = u - w S (u = 0 where
+    the level reads), per level du += kd dS (where it writes), dw -= (kd dS) S^T, dkd += v_new dS^T,
+    dge += <dS, S>, and where it reads (r = qw S) dlam = rowsum(do * r), dqw += (lam do) S^T. Only
+    loaded tiles are transposed (FLA #640)."""
+    base = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(0) % n
+    kk = tl.arange(0, BK)
+    cc = tl.arange(0, C)
+    jj = tl.arange(0, JP)
+    tile_ck = cc[:, None] * K + kk[None, :]
+    mck = kk[None, :] < K
+    dt = w_ptr.dtype.element_ty
+    w = tl.load(w_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
+    kd = tl.load(kd_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
+    qw = tl.load(qw_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
+    dw = tl.zeros((C, BK), dtype=tl.float32)
+    dkd = tl.zeros((C, BK), dtype=tl.float32)
+    dqw = tl.zeros((C, BK), dtype=tl.float32)
+    dlam = tl.zeros((C, JP), dtype=tl.float32)
+    dge = tl.zeros((BK, BV), dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        vv = v0 + tl.arange(0, BV)
+        tile_cv = cc[:, None] * V + vv[None, :]
+        mcv = vv[None, :] < V
+        tile_kv = kk[:, None] * V + vv[None, :]
+        mkv = (kk[:, None] < K) & (vv[None, :] < V)
+        u = tl.load(u_ptr + base * (C * V) + tile_cv, mask=mcv, other=0).to(tl.float32)
+        do = tl.load(do_ptr + base * (C * V) + tile_cv, mask=mcv, other=0)
+        du = tl.zeros((C, BV), dtype=tl.float32)
+        for j in range(J):
+            off = (base * J + j) * (K * V)
+            Sh = tl.load(hs_ptr + off + tile_kv, mask=mkv, other=0)
+            dS = tl.load(hd_ptr + off + tile_kv, mask=mkv, other=0)
+            dvn = tl.dot(kd, dS, input_precision=PREC)  # [C, BV]
+            dw -= tl.dot(dvn.to(dt), tl.trans(Sh), input_precision=PREC)
+            dge += dS.to(tl.float32) * Sh.to(tl.float32)
+            if ((i >> j) & 1) == 0:  # level j writes chunk i
+                du += dvn
+                vn = u - tl.dot(w, Sh, input_precision=PREC)
+            else:  # it reads it
+                vn = -tl.dot(w, Sh, input_precision=PREC)
+                lam = tl.load(lam_ptr + (base * C + cc) * J + j)
+                r = tl.dot(qw, Sh, input_precision=PREC)
+                dlam += tl.where(jj[None, :] == j, tl.sum(do * r, axis=1)[:, None], 0.0)
+                dqw += tl.dot((lam[:, None] * do).to(dt), tl.trans(Sh), input_precision=PREC)
+            dkd += tl.dot(vn.to(dt), tl.trans(dS), input_precision=PREC)
+        tl.store(du_ptr + base * (C * V) + tile_cv, du, mask=mcv)
+    tl.store(dw_ptr + base * (C * K) + tile_ck, dw, mask=mck)
+    tl.store(dkd_ptr + base * (C * K) + tile_ck, dkd, mask=mck)
+    tl.store(dqw_ptr + base * (C * K) + tile_ck, dqw, mask=mck)
+    tl.store(dge_ptr + base, tl.sum(tl.sum(dge, axis=1), axis=0))
+    tl.store(dlam_ptr + (base * C + cc)[:, None] * J + jj[None, :], dlam, mask=jj[None, :] < J)
 
 
 def _tile_sizes(K: int, V: int) -> tuple[int, int, int]:
@@ -295,12 +328,8 @@ LEVEL_TILES = {"fwd": (4, 32), "bwd": (2, 64), "fwd_top": (2, 32), "bwd_top": (2
 # second made no difference on the H100) and warps per program.
 LEVEL_STAGES = {"fwd": 2, "bwd": 1}
 LEVEL_WARPS = {"fwd": 8, "bwd": 8}
-# Type of the backward's partial dw, dkd, dqw per operand type, float32 where not listed. bf16 halves
-# the backward's largest traffic (its H100 gain not measured on its own: it came with the side lane,
-# 85 -> 60 ms for the level kernels at 64k) but doubles the gradient errors (interpreter, bf16
-# inputs, 6 groups: dk 0.55% -> 1.19%, dg 0.70% -> 1.37%; benchmarks/kernel_cpu_checks.py), and
-# float16's range is too small.
-LEVEL_PARTIALS: dict[torch.dtype, torch.dtype] = {}
+# V columns per step of the gradient kernel (_level_grads), per dot precision.
+LEVEL_GRADS_BV = {"tf32": 64, "ieee": 32}
 
 
 def _level_launch(prec: str, major: int, backward: bool) -> dict:
@@ -366,21 +395,13 @@ def _in_lanes(lanes: list[_Lane], launch, buffers, device: torch.device) -> list
     return sets
 
 
-def _added(parts: list[torch.Tensor], partial: bool) -> torch.Tensor:
-    """The lanes' buffers added up in float32 (``partial``: over their V tiles too)."""
-    total = parts[0].sum(0, dtype=torch.float32) if partial else parts[0]
-    for part in parts[1:]:
-        total.add_(part.sum(0, dtype=torch.float32) if partial else part)
-    return total
-
-
 class _LevelReads(torch.autograd.Function):
     """Every chunk level's read of log-linear Gated DeltaNet, summed: (w, u, kd, qw [N, H, n, C, *],
     ge [N, H, n], lam [N, H, n, C, J]: the weight of chunk level j) -> o [N, H, n, C, V] (float32).
     ``operands``: the type w, u, kd, qw and the saved states take in the kernels (16-bit for 16-bit
     inputs, as FLA's chunk kernels: half the bytes and full-rate tensor cores; the states and
-    in-kernel sums stay float32). The backward's partial sums of dw, dkd and dqw over a lane's groups
-    and V tiles stay float32 (LEVEL_PARTIALS)."""
+    in-kernel sums stay float32). The backward scans the levels by groups as the forward, into
+    scratch states and state gradients, then computes every gradient in one parallel kernel."""
 
     @staticmethod
     def forward(ctx, w, u, kd, ge, qw, lam, prec: str, operands: torch.dtype):
@@ -399,7 +420,7 @@ class _LevelReads(torch.autograd.Function):
                          lambda lane: w.new_zeros(N, H, n, C, V, dtype=torch.float32), w.device)
         ctx.save_for_backward(w, u, kd, ge, qw, lam)
         ctx.prec = prec
-        return _added(sets, False)
+        return sets[0] if len(sets) == 1 else sets[0].add_(sets[1])
 
     @staticmethod
     def backward(ctx, do):
@@ -409,23 +430,22 @@ class _LevelReads(torch.autograd.Function):
         opts = _level_launch(ctx.prec, _major(w.device), True)
         do = do.float().contiguous()
 
-        partials = LEVEL_PARTIALS.get(w.dtype, torch.float32)
+        # the states before and the state gradients after every chunk, every level (operand type)
+        hs, hd = (w.new_empty(N, H, n, J, K, V) for _ in range(2))
 
-        def buffers(lane):  # scratch states (operand type), du, partial dw, dkd, dqw, dge, dlam
-            NV = lane.NV
-            return [w.new_empty(N, H, n, K, NV * lane.NL * lane.BV), u.new_zeros(u.shape, dtype=torch.float32),
-                    *(w.new_zeros(NV, N, H, n, C, K, dtype=partials) for _ in range(3)),
-                    ge.new_zeros(NV, N, H, n), lam.new_zeros(NV, N, H, n, C, J)]
-
-        def launch(lane, group, bufs):
+        def launch(lane, group, _):
             j0, top, nseg = group
-            _level_bwd[(N * H * nseg, lane.NV)](w, u, kd, ge, qw, lam, do, *bufs, n, N * H, K, V, J, j0, top,
+            _level_bwd[(N * H * nseg, lane.NV)](w, u, kd, ge, qw, lam, do, hs, hd, n, N * H, K, V, J, j0, top,
                                                 C=C, BK=lane.BK, BV=lane.BV, NL=lane.NL, PREC=ctx.prec, **opts)
 
-        sets = _in_lanes(_level_lanes(n, J, K, V, "bwd", ctx.prec), launch, buffers, w.device)
-        for bufs in sets:
-            bufs[0] = None  # the scratch, before the sums allocate
-        du, dw, dkd, dqw, dge, dlam = (_added([bufs[i] for bufs in sets], i > 1) for i in range(1, 7))
+        _in_lanes(_level_lanes(n, J, K, V, "bwd", ctx.prec), launch, lambda lane: None, w.device)
+        du = u.new_empty(u.shape, dtype=torch.float32)
+        dw, dkd, dqw = (w.new_empty(w.shape, dtype=torch.float32) for _ in range(3))
+        dge, dlam = torch.empty_like(ge), torch.empty_like(lam)
+        BK = max(16, triton.next_power_of_2(K))
+        BV = min(LEVEL_GRADS_BV[ctx.prec], max(16, triton.next_power_of_2(V)))
+        _level_grads[(N * H * n,)](w, u, kd, qw, lam, do, hs, hd, du, dw, dkd, dqw, dge, dlam, n, K, V, J, C=C, BK=BK,
+                                   BV=BV, JP=max(2, triton.next_power_of_2(J)), PREC=ctx.prec, **opts)
         return dw, du, dkd, dge, dqw, dlam, None, None
 
 
@@ -453,7 +473,46 @@ def _padded(xs, T: int, cu_seqlens, B: int, C: int):
     return bounds, length, [None if x is None else reference._to_padded(x, bounds, length) for x in xs]
 
 
-def _chunks(qs, ks, vs, gs, bs, scale: float, C: int) -> _Chunks:
+def _rounded_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b of 16-bit a, b (same batch shape) with float32 results: tensor cores on CUDA; elsewhere
+    (the interpreter's CPU runs) the same rounded operands in a float32 matmul."""
+    if not a.is_cuda:
+        return a.float() @ b.float()
+    batch = a.shape[:-2]
+    out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out_dtype=torch.float32)
+    return out.reshape(*batch, *out.shape[-2:])
+
+
+class _Mm16(torch.autograd.Function):
+    """a @ b (float32) with both operands, and in the backward the output gradient, rounded to a
+    16-bit type first: FLA's chunk kernels' precision (16-bit dot operands, float32 sums)."""
+
+    @staticmethod
+    def forward(ctx, a, b, dtype: torch.dtype):
+        a, b = a.to(dtype), b.to(dtype)
+        ctx.save_for_backward(a, b)
+        return _rounded_mm(a, b)
+
+    @staticmethod
+    def backward(ctx, do):
+        a, b = ctx.saved_tensors
+        do = do.to(a.dtype)
+        da = _rounded_mm(do, b.transpose(-1, -2)) if ctx.needs_input_grad[0] else None
+        db = _rounded_mm(a.transpose(-1, -2), do) if ctx.needs_input_grad[1] else None
+        return da, db, None
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, operands: torch.dtype) -> torch.Tensor:
+    """Batched a @ b of float32 tensors, in float32 or with 16-bit ``operands`` (:class:`_Mm16`)."""
+    return a @ b if operands == torch.float32 else _Mm16.apply(a, b, operands)
+
+
+def _operands(dtype: torch.dtype) -> torch.dtype:
+    """Dot operand type of the chunk matmuls and level kernels for inputs of ``dtype``."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def _chunks(qs, ks, vs, gs, bs, scale: float, C: int, operands: torch.dtype) -> _Chunks:
     to = reference.to_blocks
     qb, kb, vb = to(qs.float() * scale, C), to(ks.float(), C), to(vs.float(), C)  # [N, H, n, C, D]
     G = to(gs.float(), C).cumsum(-1) if gs is not None else qb.new_zeros(qb.shape[:-1])
@@ -461,9 +520,9 @@ def _chunks(qs, ks, vs, gs, bs, scale: float, C: int) -> _Chunks:
     decay = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf")).exp()
     b = to(bs.float(), C)
     eye = torch.eye(C, dtype=torch.float32, device=qs.device)
-    A = eye + (b[..., None] * (kb @ kb.transpose(-1, -2)) * decay).tril(-1)
+    A = eye + (b[..., None] * _mm(kb, kb.transpose(-1, -2), operands) * decay).tril(-1)
     mix = torch.linalg.solve_triangular(A, eye * b[..., None, :], upper=False, unitriangular=True)
-    return _Chunks(qb, kb, vb, G, decay, mix, mix @ (G.exp()[..., None] * kb), mix @ vb,
+    return _Chunks(qb, kb, vb, G, decay, mix, _mm(mix, G.exp()[..., None] * kb, operands), _mm(mix, vb, operands),
                    kb * (G[..., -1:] - G).exp()[..., None])
 
 
@@ -477,9 +536,11 @@ def gated_delta_rule(q, k, v, g, beta, scale: float, initial_state, output_final
     B, T = q.shape[:2]
     C = chunk_size if chunk_size in (16, 32, 64) else 64
     bounds, _, (qs, ks, vs, gs, bs) = _padded([q, k, v, g, beta], T, cu_seqlens, B, C)
-    c = _chunks(qs, ks, vs, gs, bs, scale, C)
+    op = _operands(q.dtype)
+    c = _chunks(qs, ks, vs, gs, bs, scale, C, op)
     h, vn, final = _Scan.apply(c.w, c.u, c.kd, c.G[..., -1].exp(), initial_state, _precision(q.dtype))
-    o = (c.qb * c.G.exp()[..., None]) @ h + ((c.qb @ c.kb.transpose(-1, -2)) * c.decay) @ vn  # [N, H, n, C, V]
+    attn = _mm(c.qb, c.kb.transpose(-1, -2), op) * c.decay
+    o = _mm(c.qb * c.G.exp()[..., None], h, op) + _mm(attn, vn, op)  # [N, H, n, C, V]
     N, H, n = o.shape[:3]
     o = o.permute(0, 2, 3, 1, 4).reshape(N, n * C, H, -1)
     o = torch.cat([o[i, : e - s] for i, (_, s, e) in enumerate(bounds)])[None] if cu_seqlens is not None else o[:, :T]
@@ -504,24 +565,23 @@ def loglinear_gated_delta_rule(q, k, v, g, beta, lam, scale: float, output_final
     CB = C.bit_length() - 1
     bounds, length, (qs, ks, vs, gs, bs, ls) = _padded([q, k, v, g, beta, lam], T, cu_seqlens, B, C)
     lengths = [e - s for _, s, e in bounds]
-    c = _chunks(qs, ks, vs, gs, bs, scale, C)
-    qb, kb, vb, G, decay, mix, w, u, kd = c
+    op = _operands(q.dtype)
+    qb, kb, vb, G, decay, mix, w, u, kd = _chunks(qs, ks, vs, gs, bs, scale, C, op)
     lamb = reference.to_blocks(ls.float(), C)  # [N, H, n, C, L]
     gamma = G.exp()[..., None]
     ge = G[..., -1].exp()
-    attn = (qb @ kb.transpose(-1, -2)) * decay
+    attn = _mm(qb, kb.transpose(-1, -2), op) * decay
     prec = _precision(q.dtype)
     N, _, n = qb.shape[:3]
 
     r = torch.arange(C, device=q.device)
     level_in = bit_length(r[:, None] ^ r[None, :], CB)
     lam_in = lamb.gather(-1, level_in.clamp_max(L - 1).expand(N, H, n, C, C)) * (level_in < L)
-    o = ((attn @ mix) * lam_in) @ vb
+    o = _mm(_mm(attn, mix, op) * lam_in, vb, op)
     J = max(0, min((n - 1).bit_length(), L - CB - 1))  # chunk levels that some chunk reads
     if J:
-        qw = qb * gamma - attn @ w  # a read of state S in chunk i is lam_j * (qw_i S)
-        operands = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
-        o = o + _LevelReads.apply(w, u, kd, ge, qw, lamb[..., CB + 1 : CB + 1 + J], prec, operands)
+        qw = qb * gamma - _mm(attn, w, op)  # a read of state S in chunk i is lam_j * (qw_i S)
+        o = o + _LevelReads.apply(w, u, kd, ge, qw, lamb[..., CB + 1 : CB + 1 + J], prec, op)
     o = o.permute(0, 2, 3, 1, 4).reshape(N, n * C, H, V)
     o = torch.cat([o[i, :ln] for i, ln in enumerate(lengths)])[None] if cu_seqlens is not None else o[:, :T]
     if not output_final_state:
@@ -533,6 +593,6 @@ def loglinear_gated_delta_rule(q, k, v, g, beta, lam, scale: float, output_final
     key_level = torch.where(pos[None] <= last, key_level, -1)  # [N, length]
     masks = (key_level[..., None] == torch.arange(L, device=q.device)).float()  # [N, length, L]
     vm = (vs.float()[..., None, :] * masks[:, :, None, :, None]).reshape(N, length, H, L * V)
-    _, _, final = _Scan.apply(w, mix @ reference.to_blocks(vm, C), kd, ge, None, prec)
+    _, _, final = _Scan.apply(w, _mm(mix, reference.to_blocks(vm, C), op), kd, ge, None, prec)
     slots = final.reshape(N, H, K, L, V).permute(0, 1, 3, 2, 4).contiguous()
     return o.to(q.dtype), slots, lengths
