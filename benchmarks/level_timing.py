@@ -6,7 +6,8 @@ levels on the current stream, the top levels on a side stream: the step takes ab
 
 A configuration: forward/backward, each ``main+top@stages[wWARPS]`` with a tile ``levels x V
 columns``, e.g. ``4x32+2x32@2/2x64+2x64@1w16`` (LEVEL_TILES, LEVEL_STAGES, LEVEL_WARPS; warps 8 if
-left out), or ``default`` (the tables as they are: the only choice with --dtype float32, whose
+left out), optionally a third part ``gBVwWARPSsSTAGES`` for the gradient kernel (LEVEL_GRADS,
+e.g. ``.../g64w8s1``), or ``default`` (the tables as they are: the only choice with --dtype float32, whose
 tiles are LEVEL_TILES' *_fp32). Writes JSON (--json)."""
 
 from __future__ import annotations
@@ -47,7 +48,12 @@ def timed(fn) -> float:
 def configure(cfg: str) -> None:
     if cfg == "default":
         return
-    for which, part in zip(("fwd", "bwd"), cfg.split("/"), strict=True):
+    parts = cfg.split("/")
+    if len(parts) == 3:
+        bv, _, rest = parts.pop()[1:].partition("w")
+        warps, _, stages = rest.partition("s")
+        tg.LEVEL_GRADS["tf32"].update(BV=int(bv), num_warps=int(warps), num_stages=int(stages))
+    for which, part in zip(("fwd", "bwd"), parts, strict=True):
         tiles, launch = part.split("@")
         main, top = (tuple(int(a) for a in t.split("x")) for t in tiles.split("+"))
         stages, _, warps = launch.partition("w")
@@ -90,7 +96,8 @@ def main():
     out = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                     "date": datetime.date.today().isoformat(), "N": N, "T": args.T, "H": H, "d": d, "C": C,
                     "chunk_levels": J, "dtype": args.dtype}, "rows": []}
-    saved = [(table, dict(table)) for table in (tg.LEVEL_TILES, tg.LEVEL_STAGES, tg.LEVEL_WARPS)]
+    tables = (tg.LEVEL_TILES, tg.LEVEL_STAGES, tg.LEVEL_WARPS, tg.LEVEL_GRADS["tf32"])
+    saved = [(table, dict(table)) for table in tables]
     base = None
     for cfg in args.configs.split(","):
         row = {"config": cfg}

@@ -191,13 +191,14 @@ def _level_bwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr, hd
         w = tl.load(w_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
         kd = tl.load(kd_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
         dvn = tl.dot(kd, dS.to(dt), input_precision=PREC)  # [C, NL * BV]
-        dS = tl.load(ge_ptr + base) * dS - tl.dot(tl.trans(w), dvn.to(dt), input_precision=PREC)
+        # dot(a, b, acc) adds into the accumulator's registers (no [K, NL * BV] temporary)
+        dS = tl.dot(tl.trans(w), (-dvn).to(dt), tl.load(ge_ptr + base) * dS, input_precision=PREC)
         if ((i >> j0) & ((2 << (top - j0)) - 1)) != 0:  # some level reads: o_i += sum_j lam_j * (qw_i S_i^(j))
             qw = tl.load(qw_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
             rmask = ((((i >> jl) & 1) == 1) & live)[None, :]
             lam = tl.load(lam_ptr + (base * C + cc)[:, None] * J + jl[None, :], mask=rmask, other=0)
             do = tl.load(do_ptr + base * (C * V) + tile_cw, mask=rmask, other=0)  # do's columns, per level
-            dS += tl.dot(tl.trans(qw), (lam * do).to(dt), input_precision=PREC)
+            dS = tl.dot(tl.trans(qw), (lam * do).to(dt), dS, input_precision=PREC)
         dS = tl.where(((i & ((2 << jl) - 1)) == 0)[None, :], 0.0, dS)  # a restart: nothing flows further back
 
 
@@ -219,7 +220,8 @@ def _level_grads(w_ptr, u_ptr, kd_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr, hd_ptr,
     tile_ck = cc[:, None] * K + kk[None, :]
     mck = kk[None, :] < K
     dt = w_ptr.dtype.element_ty
-    w = tl.load(w_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
+    # -w, so that v_new = u + (-w) S is one dot; negated in float32 (the interpreter keeps bf16 as raw bits)
+    wn = (-tl.load(w_ptr + base * (C * K) + tile_ck, mask=mck, other=0).to(tl.float32)).to(dt)
     kd = tl.load(kd_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
     qw = tl.load(qw_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
     dw = tl.zeros((C, BK), dtype=tl.float32)
@@ -241,18 +243,19 @@ def _level_grads(w_ptr, u_ptr, kd_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr, hd_ptr,
             Sh = tl.load(hs_ptr + off + tile_kv, mask=mkv, other=0)
             dS = tl.load(hd_ptr + off + tile_kv, mask=mkv, other=0)
             dvn = tl.dot(kd, dS, input_precision=PREC)  # [C, BV]
-            dw -= tl.dot(dvn.to(dt), tl.trans(Sh), input_precision=PREC)
+            # dot(a, b, acc) adds into the accumulator's registers (no [C, K] temporaries)
+            dw = tl.dot((-dvn).to(dt), tl.trans(Sh), dw, input_precision=PREC)
             dge += dS.to(tl.float32) * Sh.to(tl.float32)
             if ((i >> j) & 1) == 0:  # level j writes chunk i
                 du += dvn
-                vn = u - tl.dot(w, Sh, input_precision=PREC)
+                vn = tl.dot(wn, Sh, u, input_precision=PREC)
             else:  # it reads it
-                vn = -tl.dot(w, Sh, input_precision=PREC)
+                vn = tl.dot(wn, Sh, input_precision=PREC)
                 lam = tl.load(lam_ptr + (base * C + cc) * J + j)
                 r = tl.dot(qw, Sh, input_precision=PREC)
                 dlam += tl.where(jj[None, :] == j, tl.sum(do * r, axis=1)[:, None], 0.0)
-                dqw += tl.dot((lam[:, None] * do).to(dt), tl.trans(Sh), input_precision=PREC)
-            dkd += tl.dot(vn.to(dt), tl.trans(dS), input_precision=PREC)
+                dqw = tl.dot((lam[:, None] * do).to(dt), tl.trans(Sh), dqw, input_precision=PREC)
+            dkd = tl.dot(vn.to(dt), tl.trans(dS), dkd, input_precision=PREC)
         tl.store(du_ptr + base * (C * V) + tile_cv, du, mask=mcv)
     tl.store(dw_ptr + base * (C * K) + tile_ck, dw, mask=mck)
     tl.store(dkd_ptr + base * (C * K) + tile_ck, dkd, mask=mck)
@@ -324,12 +327,13 @@ class _Scan(torch.autograd.Function):
 # and the same in both lanes. Timings: benchmarks/level_timing.py.
 LEVEL_TILES = {"fwd": (4, 32), "bwd": (2, 64), "fwd_top": (2, 32), "bwd_top": (2, 64),
                "fwd_fp32": (2, 32), "bwd_fp32": (1, 32)}
-# Pipeline stages of the 16-bit kernels on Hopper (its shared memory holds two of the backward's; a
-# second made no difference on the H100) and warps per program.
-LEVEL_STAGES = {"fwd": 2, "bwd": 1}
+# Pipeline stages of the 16-bit kernels on Hopper and warps per program (H100, 64k tokens: the
+# backward scans with 2 stages 54.3 ms for all level kernels, with 1 56.9; level_timing.py).
+LEVEL_STAGES = {"fwd": 2, "bwd": 2}
 LEVEL_WARPS = {"fwd": 8, "bwd": 8}
-# V columns per step of the gradient kernel (_level_grads), per dot precision.
-LEVEL_GRADS_BV = {"tf32": 64, "ieee": 32}
+# The gradient kernel (_level_grads) per dot precision: V columns per step and launch options.
+LEVEL_GRADS = {"tf32": {"BV": 64, "num_warps": 8, "num_stages": 1},
+               "ieee": {"BV": 32, "num_warps": 8, "num_stages": 1}}
 
 
 def _level_launch(prec: str, major: int, backward: bool) -> dict:
@@ -443,9 +447,12 @@ class _LevelReads(torch.autograd.Function):
         dw, dkd, dqw = (w.new_empty(w.shape, dtype=torch.float32) for _ in range(3))
         dge, dlam = torch.empty_like(ge), torch.empty_like(lam)
         BK = max(16, triton.next_power_of_2(K))
-        BV = min(LEVEL_GRADS_BV[ctx.prec], max(16, triton.next_power_of_2(V)))
+        cfg = LEVEL_GRADS[ctx.prec]
+        BV = min(cfg["BV"], max(16, triton.next_power_of_2(V)))
+        stages = cfg["num_stages"] if ctx.prec == "tf32" and _major(w.device) >= 9 else 1
         _level_grads[(N * H * n,)](w, u, kd, qw, lam, do, hs, hd, du, dw, dkd, dqw, dge, dlam, n, K, V, J, C=C, BK=BK,
-                                   BV=BV, JP=max(2, triton.next_power_of_2(J)), PREC=ctx.prec, **opts)
+                                   BV=BV, JP=max(2, triton.next_power_of_2(J)), PREC=ctx.prec,
+                                   num_warps=cfg["num_warps"], num_stages=stages)
         return dw, du, dkd, dge, dqw, dlam, None, None
 
 
