@@ -334,7 +334,7 @@ LL_GDN = [(1, [37, 1, 0, 50], 1), (1, [300], 1)] if not CUDA else [(1, [37, 1, 0
 
 @pytest.mark.parametrize("batch,lengths,heads", LL_GDN)
 def test_loglinear_gated_delta_rule_scans(batch, lengths, heads, device):
-    """Log-linear Gated DeltaNet (torch chunk parts + one Triton state scan per level) == the reference:
+    """Log-linear Gated DeltaNet (torch chunk parts + the Triton level kernels) == the reference:
     outputs, final slots and gradients of every input."""
     from conftest import make_inputs
 

@@ -125,15 +125,6 @@ def _fold(x, C: tl.constexpr, NL: tl.constexpr, BV: tl.constexpr):
 
 
 @triton.jit
-def _per_level(x, C: tl.constexpr, NL: tl.constexpr, BV: tl.constexpr):
-    """[C, NL * BV] -> [C, NL]: each level's columns added up."""
-    if NL == 1:
-        return tl.sum(x, axis=1)[:, None]
-    else:
-        return tl.sum(tl.reshape(x, (C, NL, BV)), axis=2)
-
-
-@triton.jit
 def _level_fwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, o_ptr, n, NBH, K, V, J, j0, top,
                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NL: tl.constexpr, PREC: tl.constexpr):
     """Chunk levels j0..j0+NL-1 of log-linear Gated DeltaNet for one segment, (sequence, head) and V
