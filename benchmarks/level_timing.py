@@ -24,8 +24,6 @@ from ops_gpu import cuda_time_ms  # benchmarks/ is on the path when run as a scr
 
 from hippolm.ops import triton_gdn as tg
 
-DEFAULT = "4x32+2x32@2/2x64+2x64@1"
-
 
 def factors(N: int, H: int, n: int, C: int, d: int, J: int, dtype: torch.dtype):
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -83,7 +81,7 @@ def lane_times(step) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--T", type=int, default=65536)
-    ap.add_argument("--configs", default=f"{DEFAULT},4x32+2x32@2/2x64+2x64@2,4x32+2x32@2/2x64+2x32@1")
+    ap.add_argument("--configs", default="default,4x32+2x32@2/2x64+2x64@1,4x32+2x32@2/2x64+2x32@2/g64w8s1")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

@@ -65,11 +65,9 @@ def test_level_kernels_compile_and_fit_shared_memory(which, prec, major):
 def test_level_gradient_kernel_compiles_and_fits_shared_memory(prec, major):
     from hippolm.ops import triton_gdn
 
-    cfg = triton_gdn.LEVEL_GRADS[prec]
-    consts = {"C": 64, "BK": 128, "BV": cfg["BV"], "JP": 16, "PREC": prec}
-    options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"] if prec == "tf32" and major >= 9 else 1}
-    kernel = _compile(triton_gdn._level_grads, consts, options, major, "bf16" if prec == "tf32" else "fp32",
-                      OPERAND_PTRS)
+    consts = {"C": 64, "BK": 128, "BV": triton_gdn.LEVEL_GRADS[prec]["BV"], "JP": 16, "PREC": prec}
+    kernel = _compile(triton_gdn._level_grads, consts, triton_gdn._grads_launch(prec, major), major,
+                      "bf16" if prec == "tf32" else "fp32", OPERAND_PTRS)
     assert 0 < kernel.metadata.shared <= SHARED[major], kernel.metadata.shared
 
 

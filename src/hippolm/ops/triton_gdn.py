@@ -330,11 +330,20 @@ LEVEL_GRADS = {"tf32": {"BV": 32, "num_warps": 8, "num_stages": 1},
 
 
 def _level_launch(prec: str, major: int, backward: bool) -> dict:
-    """Launch options on a GPU of compute capability ``major``: Hopper's shared memory holds more than
-    one stage of the 16-bit tiles (LEVEL_STAGES), not of float32 tiles."""
+    """Launch options of the level scans on a GPU of compute capability ``major``: Hopper's shared
+    memory holds more than one stage of the 16-bit tiles (LEVEL_STAGES), not of float32 tiles."""
     which = "bwd" if backward else "fwd"
-    stages = LEVEL_STAGES[which] if prec == "tf32" and major >= 9 else 1
-    return {"num_warps": LEVEL_WARPS[which], "num_stages": stages}
+    return {"num_warps": LEVEL_WARPS[which], "num_stages": _stages(LEVEL_STAGES[which], prec, major)}
+
+
+def _grads_launch(prec: str, major: int) -> dict:
+    """Launch options of the gradient kernel (LEVEL_GRADS), staged as :func:`_level_launch`."""
+    cfg = LEVEL_GRADS[prec]
+    return {"num_warps": cfg["num_warps"], "num_stages": _stages(cfg["num_stages"], prec, major)}
+
+
+def _stages(stages: int, prec: str, major: int) -> int:
+    return stages if prec == "tf32" and major >= 9 else 1
 
 
 class _Lane(NamedTuple):
@@ -369,9 +378,10 @@ _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}  # one per GPU (a fres
 
 def _in_lanes(lanes: list[_Lane], launch, buffers, device: torch.device) -> list:
     """Runs ``launch(lane, group, bufs)`` for every group of every lane, each lane into its own
-    ``buffers(lane)`` (groups add into the same rows, so no two may share buffers at once); returns
-    the buffer sets to add up. On CUDA the top lane runs on a side stream, concurrently with the
-    others (its few long scans would leave most of the GPU idle)."""
+    ``buffers(lane)`` where groups add into the same rows (no two lanes may share such buffers at
+    once; None where they write disjoint places); returns the buffer sets. On CUDA the top lane
+    runs on a side stream, concurrently with the others (its few long scans would leave most of the
+    GPU idle)."""
     sets = [buffers(lane) for lane in lanes]
     if device.type != "cuda" or len(lanes) < 2:
         for lane, bufs in zip(lanes, sets, strict=True):
@@ -435,17 +445,15 @@ class _LevelReads(torch.autograd.Function):
             _level_bwd[(N * H * nseg, lane.NV)](w, u, kd, ge, qw, lam, do, hs, hd, n, N * H, K, V, J, j0, top,
                                                 C=C, BK=lane.BK, BV=lane.BV, NL=lane.NL, PREC=ctx.prec, **opts)
 
-        _in_lanes(_level_lanes(n, J, K, V, "bwd", ctx.prec), launch, lambda lane: None, w.device)
+        lanes = _level_lanes(n, J, K, V, "bwd", ctx.prec)
+        _in_lanes(lanes, launch, lambda lane: None, w.device)  # the lanes write disjoint levels
         du = u.new_empty(u.shape, dtype=torch.float32)
         dw, dkd, dqw = (w.new_empty(w.shape, dtype=torch.float32) for _ in range(3))
         dge, dlam = torch.empty_like(ge), torch.empty_like(lam)
-        BK = max(16, triton.next_power_of_2(K))
-        cfg = LEVEL_GRADS[ctx.prec]
-        BV = min(cfg["BV"], max(16, triton.next_power_of_2(V)))
-        stages = cfg["num_stages"] if ctx.prec == "tf32" and _major(w.device) >= 9 else 1
-        _level_grads[(N * H * n,)](w, u, kd, qw, lam, do, hs, hd, du, dw, dkd, dqw, dge, dlam, n, K, V, J, C=C, BK=BK,
-                                   BV=BV, JP=max(2, triton.next_power_of_2(J)), PREC=ctx.prec,
-                                   num_warps=cfg["num_warps"], num_stages=stages)
+        BV = min(LEVEL_GRADS[ctx.prec]["BV"], max(16, triton.next_power_of_2(V)))
+        _level_grads[(N * H * n,)](w, u, kd, qw, lam, do, hs, hd, du, dw, dkd, dqw, dge, dlam, n, K, V, J, C=C,
+                                   BK=lanes[0].BK, BV=BV, JP=max(2, triton.next_power_of_2(J)), PREC=ctx.prec,
+                                   **_grads_launch(ctx.prec, _major(w.device)))
         return dw, du, dkd, dge, dqw, dlam, None, None
 
 
