@@ -38,6 +38,8 @@ def _compile(fn, consts: dict, options: dict, major: int, operand: str, operand_
             continue
         if name in operand_ptrs:
             sig[name] = "*" + operand
+        elif name == "scale":
+            sig[name] = "fp32"
         else:
             sig[name] = "*fp32" if name.endswith("_ptr") else "i32"
         if name.endswith("_ptr") or name in ("K", "V"):  # as the launcher specialises aligned arguments
@@ -68,6 +70,21 @@ def test_level_gradient_kernel_compiles_and_fits_shared_memory(prec, major):
     consts = {"C": 64, "BK": 128, "BV": triton_gdn.LEVEL_GRADS[prec]["BV"], "JP": 16, "PREC": prec}
     kernel = _compile(triton_gdn._level_grads, consts, triton_gdn._grads_launch(prec, major), major,
                       "bf16" if prec == "tf32" else "fp32", OPERAND_PTRS)
+    assert 0 < kernel.metadata.shared <= SHARED[major], kernel.metadata.shared
+
+
+@pytest.mark.parametrize("which", ["fwd", "bwd"])
+@pytest.mark.parametrize("prec,major", [("tf32", 9), ("ieee", 8)])
+def test_chunk_kernels_compile_and_fit_shared_memory(which, prec, major):
+    """The fused chunk kernels of log-linear Gated DeltaNet (head dim 128, chunks of 64)."""
+    from hippolm.ops import triton_gdn_chunk as tc
+
+    BK, BV = tc._blocks(128, 128)
+    ptrs = ("q_ptr", "k_ptr", "v_ptr", "w_ptr", "u_ptr", "kd_ptr", "qw_ptr", "dq_ptr", "dk_ptr", "dv_ptr",
+            "dw_ptr", "du_ptr", "dkd_ptr", "dqw_ptr")
+    consts = {"C": 64, "CB": 6, "BK": BK, "BV": BV, "PREC": prec} | ({"HAS_DMIX": True} if which == "bwd" else {})
+    kernel = _compile(tc._chunk_fwd if which == "fwd" else tc._chunk_bwd, consts,
+                      tc._launch(), major, "bf16" if prec == "tf32" else "fp32", ptrs)
     assert 0 < kernel.metadata.shared <= SHARED[major], kernel.metadata.shared
 
 

@@ -23,6 +23,7 @@ import triton.language as tl
 
 from . import reference
 from .loglinear import bit_length
+from .triton_gdn_chunk import ChunkParts
 
 
 @triton.jit
@@ -447,8 +448,8 @@ class _LevelReads(torch.autograd.Function):
 
         lanes = _level_lanes(n, J, K, V, "bwd", ctx.prec)
         _in_lanes(lanes, launch, lambda lane: None, w.device)  # the lanes write disjoint levels
-        du = u.new_empty(u.shape, dtype=torch.float32)
-        dw, dkd, dqw = (w.new_empty(w.shape, dtype=torch.float32) for _ in range(3))
+        du = torch.empty_like(u)  # in the operand type, as the inputs they are gradients of
+        dw, dkd, dqw = (torch.empty_like(w) for _ in range(3))
         dge, dlam = torch.empty_like(ge), torch.empty_like(lam)
         BV = min(LEVEL_GRADS[ctx.prec]["BV"], max(16, triton.next_power_of_2(V)))
         _level_grads[(N * H * n,)](w, u, kd, qw, lam, do, hs, hd, du, dw, dkd, dqw, dge, dlam, n, K, V, J, C=C,
@@ -560,8 +561,9 @@ def loglinear_gated_delta_rule(q, k, v, g, beta, lam, scale: float, output_final
     """Log-linear Gated DeltaNet, sequences starting at position 0; arguments as
     :func:`hippolm.ops.loglinear_gated_delta_rule`. Returns (o, final slots [N, H, L, K, V] or None, ends).
 
-    Intra-chunk: the chunk's delta-rule attention matrix ``attn @ mix`` times the level weights
-    (torch). Chunk level j (:class:`_LevelReads`): segments of 2^(j+1) chunks, each its own program;
+    Intra-chunk (:class:`ChunkParts`, fused kernels): the chunk's delta-rule attention matrix
+    ``attn @ mix`` times the level weights, and the WY factors of the level kernels.
+    Chunk level j (:class:`_LevelReads`): segments of 2^(j+1) chunks, each its own program;
     the first half writes a state from zero, the second half reads it, weighted by lam at level
     log2(C)+1+j, while it keeps evolving (u = 0): with v_new = -w S the read of chunk i is
     (q gamma - attn w) S, so no per-level state is ever stored in the forward. Final slots: one
@@ -574,22 +576,14 @@ def loglinear_gated_delta_rule(q, k, v, g, beta, lam, scale: float, output_final
     bounds, length, (qs, ks, vs, gs, bs, ls) = _padded([q, k, v, g, beta, lam], T, cu_seqlens, B, C)
     lengths = [e - s for _, s, e in bounds]
     op = _operands(q.dtype)
-    qb, kb, vb, G, decay, mix, w, u, kd = _chunks(qs, ks, vs, gs, bs, scale, C, op)
-    lamb = reference.to_blocks(ls.float(), C)  # [N, H, n, C, L]
-    gamma = G.exp()[..., None]
-    ge = G[..., -1].exp()
-    attn = _mm(qb, kb.transpose(-1, -2), op) * decay
     prec = _precision(q.dtype)
-    N, _, n = qb.shape[:3]
-
-    r = torch.arange(C, device=q.device)
-    level_in = bit_length(r[:, None] ^ r[None, :], CB)
-    lam_in = lamb.gather(-1, level_in.clamp_max(L - 1).expand(N, H, n, C, C)) * (level_in < L)
-    o = _mm(_mm(attn, mix, op) * lam_in, vb, op)
+    w, u, kd, qw, ge, o, mix = ChunkParts.apply(qs.to(op), ks.to(op), vs.to(op), gs, bs, ls, scale, C,
+                                                output_final_state, prec)
+    N, _, n = w.shape[:3]
     J = max(0, min((n - 1).bit_length(), L - CB - 1))  # chunk levels that some chunk reads
-    if J:
-        qw = qb * gamma - _mm(attn, w, op)  # a read of state S in chunk i is lam_j * (qw_i S)
-        o = o + _LevelReads.apply(w, u, kd, ge, qw, lamb[..., CB + 1 : CB + 1 + J], prec, op)
+    if J:  # a read of state S in chunk i is lam_j * (qw_i S)
+        lamb = reference.to_blocks(ls.float(), C)[..., CB + 1 : CB + 1 + J]  # [N, H, n, C, J]
+        o = o + _LevelReads.apply(w, u, kd, ge, qw, lamb, prec, op)
     o = o.permute(0, 2, 3, 1, 4).reshape(N, n * C, H, V)
     o = torch.cat([o[i, :ln] for i, ln in enumerate(lengths)])[None] if cu_seqlens is not None else o[:, :T]
     if not output_final_state:

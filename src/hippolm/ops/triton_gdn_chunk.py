@@ -1,0 +1,298 @@
+"""The chunk-local parts of log-linear Gated DeltaNet as two fused Triton kernels (one program per
+chunk and head): the forward reads q, k, v, g, beta, lam once and writes the WY factors the level
+kernels take (w, u, kd, qw, ge) and the chunk's own output; the backward recomputes the masks and
+products from the inputs and the saved inverse, and writes dq, dk, dv, dg, dbeta, dlam once. (They
+replace ~20 batched torch ops and their autograd, each a pass over memory.)
+
+Per chunk (C tokens, G the within-chunk cumulative log decay, gamma = exp(G), qb = q * scale):
+
+    decay_ij = exp(G_i - G_j) (i >= j)      A = I + strict_lower(beta_i (k k^T)_ij decay_ij)
+    mix = A^-1 diag(beta)                    w = mix (gamma k),  u = mix v,  kd = k exp(G_C - G)
+    attn = (qb k^T) * decay                  qw = qb gamma - attn w
+    o = ((attn mix) * lam_in) v              lam_in_ij = lam_i[bit_length(i xor j)]
+
+A^-1 comes from forward substitution row by row (stable, unlike products of powers of the nilpotent
+part). Only loaded tiles are transposed inside a dot (Triton miscompiles the transpose of a dot's
+result on Hopper, FLA #640); computed matrices are transposed through a per-program scratch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+
+
+@triton.jit
+def _dot(a, b, acc, DT: tl.constexpr, PREC: tl.constexpr):
+    """a @ b (+ acc) with both operands in DT (16-bit for 16-bit inputs, as FLA) and float32 sums."""
+    return tl.dot(a.to(DT), b.to(DT), acc, input_precision=PREC)
+
+
+@triton.jit
+def _transposed(x, scr_ptr, C: tl.constexpr):
+    """x^T of a computed [C, C] float32 tile, through this program's scratch."""
+    cc = tl.arange(0, C)
+    tl.debug_barrier()  # earlier reads of the scratch are done
+    tl.store(scr_ptr + cc[:, None] * C + cc[None, :], x)
+    tl.debug_barrier()
+    return tl.load(scr_ptr + cc[None, :] * C + cc[:, None])
+
+
+@triton.jit
+def _rows(pid, n, H, C: tl.constexpr):
+    """Program pid = (sequence * H + head) * n + chunk: its chunk's [C] offsets into [N, n*C, H]."""
+    bh = pid // n
+    cc = tl.arange(0, C)
+    return ((bh // H) * n * C + (pid % n) * C + cc) * H + bh % H
+
+
+@triton.jit
+def _gates(g_ptr, b_ptr, tok, C: tl.constexpr):
+    """(gamma = exp(G), exp(G_C - G), G_C, beta, decay [C, C] (0 above the diagonal))."""
+    cc = tl.arange(0, C)
+    G = tl.cumsum(tl.load(g_ptr + tok).to(tl.float32), axis=0)
+    GL = tl.sum(tl.where(cc == C - 1, G, 0.0), axis=0)
+    lower = cc[:, None] >= cc[None, :]
+    decay = tl.where(lower, tl.exp(tl.where(lower, G[:, None] - G[None, :], 0.0)), 0.0)
+    return tl.exp(G), tl.exp(GL - G), GL, tl.load(b_ptr + tok).to(tl.float32), decay
+
+
+@triton.jit
+def _levels(lam_ptr, tok, L, C: tl.constexpr, CB: tl.constexpr):
+    """(level of every pair (i, j) = bit_length(i xor j), lam_i at that level (0 beyond L))."""
+    cc = tl.arange(0, C)
+    x = cc[:, None] ^ cc[None, :]
+    lvl = tl.zeros((C, C), dtype=tl.int32)
+    for b in tl.static_range(CB):
+        lvl += ((x >> b) > 0).to(tl.int32)
+    lam = tl.zeros((C, C), dtype=tl.float32)
+    for lv in tl.static_range(CB + 1):
+        col = tl.load(lam_ptr + tok * L + lv, mask=(cc * 0 + lv) < L, other=0).to(tl.float32)
+        lam = tl.where(lvl == lv, col[:, None], lam)
+    return lvl, lam
+
+
+@triton.jit
+def _products(q_ptr, k_ptr, tok, K, C: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """(k k^T, q k^T), [C, C] float32."""
+    KK = tl.zeros((C, C), dtype=tl.float32)
+    QK = tl.zeros((C, C), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        m = kk[None, :] < K
+        kt = tl.load(k_ptr + tok[:, None] * K + kk[None, :], mask=m, other=0)
+        qt = tl.load(q_ptr + tok[:, None] * K + kk[None, :], mask=m, other=0)
+        KK = _dot(kt, tl.trans(kt), KK, DT, PREC)
+        QK = _dot(qt, tl.trans(kt), QK, DT, PREC)
+    return KK, QK
+
+
+@triton.jit
+def _chunk_fwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, w_ptr, u_ptr, kd_ptr, qw_ptr, ge_ptr, o_ptr,
+               scale, n, H, K, V, L, C: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               PREC: tl.constexpr):
+    """One chunk and head: A^-1 into ``a`` (saved for the backward), w, u, kd, qw ([N, H, n, C, *],
+    the inputs' type), ge, and the chunk's own output o (float32)."""
+    pid = tl.program_id(0).to(tl.int64)
+    tok = _rows(pid, n, H, C)
+    DT = q_ptr.dtype.element_ty
+    cc = tl.arange(0, C)
+    ri, cj = cc[:, None], cc[None, :]
+    gam, ekd, GL, beta, decay = _gates(g_ptr, b_ptr, tok, C)
+    KK, QK = _products(q_ptr, k_ptr, tok, K, C, BK, DT, PREC)
+    attn = QK * scale * decay
+    # forward substitution for T = A^-1 - I: T_r = -L_r - sum_{j<r} L_rj T_j, rows of L from memory
+    ap = a_ptr + pid * C * C
+    tl.store(ap + ri * C + cj, tl.where(ri > cj, beta[:, None] * KK * decay, 0.0))
+    tl.debug_barrier()
+    T = tl.zeros((C, C), dtype=tl.float32)
+    for r in range(1, C):
+        a = -tl.load(ap + r * C + cc, mask=cc < r, other=0.0)
+        a += tl.sum(a[:, None] * T, axis=0)
+        T = tl.where(ri == r, a[None, :], T)
+    Ainv = T + (ri == cj).to(tl.float32)
+    tl.debug_barrier()
+    tl.store(ap + ri * C + cj, Ainv)
+    mix = Ainv * beta[None, :]
+    _, lam = _levels(lam_ptr, tok, L, C, CB)
+    M = _dot(attn, mix, None, DT, PREC) * lam
+    rows = pid * C + cc  # rows of [N * H * n * C, *]
+    for k0 in range(0, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        m = kk[None, :] < K
+        kt = tl.load(k_ptr + tok[:, None] * K + kk[None, :], mask=m, other=0).to(tl.float32)
+        qt = tl.load(q_ptr + tok[:, None] * K + kk[None, :], mask=m, other=0).to(tl.float32)
+        w = _dot(mix, kt * gam[:, None], None, DT, PREC)
+        qw = qt * (scale * gam)[:, None] - _dot(attn, w, None, DT, PREC)
+        out = rows[:, None] * K + kk[None, :]
+        tl.store(w_ptr + out, w, mask=m)
+        tl.store(qw_ptr + out, qw, mask=m)
+        tl.store(kd_ptr + out, kt * ekd[:, None], mask=m)
+    for v0 in range(0, V, BV):
+        vv = v0 + tl.arange(0, BV)
+        m = vv[None, :] < V
+        vt = tl.load(v_ptr + tok[:, None] * V + vv[None, :], mask=m, other=0)
+        out = rows[:, None] * V + vv[None, :]
+        tl.store(u_ptr + out, _dot(mix, vt, None, DT, PREC), mask=m)
+        tl.store(o_ptr + out, _dot(M, vt, None, DT, PREC), mask=m)
+    tl.store(ge_ptr + pid, tl.exp(GL))
+
+
+@triton.jit
+def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr, du_ptr, dkd_ptr, dqw_ptr,
+               dge_ptr, dmix_ptr, scr_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, db_ptr, dlam_ptr,
+               scale, n, H, K, V, L, C: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               HAS_DMIX: tl.constexpr, PREC: tl.constexpr):
+    """Gradients of :func:`_chunk_fwd` for one chunk and head, from those of o, w, u, kd, qw, ge and
+    (HAS_DMIX) mix. With X = dqw (gamma k)^T: dattn = (dP - X) mix^T, dw_total = dw - attn^T dqw,
+    dmix = du v^T + attn^T dP + dw_total (gamma k)^T, dA = -A^-T (dmix diag(beta)) A^-T."""
+    pid = tl.program_id(0).to(tl.int64)
+    tok = _rows(pid, n, H, C)
+    DT = q_ptr.dtype.element_ty
+    cc = tl.arange(0, C)
+    ri, cj = cc[:, None], cc[None, :]
+    gam, ekd, GL, beta, decay = _gates(g_ptr, b_ptr, tok, C)
+    ap = a_ptr + pid * C * C
+    Ainv = tl.load(ap + ri * C + cj)
+    AinvT = tl.load(ap + cj * C + ri)
+    mix = Ainv * beta[None, :]
+    mixT = AinvT * beta[:, None]
+    scr = scr_ptr + pid * C * C
+    rows = pid * C + cc
+    KK, QK = _products(q_ptr, k_ptr, tok, K, C, BK, DT, PREC)
+    X = tl.zeros((C, C), dtype=tl.float32)
+    dgam = tl.zeros((C,), dtype=tl.float32)  # gradient of gamma
+    for k0 in range(0, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        m = kk[None, :] < K
+        kt = tl.load(k_ptr + tok[:, None] * K + kk[None, :], mask=m, other=0).to(tl.float32)
+        qt = tl.load(q_ptr + tok[:, None] * K + kk[None, :], mask=m, other=0).to(tl.float32)
+        dqw = tl.load(dqw_ptr + rows[:, None] * K + kk[None, :], mask=m, other=0).to(tl.float32)
+        X = _dot(dqw, tl.trans(kt * gam[:, None]), X, DT, PREC)
+        dgam += tl.sum(dqw * qt, axis=1) * scale
+    attn = QK * scale * decay
+    lvl, lam = _levels(lam_ptr, tok, L, C, CB)
+    P = _dot(attn, mix, None, DT, PREC)
+    MT = _transposed(P * lam, scr, C)
+    dM = tl.zeros((C, C), dtype=tl.float32)
+    dmix = tl.load(dmix_ptr + pid * C * C + ri * C + cj) if HAS_DMIX else tl.zeros((C, C), dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        vv = v0 + tl.arange(0, BV)
+        m = vv[None, :] < V
+        vt = tl.load(v_ptr + tok[:, None] * V + vv[None, :], mask=m, other=0)
+        do = tl.load(do_ptr + rows[:, None] * V + vv[None, :], mask=m, other=0)
+        du = tl.load(du_ptr + rows[:, None] * V + vv[None, :], mask=m, other=0)
+        dM = _dot(do, tl.trans(vt), dM, DT, PREC)
+        dmix = _dot(du, tl.trans(vt), dmix, DT, PREC)
+        dv = _dot(mixT, du, _dot(MT, do, None, DT, PREC), DT, PREC)
+        tl.store(dv_ptr + tok[:, None] * V + vv[None, :], dv, mask=m)
+    dlam_in = dM * P
+    for lv in tl.static_range(CB + 1):
+        tl.store(dlam_ptr + tok * L + lv, tl.sum(tl.where(lvl == lv, dlam_in, 0.0), axis=1), mask=(cc * 0 + lv) < L)
+    dP = dM * lam
+    dattn = _dot(dP - X, mixT, None, DT, PREC)
+    attnT = _transposed(attn, scr, C)
+    dmix = _dot(attnT, dP, dmix, DT, PREC)
+    for k0 in range(0, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        m = kk[None, :] < K
+        kt = tl.load(k_ptr + tok[:, None] * K + kk[None, :], mask=m, other=0).to(tl.float32)
+        dw = tl.load(dw_ptr + rows[:, None] * K + kk[None, :], mask=m, other=0).to(tl.float32)
+        dqw = tl.load(dqw_ptr + rows[:, None] * K + kk[None, :], mask=m, other=0)
+        dw_total = dw - _dot(attnT, dqw, None, DT, PREC)
+        dmix = _dot(dw_total, tl.trans(kt * gam[:, None]), dmix, DT, PREC)
+    # through mix = A^-1 diag(beta) and A = I + strict_lower(beta_i KK_ij decay_ij)
+    db = tl.sum(dmix * Ainv, axis=0)
+    dA = -tl.dot(tl.dot(AinvT, dmix * beta[None, :], input_precision=PREC), AinvT, input_precision=PREC)
+    KKd = tl.where(ri > cj, KK * decay, 0.0)
+    dL = tl.where(ri > cj, dA, 0.0)
+    db += tl.sum(dL * KKd, axis=1)
+    E = dL * KKd * beta[:, None] + dattn * attn  # d(G_i - G_j) of every decayed entry
+    dG = tl.sum(E, axis=1) - tl.sum(E, axis=0)
+    dKK = dL * beta[:, None] * decay
+    dKK += _transposed(dKK, scr, C)
+    dS = dattn * decay
+    dST = _transposed(dS, scr, C)
+    dGL = tl.sum(dG * 0.0, axis=0)
+    for k0 in range(0, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        m = kk[None, :] < K
+        kt = tl.load(k_ptr + tok[:, None] * K + kk[None, :], mask=m, other=0)
+        qt = tl.load(q_ptr + tok[:, None] * K + kk[None, :], mask=m, other=0)
+        dw = tl.load(dw_ptr + rows[:, None] * K + kk[None, :], mask=m, other=0).to(tl.float32)
+        dqw = tl.load(dqw_ptr + rows[:, None] * K + kk[None, :], mask=m, other=0)
+        dkd = tl.load(dkd_ptr + rows[:, None] * K + kk[None, :], mask=m, other=0).to(tl.float32)
+        dkg = _dot(mixT, dw - _dot(attnT, dqw, None, DT, PREC), None, DT, PREC)  # of gamma k
+        dq = (dqw.to(tl.float32) * gam[:, None] + _dot(dS, kt, None, DT, PREC)) * scale
+        dk = dkg * gam[:, None] + dkd * ekd[:, None] + _dot(dST, qt, None, DT, PREC) * scale
+        dk = _dot(dKK, kt, dk, DT, PREC)
+        kf = kt.to(tl.float32)
+        dgam += tl.sum(dkg * kf, axis=1)
+        t = tl.sum(dkd * kf * ekd[:, None], axis=1)
+        dG -= t
+        dGL += tl.sum(t, axis=0)
+        tl.store(dq_ptr + tok[:, None] * K + kk[None, :], dq, mask=m)
+        tl.store(dk_ptr + tok[:, None] * K + kk[None, :], dk, mask=m)
+    dGL += tl.load(dge_ptr + pid) * tl.exp(GL)
+    dG += dgam * gam + tl.where(cc == C - 1, dGL, 0.0)
+    tl.store(dg_ptr + tok, tl.sum(dG, axis=0) - tl.cumsum(dG, axis=0) + dG)  # suffix sums
+    tl.store(db_ptr + tok, db)
+
+
+# Columns per step of the K and V loops, and warps (one program per chunk and head).
+CHUNK_TILES = {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 1}
+
+
+class ChunkParts(torch.autograd.Function):
+    """(q, k, v [N, length, H, *], g, beta [N, length, H], lam [N, length, H, L]; length = n * C)
+    -> (w, u, kd, qw [N, H, n, C, *] in q's type, ge [N, H, n], o [N, H, n, C, V] float32: the chunk's
+    own output with level weights lam[..., :log2(C)+1], mix [N, H, n, C, C] if ``want_mix`` else empty)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, lam, scale: float, C: int, want_mix: bool, prec: str):
+        q, k, v, g, beta, lam = (x.contiguous() for x in (q, k, v, g, beta, lam))
+        N, length, H, K = q.shape
+        V, L, n = v.shape[-1], lam.shape[-1], length // C
+        ainv = q.new_empty(N, H, n, C, C, dtype=torch.float32)
+        w, kd, qw = (q.new_empty(N, H, n, C, K) for _ in range(3))
+        u = q.new_empty(N, H, n, C, V)
+        o = q.new_empty(N, H, n, C, V, dtype=torch.float32)
+        ge = q.new_empty(N, H, n, dtype=torch.float32)
+        BK, BV = _blocks(K, V)
+        _chunk_fwd[(N * H * n,)](q, k, v, g, beta, lam, ainv, w, u, kd, qw, ge, o, scale, n, H, K, V, L,
+                                 C=C, CB=C.bit_length() - 1, BK=BK, BV=BV, PREC=prec,
+                                 **_launch())
+        ctx.save_for_backward(q, k, v, g, beta, lam, ainv)
+        ctx.scale, ctx.prec = scale, prec
+        mix = ainv * reference.to_blocks(beta.float(), C)[..., None, :] if want_mix else ainv.new_empty(0)
+        return w, u, kd, qw, ge, o, mix
+
+    @staticmethod
+    def backward(ctx, dw, du, dkd, dqw, dge, do, dmix):
+        q, k, v, g, beta, lam, ainv = ctx.saved_tensors
+        N, _, H, K = q.shape
+        V, L = v.shape[-1], lam.shape[-1]
+        n, C = ainv.shape[2], ainv.shape[-1]
+        dw, du, dkd, dqw, dge, do = (x.contiguous() for x in (dw, du, dkd, dqw, dge, do))
+        has_dmix = dmix.numel() > 0
+        dq, dk, dv, dg, db = (torch.empty_like(x) for x in (q, k, v, g, beta))
+        dlam = torch.zeros_like(lam)  # the chunk levels' columns come from the level kernels
+        scratch = torch.empty_like(ainv)
+        BK, BV = _blocks(K, V)
+        _chunk_bwd[(N * H * n,)](q, k, v, g, beta, lam, ainv, do, dw, du, dkd, dqw, dge,
+                                 dmix.contiguous() if has_dmix else ainv, scratch, dq, dk, dv, dg, db, dlam,
+                                 ctx.scale, n, H, K, V, L, C=C, CB=C.bit_length() - 1, BK=BK, BV=BV,
+                                 HAS_DMIX=has_dmix, PREC=ctx.prec, **_launch())
+        return dq, dk, dv, dg, db, dlam, None, None, None, None
+
+
+def _blocks(K: int, V: int) -> tuple[int, int]:
+    return (min(CHUNK_TILES["BK"], max(16, triton.next_power_of_2(K))),
+            min(CHUNK_TILES["BV"], max(16, triton.next_power_of_2(V))))
+
+
+def _launch() -> dict:
+    return {"num_warps": CHUNK_TILES["num_warps"], "num_stages": CHUNK_TILES["num_stages"]}
