@@ -4,6 +4,7 @@ A diagnostic to run when the CUDA tests fail: it prints every error instead of s
 first assertion, and writes them to JSON.
 
     python benchmarks/kernel_errors.py --json $OUT/kernel_errors_h100.json
+    python benchmarks/kernel_errors.py --op loglinear_gated_delta_rule --shapes "1,1000,4"
 """
 
 from __future__ import annotations
@@ -43,27 +44,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default=None)
     p.add_argument("--shapes", default=None, help="B,T,H triples, e.g. '1,1000,1;1,3000,4' (default: all)")
+    p.add_argument("--op", default="loglinear_ssd", choices=["loglinear_ssd", "loglinear_gated_delta_rule"])
     args = p.parse_args()
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")] if args.shapes else SHAPES
     dev = "cuda"
     rows = []
+    run = _gdn_errors if args.op == "loglinear_gated_delta_rule" else _ssd_errors
     for B, T, H in shapes:
-        xs = tk._inputs(B, T, H, 128, 128, seed=T)
-        want = tk._reference(xs)
         for dtype in (torch.float32, torch.bfloat16):
-            row = {"op": "loglinear_ssd", "B": B, "T": T, "H": H, "dtype": str(dtype).split(".")[-1]}
+            row = {"op": args.op, "B": B, "T": T, "H": H, "dtype": str(dtype).split(".")[-1]}
             t0 = time.time()
             try:
-                o, _, grads = tk._run(xs, dtype, dev, chunk_size=64)
-                # Against the float64 inputs, and against the inputs as the kernel got them (the
-                # kernel's own error: what tests/test_kernels.py checks).
-                row["o_vs_f64"], row["dg_vs_f64"] = rel_err(o.cpu(), want[0]), rel_err(grads[3].cpu(), want[2][3])
-                ref = tk._reference(tk._rounded(xs, dtype))
-                row["o"] = rel_err(o.cpu(), ref[0])
-                row["o_by_chunk"] = _by_chunk(o.cpu(), ref[0])
-                for name, a, b in zip(("dq", "dk", "dv", "dg", "dlam"), grads, ref[2], strict=True):
-                    row[name] = rel_err(a.cpu(), b)
-                    row[name + "_by_chunk"] = _by_chunk(a.cpu(), b)
+                run(row, B, T, H, dtype, dev)
             except Exception as e:  # report it and go on to the next case
                 row["error"] = f"{type(e).__name__}: {e}"[:400]
                 traceback.print_exc()
@@ -74,6 +66,48 @@ def main() -> None:
                 result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                           "date": datetime.date.today().isoformat(), "rows": rows}
                 Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _ssd_errors(row: dict, B: int, T: int, H: int, dtype: torch.dtype, dev: str) -> None:
+    """Log-linear Mamba-2 (tests/test_kernels.py's inputs), against the float64 inputs and against
+    the inputs as the kernel got them (the kernel's own error: what the tests check)."""
+    xs = tk._inputs(B, T, H, 128, 128, seed=T)
+    want = tk._reference(xs)
+    o, _, grads = tk._run(xs, dtype, dev, chunk_size=64)
+    row["o_vs_f64"], row["dg_vs_f64"] = rel_err(o.cpu(), want[0]), rel_err(grads[3].cpu(), want[2][3])
+    ref = tk._reference(tk._rounded(xs, dtype))
+    _record(row, o, grads, ref[0], ref[2], ("dq", "dk", "dv", "dg", "dlam"))
+
+
+def _gdn_errors(row: dict, B: int, T: int, H: int, dtype: torch.dtype, dev: str) -> None:
+    """Log-linear Gated DeltaNet (q, k, v in ``dtype``, gates and lam float32) against the float64
+    reference of the rounded inputs: output and the gradients of a random weighting of it."""
+    from conftest import make_inputs
+
+    from hippolm import ops
+
+    xs = make_inputs("gated_delta_rule", B, T, H, 128, 128, seed=T)
+    xs.append(torch.rand(B, T, H, ops.num_levels(T) + 1, generator=torch.Generator().manual_seed(2),
+                         dtype=torch.float64) + 0.25)
+    xs = [x.to(dtype).double() if i < 3 else x.float().double() for i, x in enumerate(xs)]
+    w = torch.randn(B, T, H, 128, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def run(leaves, backend, device):
+        o, _ = ops.loglinear_gated_delta_rule(*leaves, backend=backend)
+        return o, torch.autograd.grad((o.double() * w.to(device)).sum(), leaves)
+
+    o_ref, g_ref = run([x.to(dev).requires_grad_() for x in xs], "torch", dev)
+    leaves = [x.to(device=dev, dtype=dtype if i < 3 else torch.float32).requires_grad_() for i, x in enumerate(xs)]
+    o, grads = run(leaves, "triton", dev)
+    _record(row, o, grads, o_ref, g_ref, ("dq", "dk", "dv", "dg", "dbeta", "dlam"))
+
+
+def _record(row: dict, o, grads, o_ref, g_ref, names) -> None:
+    row["o"] = rel_err(o.cpu(), o_ref.cpu())
+    row["o_by_chunk"] = _by_chunk(o.cpu(), o_ref.cpu())
+    for name, a, b in zip(names, grads, g_ref, strict=True):
+        row[name] = rel_err(a.cpu(), b.cpu())
+        row[name + "_by_chunk"] = _by_chunk(a.cpu(), b.cpu())
 
 
 if __name__ == "__main__":

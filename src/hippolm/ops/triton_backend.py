@@ -39,12 +39,14 @@ def usable(device: torch.device) -> bool:
 
 @functools.cache
 def _patch_interpreter() -> None:
-    """Two fixes to Triton 3.6's CPU interpreter (interpreter only; compiled kernels are untouched):
+    """Three fixes to Triton 3.6's CPU interpreter (interpreter only; compiled kernels are untouched):
 
     - it turns scalars into 1-element arrays and calls ``int()`` on them for ``range(n)``, which
       numpy >= 2.4 refuses: use the element;
     - ``tl.dot`` multiplies bf16 operands as their raw uint16 storage: widen them to float32 first
-      (what the tensor cores do: bf16 products, float32 accumulation).
+      (what the tensor cores do: bf16 products, float32 accumulation);
+    - float32 -> bf16 casts (``.to``, stores) truncate the mantissa, twice the error of the GPU's
+      round-to-nearest-even: round as torch does, so CPU-measured bf16 errors are the GPU's.
     """
     import numpy as np
     import triton.language as tl
@@ -71,6 +73,19 @@ def _patch_interpreter() -> None:
         return dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
 
     builder.create_dot = create_dot
+
+    convert = interpreter._convert_float
+    if getattr(convert, "rounds_to_nearest", False):
+        return
+
+    def convert_float(data, input_dtype, output_dtype, rounding_mode):
+        if input_dtype == tl.float32 and output_dtype == tl.bfloat16 and "RTZ" not in str(rounding_mode):
+            rounded = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).to(torch.bfloat16)
+            return rounded.view(torch.int16).numpy().view(np.uint16)
+        return convert(data, input_dtype, output_dtype, rounding_mode)
+
+    convert_float.rounds_to_nearest = True
+    interpreter._convert_float = convert_float
 
 
 def kernels():
