@@ -39,7 +39,7 @@ def usable(device: torch.device) -> bool:
 
 @functools.cache
 def _patch_interpreter() -> None:
-    """Three fixes to Triton 3.6's CPU interpreter (interpreter only; compiled kernels are untouched):
+    """Fixes to Triton 3.6's CPU interpreter (interpreter only; compiled kernels are untouched):
 
     - it turns scalars into 1-element arrays and calls ``int()`` on them for ``range(n)``, which
       numpy >= 2.4 refuses: use the element;

@@ -595,6 +595,7 @@ def loglinear_gated_delta_rule(q, k, v, g, beta, lam, scale: float, output_final
     key_level = torch.where(pos[None] <= last, key_level, -1)  # [N, length]
     masks = (key_level[..., None] == torch.arange(L, device=q.device)).float()  # [N, length, L]
     vm = (vs.float()[..., None, :] * masks[:, :, None, :, None]).reshape(N, length, H, L * V)
-    _, _, final = _Scan.apply(w, _mm(mix, reference.to_blocks(vm, C), op), kd, ge, None, prec)
+    # float32 factors: the scan's dots take float32 values and states (TF32 for 16-bit inputs)
+    _, _, final = _Scan.apply(w.float(), _mm(mix, reference.to_blocks(vm, C), op), kd.float(), ge, None, prec)
     slots = final.reshape(N, H, K, L, V).permute(0, 1, 3, 2, 4).contiguous()
     return o.to(q.dtype), slots, lengths
