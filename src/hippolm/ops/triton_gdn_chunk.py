@@ -91,9 +91,45 @@ def _products(q_ptr, k_ptr, tok, K, C: tl.constexpr, BK: tl.constexpr, DT: tl.co
 
 
 @triton.jit
+def _inverse(Lm, ap, C: tl.constexpr, SOLVE: tl.constexpr, PREC: tl.constexpr):
+    """(I + Lm)^-1 of a strictly lower [C, C] Lm (``ap``: this program's [C, C] scratch).
+
+    "rows": forward substitution, T = A^-1 - I row by row, T_r = -L_r - sum_{j<r} L_rj T_j (C - 1
+    dependent steps). "blocks": the same within the 16 x 16 diagonal blocks, all blocks at once (15
+    steps, a masked [C, C] product each), then A^-1 = (I - N + N^2 - N^3) D^-1 with D the block
+    diagonal and N = D^-1 (A - D) (strictly block-lower: N^4 = 0); the products in 3xTF32 (or IEEE)
+    where PREC is TF32: the powers cancel, so their error must stay near float32's."""
+    cc = tl.arange(0, C)
+    ri, cj = cc[:, None], cc[None, :]
+    eye = (ri == cj).to(tl.float32)
+    if SOLVE == "rows":
+        tl.store(ap + ri * C + cj, Lm)
+        tl.debug_barrier()
+        T = tl.zeros((C, C), dtype=tl.float32)
+        for r in range(1, C):
+            a = -tl.load(ap + r * C + cc, mask=cc < r, other=0.0)
+            a += tl.sum(a[:, None] * T, axis=0)
+            T = tl.where(ri == r, a[None, :], T)
+        tl.debug_barrier()  # the scratch is read; the caller may overwrite it
+        return T + eye
+    else:
+        P: tl.constexpr = "tf32x3" if PREC == "tf32" else PREC
+        diag = (ri // 16) == (cj // 16)
+        T = tl.zeros((C, C), dtype=tl.float32)
+        for r in range(1, 16):
+            a = tl.where(((ri % 16) == r) & diag, -Lm, 0.0)  # row r of every diagonal block
+            T = tl.where((ri % 16) == r, a + tl.dot(a, T, input_precision=P), T)
+        Dinv = T + eye
+        N = tl.dot(Dinv, tl.where(diag, 0.0, Lm), input_precision=P)
+        N2 = tl.dot(N, N, input_precision=P)
+        S = eye - N + N2 - tl.dot(N2, N, input_precision=P)
+        return tl.dot(S, Dinv, input_precision=P)
+
+
+@triton.jit
 def _chunk_fwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, w_ptr, u_ptr, kd_ptr, qw_ptr, ge_ptr, o_ptr,
                scale, n, H, K, V, L, C: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-               PREC: tl.constexpr):
+               SOLVE: tl.constexpr, PREC: tl.constexpr):
     """One chunk and head: A^-1 into ``a`` (saved for the backward), w, u, kd, qw ([N, H, n, C, *],
     the inputs' type), ge, and the chunk's own output o (float32)."""
     pid = tl.program_id(0).to(tl.int64)
@@ -104,18 +140,9 @@ def _chunk_fwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, w_ptr, u_ptr, 
     gam, ekd, GL, beta, decay = _gates(g_ptr, b_ptr, tok, C)
     KK, QK = _products(q_ptr, k_ptr, tok, K, C, BK, DT, PREC)
     attn = QK * scale * decay
-    # forward substitution for T = A^-1 - I: T_r = -L_r - sum_{j<r} L_rj T_j, rows of L from memory
-    ap = a_ptr + pid * C * C
-    tl.store(ap + ri * C + cj, tl.where(ri > cj, beta[:, None] * KK * decay, 0.0))
-    tl.debug_barrier()
-    T = tl.zeros((C, C), dtype=tl.float32)
-    for r in range(1, C):
-        a = -tl.load(ap + r * C + cc, mask=cc < r, other=0.0)
-        a += tl.sum(a[:, None] * T, axis=0)
-        T = tl.where(ri == r, a[None, :], T)
-    Ainv = T + (ri == cj).to(tl.float32)
-    tl.debug_barrier()
-    tl.store(ap + ri * C + cj, Ainv)
+    Lm = tl.where(ri > cj, beta[:, None] * KK * decay, 0.0)
+    Ainv = _inverse(Lm, a_ptr + pid * C * C, C, SOLVE, PREC)
+    tl.store(a_ptr + pid * C * C + ri * C + cj, Ainv)
     mix = Ainv * beta[None, :]
     _, lam = _levels(lam_ptr, tok, L, C, CB)
     M = _dot(attn, mix, None, DT, PREC) * lam
@@ -243,7 +270,7 @@ def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr
 
 
 # Columns per step of the K and V loops, and warps (one program per chunk and head).
-CHUNK_TILES = {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 1}
+CHUNK_TILES = {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 1, "solve": "blocks"}
 
 
 class ChunkParts(torch.autograd.Function):
@@ -263,8 +290,8 @@ class ChunkParts(torch.autograd.Function):
         ge = q.new_empty(N, H, n, dtype=torch.float32)
         BK, BV = _blocks(K, V)
         _chunk_fwd[(N * H * n,)](q, k, v, g, beta, lam, ainv, w, u, kd, qw, ge, o, scale, n, H, K, V, L,
-                                 C=C, CB=C.bit_length() - 1, BK=BK, BV=BV, PREC=prec,
-                                 **_launch())
+                                 C=C, CB=C.bit_length() - 1, BK=BK, BV=BV,
+                                 SOLVE=CHUNK_TILES["solve"], PREC=prec, **_launch())
         ctx.save_for_backward(q, k, v, g, beta, lam, ainv)
         ctx.scale, ctx.prec = scale, prec
         mix = ainv * reference.to_blocks(beta.float(), C)[..., None, :] if want_mix else ainv.new_empty(0)

@@ -1,0 +1,93 @@
+"""Log-linear Gated DeltaNet's fused chunk kernels (hippolm.ops.triton_gdn_chunk.ChunkParts) per
+configuration, on random bf16 inputs of one training step (B=1, T=65536, H=16, d=128, chunk 64):
+forward and backward kernel time (the backward with random gradients of every output), results
+checked against the first configuration. Writes JSON (--json).
+
+A configuration: comma-free tokens joined by ':', e.g. ``blocks:w8:k64:v64`` (the solve, warps,
+K and V columns per step; CHUNK_TILES), or ``default``.
+
+    python benchmarks/chunk_timing.py --configs "default;rows:w8;blocks:w4" --json $OUT/chunk_timing_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+
+import torch
+import triton
+from ops_gpu import cuda_time_ms  # benchmarks/ is on the path when run as a script
+
+from hippolm.ops import triton_gdn_chunk as tc
+
+
+def configure(cfg: str) -> None:
+    if cfg == "default":
+        return
+    for tok in cfg.split(":"):
+        if tok in ("rows", "blocks"):
+            tc.CHUNK_TILES["solve"] = tok
+        else:
+            key = {"w": "num_warps", "k": "BK", "v": "BV", "s": "num_stages"}[tok[0]]
+            tc.CHUNK_TILES[key] = int(tok[1:])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--T", type=int, default=65536)
+    ap.add_argument("--configs", default="default;rows;blocks:w4;blocks:k128:v128;blocks:k32:v32")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    N, H, C, d, L = 1, 16, 64, 128, (args.T - 1).bit_length() + 1
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    T = args.T
+
+    def r(*shape):
+        return torch.randn(*shape, device="cuda", generator=gen)
+
+    q, v = r(N, T, H, d).bfloat16(), r(N, T, H, d).bfloat16()
+    k = torch.nn.functional.normalize(r(N, T, H, d), dim=-1).bfloat16()
+    g = torch.nn.functional.logsigmoid(r(N, T, H) + 3)
+    beta, lam = torch.sigmoid(r(N, T, H)), torch.rand(N, T, H, L, device="cuda", generator=gen) + 0.25
+    leaves = [x.requires_grad_() for x in (q, k, v, g, beta, lam)]
+    out = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                    "date": datetime.date.today().isoformat(), "N": N, "T": T, "H": H, "d": d, "C": C,
+                    "dtype": "bfloat16", "defaults": dict(tc.CHUNK_TILES)}, "rows": []}
+    saved = dict(tc.CHUNK_TILES)
+    base = None
+    for cfg in args.configs.split(";"):
+        row = {"config": cfg}
+        try:
+            configure(cfg)
+
+            def fwd():
+                return tc.ChunkParts.apply(*leaves, d**-0.5, C, False, "tf32")
+
+            outs = fwd()
+            grads = [torch.randn(o.shape, device="cuda", generator=gen).to(o.dtype) for o in outs]
+
+            def bwd(outs=outs, grads=grads):
+                return torch.autograd.grad(outs, leaves, grads, retain_graph=True)
+
+            result = [*outs, *bwd()]
+            base = base or result
+            row["max_rel_diff"] = max(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+                                      for a, b in zip(result, base, strict=True))
+            row["fwd_ms"] = round(cuda_time_ms(fwd, warmup=1, repeats=5), 3)
+            row["bwd_ms"] = round(cuda_time_ms(bwd, warmup=1, repeats=5), 3)
+        except Exception as err:  # out of shared memory / registers
+            row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
+        finally:
+            tc.CHUNK_TILES.update(saved)
+        print(json.dumps(row), flush=True)
+        out["rows"].append(row)
+        if "error" in row and "illegal" in row["error"]:
+            break  # the context is lost
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
