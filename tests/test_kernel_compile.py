@@ -79,13 +79,13 @@ def test_chunk_kernels_compile_and_fit_shared_memory(which, prec, major):
     """The fused chunk kernels of log-linear Gated DeltaNet (head dim 128, chunks of 64)."""
     from hippolm.ops import triton_gdn_chunk as tc
 
-    BK, BV = tc._blocks(128, 128)
+    BK, BV = tc._blocks(128, 128, which)
     ptrs = ("q_ptr", "k_ptr", "v_ptr", "w_ptr", "u_ptr", "kd_ptr", "qw_ptr", "dq_ptr", "dk_ptr", "dv_ptr",
             "dw_ptr", "du_ptr", "dkd_ptr", "dqw_ptr")
     consts = {"C": 64, "CB": 6, "BK": BK, "BV": BV, "PREC": prec} | (
-        {"HAS_DMIX": True} if which == "bwd" else {"SOLVE": tc.CHUNK_TILES["solve"]})
+        {"HAS_DMIX": True} if which == "bwd" else {"SOLVE": tc.CHUNK_TILES["fwd"]["solve"]})
     kernel = _compile(tc._chunk_fwd if which == "fwd" else tc._chunk_bwd, consts,
-                      tc._launch(), major, "bf16" if prec == "tf32" else "fp32", ptrs)
+                      tc._launch(which), major, "bf16" if prec == "tf32" else "fp32", ptrs)
     assert 0 < kernel.metadata.shared <= SHARED[major], kernel.metadata.shared
 
 

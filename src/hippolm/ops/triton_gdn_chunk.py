@@ -269,8 +269,10 @@ def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr
     tl.store(db_ptr + tok, db)
 
 
-# Columns per step of the K and V loops, and warps (one program per chunk and head).
-CHUNK_TILES = {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 1, "solve": "blocks"}
+# Per kernel: K and V columns per step of its loops, warps, stages, and (forward) the solve for A^-1.
+# H100, bf16, 64k tokens, 16 heads (benchmarks/chunk_timing.py): filled in from chunk_timing_h100.json.
+CHUNK_TILES = {"fwd": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 1, "solve": "blocks"},
+               "bwd": {"BK": 32, "BV": 32, "num_warps": 4, "num_stages": 1}}
 
 
 class ChunkParts(torch.autograd.Function):
@@ -288,10 +290,10 @@ class ChunkParts(torch.autograd.Function):
         u = q.new_empty(N, H, n, C, V)
         o = q.new_empty(N, H, n, C, V, dtype=torch.float32)
         ge = q.new_empty(N, H, n, dtype=torch.float32)
-        BK, BV = _blocks(K, V)
+        BK, BV = _blocks(K, V, "fwd")
         _chunk_fwd[(N * H * n,)](q, k, v, g, beta, lam, ainv, w, u, kd, qw, ge, o, scale, n, H, K, V, L,
                                  C=C, CB=C.bit_length() - 1, BK=BK, BV=BV,
-                                 SOLVE=CHUNK_TILES["solve"], PREC=prec, **_launch())
+                                 SOLVE=CHUNK_TILES["fwd"]["solve"], PREC=prec, **_launch("fwd"))
         ctx.save_for_backward(q, k, v, g, beta, lam, ainv)
         ctx.scale, ctx.prec = scale, prec
         mix = ainv * reference.to_blocks(beta.float(), C)[..., None, :] if want_mix else ainv.new_empty(0)
@@ -308,18 +310,18 @@ class ChunkParts(torch.autograd.Function):
         dq, dk, dv, dg, db = (torch.empty_like(x) for x in (q, k, v, g, beta))
         dlam = torch.zeros_like(lam)  # the chunk levels' columns come from the level kernels
         scratch = torch.empty_like(ainv)
-        BK, BV = _blocks(K, V)
+        BK, BV = _blocks(K, V, "bwd")
         _chunk_bwd[(N * H * n,)](q, k, v, g, beta, lam, ainv, do, dw, du, dkd, dqw, dge,
                                  dmix.contiguous() if has_dmix else ainv, scratch, dq, dk, dv, dg, db, dlam,
                                  ctx.scale, n, H, K, V, L, C=C, CB=C.bit_length() - 1, BK=BK, BV=BV,
-                                 HAS_DMIX=has_dmix, PREC=ctx.prec, **_launch())
+                                 HAS_DMIX=has_dmix, PREC=ctx.prec, **_launch("bwd"))
         return dq, dk, dv, dg, db, dlam, None, None, None, None
 
 
-def _blocks(K: int, V: int) -> tuple[int, int]:
-    return (min(CHUNK_TILES["BK"], max(16, triton.next_power_of_2(K))),
-            min(CHUNK_TILES["BV"], max(16, triton.next_power_of_2(V))))
+def _blocks(K: int, V: int, which: str) -> tuple[int, int]:
+    cfg = CHUNK_TILES[which]
+    return (min(cfg["BK"], max(16, triton.next_power_of_2(K))), min(cfg["BV"], max(16, triton.next_power_of_2(V))))
 
 
-def _launch() -> dict:
-    return {"num_warps": CHUNK_TILES["num_warps"], "num_stages": CHUNK_TILES["num_stages"]}
+def _launch(which: str) -> dict:
+    return {"num_warps": CHUNK_TILES[which]["num_warps"], "num_stages": CHUNK_TILES[which]["num_stages"]}
