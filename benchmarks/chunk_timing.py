@@ -1,7 +1,8 @@
 """Log-linear Gated DeltaNet's fused chunk kernels (hippolm.ops.triton_gdn_chunk.ChunkParts) per
 configuration, on random bf16 inputs of one training step (B=1, T=65536, H=16, d=128, chunk 64):
 forward and backward kernel time (the backward with random gradients of every output), results
-checked against the first configuration. Writes JSON (--json).
+compared with the first configuration's, output by output (a difference beyond rounding is a broken
+configuration: start with one whose errors kernel_errors.py has measured). Writes JSON (--json).
 
 A configuration: tokens joined by ':', e.g. ``blocks:w8:k64:v64`` (the forward's solve, warps, K
 and V columns per step, for both kernels; CHUNK_TILES), or ``default`` (the tables as they are).
@@ -74,8 +75,9 @@ def main():
 
             result = [*outs, *bwd()]
             base = base or result
-            row["max_rel_diff"] = max(((a.float() - b.float()).norm() / b.float().norm()).item()
-                                      for a, b in zip(result, base, strict=True) if b.numel())
+            names = ("w", "u", "kd", "qw", "ge", "o", "mix", "dq", "dk", "dv", "dg", "dbeta", "dlam")
+            row["rel_diff"] = {name: float(f"{((a.float() - b.float()).norm() / b.float().norm()).item():.3g}")
+                               for name, a, b in zip(names, result, base, strict=True) if b.numel()}
             row["fwd_ms"] = round(cuda_time_ms(fwd, warmup=1, repeats=5), 3)
             row["bwd_ms"] = round(cuda_time_ms(bwd, warmup=1, repeats=5), 3)
         except Exception as err:  # out of shared memory / registers

@@ -319,8 +319,9 @@ class ChunkParts(torch.autograd.Function):
 
 
 def _blocks(K: int, V: int, which: str) -> tuple[int, int]:
+    """Columns per step: at least 32 (16 columns hit an illegal address on an H200; chunk_timing_h200.json)."""
     cfg = CHUNK_TILES[which]
-    return (min(cfg["BK"], max(16, triton.next_power_of_2(K))), min(cfg["BV"], max(16, triton.next_power_of_2(V))))
+    return (max(32, min(cfg["BK"], triton.next_power_of_2(K))), max(32, min(cfg["BV"], triton.next_power_of_2(V))))
 
 
 def _launch(which: str) -> dict:
