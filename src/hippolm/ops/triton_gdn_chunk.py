@@ -270,9 +270,13 @@ def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr
 
 
 # Per kernel: K and V columns per step of its loops, warps, stages, and (forward) the solve for A^-1.
-# H100, bf16, 64k tokens, 16 heads (benchmarks/chunk_timing.py): filled in from chunk_timing_h100.json.
+# H200, bf16, 64k tokens, 16 heads (benchmarks/chunk_timing.py, chunk_timing_h200.json): forward
+# "blocks" with 4 warps 3.4 ms (8 warps 7.0, "rows" 3.9 / 4.8), backward 8 warps 8.1 ms (4 warps 9.3).
+# 32-column steps compute wrong results there (Triton 3.6; the backward always, the forward with
+# "blocks") and 16 columns an illegal address, while the interpreter agrees with the reference:
+# _blocks keeps steps at 64 columns (K, V below 64 are masked).
 CHUNK_TILES = {"fwd": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 1, "solve": "blocks"},
-               "bwd": {"BK": 32, "BV": 32, "num_warps": 4, "num_stages": 1}}
+               "bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 1}}
 
 
 class ChunkParts(torch.autograd.Function):
@@ -319,9 +323,9 @@ class ChunkParts(torch.autograd.Function):
 
 
 def _blocks(K: int, V: int, which: str) -> tuple[int, int]:
-    """Columns per step: at least 32 (16 columns hit an illegal address on an H200; chunk_timing_h200.json)."""
+    """Columns per step of the K and V loops: 64 (see CHUNK_TILES), whatever the head dims."""
     cfg = CHUNK_TILES[which]
-    return (max(32, min(cfg["BK"], triton.next_power_of_2(K))), max(32, min(cfg["BV"], triton.next_power_of_2(V))))
+    return max(64, min(cfg["BK"], triton.next_power_of_2(K))), max(64, min(cfg["BV"], triton.next_power_of_2(V)))
 
 
 def _launch(which: str) -> dict:
