@@ -402,6 +402,36 @@ def test_loglinear_gated_delta_rule_level_groups(fwd, bwd, device, monkeypatch):
         assert rel_err(a, b) < 1e-4
 
 
+@pytest.mark.skipif(CUDA, reason="CUDA runs the default solve and chunk 64 (each other one is a compilation)")
+@pytest.mark.parametrize("solve", ["rows", "blocks"])
+@pytest.mark.parametrize("chunk", [32, 64])
+def test_loglinear_gated_delta_rule_chunk_solves(solve, chunk, device, monkeypatch):
+    """The fused chunk kernels' two ways to A^-1 with two and four 16 x 16 diagonal blocks (the block
+    solve's series part has nothing to do in chunks of 16): outputs and every gradient == the
+    float64 reference, packed sequences with a partial chunk."""
+    from conftest import make_inputs
+
+    from hippolm.ops import triton_gdn_chunk
+
+    monkeypatch.setitem(triton_gdn_chunk.CHUNK_TILES["fwd"], "solve", solve)
+    lengths = [150, 70]
+    xs = make_inputs("gated_delta_rule", 1, sum(lengths), 2, 16, 16, seed=chunk)
+    xs.append(torch.rand(1, sum(lengths), 2, ops.num_levels(150), generator=torch.Generator().manual_seed(7),
+                         dtype=torch.float64) + 0.25)
+    cu = torch.tensor([0, 150, 220])
+    w = torch.randn(1, sum(lengths), 2, 16, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+
+    def run(leaves, backend):
+        o, _ = ops.loglinear_gated_delta_rule(*leaves, backend=backend, chunk_size=chunk, cu_seqlens=cu)
+        return o, torch.autograd.grad((o.double() * w).sum(), leaves)
+
+    o_ref, g_ref = run([x.clone().requires_grad_() for x in xs], "torch")
+    o, grads = run([x.float().requires_grad_() for x in xs], "triton")
+    assert rel_err(o, o_ref) < 1e-4
+    for a, b in zip(grads, g_ref, strict=True):
+        assert rel_err(a, b) < 1e-4
+
+
 @pytest.mark.skipif(CUDA, reason="interpreter only (CUDA runs the default tiles)")
 def test_loglinear_gated_delta_rule_lanes_with_their_own_tiles(device, monkeypatch):
     """16-bit inputs: the lower-level and top-level lanes with different tiles (levels per program,
