@@ -6,9 +6,10 @@
 * the bf16 dg error of log-linear Mamba-2 at T = 3000 under Triton's CPU interpreter, against the
   float64 reference of the rounded inputs, for the per-position prefix/suffix sum and for the
   suffix sum alone (the case of tests/test_kernels.py::test_loglinear_ssd_bf16_dg_on_a_long_sequence);
-* the gradient errors of log-linear Gated DeltaNet with bf16 inputs under the interpreter (16-bit
-  chunk matmuls, states and state gradients saved in bf16 between the backward's scans and its
-  gradient kernel).
+* the gradient errors of log-linear Gated DeltaNet with bf16 inputs under the interpreter (the fused
+  chunk kernels' 16-bit products, states and state gradients saved in bf16 between the backward's
+  scans and its gradient kernel). The interpreter rounds float32 -> bf16 to nearest even as the GPU
+  (hippolm.ops.triton_backend._patch_interpreter; from 2026-11-23 on, before it truncated).
 
 Run: python benchmarks/kernel_cpu_checks.py --json benchmarks/results/kernel_cpu_checks.json
 (--parts to run some; the JSON keeps the others).
@@ -87,7 +88,9 @@ print(json.dumps({n: err(a, b) for n, a, b in zip(("dq", "dk", "dv", "dg", "dbet
 
 def interpreted(case: str) -> dict:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT / "src"))
-    run = subprocess.run([sys.executable, "-c", case], env=env, capture_output=True, text=True, check=True, cwd=ROOT)
+    run = subprocess.run([sys.executable, "-c", case], env=env, capture_output=True, text=True, cwd=ROOT)
+    if run.returncode:
+        raise RuntimeError(f"the interpreted case failed:\n{run.stderr[-3000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 

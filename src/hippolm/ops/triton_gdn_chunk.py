@@ -11,9 +11,10 @@ Per chunk (C tokens, G the within-chunk cumulative log decay, gamma = exp(G), qb
     attn = (qb k^T) * decay                  qw = qb gamma - attn w
     o = ((attn mix) * lam_in) v              lam_in_ij = lam_i[bit_length(i xor j)]
 
-A^-1 comes from forward substitution row by row (stable, unlike products of powers of the nilpotent
-part). Only loaded tiles are transposed inside a dot (Triton miscompiles the transpose of a dot's
-result on Hopper, FLA #640); computed matrices are transposed through a per-program scratch.
+A^-1 (:func:`_inverse`): forward substitution inside the 16 x 16 diagonal blocks, then a three-term
+series across them (no long products of powers of the nilpotent part: those overflow float32's
+precision when keys are alike). Only loaded tiles are transposed inside a dot (Triton miscompiles
+the transpose of a dot's result on Hopper, FLA #640); computed matrices go through a scratch.
 """
 
 from __future__ import annotations
