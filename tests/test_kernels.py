@@ -320,13 +320,13 @@ def test_delta_rule_state_scan(op, packed, device):
     assert rel_err(o.cpu(), o_ref) < 1e-3 and rel_err(s.cpu(), s_ref) < 1e-3
     for a, b in zip(grads, g_ref, strict=True):
         assert rel_err(a.cpu(), b) < 5e-3
-    if device == "cuda":  # bf16 with fp32 gates and state
-        leaves = [x.to(device=device, dtype=torch.bfloat16 if i < 3 else torch.float32).requires_grad_()
-                  for i, x in enumerate(xs)]
-        o, s, grads = run(leaves, "triton", device)
-        assert rel_err(o.cpu(), o_ref) < 2e-2 and rel_err(s.cpu(), s_ref) < 2e-2
-        for a, b in zip(grads, g_ref, strict=True):
-            assert rel_err(a.cpu(), b) < 2e-2
+    # bf16 q, k, v with float32 gates and state (16-bit chunk kernels, float32 scan)
+    leaves = [x.to(device=device, dtype=torch.bfloat16 if i < 3 else torch.float32).requires_grad_()
+              for i, x in enumerate(xs)]
+    o, s, grads = run(leaves, "triton", device)
+    assert rel_err(o.cpu(), o_ref) < 2e-2 and rel_err(s.cpu(), s_ref) < 2e-2
+    for a, b in zip(grads, g_ref, strict=True):
+        assert rel_err(a.cpu(), b) < 2e-2
 
 
 LL_GDN = [(1, [37, 1, 0, 50], 1), (1, [300], 1)] if not CUDA else [(1, [37, 1, 0, 500], 2), (2, [1000, 1000], 4)]

@@ -1,8 +1,8 @@
 """Gated DeltaNet chunk form for float32 training on CUDA (FLA's chunk kernels compute in TF32),
-where FLA is missing, and for log-linear Gated DeltaNet: the chunk-parallel parts (decay masks,
-the WY / UT transform with a batched triangular solve, outputs) are batched torch ops that
-autograd differentiates; the one sequential part, the inter-chunk state recurrence, is a Triton
-scan with a hand-written reverse-scan backward.
+where FLA is missing, and log-linear Gated DeltaNet: the chunk-parallel parts (decay masks, the WY /
+UT transform, the chunk's own output) in the fused kernels of :mod:`.triton_gdn_chunk`; the
+sequential part, the inter-chunk state recurrence, a Triton scan with a hand-written reverse-scan
+backward (linear) or the level kernels below (log-linear).
 
 Per chunk i, with S_i the state at its start (as in :func:`hippolm.ops.reference.chunk_factors`):
 
@@ -458,20 +458,6 @@ class _LevelReads(torch.autograd.Function):
         return dw, du, dkd, dge, dqw, dlam, None, None
 
 
-class _Chunks(NamedTuple):
-    """Chunk-form factors of a (gated) delta rule, [N, H, n, C, *] (float32)."""
-
-    qb: torch.Tensor  # queries times the scale
-    kb: torch.Tensor
-    vb: torch.Tensor
-    G: torch.Tensor  # within-chunk cumulative log decay [N, H, n, C]
-    decay: torch.Tensor  # exp(G_i - G_j), causal [N, H, n, C, C]
-    mix: torch.Tensor  # (I + tril(beta K K^T decay, -1))^-1 diag(beta)
-    w: torch.Tensor
-    u: torch.Tensor
-    kd: torch.Tensor  # keys decayed to the chunk end
-
-
 def _padded(xs, T: int, cu_seqlens, B: int, C: int):
     """(bounds, padded length, tensors as [N, length, ...] zero-padded to a multiple of C): zero
     padding at the end is inert (k = 0 writes nothing, g = 0 keeps the state, beta = 0)."""
@@ -521,20 +507,6 @@ def _operands(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
-def _chunks(qs, ks, vs, gs, bs, scale: float, C: int, operands: torch.dtype) -> _Chunks:
-    to = reference.to_blocks
-    qb, kb, vb = to(qs.float() * scale, C), to(ks.float(), C), to(vs.float(), C)  # [N, H, n, C, D]
-    G = to(gs.float(), C).cumsum(-1) if gs is not None else qb.new_zeros(qb.shape[:-1])
-    causal = torch.ones(C, C, dtype=torch.bool, device=qs.device).tril()
-    decay = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-    b = to(bs.float(), C)
-    eye = torch.eye(C, dtype=torch.float32, device=qs.device)
-    A = eye + (b[..., None] * _mm(kb, kb.transpose(-1, -2), operands) * decay).tril(-1)
-    mix = torch.linalg.solve_triangular(A, eye * b[..., None, :], upper=False, unitriangular=True)
-    return _Chunks(qb, kb, vb, G, decay, mix, _mm(mix, G.exp()[..., None] * kb, operands), _mm(mix, vb, operands),
-                   kb * (G[..., -1:] - G).exp()[..., None])
-
-
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -545,11 +517,16 @@ def gated_delta_rule(q, k, v, g, beta, scale: float, initial_state, output_final
     B, T = q.shape[:2]
     C = chunk_size if chunk_size in (16, 32, 64) else 64
     bounds, _, (qs, ks, vs, gs, bs) = _padded([q, k, v, g, beta], T, cu_seqlens, B, C)
-    op = _operands(q.dtype)
-    c = _chunks(qs, ks, vs, gs, bs, scale, C, op)
-    h, vn, final = _Scan.apply(c.w, c.u, c.kd, c.G[..., -1].exp(), initial_state, _precision(q.dtype))
-    attn = _mm(c.qb, c.kb.transpose(-1, -2), op) * c.decay
-    o = _mm(c.qb * c.G.exp()[..., None], h, op) + _mm(attn, vn, op)  # [N, H, n, C, V]
+    op, prec = _operands(q.dtype), _precision(q.dtype)
+    N, length, H = qs.shape[:3]
+    if gs is None:  # DeltaNet: no decay
+        gs = qs.new_zeros(N, length, H, dtype=torch.float32)
+    ones = qs.new_ones(1, 1, 1, 1, dtype=torch.float32).expand(N, length, H, C.bit_length())  # every level 1
+    # o = (q gamma) S + attn v_new with v_new = u - w S: the chunk's own part attn mix v plus qw S
+    w, u, kd, qw, ge, o, _ = ChunkParts.apply(qs.to(op), ks.to(op), vs.to(op), gs, bs, ones, scale, C, False, prec)
+    # float32 factors: the scan's dots take float32 values and states (TF32 for 16-bit inputs)
+    h, _, final = _Scan.apply(w.float(), u.float(), kd.float(), ge, initial_state, prec)
+    o = o + _mm(qw.float(), h, op)  # [N, H, n, C, V]
     N, H, n = o.shape[:3]
     o = o.permute(0, 2, 3, 1, 4).reshape(N, n * C, H, -1)
     o = torch.cat([o[i, : e - s] for i, (_, s, e) in enumerate(bounds)])[None] if cu_seqlens is not None else o[:, :T]
