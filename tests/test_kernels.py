@@ -363,10 +363,10 @@ def test_loglinear_gated_delta_rule_scans(batch, lengths, heads, device):
             assert rel_err(a.cpu(), b) < gtol
 
 
-def _level_case(T: int, seed: int, bf16: bool, H: int = 1, K: int = 8):
-    """Log-linear Gated DeltaNet for the level kernels (B=1, V=32, chunk 16): float64 inputs (q, k, v
-    rounded to bf16 if ``bf16``) and run(leaves, backend) -> (o, gradients of a weighted sum). Shared
-    with benchmarks/kernel_cpu_checks.py."""
+def _level_case(T: int, seed: int, bf16: bool, H: int = 1, K: int = 8, chunk: int = 16, cu_seqlens=None):
+    """Log-linear Gated DeltaNet for the level and chunk kernels (B=1, V=32, chunk 16 unless given):
+    float64 inputs (q, k, v rounded to bf16 if ``bf16``) and run(leaves, backend) -> (o, gradients
+    of a weighted sum). Shared with benchmarks/kernel_cpu_checks.py."""
     from conftest import make_inputs
 
     xs = make_inputs("gated_delta_rule", 1, T, H, K, 32, seed=seed)
@@ -377,10 +377,20 @@ def _level_case(T: int, seed: int, bf16: bool, H: int = 1, K: int = 8):
     w = torch.randn(1, T, H, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
 
     def run(leaves, backend):
-        o, _ = ops.loglinear_gated_delta_rule(*leaves, backend=backend, chunk_size=16)
+        o, _ = ops.loglinear_gated_delta_rule(*leaves, backend=backend, chunk_size=chunk, cu_seqlens=cu_seqlens)
         return o, torch.autograd.grad((o.double() * w).sum(), leaves)
 
     return xs, run
+
+
+def _assert_matches_reference(xs, run, dtype: torch.dtype, tol: float) -> None:
+    """The Triton path with q, k, v in ``dtype`` (the rest float32) == the float64 reference:
+    output and every gradient within ``tol``."""
+    o_ref, g_ref = run([x.clone().requires_grad_() for x in xs], "torch")
+    o, grads = run([x.to(dtype if i < 3 else torch.float32).requires_grad_() for i, x in enumerate(xs)], "triton")
+    assert rel_err(o, o_ref) < tol
+    for a, b in zip(grads, g_ref, strict=True):
+        assert rel_err(a, b) < tol
 
 
 @pytest.mark.skipif(CUDA, reason="CUDA runs the default tiles (each other tile is a compilation)")
@@ -395,11 +405,7 @@ def test_loglinear_gated_delta_rule_level_groups(fwd, bwd, device, monkeypatch):
     monkeypatch.setitem(triton_gdn.LEVEL_TILES, "bwd_fp32", bwd)
     # 1100 tokens in chunks of 16: 69 chunks, chunk levels 0..6, the top one's segment cut short
     xs, run = _level_case(1100, seed=5, bf16=False)
-    o_ref, g_ref = run([x.clone().requires_grad_() for x in xs], "torch")
-    o, grads = run([x.float().requires_grad_() for x in xs], "triton")
-    assert rel_err(o, o_ref) < 1e-4
-    for a, b in zip(grads, g_ref, strict=True):
-        assert rel_err(a, b) < 1e-4
+    _assert_matches_reference(xs, run, torch.float32, 1e-4)
 
 
 @pytest.mark.skipif(CUDA, reason="CUDA runs the default solve and chunk 64 (each other one is a compilation)")
@@ -409,27 +415,11 @@ def test_loglinear_gated_delta_rule_chunk_solves(solve, chunk, device, monkeypat
     """The fused chunk kernels' two ways to A^-1 with two and four 16 x 16 diagonal blocks (the block
     solve's series part has nothing to do in chunks of 16): outputs and every gradient == the
     float64 reference, packed sequences with a partial chunk."""
-    from conftest import make_inputs
-
     from hippolm.ops import triton_gdn_chunk
 
     monkeypatch.setitem(triton_gdn_chunk.CHUNK_TILES["fwd"], "solve", solve)
-    lengths = [150, 70]
-    xs = make_inputs("gated_delta_rule", 1, sum(lengths), 2, 16, 16, seed=chunk)
-    xs.append(torch.rand(1, sum(lengths), 2, ops.num_levels(150), generator=torch.Generator().manual_seed(7),
-                         dtype=torch.float64) + 0.25)
-    cu = torch.tensor([0, 150, 220])
-    w = torch.randn(1, sum(lengths), 2, 16, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
-
-    def run(leaves, backend):
-        o, _ = ops.loglinear_gated_delta_rule(*leaves, backend=backend, chunk_size=chunk, cu_seqlens=cu)
-        return o, torch.autograd.grad((o.double() * w).sum(), leaves)
-
-    o_ref, g_ref = run([x.clone().requires_grad_() for x in xs], "torch")
-    o, grads = run([x.float().requires_grad_() for x in xs], "triton")
-    assert rel_err(o, o_ref) < 1e-4
-    for a, b in zip(grads, g_ref, strict=True):
-        assert rel_err(a, b) < 1e-4
+    xs, run = _level_case(220, seed=chunk, bf16=False, H=2, K=16, chunk=chunk, cu_seqlens=torch.tensor([0, 150, 220]))
+    _assert_matches_reference(xs, run, torch.float32, 1e-4)
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter only (CUDA runs the default tiles)")
@@ -443,12 +433,7 @@ def test_loglinear_gated_delta_rule_lanes_with_their_own_tiles(device, monkeypat
         monkeypatch.setitem(triton_gdn.LEVEL_TILES, key, tile)
     # 600 tokens in chunks of 16: 38 chunks, chunk levels 0..5; the top lane gets 1 (forward) or 2 (backward)
     xs, run = _level_case(600, seed=9, bf16=True)
-    o_ref, g_ref = run([x.clone().requires_grad_() for x in xs], "torch")
-    o, grads = run([x.to(torch.bfloat16 if i < 3 else torch.float32).requires_grad_() for i, x in enumerate(xs)],
-                   "triton")
-    assert rel_err(o, o_ref) < 2e-2
-    for a, b in zip(grads, g_ref, strict=True):
-        assert rel_err(a, b) < 2e-2
+    _assert_matches_reference(xs, run, torch.bfloat16, 2e-2)
 
 
 @pytest.mark.parametrize("op", ["gated_delta_rule", "loglinear_gated_delta_rule", "loglinear_ssd"])

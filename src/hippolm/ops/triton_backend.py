@@ -75,8 +75,6 @@ def _patch_interpreter() -> None:
     builder.create_dot = create_dot
 
     convert = interpreter._convert_float
-    if getattr(convert, "rounds_to_nearest", False):
-        return
 
     def convert_float(data, input_dtype, output_dtype, rounding_mode):
         if input_dtype == tl.float32 and output_dtype == tl.bfloat16 and "RTZ" not in str(rounding_mode):
@@ -84,7 +82,6 @@ def _patch_interpreter() -> None:
             return rounded.view(torch.int16).numpy().view(np.uint16)
         return convert(data, input_dtype, output_dtype, rounding_mode)
 
-    convert_float.rounds_to_nearest = True
     interpreter._convert_float = convert_float
 
 
