@@ -49,6 +49,26 @@ def time_steps(step, n: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def kernel_table(step, n: int = 5, top: int = 30) -> dict[str, float]:
+    """GPU time per step of each kernel (name truncated to 90 characters), from the profiler over
+    ``n`` steps, the ``top`` largest in descending order, plus their total ("all kernels")."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    sums: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            sums[e.name[:90]] = sums.get(e.name[:90], 0.0) + e.device_time / 1e3 / n
+    table = dict(sorted(sums.items(), key=lambda kv: -kv[1])[:top])
+    table["all kernels"] = sum(sums.values())
+    return table
+
+
 def graphed(step, advance):
     """``step`` captured in a CUDA graph after a warm-up on a side stream; ``advance`` moves the
     static position inputs on (outside the graph) before each replay."""
@@ -80,7 +100,8 @@ def full_decode_attention(module, query, key, value, attention_mask, scaling=Non
 AttentionInterface.register("hippolm_full_decode", full_decode_attention)
 
 
-def full_attention(model, B: int, L: int, n: int, use_graph: bool, kernel: bool) -> tuple[float, int]:
+def full_attention(model, B: int, L: int, n: int, use_graph: bool, kernel: bool,
+                   profiled: bool = False) -> tuple[float, int, dict | None]:
     cfg = model.config
     d = cfg.hidden_size // cfg.num_attention_heads
     # kernel: a cache of exactly L tokens whose last slot each step rewrites (same bytes read as a
@@ -117,7 +138,7 @@ def full_attention(model, B: int, L: int, n: int, use_graph: bool, kernel: bool)
             advance()
     ms = time_steps(run, n)
     kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-    return ms, kv_bytes
+    return ms, kv_bytes, kernel_table(run) if profiled else None
 
 
 def compile_pointwise(base) -> None:
@@ -149,7 +170,8 @@ def ahn_model(base, window: int, sinks: int) -> AHNForCausalLM:
     return AHNForCausalLM.from_base(base, "gdn", window=window, sinks=sinks)
 
 
-def ahn_decode(model: AHNForCausalLM, B: int, L: int, n: int, use_graph: bool) -> tuple[float, int]:
+def ahn_decode(model: AHNForCausalLM, B: int, L: int, n: int, use_graph: bool,
+               profiled: bool = False) -> tuple[float, int, dict | None]:
     cache = model.new_cache()
     ids = torch.zeros(B, 1, dtype=torch.long, device=DEV)
     model(ids, past_key_values=cache)  # allocates every layer's buffers
@@ -176,7 +198,7 @@ def ahn_decode(model: AHNForCausalLM, B: int, L: int, n: int, use_graph: bool) -
             model(ids, past_key_values=cache, position_ids=p, logits_to_keep=1)
 
     ms = time_steps(step, n)
-    return ms, cache.nbytes()
+    return ms, cache.nbytes(), kernel_table(step) if profiled else None
 
 
 def main() -> None:
@@ -193,6 +215,8 @@ def main() -> None:
                         help="torch.compile the pointwise parts of every layer (both models alike)")
     parser.add_argument("--baseline", choices=["kernel", "sdpa"], default="kernel",
                         help="full attention's decode attention: hippolm's split-KV kernel, or transformers' SDPA path")
+    parser.add_argument("--profile", type=int, default=None, metavar="CONTEXT",
+                        help="at this context also record each model's GPU time per kernel (profiler)")
     args = parser.parse_args()
     arch = QWEN25_3B
     if args.tiny:
@@ -218,30 +242,39 @@ def main() -> None:
                 json.dump({"meta": meta, "results": rows}, f, indent=2)
 
     contexts = [int(c) for c in args.contexts.split(",")]
+    profiled = {args.profile} if DEV == "cuda" else set()
     if args.baseline == "kernel":
         base.config._attn_implementation = "hippolm_full_decode"
     if args.compile:
         compile_pointwise(base)
     with torch.no_grad():
         for L in contexts:
-            ms, kv = full_attention(base, args.batch, L, args.steps, use_graph, args.baseline == "kernel")
+            ms, kv, kernels = full_attention(base, args.batch, L, args.steps, use_graph, args.baseline == "kernel",
+                                             L in profiled)
             rows.append({"context": L, "model": "full_attention", "ms_per_step": ms,
                          "tokens_per_s": args.batch / ms * 1e3, "cache_bytes": kv,
                          "bytes_per_s": (weight_bytes + kv) / ms * 1e3})
+            if kernels:
+                rows[-1]["kernel_ms_per_step"] = kernels
             save()
         model = ahn_model(base, args.window, args.sinks)
         if args.compile:
             compile_memory(model)
         for L in contexts:
-            ms, cb = ahn_decode(model, args.batch, L, args.steps, use_graph)
+            ms, cb, kernels = ahn_decode(model, args.batch, L, args.steps, use_graph, L in profiled)
             rows.append({"context": L, "model": "ahn_gdn", "ms_per_step": ms, "tokens_per_s": args.batch / ms * 1e3,
                          "cache_bytes": cb, "bytes_per_s": (weight_bytes + cb) / ms * 1e3})
+            if kernels:
+                rows[-1]["kernel_ms_per_step"] = kernels
             save()
     print(json.dumps(meta))
     print(f"{'context':>8} {'model':<16}{'ms/step':>9}{'tok/s':>9}{'cache GB':>10}{'TB/s':>7}")
     for r in rows:
         print(f"{r['context']:>8} {r['model']:<16}{r['ms_per_step']:>9.2f}{r['tokens_per_s']:>9.0f}"
               f"{r['cache_bytes'] / 1e9:>10.2f}{r['bytes_per_s'] / 1e12:>7.2f}")
+    for r in rows:
+        for name, t in r.get("kernel_ms_per_step", {}).items():
+            print(f"{r['model']:<16}{t:>8.3f} ms  {name}")
 
 
 if __name__ == "__main__":

@@ -275,6 +275,40 @@ def test_only_memory_trains():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.trainable_parameters())
 
 
+@pytest.mark.parametrize("family", ["qwen2", "llama"])  # k/v with and without bias
+def test_kv_and_gate_projections_in_one_matmul_equal_the_separate_layers(family):
+    attn = ahn(family, "loglinear_gdn").base.model.layers[0].self_attn
+    mem, layers = attn.ahn, (attn.k_proj, attn.v_proj)
+    x = torch.randn(2, 5, SMALL["hidden_size"])
+
+    def separate():
+        return [layer(x) for layer in layers], {n: layer(x) for n, layer in mem._gate_layers()}
+
+    def check(got, want):
+        for a, b in zip([*got[0], *got[1].values()], [*want[0], *want[1].values()], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert list(got[1]) == list(want[1])
+
+    with torch.no_grad():
+        check(mem.projections(x, layers), separate())
+        mem.b_proj.weight.add_(1.0)  # an optimizer step: the kept concatenation must follow
+        (attn.k_proj.weight if attn.k_proj.bias is None else attn.k_proj.bias).add_(1.0)
+        check(mem.projections(x, layers), separate())
+    # training: gradients reach the gate weights as through the separate layers
+    grads = []
+    for run in (lambda: mem.projections(x, layers), separate):
+        mem.zero_grad()
+        raw = run()[1]
+        sum((r * torch.arange(r.shape[-1])).sum() for r in raw.values()).backward()
+        grads.append([layer.weight.grad.clone() for _, layer in mem._gate_layers()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # a projection with a hook (adapters, offloading) runs as itself
+    attn.k_proj.register_forward_hook(lambda module, args, out: 2 * out)
+    with torch.no_grad():
+        check(mem.projections(x, layers), separate())
+
+
 def test_bad_input_is_a_clear_error():
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))

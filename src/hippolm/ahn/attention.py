@@ -57,8 +57,9 @@ class AHNAttentionMixin:
         B, T, _ = hidden_states.shape
         d = self.head_dim
         q = self.q_proj(hidden_states).view(B, T, -1, d)
-        k = self.k_proj(hidden_states).view(B, T, -1, d)
-        v = self.v_proj(hidden_states).view(B, T, -1, d)
+        # k, v and the memory's gate projections (all of the normed hidden state) in one matmul
+        (k, v), raw_gates = self.ahn.projections(hidden_states, (self.k_proj, self.v_proj))
+        k, v = k.reshape(B, T, -1, d), v.reshape(B, T, -1, d)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -87,7 +88,7 @@ class AHNAttentionMixin:
             got = type(past_key_values).__name__
             raise ValueError(f"an AHN model needs an AHNCache (model.new_cache()), got {got}.")
 
-        write_gates, out_gate, lam = self.ahn.gates(hidden_states, k.dtype)
+        write_gates, out_gate, lam = self.ahn.gates_from(raw_gates, k.dtype)
         if persistent and T == 1 and cache.all_visible:
             return self.o_proj(self._ahn_steady_decode(q, k, v, write_gates, out_gate, lam, cache)), None
 

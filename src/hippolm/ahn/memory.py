@@ -55,32 +55,53 @@ class MemoryModule(nn.Module):
         names = [n for n in ("a_proj", "b_proj", "g_proj", "lam_proj") if hasattr(self, n)]
         return [(n, getattr(self, n)) for n in names]
 
-    def _gate_weight(self) -> torch.Tensor:
-        """Every gate projection's weight in one matrix, so one matmul serves them all. Outside
-        autograd the concatenation is kept until a weight changes (their version counters)."""
-        weights = [layer.weight for _, layer in self._gate_layers()]
-        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
-            return torch.cat(weights)
-        key = tuple((w.data_ptr(), w._version) for w in weights)
-        cached = self.__dict__.get("_gate_weight_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, torch.cat(weights))
-            self.__dict__["_gate_weight_cache"] = cached
-        return cached[1]
+    def _fused(self, layers: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weight (and bias: zeros for the bias-free rows) of ``layers`` followed by every gate
+        projection, concatenated. Outside autograd the concatenation is kept until a parameter
+        changes (their version counters)."""
+        rows = [*layers, *(layer for _, layer in self._gate_layers())]
+        params = [p for layer in rows for p in (layer.weight, layer.bias) if p is not None]
 
-    def gate_projections(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Raw gate projections of normed hidden states x [..., D], by projection name."""
-        w = self._gate_weight()
-        y = F.linear(x.to(w.dtype), w)
-        sizes = [layer.out_features for _, layer in self._gate_layers()]
-        return dict(zip([n for n, _ in self._gate_layers()], y.split(sizes, -1), strict=True))
+        def build():
+            bias = None
+            if any(layer.bias is not None for layer in rows):
+                bias = torch.cat([layer.weight.new_zeros(layer.out_features) if layer.bias is None else layer.bias
+                                  for layer in rows])
+            return torch.cat([layer.weight for layer in rows]), bias
+
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return build()
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        cache = self.__dict__.setdefault("_fused_cache", {})
+        name = tuple(id(layer) for layer in layers)
+        if name not in cache or cache[name][0] != key:
+            cache[name] = (key, build())
+        return cache[name][1]
+
+    def projections(self, x: torch.Tensor, layers: tuple[nn.Linear, ...] = ()
+                    ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """(outputs of ``layers``, raw gate projections by name) of x [..., D]: one matmul where every
+        weight has x's dtype (the attention passes its frozen k/v projections: in a batch-8 decode
+        step each small matmul costs a launch and a latency-bound pass over its weights)."""
+        names = [n for n, _ in self._gate_layers()]
+        gate_dtype = self._gate_layers()[0][1].weight.dtype
+        # Plain layers of the memory's dtype only: not e.g. a float32 memory on a bf16 base, a quantised
+        # or adapter-wrapped projection, or one whose weights hooks bring in (offloading)
+        if any(type(layer) is not nn.Linear or layer.weight.dtype != gate_dtype or layer._forward_hooks
+               or layer._forward_pre_hooks for layer in layers):
+            return [layer(x) for layer in layers], self.projections(x)[1]
+        w, b = self._fused(tuple(layers))
+        y = F.linear(x.to(w.dtype), w, b)
+        sizes = [layer.out_features for layer in layers] + [layer.out_features for _, layer in self._gate_layers()]
+        parts = y.split(sizes, -1)
+        return list(parts[: len(layers)]), dict(zip(names, parts[len(layers):], strict=True))
 
     @property
     def num_write_gates(self) -> int:
         return {"gdn": 2, "mamba2": 2, "deltanet": 1}[self.base_kind]
 
     def write_gates(self, raw: dict[str, torch.Tensor], store_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Gates of tokens as they will be written, [..., H, G] float32, from :meth:`gate_projections`
+        """Gates of tokens as they will be written, [..., H, G] float32, from :meth:`projections`
         of their normed hidden states; rounded through ``store_dtype`` (the cache's) so training and
         decoding use the same values."""
         gates = []
@@ -104,7 +125,10 @@ class MemoryModule(nn.Module):
 
     def gates(self, x: torch.Tensor, store_dtype: torch.dtype | None = None):
         """(write gates, output gate, level weights) of x [..., D] from one projection."""
-        raw = self.gate_projections(x)
+        return self.gates_from(self.projections(x)[1], store_dtype)
+
+    def gates_from(self, raw: dict[str, torch.Tensor], store_dtype: torch.dtype | None = None):
+        """(write gates, output gate, level weights) from raw projections (:meth:`projections`)."""
         return (self.write_gates(raw, store_dtype), *self.read_gates(raw))
 
     def _op_args(self, k, v, wg):

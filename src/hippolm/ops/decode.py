@@ -254,24 +254,29 @@ if triton is not None:
         k = tl.load(KEYS + b * skb + hk * skh + slot * sks + kk).to(tl.float32)
         v = tl.load(VALUES + b * svb + hk * svh + slot * svs + vv).to(tl.float32)
         gates = RING_G + b * sgb + (slot - sinks) * sgw + h * sgh
-        q = q / tl.maximum(tl.sqrt(tl.sum(q * q, 0)), 1e-12)
-        k = k / tl.maximum(tl.sqrt(tl.sum(k * k, 0)), 1e-12)
         s_ptr = STATE + pid * KD * VD + kk[:, None] * VD + vv[None, :]
         S = tl.load(s_ptr)
+        # every load issued before the arithmetic: a step is one latency-bound pass over ~100 KB
+        beta = tl.load(gates + BETA_IDX).to(tl.float32)
         if G_IDX >= 0:
-            S = S * tl.exp(tl.load(gates + G_IDX).to(tl.float32))
+            decay = tl.exp(tl.load(gates + G_IDX).to(tl.float32))
+        nw = tl.load(NW + vv).to(tl.float32)
+        gate = tl.load(GATE + pid).to(tl.float32)
+        if HAS_PROJ:  # the head's block of the read-out projection
+            w = tl.load(OPROJ + h * VD * VD + vv[:, None] * VD + vv[None, :])
+        q = q / tl.maximum(tl.sqrt(tl.sum(q * q, 0)), 1e-12)
+        k = k / tl.maximum(tl.sqrt(tl.sum(k * k, 0)), 1e-12)
+        if G_IDX >= 0:
+            S = S * decay
         if DELTA:
             v = v - tl.sum(S * k[:, None], 0)
-        v = tl.load(gates + BETA_IDX).to(tl.float32) * v
-        S = S + k[:, None] * v[None, :]
+        S = S + k[:, None] * (beta * v)[None, :]
         tl.store(s_ptr, S)
         o = tl.sum(S * q[:, None], 0) * scale
-        o = o / tl.sqrt(tl.sum(o * o, 0) / VD + eps) * tl.load(NW + vv).to(tl.float32)
-        gate = tl.load(GATE + pid).to(tl.float32)
+        o = o / tl.sqrt(tl.sum(o * o, 0) / VD + eps) * nw
         o = o * gate / (1 + tl.exp(-gate))
-        if HAS_PROJ:  # the head's block of the read-out projection: o @ OPROJ[h]
-            w = tl.load(OPROJ + h * VD * VD + vv[:, None] * VD + vv[None, :]).to(tl.float32)
-            o = tl.sum(o[:, None] * w, 0)
+        if HAS_PROJ:  # o @ OPROJ[h]
+            o = tl.sum(o[:, None] * w.to(tl.float32), 0)
         tl.store(OUT + pid * VD + vv, o)
 
     @triton.jit
@@ -297,6 +302,10 @@ if triton is not None:
         tl.store(CURSOR + b, cur + 1)
 
 
+# Warps per (sequence, head) program of the cached memory step (benchmarks/decode_step_timing.py).
+MEMORY_STEP_WARPS = 8
+
+
 def memory_step_from_cache(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ring_gates: torch.Tensor,
                            cursor: torch.Tensor, sinks: int, window: int, g_idx: int, beta_idx: int, delta: bool,
                            state: torch.Tensor, norm_weight: torch.Tensor, gate: torch.Tensor, eps: float = 1e-6,
@@ -319,7 +328,7 @@ def memory_step_from_cache(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
             q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1),
             values.stride(2), ring_gates.stride(0), ring_gates.stride(1), ring_gates.stride(2), KD=K,
             VD=values.shape[-1], G_IDX=g_idx, BETA_IDX=beta_idx, DELTA=delta, HAS_PROJ=o_proj is not None,
-            num_warps=8)
+            num_warps=MEMORY_STEP_WARPS)
         return out
     return memory_step_from_cache_reference(q, keys, values, ring_gates, cursor, sinks, window, g_idx, beta_idx,
                                             delta, state, norm_weight, gate, eps, scale, o_proj)
