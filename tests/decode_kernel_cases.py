@@ -85,12 +85,16 @@ def cache_cases(device: str) -> list[str]:
         if rel(o, ro) > 1e-3 or rel(st, ref_state) > 1e-3:
             failures.append(f"memory from cache {name}: out {rel(o, ro):.2e} state {rel(st, ref_state):.2e}")
     # Gates arrive already rounded to the storage dtype (as the AHN attention rounds them).
-    new_k, new_v, new_g = torch.randn(B, Hkv, D), torch.randn(B, Hkv, D), torch.rand(B, H, 2).bfloat16().float()
+    # v a strided view, as the attention's slice of its fused k/v/gate projection
+    wide = torch.randn(B, 3 * Hkv * D)
+    new_k, new_g = torch.randn(B, Hkv, D), torch.rand(B, H, 2).bfloat16().float()
+    new_v = wide[:, 5 : 5 + Hkv * D].view(B, Hkv, D)
     want = [keys.clone(), values.clone(), ring.to(torch.bfloat16), torch.full((B, S + W), -1, dtype=torch.int32),
             torch.tensor([5, 6, 7]), cursor.clone()]
     got = [x.clone().to(device) for x in want]
     dc.cache_write_reference(*want[:4], new_k, new_v, new_g, *want[4:], S, W)
-    dc.cache_write(*got[:4], new_k.to(device), new_v.to(device), new_g.to(device), *got[4:], S, W)
+    dev_v = wide.to(device)[:, 5 : 5 + Hkv * D].view(B, Hkv, D)
+    dc.cache_write(*got[:4], new_k.to(device), dev_v, new_g.to(device), *got[4:], S, W)
     if not all(torch.equal(a.cpu(), b) for a, b in zip(got, want, strict=True)):
         failures.append("cache write differs from its reference")
     return failures

@@ -24,9 +24,10 @@ SHARED = {9: 232448, 8: 166912}
 OPERAND_PTRS = ("w_ptr", "u_ptr", "kd_ptr", "qw_ptr", "hs_ptr", "hd_ptr")
 
 
-def _compile(fn, consts: dict, options: dict, major: int, operand: str, operand_ptrs=()):
+def _compile(fn, consts: dict, options: dict, major: int, operand: str, operand_ptrs=(), ptr_types=None):
     """``fn`` compiled for ``major`` (9: sm_90, 8: sm_80): pointers in ``operand_ptrs`` of type
-    ``operand``, other pointers float32, other runtime arguments int32."""
+    ``operand``, those in ``ptr_types`` of the type given there, other pointers float32, other
+    runtime arguments int32."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -36,7 +37,9 @@ def _compile(fn, consts: dict, options: dict, major: int, operand: str, operand_
         if name in consts:
             sig[name] = "constexpr"
             continue
-        if name in operand_ptrs:
+        if name in (ptr_types or {}):
+            sig[name] = "*" + ptr_types[name]
+        elif name in operand_ptrs:
             sig[name] = "*" + operand
         elif name == "scale":
             sig[name] = "fp32"
@@ -87,6 +90,27 @@ def test_chunk_kernels_compile_and_fit_shared_memory(which, prec, major):
     kernel = _compile(tc._chunk_fwd if which == "fwd" else tc._chunk_bwd, consts,
                       tc._launch(which), major, "bf16" if prec == "tf32" else "fp32", ptrs)
     assert 0 < kernel.metadata.shared <= SHARED[major], kernel.metadata.shared
+
+
+@pytest.mark.parametrize("major", [9, 8])
+def test_loglinear_mamba2_kernels_compile_and_fit_shared_memory(major):
+    """Every log-linear Mamba-2 kernel with bf16 inputs at head dim 128 (the backward's float32 operands
+    of GRAD_FP32 double its tiles), with the host's tiles and warps."""
+    import torch
+
+    from hippolm.ops import triton_loglinear as tll
+
+    q = torch.empty(1, 64, 1, 128, dtype=torch.bfloat16)
+    p = tll._Plan(q, q, torch.empty(1, 64, 1, 20), 64)
+    ptrs = ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr", "dq_ptr", "dk_ptr", "dv_ptr")
+    types = {"gch_ptr": "fp64", "toff_ptr": "i32", "doff_ptr": "i32"}
+    common = {"C": p.C, "BK": p.BK, "PREC": p.prec}
+    for fn, extra in ((tll._chunk_states, {"BV": p.BV, "FP32": p.grad_fp32}), (tll._fwd, {"CB": p.CB, "BV": p.BV}),
+                      (tll._bwd_q, {"CB": p.CB, "BV": p.BV_full, "FP32": p.grad_fp32}),
+                      (tll._direct, {"CB": p.CB, "BV": p.BV, "FP32": p.grad_fp32}),
+                      (tll._bwd_kv, {"CB": p.CB, "BV": p.BV_full, "FP32": p.grad_fp32})):
+        kernel = _compile(fn, common | extra, {"num_warps": p.warps}, major, "bf16", ptrs, types)
+        assert 0 < kernel.metadata.shared <= SHARED[major], (fn.__name__, kernel.metadata.shared)
 
 
 @pytest.mark.parametrize("which", ["fwd", "bwd"])

@@ -37,6 +37,10 @@ import triton.language as tl
 SEG = 16
 # Store tree nodes in float32 also for 16-bit inputs (accuracy; costs tree bandwidth).
 TREE_FP32 = True
+# For 16-bit inputs, the backward's dots whose operands are computed (tree nodes, query-side states,
+# masked score products) take them in float32 (TF32 products) rather than rounded to 16 bits: dg is a
+# cumulative sum of q.dq - k.dk, whose terms largely cancel, so their rounding error grows into dg's.
+GRAD_FP32 = True
 
 
 @triton.jit
@@ -52,6 +56,15 @@ def _level_weights(lam_base, row_off, valid, xor, L, CB: tl.constexpr):
 
 
 @triton.jit
+def _op(x, like, FP32: tl.constexpr):
+    """x as a dot operand: float32 if FP32, else in ``like``'s type."""
+    if FP32:
+        return x.to(tl.float32)
+    else:
+        return x.to(like.dtype)
+
+
+@triton.jit
 def _rows(base, t, T, stride, cols, D):
     """Tile base[t * stride + cols] of one (batch, head) of a [B, T, H, D] tensor, zero outside t < T,
     cols < D. ``base`` already points at (b, 0, h, 0) (int64 scalar math); tile offsets stay int32."""
@@ -60,8 +73,9 @@ def _rows(base, t, T, stride, cols, D):
 
 @triton.jit
 def _chunk_states(k_ptr, v_ptr, gl_ptr, tree_ptr, T, H, K, V, Tp, X,
-                  C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """Tree level 0: node (0, c) = sum_s exp(gl_end - gl_s) k_s v_s^T for one chunk and V tile."""
+                  C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, FP32: tl.constexpr):
+    """Tree level 0: node (0, c) = sum_s exp(gl_end - gl_s) k_s v_s^T for one chunk and V tile (FP32:
+    the decayed keys not rounded to 16 bits, see GRAD_FP32: the backward reads these nodes)."""
     c, bh, iv = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     b, h = bh // H, bh % H
     t = c * C + tl.arange(0, C)
@@ -71,8 +85,8 @@ def _chunk_states(k_ptr, v_ptr, gl_ptr, tree_ptr, T, H, K, V, Tp, X,
     vx = _rows(v_ptr + (b * T * H + h) * V, t, T, H * V, vv, V)
     glb = gl_ptr + bh * Tp
     w = tl.exp(tl.load(glb + c * C + C - 1) - tl.load(glb + t))
-    kw = (kx.to(tl.float32) * w[:, None]).to(kx.dtype)
-    node = tl.dot(tl.trans(kw), vx, input_precision=PREC)
+    kw = _op(kx.to(tl.float32) * w[:, None], kx, FP32)
+    node = tl.dot(tl.trans(kw), _op(vx, vx, FP32), input_precision=PREC)
     out = tree_ptr + (bh * X + c) * (K * V) + kk[:, None] * V + vv[None, :]
     tl.store(out, node.to(tree_ptr.dtype.element_ty), mask=(kk[:, None] < K) & (vv[None, :] < V))
 
@@ -142,8 +156,9 @@ def _fwd(q_ptr, k_ptr, v_ptr, gl_ptr, lam_ptr, gch_ptr, tree_ptr, toff_ptr, o_pt
 def _bwd_q(q_ptr, k_ptr, v_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, tree_ptr, toff_ptr,
            dq_ptr, dlam_ptr, dgq_ptr,
            scale, T, H, K, V, L, Tp, n, X, J,
-           C: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """dq, dlam (all levels) and q . dq of one chunk (full K and V)."""
+           C: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+           FP32: tl.constexpr):
+    """dq, dlam (all levels) and q . dq of one chunk (full K and V); FP32: see GRAD_FP32."""
     i, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     r = tl.arange(0, C)
@@ -172,7 +187,7 @@ def _bwd_q(q_ptr, k_ptr, v_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, tree_ptr, toff
                            mask=(kk[:, None] < K) & (vv[None, :] < V), other=0)
             e = eg * tl.exp((gi - tl.load(gcb + ((i >> j) << j))).to(tl.float32))
             lam_j = tl.load(lamb + lrow + CB + 1 + j, mask=tm & (CB + 1 + j < L), other=0)
-            x = tl.dot(dox.to(qx.dtype), tl.trans(node.to(qx.dtype)), input_precision=PREC)  # do @ node^T
+            x = tl.dot(_op(dox, qx, FP32), tl.trans(_op(node, qx, FP32)), input_precision=PREC)  # do @ node^T
             dq += (lam_j * e)[:, None] * x
             dl = tl.sum(qx.to(tl.float32) * x, axis=1) * e * scale
             tl.store(dlamb + lrow + CB + 1 + j, dl, mask=tm & (CB + 1 + j < L))
@@ -190,7 +205,7 @@ def _bwd_q(q_ptr, k_ptr, v_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, tree_ptr, toff
         dl = tl.sum(tl.where((xor >> (lvl - 1)) == 1, sdp, 0.0), axis=1)
         tl.store(dlamb + lrow + lvl, dl, mask=tm & (lvl < L))
     lam_in = _level_weights(lamb, lrow[:, None], tm[:, None], xor, L, CB)
-    dq += tl.dot((dp * lam_in).to(kx.dtype), kx, input_precision=PREC)
+    dq += tl.dot(_op(dp * lam_in, kx, FP32), _op(kx, kx, FP32), input_precision=PREC)
     dq = dq * scale
     tl.store(dq_ptr + (b * T * H + h) * K + t[:, None] * (H * K) + kk[None, :], dq.to(dq_ptr.dtype.element_ty),
              mask=tm[:, None] & (kk[None, :] < K))
@@ -200,7 +215,8 @@ def _bwd_q(q_ptr, k_ptr, v_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, tree_ptr, toff
 @triton.jit
 def _direct(q_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, out_ptr,
             scale, T, H, K, V, L, Tp, n, j, nseg, segc, seg_stride, out_bh_stride,
-            C: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+            C: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+            FP32: tl.constexpr):
     """Query-side state of level j for the reader block 2*blk+1 (one segment of it, one V tile):
     sum over its tokens t of scale * lam[t, CB+1+j] * exp(decay from the block start to t) q_t do_t^T."""
     pid, bh, iv = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
@@ -227,8 +243,8 @@ def _direct(q_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, out_ptr,
         lam_j = tl.load(lamb + t * (H * L), mask=tm & (CB + 1 + j < L), other=0)
         d = (tl.load(gcb + c) - g0).to(tl.float32)
         coef = lam_j * tl.exp(tl.load(glb + t) + d) * scale
-        qw = (qx.to(tl.float32) * coef[:, None]).to(qx.dtype)
-        acc += tl.dot(tl.trans(qw), dox.to(qx.dtype), input_precision=PREC)
+        qw = _op(qx.to(tl.float32) * coef[:, None], qx, FP32)
+        acc += tl.dot(tl.trans(qw), _op(dox, qx, FP32), input_precision=PREC)
     out = out_ptr + seg * seg_stride + bh * out_bh_stride + blk * (K * V) + kk[:, None] * V + vv[None, :]
     tl.store(out, acc, mask=(kk[:, None] < K) & (vv[None, :] < V))
 
@@ -237,8 +253,10 @@ def _direct(q_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, out_ptr,
 def _bwd_kv(q_ptr, k_ptr, v_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, dir_ptr, doff_ptr,
             dk_ptr, dv_ptr, dgk_ptr,
             scale, T, H, K, V, L, Tp, n, Y, J,
-            C: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """dk, dv and k . dk of one chunk: the query-side states of the blocks reading it + intra block."""
+            C: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+            FP32: tl.constexpr):
+    """dk, dv and k . dk of one chunk: the query-side states of the blocks reading it + intra block
+    (FP32: see GRAD_FP32)."""
     c, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     r = tl.arange(0, C)
@@ -264,9 +282,9 @@ def _bwd_kv(q_ptr, k_ptr, v_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, dir_ptr, doff
     kx = _rows(k_ptr + (b * T * H + h) * K, t, T, H * K, kk, K)
     vx = _rows(v_ptr + (b * T * H + h) * V, t, T, H * V, vv, V)
     w = tl.exp(tl.load(glb + c * C + C - 1) - gl)
-    st = state.to(vx.dtype)
-    dk = w[:, None] * tl.dot(vx, tl.trans(st), input_precision=PREC)
-    dv = w[:, None] * tl.dot(kx, st, input_precision=PREC)
+    st = _op(state, vx, FP32)
+    dk = w[:, None] * tl.dot(_op(vx, vx, FP32), tl.trans(st), input_precision=PREC)
+    dv = w[:, None] * tl.dot(_op(kx, kx, FP32), st, input_precision=PREC)
 
     # Intra block, transposed: rows are keys s, columns queries t (t >= s).
     qx = _rows(q_ptr + (b * T * H + h) * K, t, T, H * K, kk, K)
@@ -276,9 +294,9 @@ def _bwd_kv(q_ptr, k_ptr, v_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, dir_ptr, doff
                            r[:, None] ^ r[None, :], L, CB)
     m_t = tl.where(causal_t, tl.exp(gl[None, :] - gl[:, None]) * lam_t * scale, 0.0)
     dp_t = tl.dot(vx, tl.trans(dox), input_precision=PREC)
-    dk += tl.dot((dp_t * m_t).to(qx.dtype), qx, input_precision=PREC)
+    dk += tl.dot(_op(dp_t * m_t, qx, FP32), _op(qx, qx, FP32), input_precision=PREC)
     s_t = tl.dot(kx, tl.trans(qx), input_precision=PREC)
-    dv += tl.dot((s_t * m_t).to(dox.dtype), dox, input_precision=PREC)
+    dv += tl.dot(_op(s_t * m_t, dox, FP32), _op(dox, dox, FP32), input_precision=PREC)
     tl.store(dk_ptr + (b * T * H + h) * K + t[:, None] * (H * K) + kk[None, :], dk.to(dk_ptr.dtype.element_ty),
              mask=tm[:, None] & (kk[None, :] < K))
     tl.store(dv_ptr + (b * T * H + h) * V + t[:, None] * (H * V) + vv[None, :], dv.to(dv_ptr.dtype.element_ty),
@@ -325,6 +343,7 @@ class _Plan:
         # rounds once per level and measured ~1.5x the bf16 error (dg 1.9e-2 vs 1.3e-2).
         self.tree_dtype = torch.float32 if TREE_FP32 or q.dtype == torch.float32 else q.dtype
         self.warps = 4 if max(self.BK, self.BV_full) <= 64 else 8
+        self.grad_fp32 = GRAD_FP32 and q.dtype != torch.float32  # float32 inputs: float32 operands anyway
 
     def args(self) -> tuple:
         return (self.T, self.H, self.K, self.V, self.L, self.Tp)
@@ -341,7 +360,7 @@ def _decays(g: torch.Tensor, p: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
 def _build_tree(k, v, gl, gch, p: _Plan) -> torch.Tensor:
     tree = torch.empty(p.B * p.H, p.X, p.K, p.V, device=k.device, dtype=p.tree_dtype)
     _chunk_states[(p.n, p.B * p.H, p.NV)](k, v, gl, tree, p.T, p.H, p.K, p.V, p.Tp, p.X,
-                                          C=p.C, BK=p.BK, BV=p.BV, PREC=p.prec, num_warps=p.warps)
+                                          C=p.C, BK=p.BK, BV=p.BV, PREC=p.prec, FP32=p.grad_fp32, num_warps=p.warps)
     toff = p.toff.tolist()
     for j in range(p.J - 1):
         _combine[(p.counts[j + 1], p.B * p.H, -(-p.V // 32))](tree, gch, p.n, p.X, toff[j], toff[j + 1], p.counts[j],
@@ -367,7 +386,7 @@ def _backward(q, k, v, gl, lam, gch, tree, do, scale, p: _Plan):
     dgq = torch.zeros(p.B, p.H, p.Tp, device=dev, dtype=torch.float32)
     dgk = torch.zeros(p.B, p.H, p.Tp, device=dev, dtype=torch.float32)
     _bwd_q[(p.n, BH)](q, k, v, do, gl, lam, gch, tree, p.toff, dq, dlam, dgq, scale, *p.args(), p.n, p.X, p.J,
-                      C=p.C, CB=p.CB, BK=p.BK, BV=p.BV_full, PREC=p.prec, num_warps=p.warps)
+                      C=p.C, CB=p.CB, BK=p.BK, BV=p.BV_full, PREC=p.prec, FP32=p.grad_fp32, num_warps=p.warps)
     direct = torch.zeros(BH, max(p.Y, 1), p.K, p.V, device=dev, dtype=torch.float32)
     doff = p.doff.tolist()
     for j in range(p.J):
@@ -381,12 +400,12 @@ def _backward(q, k, v, gl, lam, gch, tree, do, scale, p: _Plan):
         bh_stride = buf.stride(0) if nseg == 1 else buf.stride(1)
         _direct[(nblk * nseg, BH, p.NV)](q, do, gl, lam, gch, buf, scale, *p.args(), p.n, j, nseg, min(SEG, 1 << j),
                                          seg_stride, bh_stride, C=p.C, CB=p.CB, BK=p.BK, BV=p.BV, PREC=p.prec,
-                                         num_warps=p.warps)
+                                         FP32=p.grad_fp32, num_warps=p.warps)
         if nseg > 1:
             dst.copy_(buf.sum(0))
     _bwd_kv[(p.n, BH)](q, k, v, do, gl, lam, gch, direct, p.doff, dk, dv, dgk, scale, *p.args(), p.n,
                        direct.shape[1], p.J, C=p.C, CB=p.CB, BK=p.BK, BV=p.BV_full, PREC=p.prec,
-                       num_warps=p.warps)
+                       FP32=p.grad_fp32, num_warps=p.warps)
     dg = _dg_from_dgc(dgq - dgk)[..., : p.T].transpose(1, 2).to(torch.float32)
     return dq, dk, dv, dg, dlam
 
