@@ -31,10 +31,10 @@ def inputs(op: str, B: int, T: int, H: int, d: int):
     g = (-torch.rand(B, T, H, device="cuda", generator=gen) * 0.1).requires_grad_()
     lam = torch.rand(B, T, H, ops.num_levels(T), device="cuda", generator=gen).requires_grad_()
     if op == "loglinear_ssd":
-        return lambda: ops.loglinear_ssd(q, k, v, g, lam, backend="triton"), (q, k, v, g, lam)
+        return lambda: ops.loglinear_ssd(q, k, v, g, lam, backend="triton")[0], (q, k, v, g, lam)
     beta = torch.rand(B, T, H, device="cuda", generator=gen).requires_grad_()
     kn = torch.nn.functional.normalize(k.detach().float(), dim=-1).to(bf).requires_grad_()
-    return (lambda: ops.loglinear_gated_delta_rule(q, kn, v, g, beta, lam, backend="triton"),
+    return (lambda: ops.loglinear_gated_delta_rule(q, kn, v, g, beta, lam, backend="triton")[0],
             (q, kn, v, g, beta, lam))
 
 

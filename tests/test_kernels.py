@@ -148,13 +148,11 @@ def test_loglinear_ssd_matches_reference(shape, device):
     _assert_close(_run(xs, torch.float32, device, chunk_size=C), want, 1e-3, 5e-3)
     if device == "cuda":
         # bf16 dots of O(1) entries: an absolute floor of 1e-2 where the exact gradient is zero (dg at T=1).
-        # dg sums q.dq - k.dk over a range of the sequence, so its bf16 error grows with T (H100 with
-        # the suffix sum alone, kernel_errors_h100*.json: 1.1-1.3% at T <= 600, 1.6-2.1% at 1000, 4.2%
-        # at 3000; now each position takes the lighter of the prefix and suffix forms: 3.5% -> 1.6% at
-        # T = 3000 under the interpreter's bf16, see test_loglinear_ssd_bf16_dg_on_a_long_sequence; on
-        # the H100 1.1-1.5% at T = 1000, kernel_errors_h100_dg.log; the bounds stay: T = 3000 unmeasured).
+        # dg sums q.dq - k.dk over a range of the sequence, whose terms cancel: with 16-bit operands in
+        # the backward's dots dg was 2.4% off at T = 3000 on the H100; with float32 operands for the
+        # computed ones (GRAD_FP32) 0.32% (kernel_errors_h100_llssd_T3000_gradfp32.json).
         _assert_close(_run(xs, torch.bfloat16, device, chunk_size=C), _reference(_rounded(xs, torch.bfloat16)),
-                      2e-2, 2e-2, floor=1e-2, dg_tol=2e-2 if T <= 600 else 6e-2)
+                      2e-2, 2e-2, floor=1e-2)
 
 
 def _bf16_dg_long_case():
@@ -181,11 +179,11 @@ def _bf16_dg_long_case():
 @pytest.mark.skipif(CUDA, reason="interpreter only (its bf16 rounds the kernels' 16-bit operands as the GPU)")
 def test_loglinear_ssd_bf16_dg_on_a_long_sequence(device):
     """bf16 dg at T = 3000 for loss weights where summing dGc = q.dq - k.dk from the end of the
-    sequence is 3.5% off the reference of the rounded inputs (chunk 0: 7%): the per-position choice
-    of the prefix or suffix form is 1.6% off. (With other loss weights both are ~1-3%: the remaining
-    error is the 16-bit rounding of the terms, which no summation order removes.)"""
+    sequence was 3.5% off the reference of the rounded inputs (chunk 0: 7%) and the per-position
+    choice of the prefix or suffix form 1.3%: the 16-bit rounding of the terms, which no summation
+    order removes. With float32 operands for the backward's computed dot operands (GRAD_FP32) 0.17%."""
     want, got = _bf16_dg_long_case()
-    assert rel_err(got(), want) < 2.5e-2
+    assert rel_err(got(), want) < 5e-3
 
 
 def test_loglinear_ssd_packed_sequences_and_final_state(device):
