@@ -60,8 +60,9 @@ class AHNAttentionMixin:
         # k, v and the memory's gate projections (all of the normed hidden state) in one matmul
         (k, v), raw_gates = self.ahn.projections(hidden_states, (self.k_proj, self.v_proj))
         k, v = k.reshape(B, T, -1, d), v.reshape(B, T, -1, d)
-        if T > 1:  # v is a strided slice of that output: SDPA on CUDA mishandles such rows of the tiny
-            v = v.contiguous()  # test configs (bf16 forward 26% off; 152-byte rows); a decode step needs no copy
+        if T > 1:  # v is a strided slice of that output, which SDPA's memory-efficient CUDA kernel can get
+            # wrong (pytorch#112577; bf16, 152-byte rows of a tiny test config: 3.5 off); decode needs no copy
+            v = v.contiguous()
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
