@@ -80,9 +80,9 @@ class MemoryModule(nn.Module):
 
     def projections(self, x: torch.Tensor, layers: tuple[nn.Linear, ...] = ()
                     ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-        """(outputs of ``layers``, raw gate projections by name) of x [..., D]: one matmul where every
-        weight has x's dtype (the attention passes its frozen k/v projections: in a batch-8 decode
-        step each small matmul costs a launch and a latency-bound pass over its weights)."""
+        """(outputs of ``layers``, raw gate projections by name) of x [..., D]: one matmul where all
+        weights share the memory's dtype (the attention passes its frozen k/v projections: in a
+        batch-8 decode step each small matmul costs a launch and a latency-bound pass over its weights)."""
         names = [n for n, _ in self._gate_layers()]
         gate_dtype = self._gate_layers()[0][1].weight.dtype
         # Plain layers of the memory's dtype only: not e.g. a float32 memory on a bf16 base, a quantised
