@@ -1,8 +1,9 @@
 """Log-linear Gated DeltaNet level kernels (hippolm.ops.triton_gdn._LevelReads) per configuration, on
 random bf16 (or --dtype float32) chunk factors of one training step (B=1, T=65536, H=16, d=128, chunk 64): forward and
 forward+backward time through the autograd function (both lanes, their outputs added up), results
-checked against the first configuration, and each lane's kernel time from the profiler (the lower
-levels on the current stream, the top levels on a side stream: the step takes about the longer).
+checked against the first configuration, each lane's kernel time from the profiler (the lower
+levels on the current stream, the top levels on a side stream: the step takes about the longer), and
+each launch's time in launch order with the level groups launched (which group is slow).
 
 A configuration: forward/backward, each ``main+top@stages[wWARPS]`` with a tile ``levels x V
 columns``, e.g. ``4x32+2x32@2/2x64+2x64@1w16`` (LEVEL_TILES, LEVEL_STAGES, LEVEL_WARPS; warps 8 if
@@ -60,8 +61,9 @@ def configure(cfg: str) -> None:
         tg.LEVEL_WARPS[which] = int(warps or 8)
 
 
-def lane_times(step) -> dict:
-    """Kernel time per (kernel, stream) in one call of ``step``, from a profiler trace."""
+def lane_times(step) -> tuple[dict, dict]:
+    """Kernel time per (kernel, stream) in one call of ``step``, from a profiler trace, and each
+    launch's time in launch order (one launch per level group: see ``groups`` in the JSON)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
@@ -71,11 +73,13 @@ def lane_times(step) -> dict:
         with open(path) as f:
             events = json.load(f)["traceEvents"]
     out: dict[str, float] = {}
-    for e in events:
-        if e.get("cat") == "kernel" and e["name"].startswith("_level"):
-            key = f"{e['name']} stream {e['args'].get('stream')}"
-            out[key] = round(out.get(key, 0.0) + e["dur"] / 1e3, 3)
-    return out
+    launches: dict[str, list[float]] = {}
+    for e in sorted((e for e in events if e.get("cat") == "kernel" and e["name"].startswith("_level")),
+                    key=lambda e: e["ts"]):
+        key = f"{e['name']} stream {e['args'].get('stream')}"
+        out[key] = round(out.get(key, 0.0) + e["dur"] / 1e3, 3)
+        launches.setdefault(key, []).append(round(e["dur"] / 1e3, 3))
+    return out, launches
 
 
 def main():
@@ -115,7 +119,12 @@ def main():
                                       for a, b in zip(result, base, strict=True))
             row["fwd_ms"] = round(timed(fwd), 3)
             row["fwd_bwd_ms"] = round(timed(step), 3)
-            row["kernel_ms_per_stream"] = lane_times(step)
+            row["kernel_ms_per_stream"], row["kernel_ms_per_launch"] = lane_times(step)
+            # the launches of each pass: per lane (lower levels, then the top ones on the side stream)
+            # its groups (first level, top level, programs) in launch order
+            row["groups"] = {which: [[(j0, top, N * H * nseg * lane.NV) for j0, top, nseg in lane.groups]
+                                     for lane in tg._level_lanes(n, J, d, d, which, prec)]
+                             for which in ("fwd", "bwd")}
         except Exception as err:  # out of shared memory / registers
             row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
         finally:
