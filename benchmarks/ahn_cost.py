@@ -88,7 +88,7 @@ def main() -> None:
                      "git_commit": git_commit()},
         "base": args.base, "shape": dataclasses.asdict(shape), **span,
         "conventions": "hippolm.accounting: FLOPs = 2 x multiply-adds of matrix products; causal attention charges "
-                       "the keys each query attends; cache: bf16 KV, fp32 memory state and write gates, int64 slot "
+                       "the keys each query attends; cache: bf16 KV and write gates, fp32 memory state, int32 slot "
                        "positions; decode at context n: n tokens cached, one new token.",
         "parameters": {"base": acc.base_parameters(shape), "memory": acc.memory_parameters(shape, args.memory)},
         "rows": rows, "paper_reproduction": paper,
@@ -119,7 +119,7 @@ def main() -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left", fontsize=9)
-    fig.suptitle(f"{args.base}: full attention vs AHN (analytic; bf16 KV, fp32 memory state and write gates)",
+    fig.suptitle(f"{args.base}: full attention vs AHN (analytic; bf16 KV and write gates, fp32 memory state)",
                  fontsize=11)
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
