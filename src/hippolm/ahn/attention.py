@@ -107,6 +107,16 @@ class AHNAttentionMixin:
         has_past = persistent and cache.stream_len > 0
 
         decode = persistent and T == 1 and has_past
+        if decode and not self.ahn.levels:
+            # The fused memory step of steady decoding while the window fills too: the slot the new
+            # token takes holds the token leaving, or zeros, and padding and sink tokens are stored with
+            # zero write gates (AHNLayerCache.append), so where no real token leaves the step leaves the
+            # state as it is, and reads zero from the memory still empty. (A log-linear memory's step
+            # would advance its Fenwick position: it takes the masked path below.)
+            mem = self.ahn.decode_step(q[:, :, 0], cache.keys, cache.values, cache.ring_gates, cache.cursor, sinks,
+                                       window, out_gate[:, 0], None, cache.memory)
+            cache.append(k, v, write_gates, pos)
+            return self.o_proj(self._ahn_decode_attention(q, pos, cache, add=mem).reshape(B, T, -1)), None
         out = self._ahn_long_term(q, k, v, write_gates, pos, (out_gate, lam), cache, has_past, persistent, window,
                                   sinks)
         if decode:  # write first, then attend to the cache buffer in place (no copies)
@@ -134,12 +144,13 @@ class AHNAttentionMixin:
         cache.decode_write(k[:, :, 0], v[:, :, 0], write_gates[:, 0])
         return decode_attention(q[:, :, 0], cache.keys, cache.values, self.scaling, add=mem).reshape(B, 1, -1)
 
-    def _ahn_decode_attention(self, q, pos, cache: AHNLayerCache):
-        """One query per sequence over the sinks + window buffer (the new token already in it)."""
+    def _ahn_decode_attention(self, q, pos, cache: AHNLayerCache, add=None):
+        """One query per sequence over the sinks + window buffer (the new token already in it), plus
+        ``add`` [B, H, d] (the memory's read-out) if given."""
         kp, qp = cache.visible_pos(), pos
         mask = (kp >= 0) & ((kp < cache.sinks) | (qp - kp < cache.window))
         mask = mask | (qp < 0)  # a padding query attends anywhere; it is ignored
-        return decode_attention(q[:, :, 0], cache.keys, cache.values, self.scaling, mask)[:, None]
+        return decode_attention(q[:, :, 0], cache.keys, cache.values, self.scaling, mask, add)[:, None]
 
     def _ahn_short_term(self, q, k, v, pos, cache: AHNLayerCache | None, window: int, sinks: int):
         """Softmax attention over sinks + window, as one SDPA call with a boolean mask."""

@@ -23,8 +23,9 @@ class AHNLayerCache(CacheLayerMixin):
     last ``window`` stream tokens at slot ``sinks + stream_index % window``. ``slot_pos`` is each
     slot's real position (-1: empty or padding); ``ring_gates`` the memory write gates computed
     when each window token arrived, stored in the key dtype (the memory rounds them the same way
-    when training, so both agree); ``memory`` the long-term state; ``real_seen`` real tokens seen;
-    ``cursor`` [B] the stream length as a device tensor, so a decode step can be captured in a CUDA graph.
+    when training, so both agree), zero for padding and sink tokens (never written); ``memory``
+    the long-term state; ``real_seen`` real tokens seen; ``cursor`` [B] the stream length as a
+    device tensor, so a decode step can be captured in a CUDA graph.
     """
 
     is_compileable = False
@@ -77,6 +78,9 @@ class AHNLayerCache(CacheLayerMixin):
             order = torch.arange(self.stream_len + T - keep, self.stream_len + T, device=k.device) % W
         self.keys[:, :, S + order] = k[:, :, T - keep :]
         self.values[:, :, S + order] = v[:, :, T - keep :]
+        # Tokens never written into the memory (padding, sinks) get zero write gates: a memory step on
+        # them (decoding while the window fills runs one per token) is then a no-op
+        gates = torch.where((pos >= S)[:, :, None, None], gates, 0)
         self.ring_gates[:, order] = gates[:, T - keep :].to(self.ring_gates.dtype)
         self.slot_pos[:, S + order] = pos[:, T - keep :].to(self.slot_pos.dtype)
         if S and not self.all_visible:

@@ -2,8 +2,9 @@
 
 An AHN decode step has a fixed shape and touches only fixed buffers (every slot index comes from
 the cache's device cursor, every state update is in place), so it is captured once and replayed.
-Two steps exist: while sinks and window are still filling (masked attention, masked memory
-writes) and once every slot holds a real token (no masks); each gets its own graph. The step
+Two steps exist: while sinks and window are still filling (masked attention; the linear memories'
+fused step, a no-op on the state where no real token leaves; log-linear memories' writes masked)
+and once every slot holds a real token (no masks); each gets its own graph. The step
 that finds the window full reads one flag on the host, so the few steps around that boundary
 run eagerly. At batch sizes where the step is launch-bound (small models, or large ones on a
 fast GPU) this is what makes decode time track the bytes it moves.
