@@ -93,7 +93,7 @@ class AHNAttentionMixin:
 
         write_gates, out_gate, lam = self.ahn.gates_from(raw_gates, k.dtype)
         if persistent and T == 1 and cache.all_visible:
-            return self.o_proj(self._ahn_steady_decode(q, k, v, write_gates, out_gate, lam, cache)), None
+            return self.o_proj(self._ahn_fused_decode(q, k, v, write_gates, out_gate, lam, cache)), None
 
         real = kwargs.get("ahn_attention_mask")
         padded = real is not None
@@ -107,16 +107,9 @@ class AHNAttentionMixin:
         has_past = persistent and cache.stream_len > 0
 
         decode = persistent and T == 1 and has_past
-        if decode and not self.ahn.levels:
-            # The fused memory step of steady decoding while the window fills too: the slot the new
-            # token takes holds the token leaving, or zeros, and padding and sink tokens are stored with
-            # zero write gates (AHNLayerCache.append), so where no real token leaves the step leaves the
-            # state as it is, and reads zero from the memory still empty. (A log-linear memory's step
-            # would advance its Fenwick position: it takes the masked path below.)
-            mem = self.ahn.decode_step(q[:, :, 0], cache.keys, cache.values, cache.ring_gates, cache.cursor, sinks,
-                                       window, out_gate[:, 0], None, cache.memory)
-            cache.append(k, v, write_gates, pos)
-            return self.o_proj(self._ahn_decode_attention(q, pos, cache, add=mem).reshape(B, T, -1)), None
+        if decode and not self.ahn.levels:  # (a log-linear memory's step would advance its Fenwick
+            # position where nothing leaves: it takes the masked path below)
+            return self.o_proj(self._ahn_fused_decode(q, k, v, write_gates, out_gate, lam, cache, pos)), None
         out = self._ahn_long_term(q, k, v, write_gates, pos, (out_gate, lam), cache, has_past, persistent, window,
                                   sinks)
         if decode:  # write first, then attend to the cache buffer in place (no copies)
@@ -133,16 +126,25 @@ class AHNAttentionMixin:
                 cache.append(k, v, write_gates, pos)
         return self.o_proj(out.reshape(B, T, -1)), None
 
-    def _ahn_steady_decode(self, q, k, v, write_gates, out_gate, lam, cache: AHNLayerCache) -> torch.Tensor:
-        """One token per sequence once every slot holds a real token: the token in the slot the new
-        one takes leaves the window and is written into the memory; the new token is written; then
-        the query reads the memory and attends to the whole buffer without a mask. Every index is a
-        device tensor and every state update in place: no host syncs, and CUDA-graph replayable."""
+    def _ahn_fused_decode(self, q, k, v, write_gates, out_gate, lam, cache: AHNLayerCache,
+                          pos: torch.Tensor | None = None) -> torch.Tensor:
+        """One token per sequence through the fused memory step: the token in the slot the new one
+        takes leaves the window and is written into the memory, the new token is written, then the
+        query reads the memory and attends to the buffer. Every index is a device tensor and every
+        state update in place: no host syncs, and CUDA-graph replayable.
+
+        ``pos`` None: every slot holds a real token (no mask). Else the window is still filling: the
+        slot taken holds zeros or a token stored with zero write gates (padding, sinks: see
+        AHNLayerCache.append) wherever no real token leaves, so the step leaves the state as it is
+        there, and the still empty memory reads zero; the attention is masked by position."""
         B = q.shape[0]
         mem = self.ahn.decode_step(q[:, :, 0], cache.keys, cache.values, cache.ring_gates, cache.cursor, cache.sinks,
                                    cache.window, out_gate[:, 0], None if lam is None else lam[:, 0], cache.memory)
-        cache.decode_write(k[:, :, 0], v[:, :, 0], write_gates[:, 0])
-        return decode_attention(q[:, :, 0], cache.keys, cache.values, self.scaling, add=mem).reshape(B, 1, -1)
+        if pos is None:
+            cache.decode_write(k[:, :, 0], v[:, :, 0], write_gates[:, 0])
+            return decode_attention(q[:, :, 0], cache.keys, cache.values, self.scaling, add=mem).reshape(B, 1, -1)
+        cache.append(k, v, write_gates, pos)
+        return self._ahn_decode_attention(q, pos, cache, add=mem).reshape(B, 1, -1)
 
     def _ahn_decode_attention(self, q, pos, cache: AHNLayerCache, add=None):
         """One query per sequence over the sinks + window buffer (the new token already in it), plus
