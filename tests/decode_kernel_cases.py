@@ -38,6 +38,41 @@ def attention_cases(device: str, dtypes=(torch.float32,)) -> list[str]:
     return failures
 
 
+def cache_attention_cases(device: str, dtypes=(torch.float32,)) -> list[str]:
+    """Attention over an AHN cache's filled slots (positions decide visibility) against the masked
+    reference: windows filling (whole splits past the cursor) and full, padding rows, sink copies in
+    the ring, a padding query; cursor-filled slots past the window."""
+    failures = []
+    for B, H, Hkv, S, W, D, cursor in [(3, 8, 2, 4, 1000, 64, [3, 40, 999]), (2, 4, 4, 0, 300, 128, [300, 7]),
+                                       (2, 6, 1, 2, 64, 32, [70, 5])]:
+        for dtype in dtypes:
+            gen = torch.Generator().manual_seed(W + S)
+            n = S + W
+            q = torch.randn(B, H, D, generator=gen)
+            k, v = torch.randn(B, Hkv, n, D, generator=gen), torch.randn(B, Hkv, n, D, generator=gen)
+            cur = torch.tensor(cursor)
+            # positions: each row's stream of padding then real tokens, in ring order; garbage past the cursor
+            slot_pos = torch.randint(-1, 3 * n, (B, n), generator=gen, dtype=torch.int32)
+            slot_pos[:, :S] = torch.where(torch.rand(B, S, generator=gen) < 0.8, torch.arange(S, dtype=torch.int32), -1)
+            ring = slot_pos[:, S:]
+            ring[torch.rand(B, W, generator=gen) < 0.2] = -1  # padding
+            ring[:, :3] = torch.randint(0, max(S, 1), (B, 3), generator=gen, dtype=torch.int32)  # sink copies
+            last = S + (cur - 1) % W  # the new token: real, at the cursor's slot
+            slot_pos[torch.arange(B), last] = S + 5
+            for qpos in (None, torch.tensor([-1] + [3] * (B - 1))):
+                add = torch.randn(B, H, D, generator=gen)
+                mask = dc.cache_visible(slot_pos, cur, qpos, S, W)
+                ref = dc.decode_attention_reference(q.double(), k.double(), v.double(), D**-0.5, mask, add.double())
+                got = dc.cache_attention(*(x.to(device, dtype) for x in (q, k, v)), slot_pos.to(device),
+                                         cur.to(device), S, W, D**-0.5, None if qpos is None else qpos.to(device),
+                                         add.to(device, dtype))
+                tol = 1e-3 if dtype == torch.float32 else 2e-2
+                if got.dtype != dtype or rel(got, ref) > tol:
+                    failures.append(f"cache attention B{B} S{S} W{W} D{D} {dtype} qpos {qpos is not None}: "
+                                    f"{rel(got, ref):.2e}")
+    return failures
+
+
 def memory_cases(device: str) -> list[str]:
     failures = []
     for name, delta, has_g in [("gdn", True, True), ("deltanet", True, False), ("mamba2", False, True)]:
@@ -97,6 +132,15 @@ def cache_cases(device: str) -> list[str]:
     dc.cache_write(*got[:4], new_k.to(device), dev_v, new_g.to(device), *got[4:], S, W)
     if not all(torch.equal(a.cpu(), b) for a, b in zip(got, want, strict=True)):
         failures.append("cache write differs from its reference")
+    # While filling: given positions (a sink, padding, a window token)
+    pos = torch.tensor([1, -1, 4])
+    want = [keys.clone(), values.clone(), ring.to(torch.bfloat16), torch.full((B, S + W), -1, dtype=torch.int32),
+            torch.tensor([1, 0, 4]), torch.tensor([1, 3, 4])]
+    got = [x.clone().to(device) for x in want]
+    dc.cache_write_reference(*want[:4], new_k, new_v, new_g, *want[4:], S, W, pos)
+    dc.cache_write(*got[:4], new_k.to(device), dev_v, new_g.to(device), *got[4:], S, W, pos.to(device))
+    if not all(torch.equal(a.cpu(), b) for a, b in zip(got, want, strict=True)):
+        failures.append("cache write with positions differs from its reference")
     return failures
 
 
@@ -134,6 +178,7 @@ def loglinear_cases(device: str) -> list[str]:
 if __name__ == "__main__":
     device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
     dtypes = (torch.float32, torch.bfloat16) if device == "cuda" else (torch.float32,)
-    failures = attention_cases(device, dtypes) + memory_cases(device) + cache_cases(device) + loglinear_cases(device)
+    failures = (attention_cases(device, dtypes) + cache_attention_cases(device, dtypes) + memory_cases(device)
+                + cache_cases(device) + loglinear_cases(device))
     print("\n".join(failures) or "all decode kernel cases pass")
     sys.exit(1 if failures else 0)

@@ -19,10 +19,11 @@ HERE = Path(__file__).parent
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_decode_kernels_on_cuda():
-    from decode_kernel_cases import attention_cases, cache_cases, loglinear_cases, memory_cases
+    from decode_kernel_cases import attention_cases, cache_attention_cases, cache_cases, loglinear_cases, memory_cases
 
-    assert (attention_cases("cuda", (torch.float32, torch.bfloat16)) + memory_cases("cuda") + cache_cases("cuda")
-            + loglinear_cases("cuda")) == []
+    dtypes = (torch.float32, torch.bfloat16)
+    assert (attention_cases("cuda", dtypes) + cache_attention_cases("cuda", dtypes) + memory_cases("cuda")
+            + cache_cases("cuda") + loglinear_cases("cuda")) == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or importlib.util.find_spec("triton") is None,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..ops.decode import decode_attention, evicted_entry
+from ..ops.decode import cache_attention, decode_attention, evicted_entry
 from .cache import AHNCache, AHNLayerCache
 from .config import validate_window
 
@@ -92,10 +92,13 @@ class AHNAttentionMixin:
             raise ValueError(f"an AHN model needs an AHNCache (model.new_cache()), got {got}.")
 
         write_gates, out_gate, lam = self.ahn.gates_from(raw_gates, k.dtype)
-        if persistent and T == 1 and cache.all_visible:
-            return self.o_proj(self._ahn_fused_decode(q, k, v, write_gates, out_gate, lam, cache)), None
-
         real = kwargs.get("ahn_attention_mask")
+        if persistent and T == 1 and cache.stream_len > 0 and not self.ahn.levels:
+            # (a log-linear memory's step would advance its Fenwick position where nothing leaves:
+            # it takes the masked path below)
+            pos = None if real is None else torch.where(real[:, -1].to(q.device, torch.bool), cache.real_seen, -1)
+            return self.o_proj(self._ahn_fused_decode(q, k, v, write_gates, out_gate, lam, cache, pos)), None
+
         padded = real is not None
         real = (torch.ones(B, T, dtype=torch.bool, device=q.device) if real is None
                 else real[:, -T:].to(device=q.device, dtype=torch.bool))
@@ -107,9 +110,6 @@ class AHNAttentionMixin:
         has_past = persistent and cache.stream_len > 0
 
         decode = persistent and T == 1 and has_past
-        if decode and not self.ahn.levels:  # (a log-linear memory's step would advance its Fenwick
-            # position where nothing leaves: it takes the masked path below)
-            return self.o_proj(self._ahn_fused_decode(q, k, v, write_gates, out_gate, lam, cache, pos)), None
         out = self._ahn_long_term(q, k, v, write_gates, pos, (out_gate, lam), cache, has_past, persistent, window,
                                   sinks)
         if decode:  # write first, then attend to the cache buffer in place (no copies)
@@ -128,31 +128,31 @@ class AHNAttentionMixin:
 
     def _ahn_fused_decode(self, q, k, v, write_gates, out_gate, lam, cache: AHNLayerCache,
                           pos: torch.Tensor | None = None) -> torch.Tensor:
-        """One token per sequence through the fused memory step: the token in the slot the new one
-        takes leaves the window and is written into the memory, the new token is written, then the
-        query reads the memory and attends to the buffer. Every index is a device tensor and every
-        state update in place: no host syncs, and CUDA-graph replayable.
+        """One token per sequence (``pos`` [B] its real position, -1: padding; None: a real token)
+        through the fused memory step: the token in the slot the new one takes leaves the window and
+        is written into the memory, the new token is written, then the query reads the memory and
+        attends to the buffer. Every index is a device tensor and every state update in place: no host
+        syncs, and CUDA-graph replayable.
 
-        ``pos`` None: every slot holds a real token (no mask). Else the window is still filling: the
-        slot taken holds zeros or a token stored with zero write gates (padding, sinks: see
-        AHNLayerCache.append) wherever no real token leaves, so the step leaves the state as it is
-        there, and the still empty memory reads zero; the attention is masked by position."""
+        While the window fills, the slot taken holds zeros or a token stored with zero write gates
+        (padding, sinks: see cache_write) wherever no real token leaves, so the step leaves the state
+        as it is there and the still empty memory reads zero; the attention reads only the filled
+        slots, visible by their positions."""
         B = q.shape[0]
         mem = self.ahn.decode_step(q[:, :, 0], cache.keys, cache.values, cache.ring_gates, cache.cursor, cache.sinks,
                                    cache.window, out_gate[:, 0], None if lam is None else lam[:, 0], cache.memory)
-        if pos is None:
-            cache.decode_write(k[:, :, 0], v[:, :, 0], write_gates[:, 0])
+        full = cache.all_visible  # before the write: a write that fills the window checks it on the host
+        cache.decode_write(k[:, :, 0], v[:, :, 0], write_gates[:, 0], pos)
+        if full:
             return decode_attention(q[:, :, 0], cache.keys, cache.values, self.scaling, add=mem).reshape(B, 1, -1)
-        cache.append(k, v, write_gates, pos)
         return self._ahn_decode_attention(q, pos, cache, add=mem).reshape(B, 1, -1)
 
     def _ahn_decode_attention(self, q, pos, cache: AHNLayerCache, add=None):
         """One query per sequence over the sinks + window buffer (the new token already in it), plus
-        ``add`` [B, H, d] (the memory's read-out) if given."""
-        kp, qp = cache.visible_pos(), pos
-        mask = (kp >= 0) & ((kp < cache.sinks) | (qp - kp < cache.window))
-        mask = mask | (qp < 0)  # a padding query attends anywhere; it is ignored
-        return decode_attention(q[:, :, 0], cache.keys, cache.values, self.scaling, mask, add)[:, None]
+        ``add`` [B, H, d] (the memory's read-out) if given; ``pos`` [B] or [B, 1] or None (real)."""
+        qpos = None if pos is None else pos.reshape(-1)
+        return cache_attention(q[:, :, 0], cache.keys, cache.values, cache.slot_pos, cache.cursor, cache.sinks,
+                               cache.window, self.scaling, qpos, add)[:, None]
 
     def _ahn_short_term(self, q, k, v, pos, cache: AHNLayerCache | None, window: int, sinks: int):
         """Softmax attention over sinks + window, as one SDPA call with a boolean mask."""

@@ -71,11 +71,11 @@ class AHNLayerCache(CacheLayerMixin):
     def append(self, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, pos: torch.Tensor) -> None:
         """Add new stream tokens: k, v [B, Hkv, T, d]; gates [B, T, ...]; pos [B, T] (-1: padding)."""
         T, W, S = k.shape[2], self.window, self.sinks
+        if T == 1:  # one kernel, indexed by the device cursor: no host value in a decode step
+            self.decode_write(k[:, :, 0], v[:, :, 0], gates[:, 0], pos[:, 0])
+            return
         keep = min(T, W)
-        if T == 1:  # from the device cursor (every row's stream length): no host value in a decode step
-            order = self.cursor[:1] % W
-        else:
-            order = torch.arange(self.stream_len + T - keep, self.stream_len + T, device=k.device) % W
+        order = torch.arange(self.stream_len + T - keep, self.stream_len + T, device=k.device) % W
         self.keys[:, :, S + order] = k[:, :, T - keep :]
         self.values[:, :, S + order] = v[:, :, T - keep :]
         # Tokens never written into the memory (padding, sinks) get zero write gates: a memory step on
@@ -85,13 +85,7 @@ class AHNLayerCache(CacheLayerMixin):
         self.slot_pos[:, S + order] = pos[:, T - keep :].to(self.slot_pos.dtype)
         if S and not self.all_visible:
             is_sink = (pos >= 0) & (pos < S)
-            if T == 1:  # decode: a masked write per sequence, no device sync
-                rows = torch.arange(k.shape[0], device=k.device)
-                hit, slot = is_sink[:, 0], pos[:, 0].clamp(0, S - 1)
-                self.keys[rows, :, slot] = torch.where(hit[:, None, None], k[:, :, 0], self.keys[rows, :, slot])
-                self.values[rows, :, slot] = torch.where(hit[:, None, None], v[:, :, 0], self.values[rows, :, slot])
-                self.slot_pos[rows, slot] = torch.where(hit, slot.to(self.slot_pos.dtype), self.slot_pos[rows, slot])
-            elif bool(is_sink.any()):
+            if bool(is_sink.any()):
                 b, t = is_sink.nonzero(as_tuple=True)
                 slot = pos[b, t]
                 self.keys[b, :, slot] = k[b, :, t]
@@ -100,7 +94,10 @@ class AHNLayerCache(CacheLayerMixin):
         self.stream_len += T
         self.cursor += T
         self.real_seen += (pos >= 0).sum(1)
-        if not self.all_visible and self.stream_len >= W + S:
+        self._check_all_visible()
+
+    def _check_all_visible(self) -> None:
+        if not self.all_visible and self.stream_len >= self.window + self.sinks:
             # Checked (one sync) only until it holds; after that no slot can become hidden again.
             self.all_visible = bool((self.visible_pos() >= 0).all())
 
@@ -136,13 +133,16 @@ class AHNLayerCache(CacheLayerMixin):
         elif self.memory is not None:
             self.memory = fn(self.memory)
 
-    def decode_write(self, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor) -> None:
-        """Steady-state decode: write one token per sequence (k, v [B, Hkv, d], gates [B, H, G]) into the
-        slot of the token that just left, in place and with no host values involved, so the step can
-        be replayed from a CUDA graph."""
+    def decode_write(self, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, pos: torch.Tensor | None = None
+                     ) -> None:
+        """Decode: write one token per sequence (k, v [B, Hkv, d], gates [B, H, G]; ``pos`` [B] its real
+        position, -1: padding, None: a real token) into the ring slot of the token that just left, and
+        into its sink slot if it is a sink, in place and with no host values involved, so the step can
+        be replayed from a CUDA graph (as long as the window does not fill in it: then one host check)."""
         cache_write(self.keys, self.values, self.ring_gates, self.slot_pos, k, v, gates, self.real_seen,
-                               self.cursor, self.sinks, self.window)
+                    self.cursor, self.sinks, self.window, pos)
         self.stream_len += 1
+        self._check_all_visible()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))

@@ -51,38 +51,62 @@ def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 if triton is not None:
 
     @triton.jit
-    def _attn_split_kernel(Q, K, V, MASK, ACC, M, L, S, n_kv_heads, scale,
+    def _attn_block(q, k_base, v_base, offs, valid, sks, svs, m_i, l_i, acc, d, dv, PRECISION: tl.constexpr):
+        """Online-softmax update of one split's (max, sum, accumulator) with one block of keys."""
+        k = tl.load(k_base + offs[:, None] * sks + d[None, :], mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no visible key
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs[:, None] * svs + dv[None, :], mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _attn_split_kernel(Q, K, V, MASK, SLOT_POS, CURSOR, QPOS, ACC, M, L, S, n_kv_heads, scale, sinks, window,
                            sqb, sqh, skb, skh, sks, svb, svh, svs, smb,
                            G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
                            BLOCK: tl.constexpr, SPLIT_LEN: tl.constexpr, PRECISION: tl.constexpr,
-                           HAS_MASK: tl.constexpr):
+                           HAS_MASK: tl.constexpr, HAS_SLOTS: tl.constexpr, HAS_QPOS: tl.constexpr):
         pid_bh, sp = tl.program_id(0), tl.program_id(1)
         n_split = tl.num_programs(1)
         b, hk = pid_bh // n_kv_heads, pid_bh % n_kv_heads
         g, d, dv = tl.arange(0, GP), tl.arange(0, D), tl.arange(0, DV)
         q = tl.load(Q + b * sqb + (hk * G + g)[:, None] * sqh + d[None, :], mask=(g < G)[:, None], other=0.0)
         q = (q.to(tl.float32) * scale).to(q.dtype)
-        start = sp * SPLIT_LEN
         m_i = tl.full([GP], float("-inf"), tl.float32)
         l_i = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, DV], tl.float32)
         k_base, v_base = K + b * skb + hk * skh, V + b * svb + hk * svh
-        for i in range(0, SPLIT_LEN, BLOCK):  # SPLIT_LEN: a multiple of BLOCK
-            offs = start + i + tl.arange(0, BLOCK)
-            valid = offs < S
-            if HAS_MASK:
-                valid = valid & (tl.load(MASK + b * smb + offs, mask=offs < S, other=0) != 0)
-            k = tl.load(k_base + offs[:, None] * sks + d[None, :], mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no visible key
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + offs[:, None] * svs + dv[None, :], mask=valid[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+        if HAS_SLOTS:
+            # An AHN cache: only its filled slots are read (sinks, then the ring up to the cursor),
+            # spread evenly over the splits; visibility from the slot positions (cache_attention).
+            filled = sinks + tl.minimum(tl.load(CURSOR + b), window).to(tl.int32)
+            split = tl.cdiv(tl.cdiv(filled, BLOCK), n_split) * BLOCK
+            start = sp * split
+            end = tl.minimum(start + split, filled)
+            see_all = sinks < 0  # (False)
+            if HAS_QPOS:
+                see_all = tl.load(QPOS + b) < 0  # a padding query: its output is ignored
+            for i in range(start, end, BLOCK):
+                offs = i + tl.arange(0, BLOCK)
+                valid = offs < end
+                slot_pos = tl.load(SLOT_POS + b * smb + offs, mask=valid, other=-1)
+                valid = valid & ((slot_pos >= tl.where(offs < sinks, 0, sinks)) | see_all)
+                m_i, l_i, acc = _attn_block(q, k_base, v_base, offs, valid, sks, svs, m_i, l_i, acc, d, dv,
+                                            PRECISION)
+        else:
+            start = sp * SPLIT_LEN
+            for i in range(0, SPLIT_LEN, BLOCK):  # SPLIT_LEN: a multiple of BLOCK
+                offs = start + i + tl.arange(0, BLOCK)
+                valid = offs < S
+                if HAS_MASK:
+                    valid = valid & (tl.load(MASK + b * smb + offs, mask=offs < S, other=0) != 0)
+                m_i, l_i, acc = _attn_block(q, k_base, v_base, offs, valid, sks, svs, m_i, l_i, acc, d, dv,
+                                            PRECISION)
         row = pid_bh * n_split + sp
         tl.store(ACC + row * GP * DV + g[:, None] * DV + dv[None, :], acc)
         tl.store(M + row * GP + g, m_i)
@@ -113,7 +137,8 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
-def _decode_attention_triton(q, k, v, scale, mask=None, add=None):
+def _decode_attention_triton(q, k, v, scale, mask=None, add=None, slots=None):
+    """``slots``: (slot_pos, cursor, query_pos or None, sinks, window) of an AHN cache (cache_attention)."""
     B, H, D = q.shape
     Hkv, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G = H // Hkv
@@ -126,19 +151,33 @@ def _decode_attention_triton(q, k, v, scale, mask=None, add=None):
     acc = torch.empty(B * Hkv, n_split, GP, Dv, device=q.device, dtype=torch.float32)
     m = torch.empty(B * Hkv, n_split, GP, device=q.device, dtype=torch.float32)
     l_ = torch.empty_like(m)
+    slot_pos, cursor, query_pos, sinks, window = slots if slots is not None else (None, None, None, 0, 0)
+    if _INTERPRET and slots is not None:  # its loop over runtime bounds needs the interpreter fix
+        from .triton_backend import _patch_interpreter
+
+        _patch_interpreter()
     if mask is not None:
         mask = mask.to(torch.uint8)
+    rows = mask if mask is not None else slot_pos
     _attn_split_kernel[(B * Hkv, n_split)](
-        q, k, v, q if mask is None else mask, acc, m, l_, S, Hkv, scale,
+        q, k, v, q if mask is None else mask, q if slot_pos is None else slot_pos, q if cursor is None else cursor,
+        q if query_pos is None else query_pos, acc, m, l_, S, Hkv, scale, sinks, window,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        0 if mask is None else mask.stride(0),
+        0 if rows is None else rows.stride(0),
         G=G, GP=GP, D=D, DV=Dv, BLOCK=BLOCK, SPLIT_LEN=split_len,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HAS_MASK=mask is not None, num_warps=4,
-        num_stages=3)
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HAS_MASK=mask is not None,
+        HAS_SLOTS=slots is not None, HAS_QPOS=query_pos is not None, num_warps=4, num_stages=3)
     out = torch.empty(B, H, Dv, device=q.device, dtype=q.dtype)
     _attn_combine_kernel[(B * H,)](acc, m, l_, out if add is None else add.contiguous(), out, n_split, G=G, GP=GP,
                                    DV=Dv, NSP=triton.next_power_of_2(n_split), HAS_ADD=add is not None, num_warps=4)
     return out
+
+
+def _attention_kernel_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    D = q.shape[-1]
+    return (_triton_ok(q, k, v) and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and k.dtype == q.dtype
+            and D in (32, 64, 128, 256) and v.shape[-1] in (32, 64, 128, 256) and q.shape[1] % k.shape[1] == 0
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
@@ -148,12 +187,39 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     slots (None: all); every sequence must see at least one. ``add`` [B, H, Dv] (e.g. the memory's
     read-out) is added to the result in the same kernel."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    D = q.shape[-1]
-    if (_triton_ok(q, k, v) and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and k.dtype == q.dtype
-            and D in (32, 64, 128, 256) and v.shape[-1] in (32, 64, 128, 256) and q.shape[1] % k.shape[1] == 0
-            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1):
+    if _attention_kernel_ok(q, k, v):
         return _decode_attention_triton(q, k, v, scale, mask, add)
     return decode_attention_reference(q, k, v, scale, mask, add)
+
+
+def cache_visible(slot_pos: torch.Tensor, cursor: torch.Tensor, query_pos: torch.Tensor | None, sinks: int,
+                  window: int) -> torch.Tensor:
+    """[B, sinks + window] bool: the slots of an AHN cache a new query sees (see :func:`cache_attention`)."""
+    slot = torch.arange(slot_pos.shape[1], device=slot_pos.device)
+    filled = slot[None] < sinks + cursor.clamp(max=window)[:, None]
+    real = slot_pos >= torch.where(slot < sinks, 0, sinks)[None]
+    if query_pos is not None:
+        real = real | (query_pos < 0)[:, None]
+    return filled & real
+
+
+def cache_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slot_pos: torch.Tensor,
+                    cursor: torch.Tensor, sinks: int, window: int, scale: float | None = None,
+                    query_pos: torch.Tensor | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`decode_attention` of one new query per sequence over an AHN cache (the new token already
+    written): keys/values [B, Hkv, sinks + window, d], ``slot_pos`` [B, sinks + window] (each slot's real
+    position, -1: empty or padding), ``cursor`` [B] the stream length. Visible: the filled slots (the
+    sinks, then ring slots up to the cursor) holding a real token, ring copies of sink tokens excepted
+    (their sink slot serves); a padding query (``query_pos`` < 0) sees every filled slot (its output is
+    ignored). Every ring token is within the window of the query, so no position test is needed. On
+    CUDA the kernel reads only the filled slots, so a step while the window fills costs what its
+    context does."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if _attention_kernel_ok(q, keys, values) and slot_pos.stride(-1) == 1 and slot_pos.dtype == torch.int32:
+        return _decode_attention_triton(q, keys, values, scale, add=add,
+                                        slots=(slot_pos, cursor, query_pos, sinks, window))
+    return decode_attention_reference(q, keys, values, scale, cache_visible(slot_pos, cursor, query_pos, sinks, window),
+                                      add)
 
 
 # --- the memory step ----------------------------------------------------------------------------
@@ -280,12 +346,17 @@ if triton is not None:
         tl.store(OUT + pid * VD + vv, o)
 
     @triton.jit
-    def _cache_write_kernel(KEYS, VALUES, RING_G, SLOT_POS, K, V, GATES, REAL_SEEN, CURSOR, n_kv_heads, HG, sinks,
-                            window, skb, skh, sks, svb, svh, svs, sgb, sgw, spb, s_kb, s_kh, s_vb, s_vh, s_gb,
-                            HKV_P: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr, HG_P: tl.constexpr):
+    def _cache_write_kernel(KEYS, VALUES, RING_G, SLOT_POS, K, V, GATES, REAL_SEEN, CURSOR, POS, n_kv_heads, HG,
+                            sinks, window, skb, skh, sks, svb, svh, svs, sgb, sgw, spb, s_kb, s_kh, s_vb, s_vh, s_gb,
+                            HKV_P: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr, HG_P: tl.constexpr,
+                            HAS_POS: tl.constexpr):
         b = tl.program_id(0)
         cur = tl.load(CURSOR + b)
         slot = sinks + cur % window
+        seen = tl.load(REAL_SEEN + b)
+        pos = seen
+        if HAS_POS:
+            pos = tl.load(POS + b).to(seen.dtype)
         hk = tl.arange(0, HKV_P)
         hm = (hk < n_kv_heads)[:, None]
         kk, vv = tl.arange(0, KD), tl.arange(0, VD)
@@ -295,10 +366,15 @@ if triton is not None:
         tl.store(VALUES + b * svb + hk[:, None] * svh + slot * svs + vv[None, :], v, mask=hm)
         j = tl.arange(0, HG_P)
         g = tl.load(GATES + b * s_gb + j, mask=j < HG)
+        g = tl.where(pos >= sinks, g, 0.0)  # padding and sinks never enter the memory
         tl.store(RING_G + b * sgb + (slot - sinks) * sgw + j, g.to(RING_G.dtype.element_ty), mask=j < HG)
-        seen = tl.load(REAL_SEEN + b)
-        tl.store(SLOT_POS + b * spb + slot, seen.to(SLOT_POS.dtype.element_ty))
-        tl.store(REAL_SEEN + b, seen + 1)
+        tl.store(SLOT_POS + b * spb + slot, pos.to(SLOT_POS.dtype.element_ty))
+        is_sink = (pos >= 0) & (pos < sinks)  # also kept for good in its sink slot
+        sink = tl.minimum(tl.maximum(pos, 0), tl.maximum(sinks - 1, 0))
+        tl.store(KEYS + b * skb + hk[:, None] * skh + sink * sks + kk[None, :], k, mask=hm & is_sink)
+        tl.store(VALUES + b * svb + hk[:, None] * svh + sink * svs + vv[None, :], v, mask=hm & is_sink)
+        tl.store(SLOT_POS + b * spb + sink, pos.to(SLOT_POS.dtype.element_ty), mask=is_sink)
+        tl.store(REAL_SEEN + b, seen + (pos >= 0).to(seen.dtype))
         tl.store(CURSOR + b, cur + 1)
 
 
@@ -334,35 +410,48 @@ def memory_step_from_cache(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
                                             delta, state, norm_weight, gate, eps, scale, o_proj)
 
 
-def cache_write_reference(keys, values, ring_gates, slot_pos, k, v, gates, real_seen, cursor, sinks, window):
+def cache_write_reference(keys, values, ring_gates, slot_pos, k, v, gates, real_seen, cursor, sinks, window,
+                          pos=None):
+    B = keys.shape[0]
     slot = evicted_slot(cursor, sinks, window)
-    b = torch.arange(keys.shape[0], device=keys.device)
+    b = torch.arange(B, device=keys.device)
+    pos = real_seen.clone() if pos is None else pos.to(real_seen.dtype)
     keys[b, :, slot] = k
     values[b, :, slot] = v
-    ring_gates[b, slot - sinks] = gates.to(ring_gates.dtype)
-    slot_pos[b, slot] = real_seen.to(slot_pos.dtype)
-    real_seen += 1
+    enters = (pos >= sinks).view(B, *[1] * (gates.ndim - 1))
+    ring_gates[b, slot - sinks] = torch.where(enters, gates, 0).to(ring_gates.dtype)
+    slot_pos[b, slot] = pos.to(slot_pos.dtype)
+    if sinks:
+        hit, sink = (pos >= 0) & (pos < sinks), pos.clamp(0, sinks - 1)
+        keys[b, :, sink] = torch.where(hit[:, None, None], k, keys[b, :, sink])
+        values[b, :, sink] = torch.where(hit[:, None, None], v, values[b, :, sink])
+        slot_pos[b, sink] = torch.where(hit, pos.to(slot_pos.dtype), slot_pos[b, sink])
+    real_seen += (pos >= 0).to(real_seen.dtype)
     cursor += 1
 
 
 def cache_write(keys: torch.Tensor, values: torch.Tensor, ring_gates: torch.Tensor, slot_pos: torch.Tensor,
                 k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, real_seen: torch.Tensor,
-                cursor: torch.Tensor, sinks: int, window: int) -> None:
+                cursor: torch.Tensor, sinks: int, window: int, pos: torch.Tensor | None = None) -> None:
     """Write one new token per sequence into its ring slot and advance ``real_seen`` and ``cursor``
-    [B], all in place: k, v [B, Hkv, d]; gates [B, H, G]. One kernel on CUDA."""
+    [B], all in place: k, v [B, Hkv, d]; gates [B, H, G]. ``pos`` [B]: the token's real position (-1:
+    padding; None: ``real_seen``, a real token). Padding and sink tokens are stored with zero write
+    gates (a memory step on them is a no-op); a sink token is also kept in its sink slot. One kernel
+    on CUDA."""
     if (_triton_ok(keys, k) and k.stride(-1) == v.stride(-1) == keys.stride(-1) == values.stride(-1) == 1
             and gates.is_contiguous() and ring_gates.is_contiguous() and slot_pos.stride(-1) == 1
             and keys.shape[-1] in (32, 64, 128, 256) and values.shape[-1] in (32, 64, 128, 256)):
         B, Hkv = keys.shape[:2]
         hg = gates[0].numel()
         _cache_write_kernel[(B,)](
-            keys, values, ring_gates, slot_pos, k, v, gates, real_seen, cursor, Hkv, hg, sinks, window,
-            keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
-            ring_gates.stride(0), ring_gates.stride(1), slot_pos.stride(0), k.stride(0), k.stride(1), v.stride(0),
-            v.stride(1), gates.stride(0), HKV_P=triton.next_power_of_2(Hkv), KD=keys.shape[-1],
-            VD=values.shape[-1], HG_P=triton.next_power_of_2(hg), num_warps=4)
+            keys, values, ring_gates, slot_pos, k, v, gates, real_seen, cursor, cursor if pos is None else pos, Hkv,
+            hg, sinks, window, keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1),
+            values.stride(2), ring_gates.stride(0), ring_gates.stride(1), slot_pos.stride(0), k.stride(0),
+            k.stride(1), v.stride(0), v.stride(1), gates.stride(0), HKV_P=triton.next_power_of_2(Hkv),
+            KD=keys.shape[-1], VD=values.shape[-1], HG_P=triton.next_power_of_2(hg), HAS_POS=pos is not None,
+            num_warps=4)
         return
-    cache_write_reference(keys, values, ring_gates, slot_pos, k, v, gates, real_seen, cursor, sinks, window)
+    cache_write_reference(keys, values, ring_gates, slot_pos, k, v, gates, real_seen, cursor, sinks, window, pos)
 
 
 def memory_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
@@ -461,6 +550,6 @@ def loglinear_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.
     return o
 
 
-__all__ = ["cache_write", "cache_write_reference", "decode_attention", "decode_attention_reference", "evicted_entry",
-           "evicted_slot", "loglinear_step_", "memory_step", "memory_step_from_cache",
-           "memory_step_from_cache_reference", "memory_step_reference"]
+__all__ = ["cache_attention", "cache_visible", "cache_write", "cache_write_reference", "decode_attention",
+           "decode_attention_reference", "evicted_entry", "evicted_slot", "loglinear_step_", "memory_step",
+           "memory_step_from_cache", "memory_step_from_cache_reference", "memory_step_reference"]
