@@ -171,7 +171,7 @@ def ahn_model(base, window: int, sinks: int) -> AHNForCausalLM:
 
 
 def ahn_decode(model: AHNForCausalLM, B: int, L: int, n: int, use_graph: bool,
-               profiled: bool = False) -> tuple[float, int, dict | None]:
+               profiled: bool = False) -> tuple[float, int, float, dict | None]:
     cache = model.new_cache()
     ids = torch.zeros(B, 1, dtype=torch.long, device=DEV)
     model(ids, past_key_values=cache)  # allocates every layer's buffers
@@ -198,7 +198,10 @@ def ahn_decode(model: AHNForCausalLM, B: int, L: int, n: int, use_graph: bool,
             model(ids, past_key_values=cache, position_ids=p, logits_to_keep=1)
 
     ms = time_steps(step, n)
-    return ms, cache.nbytes(), kernel_table(step) if profiled else None
+    # bytes a step reads: while the window fills, the attention reads only the filled slots
+    kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    read = cache.nbytes() - kv + kv * (S + min(L, W)) / (S + W)
+    return ms, cache.nbytes(), read, kernel_table(step) if profiled else None
 
 
 def main() -> None:
@@ -261,9 +264,9 @@ def main() -> None:
         if args.compile:
             compile_memory(model)
         for L in contexts:
-            ms, cb, kernels = ahn_decode(model, args.batch, L, args.steps, use_graph, L in profiled)
+            ms, cb, read, kernels = ahn_decode(model, args.batch, L, args.steps, use_graph, L in profiled)
             rows.append({"context": L, "model": "ahn_gdn", "ms_per_step": ms, "tokens_per_s": args.batch / ms * 1e3,
-                         "cache_bytes": cb, "bytes_per_s": (weight_bytes + cb) / ms * 1e3})
+                         "cache_bytes": cb, "bytes_per_s": (weight_bytes + read) / ms * 1e3})
             if kernels:
                 rows[-1]["kernel_ms_per_step"] = kernels
             save()
