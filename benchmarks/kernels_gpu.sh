@@ -8,7 +8,8 @@
 # Usage: bash benchmarks/kernels_gpu.sh [what: tests|bench|errors|level|all, or a comma list like errors,tests]
 #        [extra benchmark args, e.g. --quick]
 # errors: benchmarks/kernel_errors.py (every error per output/gradient and per chunk, <= ERR_TIMEOUT s)
-#   to kernel_errors_<gpu>.json; run it first: the tests then reuse its compiled kernels.
+#   to kernel_errors_<gpu>.json (ERR_ARGS: its options, e.g. "--op loglinear_gated_delta_rule --shapes 1,3000,4");
+#   run it first: the tests then reuse its compiled kernels.
 set -uo pipefail
 what=${1:-all}
 shift || true
@@ -26,7 +27,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 dev=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
 has() { [ "$what" = all ] || [[ ",$what," == *",$1,"* ]]; }
 if has errors; then
-  timeout ${ERR_TIMEOUT:-200} python3 -P benchmarks/kernel_errors.py --json "$OUT/kernel_errors_$dev.json" 2>&1 \
+  timeout ${ERR_TIMEOUT:-200} python3 -P benchmarks/kernel_errors.py ${ERR_ARGS:-} --json "$OUT/kernel_errors_$dev.json" 2>&1 \
     | tee "$OUT/kernel_errors_$dev.log" | grep -v "^ " | cut -c1-600
   echo "errors took $(( $(date +%s) - t0 )) s"
 fi

@@ -199,11 +199,15 @@ def _level_grads(w_ptr, u_ptr, kd_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr, hd_ptr,
                  du_ptr, dw_ptr, dkd_ptr, dqw_ptr, dge_ptr, dlam_ptr, n, K, V, J,
                  C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, JP: tl.constexpr, PREC: tl.constexpr):
     """Gradients of every chunk level's part of one chunk (program axis 0: sequence-head * n + chunk)
-    from the states S before it and the gradients dS of the states after it (:func:`_level_bwd`),
-    summed over levels and V tiles in registers and written once: with v_new = u - w S (u = 0 where
-    the level reads), per level du += kd dS (where it writes), dw -= (kd dS) S^T, dkd += v_new dS^T,
-    dge += <dS, S>, and where it reads (r = qw S) dlam = rowsum(do * r), dqw += (lam do) S^T. Only
-    loaded tiles are transposed (FLA #640)."""
+    from the states S_j before it and the gradients dS_j of the states after it (:func:`_level_bwd`).
+    Per level, v_new_j = u [j writes] - w S_j and, where it reads, r_j = qw S_j. The write-side
+    gradients summed over levels factor through two sums, M = sum_j dS_j S_j^T [K, K] (one long
+    product whose reduction runs over every level's V columns) and D = sum over writing levels of dS_j:
+
+        dw = -kd M,   dkd = u D^T - w M^T,   du = kd D,   dge = trace(M),
+
+    and where level j reads, dlam_j = rowsum(do * r_j), dqw += (lam_j do) S_j^T. dkd is built
+    transposed, so only loaded tiles are transposed (FLA #640), and written through transposed offsets."""
     base = tl.program_id(0).to(tl.int64)
     i = tl.program_id(0) % n
     kk = tl.arange(0, BK)
@@ -212,47 +216,46 @@ def _level_grads(w_ptr, u_ptr, kd_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr, hd_ptr,
     tile_ck = cc[:, None] * K + kk[None, :]
     mck = kk[None, :] < K
     dt = w_ptr.dtype.element_ty
-    # -w, so that v_new = u + (-w) S is one dot; negated in float32 (the interpreter keeps bf16 as raw bits)
-    wn = (-tl.load(w_ptr + base * (C * K) + tile_ck, mask=mck, other=0).to(tl.float32)).to(dt)
     kd = tl.load(kd_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
     qw = tl.load(qw_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
-    dw = tl.zeros((C, BK), dtype=tl.float32)
-    dkd = tl.zeros((C, BK), dtype=tl.float32)
+    M = tl.zeros((BK, BK), dtype=tl.float32)
+    dkdT = tl.zeros((BK, C), dtype=tl.float32)  # dkd^T
     dqw = tl.zeros((C, BK), dtype=tl.float32)
     dlam = tl.zeros((C, JP), dtype=tl.float32)
-    dge = tl.zeros((BK, BV), dtype=tl.float32)
     for v0 in range(0, V, BV):
         vv = v0 + tl.arange(0, BV)
         tile_cv = cc[:, None] * V + vv[None, :]
         mcv = vv[None, :] < V
         tile_kv = kk[:, None] * V + vv[None, :]
         mkv = (kk[:, None] < K) & (vv[None, :] < V)
-        u = tl.load(u_ptr + base * (C * V) + tile_cv, mask=mcv, other=0).to(tl.float32)
+        u = tl.load(u_ptr + base * (C * V) + tile_cv, mask=mcv, other=0)
         do = tl.load(do_ptr + base * (C * V) + tile_cv, mask=mcv, other=0)
-        du = tl.zeros((C, BV), dtype=tl.float32)
+        D = tl.zeros((BK, BV), dtype=tl.float32)
         for j in range(J):
             off = (base * J + j) * (K * V)
             Sh = tl.load(hs_ptr + off + tile_kv, mask=mkv, other=0)
             dS = tl.load(hd_ptr + off + tile_kv, mask=mkv, other=0)
-            dvn = tl.dot(kd, dS, input_precision=PREC)  # [C, BV]
-            # dot(a, b, acc) adds into the accumulator's registers (no [C, K] temporaries)
-            dw = tl.dot((-dvn).to(dt), tl.trans(Sh), dw, input_precision=PREC)
-            dge += dS.to(tl.float32) * Sh.to(tl.float32)
+            # dot(a, b, acc) adds into the accumulator's registers (no [K, K] temporary)
+            M = tl.dot(dS, tl.trans(Sh), M, input_precision=PREC)
             if ((i >> j) & 1) == 0:  # level j writes chunk i
-                du += dvn
-                vn = tl.dot(wn, Sh, u, input_precision=PREC)
+                D += dS.to(tl.float32)
             else:  # it reads it
-                vn = tl.dot(wn, Sh, input_precision=PREC)
                 lam = tl.load(lam_ptr + (base * C + cc) * J + j)
                 r = tl.dot(qw, Sh, input_precision=PREC)
                 dlam += tl.where(jj[None, :] == j, tl.sum(do * r, axis=1)[:, None], 0.0)
                 dqw = tl.dot((lam[:, None] * do).to(dt), tl.trans(Sh), dqw, input_precision=PREC)
-            dkd = tl.dot(vn.to(dt), tl.trans(dS), dkd, input_precision=PREC)
-        tl.store(du_ptr + base * (C * V) + tile_cv, du, mask=mcv)
-    tl.store(dw_ptr + base * (C * K) + tile_ck, dw, mask=mck)
-    tl.store(dkd_ptr + base * (C * K) + tile_ck, dkd, mask=mck)
+        Dc = D.to(dt)
+        tl.store(du_ptr + base * (C * V) + tile_cv, tl.dot(kd, Dc, input_precision=PREC), mask=mcv)
+        dkdT = tl.dot(Dc, tl.trans(u), dkdT, input_precision=PREC)
+    Mc = M.to(dt)
+    # -w negated in float32 (the interpreter keeps bf16 as raw bits)
+    wn = (-tl.load(w_ptr + base * (C * K) + tile_ck, mask=mck, other=0).to(tl.float32)).to(dt)
+    dkdT = tl.dot(Mc, tl.trans(wn), dkdT, input_precision=PREC)
+    tl.store(dkd_ptr + base * (C * K) + cc[None, :] * K + kk[:, None], dkdT, mask=kk[:, None] < K)
+    dw = tl.dot(kd, Mc, input_precision=PREC)
+    tl.store(dw_ptr + base * (C * K) + tile_ck, -dw, mask=mck)
     tl.store(dqw_ptr + base * (C * K) + tile_ck, dqw, mask=mck)
-    tl.store(dge_ptr + base, tl.sum(tl.sum(dge, axis=1), axis=0))
+    tl.store(dge_ptr + base, tl.sum(tl.sum(tl.where(kk[:, None] == kk[None, :], M, 0.0), axis=1), axis=0))
     tl.store(dlam_ptr + (base * C + cc)[:, None] * J + jj[None, :], dlam, mask=jj[None, :] < J)
 
 
@@ -324,9 +327,10 @@ LEVEL_TILES = {"fwd": (4, 32), "bwd": (2, 64), "fwd_top": (2, 32), "bwd_top": (2
 LEVEL_STAGES = {"fwd": 2, "bwd": 2}
 LEVEL_WARPS = {"fwd": 8, "bwd": 8}
 # The gradient kernel (_level_grads) per dot precision: V columns per step and launch options (H100,
-# 64k tokens, bf16: 19.5 ms with 32 columns, 22.0 with 64, 25.8 with 64 and 2 stages, 29.4 with 32
-# and 4 warps, 82 with 16 warps; level_timing.py).
-LEVEL_GRADS = {"tf32": {"BV": 32, "num_warps": 8, "num_stages": 1},
+# 64k tokens, bf16, factored form: 6.6 ms with 64 columns, 8 warps and 2 stages; 8.7 with 1 stage,
+# 11.4 with 32 columns, 13.7 with 64 and 4 warps; 17.6 for the unfactored kernel; level_timing.py,
+# benchmarks/results/level_timing_h100_grads.json).
+LEVEL_GRADS = {"tf32": {"BV": 64, "num_warps": 8, "num_stages": 2},
                "ieee": {"BV": 32, "num_warps": 8, "num_stages": 1}}
 
 
