@@ -155,11 +155,13 @@ def _level_fwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, o_ptr, n, NBH, K, 
 @triton.jit
 def _level_bwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr, hd_ptr, n, NBH, K, V, J, j0, top,
                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NL: tl.constexpr, PREC: tl.constexpr):
-    """Backward scans of :func:`_level_fwd` for one segment and V tile: the segment's states are
-    recomputed into ``hs`` (the state before each chunk), then a reverse scan stores into ``hd`` the
-    gradient of the state after each chunk. Both scratches are [N*H*n, J, K, V] in the operand type;
+    """Backward scans of :func:`_level_fwd` for one segment and V tile, one of two independent scans
+    per program (program axis 2): 0 recomputes the segment's states into ``hs`` (the state before
+    each chunk), 1 stores into ``hd`` the gradient of the state after each chunk by a reverse scan
+    (which needs no state). Both scratches are [N*H*n, J, K, V] in the operand type;
     :func:`_level_grads` turns them into the gradients, all chunks and levels in parallel, so the
-    sequential part does 2 + 3 dots per chunk and no partial sums."""
+    sequential part does 2 or 3 dots per chunk and no partial sums; the two scans run side by side
+    (twice the programs, half the sequential steps: the top levels' few programs are latency-bound)."""
     bh, s, e, jl, vcol, live = _group(n, NBH, j0, top, V, BV, NL)
     _, _, tile_ck, mck, _, _, _, _ = _tiles(K, V, C, BK, BV)
     kk = tl.arange(0, BK)
@@ -168,30 +170,33 @@ def _level_bwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr, hd
     tile_h = (jl[None, :] * K + kk[:, None]) * V + vcol[None, :]  # [BK, NL * BV] of a chunk's [J, K, V]
     mh = (kk[:, None] < K) & live[None, :]
     dt = w_ptr.dtype.element_ty
-    S = tl.zeros((BK, NL * BV), dtype=tl.float32)
-    for i in range(s, e):
-        base = bh * n + i
-        S = tl.where(((i & ((2 << jl) - 1)) == 0)[None, :], 0.0, S)
-        tl.store(hs_ptr + base * J * K * V + tile_h, S.to(dt), mask=mh)
-        writes = live & (((i >> jl) & 1) == 0)
-        S = _write(w_ptr, u_ptr, kd_ptr, ge_ptr, base, S, tile_ck, mck, tile_cw, writes[None, :], K, V, C, PREC)[0]
-    dS = tl.zeros((BK, NL * BV), dtype=tl.float32)  # gradient of the state after chunk i
-    for ii in range(e - s):
-        i = e - 1 - ii
-        base = bh * n + i
-        tl.store(hd_ptr + base * J * K * V + tile_h, dS.to(dt), mask=mh)
-        w = tl.load(w_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
-        kd = tl.load(kd_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
-        dvn = tl.dot(kd, dS.to(dt), input_precision=PREC)  # [C, NL * BV]
-        # dot(a, b, acc) adds into the accumulator's registers (no [K, NL * BV] temporary)
-        dS = tl.dot(tl.trans(w), (-dvn).to(dt), tl.load(ge_ptr + base) * dS, input_precision=PREC)
-        if ((i >> j0) & ((2 << (top - j0)) - 1)) != 0:  # some level reads: o_i += sum_j lam_j * (qw_i S_i^(j))
-            qw = tl.load(qw_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
-            rmask = ((((i >> jl) & 1) == 1) & live)[None, :]
-            lam = tl.load(lam_ptr + (base * C + cc)[:, None] * J + jl[None, :], mask=rmask, other=0)
-            do = tl.load(do_ptr + base * (C * V) + tile_cw, mask=rmask, other=0)  # do's columns, per level
-            dS = tl.dot(tl.trans(qw), (lam * do).to(dt), dS, input_precision=PREC)
-        dS = tl.where(((i & ((2 << jl) - 1)) == 0)[None, :], 0.0, dS)  # a restart: nothing flows further back
+    if tl.program_id(2) == 0:
+        S = tl.zeros((BK, NL * BV), dtype=tl.float32)
+        for i in range(s, e):
+            base = bh * n + i
+            S = tl.where(((i & ((2 << jl) - 1)) == 0)[None, :], 0.0, S)
+            tl.store(hs_ptr + base * J * K * V + tile_h, S.to(dt), mask=mh)
+            writes = live & (((i >> jl) & 1) == 0)
+            S = _write(w_ptr, u_ptr, kd_ptr, ge_ptr, base, S, tile_ck, mck, tile_cw, writes[None, :],
+                       K, V, C, PREC)[0]
+    else:
+        dS = tl.zeros((BK, NL * BV), dtype=tl.float32)  # gradient of the state after chunk i
+        for ii in range(e - s):
+            i = e - 1 - ii
+            base = bh * n + i
+            tl.store(hd_ptr + base * J * K * V + tile_h, dS.to(dt), mask=mh)
+            w = tl.load(w_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
+            kd = tl.load(kd_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
+            dvn = tl.dot(kd, dS.to(dt), input_precision=PREC)  # [C, NL * BV]
+            # dot(a, b, acc) adds into the accumulator's registers (no [K, NL * BV] temporary)
+            dS = tl.dot(tl.trans(w), (-dvn).to(dt), tl.load(ge_ptr + base) * dS, input_precision=PREC)
+            if ((i >> j0) & ((2 << (top - j0)) - 1)) != 0:  # some level reads: o_i += sum_j lam_j * (qw_i S_i^(j))
+                qw = tl.load(qw_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
+                rmask = ((((i >> jl) & 1) == 1) & live)[None, :]
+                lam = tl.load(lam_ptr + (base * C + cc)[:, None] * J + jl[None, :], mask=rmask, other=0)
+                do = tl.load(do_ptr + base * (C * V) + tile_cw, mask=rmask, other=0)  # do's columns, per level
+                dS = tl.dot(tl.trans(qw), (lam * do).to(dt), dS, input_precision=PREC)
+            dS = tl.where(((i & ((2 << jl) - 1)) == 0)[None, :], 0.0, dS)  # a restart: nothing flows further back
 
 
 @triton.jit
@@ -447,7 +452,7 @@ class _LevelReads(torch.autograd.Function):
 
         def launch(lane, group, _):
             j0, top, nseg = group
-            _level_bwd[(N * H * nseg, lane.NV)](w, u, kd, ge, qw, lam, do, hs, hd, n, N * H, K, V, J, j0, top,
+            _level_bwd[(N * H * nseg, lane.NV, 2)](w, u, kd, ge, qw, lam, do, hs, hd, n, N * H, K, V, J, j0, top,
                                                 C=C, BK=lane.BK, BV=lane.BV, NL=lane.NL, PREC=ctx.prec, **opts)
 
         lanes = _level_lanes(n, J, K, V, "bwd", ctx.prec)
