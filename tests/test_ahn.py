@@ -294,6 +294,14 @@ def test_kv_and_gate_projections_in_one_matmul_equal_the_separate_layers(family)
         mem.b_proj.weight.add_(1.0)  # an optimizer step: the kept concatenation must follow
         (attn.k_proj.weight if attn.k_proj.bias is None else attn.k_proj.bias).add_(1.0)
         check(mem.projections(x, layers), separate())
+        # parameters replaced by new ones (weights loaded by assignment) are not the kept ones, even
+        # at the same address with the same version count (twice: the second time both are 0)
+        for _ in range(2):
+            for _, layer in mem._gate_layers():
+                fresh = torch.nn.Parameter(layer.weight.data)
+                fresh.data.copy_(torch.randn_like(fresh))  # unseen by version counters
+                layer.weight = fresh
+            check(mem.projections(x, layers), separate())
     # training: gradients reach the gate weights as through the separate layers
     grads = []
     for run in (lambda: mem.projections(x, layers), separate):

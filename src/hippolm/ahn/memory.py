@@ -10,6 +10,8 @@ untrained memory adds exactly nothing.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,12 +73,15 @@ class MemoryModule(nn.Module):
 
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return build()
-        key = tuple((p.data_ptr(), p._version) for p in params)
         cache = self.__dict__.setdefault("_fused_cache", {})
         name = tuple(id(layer) for layer in layers)
-        if name not in cache or cache[name][0] != key:
-            cache[name] = (key, build())
-        return cache[name][1]
+        kept = cache.get(name)
+        # Weak references, not addresses: a parameter replaced by a new one (even at the same address,
+        # with the same version count) does not match; an in-place update bumps the version
+        if kept is None or len(kept[0]) != len(params) or any(
+                ref() is not p or version != p._version for (ref, version), p in zip(kept[0], params)):
+            kept = cache[name] = ([(weakref.ref(p), p._version) for p in params], build())
+        return kept[1]
 
     def projections(self, x: torch.Tensor, layers: tuple[nn.Linear, ...] = ()
                     ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
