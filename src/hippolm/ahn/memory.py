@@ -79,7 +79,7 @@ class MemoryModule(nn.Module):
         # Weak references, not addresses: a parameter replaced by a new one (even at the same address,
         # with the same version count) does not match; an in-place update bumps the version
         if kept is None or len(kept[0]) != len(params) or any(
-                ref() is not p or version != p._version for (ref, version), p in zip(kept[0], params)):
+                ref() is not p or version != p._version for (ref, version), p in zip(kept[0], params, strict=True)):
             kept = cache[name] = ([(weakref.ref(p), p._version) for p in params], build())
         return kept[1]
 
