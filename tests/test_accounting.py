@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from hippolm import accounting as acc
 from hippolm.ahn.config import MEMORY_TYPES
 from hippolm.ahn.memory import MemoryModule
+from hippolm.hf_compat import cache_arg
 
 QWEN_3B = dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2, head_dim=128,
                intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True)
@@ -72,7 +73,7 @@ def test_decode_step_matches_flop_counter(family):
     ids = torch.randint(0, config.vocab_size, (1, n + 1))
     with torch.no_grad():
         past = model(ids[:, :n], use_cache=True).past_key_values
-    flops = counted(lambda: model(ids[:, n:], past_key_values=past, use_cache=True))
+    flops = counted(lambda: model(ids[:, n:], **cache_arg(past), use_cache=True))
     assert flops == acc.decode_flops(shape, n).total  # one query over n + 1 keys: nothing masked
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .ahn.config import MEMORY_TYPES
+from .hf_compat import cache_arg
 
 
 class GenerateError(Exception):
@@ -154,7 +155,7 @@ def generate(model, tokenizer, input_ids: torch.Tensor, mode: str, *, max_new_to
     t0 = time.perf_counter()
     if mode == "full":
         cache = DynamicCache(config=model.config)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, **kwargs)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **cache_arg(cache), **kwargs)
     else:
         cache = model.new_cache()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,

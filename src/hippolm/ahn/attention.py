@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..hf_compat import pick_cache
 from ..ops.decode import cache_attention, decode_attention, evicted_entry
 from .cache import AHNCache, AHNLayerCache
 from .config import validate_window
@@ -53,7 +54,8 @@ class AHNAttentionMixin:
     """
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
-                **kwargs):
+                cache=None, **kwargs):
+        store = pick_cache(cache, past_key_values)  # the decoder layer passes it as ``cache`` from transformers 5.25
         B, T, _ = hidden_states.shape
         d = self.head_dim
         q = self.q_proj(hidden_states).view(B, T, -1, d)
@@ -72,8 +74,8 @@ class AHNAttentionMixin:
         window, sinks = kwargs.get("ahn_window"), kwargs.get("ahn_sinks")
         window = self.ahn_config.window if window is None else window
         sinks = self.ahn_config.sinks if sinks is None else sinks
-        if isinstance(past_key_values, AHNCache):
-            cache = past_key_values.layers[self.layer_idx]
+        if isinstance(store, AHNCache):
+            cache = store.layers[self.layer_idx]
             if (window, sinks) != (cache.window, cache.sinks) and (
                     kwargs.get("ahn_window") is not None or kwargs.get("ahn_sinks") is not None):
                 raise ValueError(f"this cache was made for window={cache.window}, sinks={cache.sinks}; "
@@ -84,11 +86,11 @@ class AHNAttentionMixin:
             if levels and cache.stream_len + T - window - sinks > 1 << (levels - 1):  # host-side: no sync
                 raise ValueError(f"the log-linear memory's {levels} levels hold {1 << (levels - 1)} tokens past the "
                                  "window; this context is longer. Convert with more levels (from_base(levels=...)).")
-        elif past_key_values is None:
+        elif store is None:
             validate_window(window, sinks)
             cache, persistent = AHNLayerCache(window, sinks), False
         else:
-            got = type(past_key_values).__name__
+            got = type(store).__name__
             raise ValueError(f"an AHN model needs an AHNCache (model.new_cache()), got {got}.")
 
         write_gates, out_gate, lam = self.ahn.gates_from(raw_gates, k.dtype)

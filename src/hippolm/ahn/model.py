@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AttentionInterface, AutoModelForCausalLM, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from ..hf_compat import cache_arg, pick_cache
 from .attention import AHNAttentionMixin
 from .cache import AHNCache
 from .config import MEMORY_TYPES, AHNConfig, validate_window
@@ -200,16 +201,18 @@ class AHNForCausalLM(nn.Module):
         """A CUDA-graph decoder for ``cache`` (holding at least one token; see :class:`GraphDecoder`)."""
         return GraphDecoder(self, cache)
 
-    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, *, window: int | None = None,
-                sinks: int | None = None, use_cache: bool = False, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, *, cache: AHNCache | None = None,
+                window: int | None = None, sinks: int | None = None, use_cache: bool = False, **kwargs):
         """The base model's forward with short-term + long-term memory. ``window``/``sinks``
-        override the model's for this call (training samples them); a cache fixes its own."""
+        override the model's for this call (training samples them); a cache fixes its own. The cache
+        goes in as ``cache`` or ``past_key_values`` (transformers' name for it before 5.25)."""
+        past_key_values = pick_cache(cache, past_key_values)
         if window is not None or sinks is not None:
             validate_window(self.ahn_config.window if window is None else window,
                             self.ahn_config.sinks if sinks is None else sinks)
         if use_cache and past_key_values is None:
             past_key_values = self.new_cache(window, sinks)
-        return self.base(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+        return self.base(input_ids=input_ids, attention_mask=attention_mask, **cache_arg(past_key_values),
                          use_cache=past_key_values is not None, ahn_window=window, ahn_sinks=sinks, **kwargs)
 
     @torch.no_grad()
@@ -222,18 +225,20 @@ class AHNForCausalLM(nn.Module):
         for start in range(cache.get_seq_length(), input_ids.shape[1], chunk_size):
             end = min(start + chunk_size, input_ids.shape[1])
             self.base.get_decoder()(input_ids=input_ids[:, start:end], attention_mask=mask[:, :end],
-                                    position_ids=positions[:, start:end], past_key_values=cache, use_cache=True)
+                                    position_ids=positions[:, start:end], **cache_arg(cache), use_cache=True)
         return cache
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 past_key_values: AHNCache | None = None, prefill_chunk_size: int = 4096, **kwargs):
+                 past_key_values: AHNCache | None = None, prefill_chunk_size: int = 4096, *,
+                 cache: AHNCache | None = None, **kwargs):
         """``transformers`` generate with a bounded cache. The prompt (all but its last token) is
         prefilled in chunks of ``prefill_chunk_size``, so prompts of any length fit; pass the cache
         of an earlier call (and the whole conversation as ``input_ids``) to continue it."""
-        cache = past_key_values if past_key_values is not None else self.new_cache()
+        cache = pick_cache(cache, past_key_values)
+        cache = cache if cache is not None else self.new_cache()
         if input_ids.shape[1] > 1:
             self.prefill(input_ids[:, :-1], None if attention_mask is None else attention_mask[:, :-1], cache,
                          prefill_chunk_size)
-        return self.base.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+        return self.base.generate(input_ids=input_ids, attention_mask=attention_mask, **cache_arg(cache),
                                   **kwargs)

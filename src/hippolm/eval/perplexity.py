@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..ahn import AHNForCausalLM
+from ..hf_compat import cache_arg
 
 
 def bucket_edges(buckets: Sequence[int]) -> list[tuple[int, int]]:
@@ -80,13 +81,13 @@ def _token_nll(model, ids: torch.Tensor, *, window: int | None, sinks: int | Non
         targets = ids[0, start + 1:end + 1]
         if isinstance(model, AHNForCausalLM):
             pos = torch.arange(start, end, device=ids.device)[None]
-            hidden = decoder(input_ids=chunk, position_ids=pos, past_key_values=cache, use_cache=True)[0][0]
+            hidden = decoder(input_ids=chunk, position_ids=pos, **cache_arg(cache), use_cache=True)[0][0]
             for s in range(0, end - start, logits_chunk):
                 logits = head(hidden[s:s + logits_chunk]).float()
                 nll[start + s:start + s + logits.shape[0]] = F.cross_entropy(
                     logits, targets[s:s + logits_chunk], reduction="none").double().cpu()
         else:
-            out = model(input_ids=chunk, past_key_values=cache, use_cache=True)
+            out = model(input_ids=chunk, **cache_arg(cache), use_cache=True)
             cache = out.past_key_values
             logits = out.logits[0].float()
             nll[start:end] = F.cross_entropy(logits, targets, reduction="none").double().cpu()

@@ -19,6 +19,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..hf_compat import cache_arg, pick_cache
 from ..layers import MIXER_TYPES, MixerArgs, RMSNorm, build_mixer, map_state
 from ..layers.common import A_INIT_RANGE, acc_dtype, check_A_init_range, residual_output
 
@@ -271,14 +272,16 @@ class HippoForCausalLM(HippoPreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 past_key_values: HippoCache | None = None, inputs_embeds: torch.Tensor | None = None,
                 labels: torch.LongTensor | None = None, use_cache: bool | None = None,
-                logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+                logits_to_keep: int = 0, cache: HippoCache | None = None, **kwargs) -> CausalLMOutputWithPast:
         """Logits [B, T, vocab] (the last ``logits_to_keep`` positions if > 0).
 
         ``labels`` as in transformers (shifted inside; -100 ignored). ``use_cache`` defaults to
         whether a cache was passed; with it, the cache (created if None) is returned updated.
         ``attention_mask`` may only mark every token (no padding); ``position_ids`` are ignored,
-        positions come from the cache.
+        positions come from the cache. The cache goes in as ``cache`` or ``past_key_values``
+        (transformers' name for it before 5.25; its generate passes the name it uses).
         """
+        past_key_values = pick_cache(cache, past_key_values)
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("HippoForCausalLM does not support padding (attention_mask with zeros): recurrent "
                              "mixers cannot skip tokens. Batch sequences of equal length, or run them one by one.")
@@ -296,7 +299,7 @@ class HippoForCausalLM(HippoPreTrainedModel, GenerationMixin):
         if labels is not None:
             shifted = logits[:, :-1].flatten(0, 1).to(acc_dtype(logits.dtype))
             loss = F.cross_entropy(shifted, labels[:, 1:].flatten().to(logits.device), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **cache_arg(cache))
 
 
 def _register() -> None:
