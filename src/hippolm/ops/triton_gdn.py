@@ -322,9 +322,10 @@ class _Scan(torch.autograd.Function):
 # Levels per program and V columns per level of the level kernels, per pass and operand type: a
 # state tile of NL * BV columns. The top levels ("_top": the top NL of them) run in their own lane,
 # concurrently with the others: one segment of up to every chunk each, so few programs, and narrower
-# tiles give more. The backward holds the state and its gradient, so it takes fewer; float32 operands
-# take smaller tiles (an A100's 164 KB of shared memory; compiled sizes in tests/test_kernel_compile.py)
-# and the same in both lanes. Timings: benchmarks/level_timing.py.
+# tiles give more. float32 operands take smaller tiles (an A100's 164 KB of shared memory; compiled
+# sizes in tests/test_kernel_compile.py) and the same in both lanes. Timings (benchmarks/level_timing.py,
+# H100, 64k tokens, bf16, all level kernels fwd+bwd; level_timing_h100_split_bwd.json): 28.2 ms as
+# here; with backward tiles 2 x 128 36.0, 4 x 64 37.4, top 2 x 32 28.9; forward 4 x 64 32.7 (16 warps 38.0).
 LEVEL_TILES = {"fwd": (4, 32), "bwd": (2, 64), "fwd_top": (2, 32), "bwd_top": (2, 64),
                "fwd_fp32": (2, 32), "bwd_fp32": (1, 32)}
 # Pipeline stages of the 16-bit kernels on Hopper and warps per program (H100, 64k tokens: the
@@ -332,9 +333,8 @@ LEVEL_TILES = {"fwd": (4, 32), "bwd": (2, 64), "fwd_top": (2, 32), "bwd_top": (2
 LEVEL_STAGES = {"fwd": 2, "bwd": 2}
 LEVEL_WARPS = {"fwd": 8, "bwd": 8}
 # The gradient kernel (_level_grads) per dot precision: V columns per step and launch options (H100,
-# 64k tokens, bf16, factored form: 6.6 ms with 64 columns, 8 warps and 2 stages; 8.7 with 1 stage,
-# 11.4 with 32 columns, 13.7 with 64 and 4 warps; 17.6 for the unfactored kernel; level_timing.py,
-# benchmarks/results/level_timing_h100_grads.json).
+# 64k tokens, bf16: 6.55 ms with 64 columns, 8 warps and 2 stages; 17.8 before the factored form;
+# level_timing_h100_split_bwd.json, level_timing_h100_unfactored_grads.json).
 LEVEL_GRADS = {"tf32": {"BV": 64, "num_warps": 8, "num_stages": 2},
                "ieee": {"BV": 32, "num_warps": 8, "num_stages": 1}}
 
