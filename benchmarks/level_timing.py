@@ -95,6 +95,7 @@ def main():
     n = args.T // C
     J = (n - 1).bit_length()
     w, u, kd, ge, qw, lam, do = factors(N, H, n, C, d, J, dtype)
+    o0 = torch.zeros(N, H, n, C, d, device="cuda")  # the chunks' own output the level reads add to
     out = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                     "date": datetime.date.today().isoformat(), "N": N, "T": args.T, "H": H, "d": d, "C": C,
                     "chunk_levels": J, "dtype": args.dtype}, "rows": []}
@@ -108,7 +109,7 @@ def main():
             leaves = [t.detach().requires_grad_() for t in (w, u, kd, ge, qw, lam)]
 
             def fwd(leaves=leaves):
-                return tg._LevelReads.apply(*leaves, prec, dtype)
+                return tg._LevelReads.apply(o0, *leaves, prec, dtype)
 
             def step(leaves=leaves):
                 return torch.autograd.grad(fwd(leaves), leaves, do)

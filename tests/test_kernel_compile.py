@@ -58,12 +58,15 @@ def test_level_kernels_compile_and_fit_shared_memory(which, prec, major):
 
     lanes = triton_gdn._level_lanes(1024, 10, 128, 128, which, prec)  # 64k tokens in chunks of 64
     assert len(lanes) == 2
-    for lane in lanes:  # the lower levels', then the top levels' tiles
-        kernel = _compile(triton_gdn._level_fwd if which == "fwd" else triton_gdn._level_bwd,
-                          {"C": 64, "BK": lane.BK, "BV": lane.BV, "NL": lane.NL, "PREC": prec},
-                          triton_gdn._level_launch(prec, major, which == "bwd"), major,
-                          "bf16" if prec == "tf32" else "fp32", OPERAND_PTRS)
-        assert 0 < kernel.metadata.shared <= SHARED[major], (lane, kernel.metadata.shared)
+    # the lower levels', then the top levels' tiles; the forward's first group of a lane and the others
+    variants = [{}] if which == "bwd" else [{"FIRST": True, "HAS_O0": True}, {"FIRST": False, "HAS_O0": False}]
+    for lane in lanes:
+        for extra in variants:
+            kernel = _compile(triton_gdn._level_fwd if which == "fwd" else triton_gdn._level_bwd,
+                              {"C": 64, "BK": lane.BK, "BV": lane.BV, "NL": lane.NL, "PREC": prec, **extra},
+                              triton_gdn._level_launch(prec, major, which == "bwd"), major,
+                              "bf16" if prec == "tf32" else "fp32", OPERAND_PTRS)
+            assert 0 < kernel.metadata.shared <= SHARED[major], (lane, extra, kernel.metadata.shared)
 
 
 @pytest.mark.parametrize("prec,major", [("tf32", 9), ("ieee", 8)])

@@ -126,13 +126,16 @@ def _fold(x, C: tl.constexpr, NL: tl.constexpr, BV: tl.constexpr):
 
 
 @triton.jit
-def _level_fwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, o_ptr, n, NBH, K, V, J, j0, top,
-               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NL: tl.constexpr, PREC: tl.constexpr):
+def _level_fwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, o0_ptr, o_ptr, n, NBH, K, V, J, j0, top,
+               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NL: tl.constexpr, FIRST: tl.constexpr,
+               HAS_O0: tl.constexpr, PREC: tl.constexpr):
     """Chunk levels j0..j0+NL-1 of log-linear Gated DeltaNet for one segment, (sequence, head) and V
     tile, all levels in one pass with their states side by side: level j restarts every 2^(j+1)
     chunks; a chunk with bit j clear writes into it, one with bit j set reads ``lam_j * (qw_i S_i)``
     (added into o: one launch per group, so no two programs touch the same rows) and only evolves it.
-    The levels share every load of w, kd and qw, and one dot serves them all."""
+    The levels share every load of w, kd and qw, and one dot serves them all. The first group of a
+    lane (FIRST) writes every row of o instead of adding: the reads onto ``o0`` (HAS_O0) or zero, so
+    o needs no zero fill and the chunks' own output no separate add."""
     bh, s, e, jl, vcol, live = _group(n, NBH, j0, top, V, BV, NL)
     _, _, tile_ck, mck, tile_cv, mcv, _, _ = _tiles(K, V, C, BK, BV)
     cc = tl.arange(0, C)
@@ -142,12 +145,21 @@ def _level_fwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, o_ptr, n, NBH, K, 
         base = bh * n + i
         S = tl.where(((i & ((2 << jl) - 1)) == 0)[None, :], 0.0, S)
         reads = ((i >> jl) & 1) == 1
+        optr = o_ptr + base * (C * V) + tile_cv
+        if FIRST:  # what the reads add to
+            if HAS_O0:
+                prev = tl.load(o0_ptr + base * (C * V) + tile_cv, mask=mcv, other=0)
+            else:
+                prev = tl.zeros((C, BV), dtype=tl.float32)
         if ((i >> j0) & ((2 << (top - j0)) - 1)) != 0:  # some level of the group reads chunk i
             qw = tl.load(qw_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
             lam = tl.load(lam_ptr + (base * C + cc)[:, None] * J + jl[None, :], mask=(reads & live)[None, :], other=0)
             r = lam * tl.dot(qw, S.to(qw.dtype), input_precision=PREC)
-            optr = o_ptr + base * (C * V) + tile_cv
-            tl.store(optr, tl.load(optr, mask=mcv, other=0) + _fold(r, C, NL, BV), mask=mcv)
+            if not FIRST:
+                prev = tl.load(optr, mask=mcv, other=0)
+            tl.store(optr, prev + _fold(r, C, NL, BV), mask=mcv)
+        elif FIRST:
+            tl.store(optr, prev, mask=mcv)
         S = _write(w_ptr, u_ptr, kd_ptr, ge_ptr, base, S, tile_ck, mck, tile_cw, (live & ~reads)[None, :],
                    K, V, C, PREC)[0]
 
@@ -413,28 +425,31 @@ def _in_lanes(lanes: list[_Lane], launch, buffers, device: torch.device) -> list
 
 
 class _LevelReads(torch.autograd.Function):
-    """Every chunk level's read of log-linear Gated DeltaNet, summed: (w, u, kd, qw [N, H, n, C, *],
-    ge [N, H, n], lam [N, H, n, C, J]: the weight of chunk level j) -> o [N, H, n, C, V] (float32).
+    """Every chunk level's read of log-linear Gated DeltaNet, summed and added to o0: (o0 [N, H, n, C, V]
+    float32: the chunks' own output, w, u, kd, qw [N, H, n, C, *], ge [N, H, n], lam [N, H, n, C, J]:
+    the weight of chunk level j) -> o [N, H, n, C, V] (float32).
     ``operands``: the type w, u, kd, qw and the saved states take in the kernels (16-bit for 16-bit
     inputs, as FLA's chunk kernels: half the bytes and full-rate tensor cores; the states and
     in-kernel sums stay float32). The backward scans the levels by groups as the forward, into
     scratch states and state gradients, then computes every gradient in one parallel kernel."""
 
     @staticmethod
-    def forward(ctx, w, u, kd, ge, qw, lam, prec: str, operands: torch.dtype):
+    def forward(ctx, o0, w, u, kd, ge, qw, lam, prec: str, operands: torch.dtype):
         N, H, n, C, K = w.shape
         V, J = u.shape[-1], lam.shape[-1]
         w, u, kd, qw = (x.to(operands).contiguous() for x in (w, u, kd, qw))
-        ge, lam = ge.contiguous(), lam.contiguous()
+        ge, lam, o0 = ge.contiguous(), lam.contiguous(), o0.float().contiguous()
         opts = _level_launch(prec, _major(w.device), False)
+        lanes = _level_lanes(n, J, K, V, "fwd", prec)
 
-        def launch(lane, group, o):
+        def launch(lane, group, o):  # the first group of a lane writes every row: on o0 in the first lane
             j0, top, nseg = group
-            _level_fwd[(N * H * nseg, lane.NV)](w, u, kd, ge, qw, lam, o, n, N * H, K, V, J, j0, top, C=C,
-                                                BK=lane.BK, BV=lane.BV, NL=lane.NL, PREC=prec, **opts)
+            first = group == lane.groups[0]
+            _level_fwd[(N * H * nseg, lane.NV)](w, u, kd, ge, qw, lam, o0, o, n, N * H, K, V, J, j0, top, C=C,
+                                                BK=lane.BK, BV=lane.BV, NL=lane.NL, FIRST=first,
+                                                HAS_O0=first and lane is lanes[0], PREC=prec, **opts)
 
-        sets = _in_lanes(_level_lanes(n, J, K, V, "fwd", prec), launch,
-                         lambda lane: w.new_zeros(N, H, n, C, V, dtype=torch.float32), w.device)
+        sets = _in_lanes(lanes, launch, lambda lane: torch.empty_like(o0), w.device)
         ctx.save_for_backward(w, u, kd, ge, qw, lam)
         ctx.prec = prec
         return sets[0] if len(sets) == 1 else sets[0].add_(sets[1])
@@ -464,7 +479,7 @@ class _LevelReads(torch.autograd.Function):
         _level_grads[(N * H * n,)](w, u, kd, qw, lam, do, hs, hd, du, dw, dkd, dqw, dge, dlam, n, K, V, J, C=C,
                                    BK=lanes[0].BK, BV=BV, JP=max(2, triton.next_power_of_2(J)), PREC=ctx.prec,
                                    **_grads_launch(ctx.prec, _major(w.device)))
-        return dw, du, dkd, dge, dqw, dlam, None, None
+        return do, dw, du, dkd, dge, dqw, dlam, None, None
 
 
 def _padded(xs, T: int, cu_seqlens, B: int, C: int):
@@ -569,7 +584,7 @@ def loglinear_gated_delta_rule(q, k, v, g, beta, lam, scale: float, output_final
     J = max(0, min((n - 1).bit_length(), L - CB - 1))  # chunk levels that some chunk reads
     if J:  # a read of state S in chunk i is lam_j * (qw_i S)
         lamb = reference.to_blocks(ls.float(), C)[..., CB + 1 : CB + 1 + J]  # [N, H, n, C, J]
-        o = o + _LevelReads.apply(w, u, kd, ge, qw, lamb, prec, op)
+        o = _LevelReads.apply(o, w, u, kd, ge, qw, lamb, prec, op)
     o = o.permute(0, 2, 3, 1, 4).reshape(N, n * C, H, V)
     o = torch.cat([o[i, :ln] for i, ln in enumerate(lengths)])[None] if cu_seqlens is not None else o[:, :T]
     if not output_final_state:
