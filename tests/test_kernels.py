@@ -434,6 +434,24 @@ def test_loglinear_gated_delta_rule_lanes_with_their_own_tiles(device, monkeypat
     _assert_matches_reference(xs, run, torch.bfloat16, 2e-2)
 
 
+@pytest.mark.skipif(CUDA, reason="interpreter only (its shapes are new compilations on CUDA)")
+def test_no_kernel_reads_memory_it_did_not_write(device, monkeypatch):
+    """Buffers the log-linear ops allocate uninitialised (the level outputs whose first group writes
+    every row, the LL-M2 backward's query-side states) come filled with NaN: outputs and every
+    gradient still equal the reference, so nothing reads a row before it is written."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poisoned(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poisoned(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poisoned(empty_like(*a, **kw)))
+    xs, run = _level_case(600, seed=11, bf16=False)  # 38 chunks: both lanes, levels 0..5
+    _assert_matches_reference(xs, run, torch.float32, 1e-4)
+    xs = _inputs(1, 300, 2, 16, 16, seed=3)
+    _assert_close(_run(xs, torch.float32, device, chunk_size=16), _reference(xs), 1e-3, 5e-3)
+
+
 @pytest.mark.parametrize("op", ["gated_delta_rule", "loglinear_gated_delta_rule", "loglinear_ssd"])
 def test_kernels_under_autocast_keep_float32_math(op, device):
     """Training runs under bf16 autocast: the kernels' torch parts must stay float32 (else bf16
