@@ -42,7 +42,8 @@ def shared_memory() -> list[dict]:
                        "levels": NL, "BV": BV, **triton_gdn._level_launch(prec, major, which == "bwd")}
                 try:
                     k = _compile(triton_gdn._level_fwd if which == "fwd" else triton_gdn._level_bwd,
-                                 {"C": 64, "BK": 128, "BV": BV, "NL": NL, "PREC": prec},
+                                 {"C": 64, "BK": 128, "BV": BV, "NL": NL, "PREC": prec,
+                                  **({"FIRST": True, "HAS_O0": True} if which == "fwd" else {})},
                                  triton_gdn._level_launch(prec, major, which == "bwd"), major, row["operands"],
                                  OPERAND_PTRS)
                     row["shared_bytes"] = k.metadata.shared
