@@ -96,6 +96,7 @@ def main():
     J = (n - 1).bit_length()
     w, u, kd, ge, qw, lam, do = factors(N, H, n, C, d, J, dtype)
     o0 = torch.zeros(N, H, n, C, d, device="cuda")  # the chunks' own output the level reads add to
+    do = do.permute(0, 2, 3, 1, 4).reshape(N, n * C, H, d)  # as the output: [N, n * C, H, V]
     out = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                     "date": datetime.date.today().isoformat(), "N": N, "T": args.T, "H": H, "d": d, "C": C,
                     "chunk_levels": J, "dtype": args.dtype}, "rows": []}
@@ -109,7 +110,7 @@ def main():
             leaves = [t.detach().requires_grad_() for t in (w, u, kd, ge, qw, lam)]
 
             def fwd(leaves=leaves):
-                return tg._LevelReads.apply(o0, *leaves, prec, dtype)
+                return tg._LevelReads.apply(o0, *leaves, prec, dtype, torch.float32)
 
             def step(leaves=leaves):
                 return torch.autograd.grad(fwd(leaves), leaves, do)

@@ -427,14 +427,15 @@ def _in_lanes(lanes: list[_Lane], launch, buffers, device: torch.device) -> list
 class _LevelReads(torch.autograd.Function):
     """Every chunk level's read of log-linear Gated DeltaNet, summed and added to o0: (o0 [N, H, n, C, V]
     float32: the chunks' own output, w, u, kd, qw [N, H, n, C, *], ge [N, H, n], lam [N, H, n, C, J]:
-    the weight of chunk level j) -> o [N, H, n, C, V] (float32).
+    the weight of chunk level j) -> o [N, n * C, H, V] in ``out_dtype`` (the lanes' sum, the layout
+    change and the cast in one pass).
     ``operands``: the type w, u, kd, qw and the saved states take in the kernels (16-bit for 16-bit
     inputs, as FLA's chunk kernels: half the bytes and full-rate tensor cores; the states and
     in-kernel sums stay float32). The backward scans the levels by groups as the forward, into
     scratch states and state gradients, then computes every gradient in one parallel kernel."""
 
     @staticmethod
-    def forward(ctx, o0, w, u, kd, ge, qw, lam, prec: str, operands: torch.dtype):
+    def forward(ctx, o0, w, u, kd, ge, qw, lam, prec: str, operands: torch.dtype, out_dtype: torch.dtype):
         N, H, n, C, K = w.shape
         V, J = u.shape[-1], lam.shape[-1]
         w, u, kd, qw = (x.to(operands).contiguous() for x in (w, u, kd, qw))
@@ -452,7 +453,12 @@ class _LevelReads(torch.autograd.Function):
         sets = _in_lanes(lanes, launch, lambda lane: torch.empty_like(o0), w.device)
         ctx.save_for_backward(w, u, kd, ge, qw, lam)
         ctx.prec = prec
-        return sets[0] if len(sets) == 1 else sets[0].add_(sets[1])
+        out = w.new_empty(N, n, C, H, V, dtype=out_dtype)
+        if len(sets) == 1:
+            out.permute(0, 3, 1, 2, 4).copy_(sets[0])
+        else:
+            torch.add(sets[0], sets[1], out=out.permute(0, 3, 1, 2, 4))
+        return out.view(N, n * C, H, V)
 
     @staticmethod
     def backward(ctx, do):
@@ -460,7 +466,8 @@ class _LevelReads(torch.autograd.Function):
         N, H, n, C, K = w.shape
         V, J = u.shape[-1], lam.shape[-1]
         opts = _level_launch(ctx.prec, _major(w.device), True)
-        do = do.float().contiguous()
+        # back to [N, H, n, C, V] in float32, one pass
+        do = torch.empty(N, H, n, C, V, device=do.device).copy_(do.reshape(N, n, C, H, V).permute(0, 3, 1, 2, 4))
 
         # the states before and the state gradients after every chunk, every level (operand type)
         hs, hd = (w.new_empty(N, H, n, J, K, V) for _ in range(2))
@@ -479,7 +486,7 @@ class _LevelReads(torch.autograd.Function):
         _level_grads[(N * H * n,)](w, u, kd, qw, lam, do, hs, hd, du, dw, dkd, dqw, dge, dlam, n, K, V, J, C=C,
                                    BK=lanes[0].BK, BV=BV, JP=max(2, triton.next_power_of_2(J)), PREC=ctx.prec,
                                    **_grads_launch(ctx.prec, _major(w.device)))
-        return do, dw, du, dkd, dge, dqw, dlam, None, None
+        return do, dw, du, dkd, dge, dqw, dlam, None, None, None
 
 
 def _padded(xs, T: int, cu_seqlens, B: int, C: int):
@@ -584,11 +591,12 @@ def loglinear_gated_delta_rule(q, k, v, g, beta, lam, scale: float, output_final
     J = max(0, min((n - 1).bit_length(), L - CB - 1))  # chunk levels that some chunk reads
     if J:  # a read of state S in chunk i is lam_j * (qw_i S)
         lamb = reference.to_blocks(ls.float(), C)[..., CB + 1 : CB + 1 + J]  # [N, H, n, C, J]
-        o = _LevelReads.apply(o, w, u, kd, ge, qw, lamb, prec, op)
-    o = o.permute(0, 2, 3, 1, 4).reshape(N, n * C, H, V)
+        o = _LevelReads.apply(o, w, u, kd, ge, qw, lamb, prec, op, q.dtype)  # [N, n * C, H, V]
+    else:
+        o = o.permute(0, 2, 3, 1, 4).reshape(N, n * C, H, V).to(q.dtype)
     o = torch.cat([o[i, :ln] for i, ln in enumerate(lengths)])[None] if cu_seqlens is not None else o[:, :T]
     if not output_final_state:
-        return o.to(q.dtype), None, lengths
+        return o, None, lengths
     # Values masked by their level seen from each sequence's last token, all levels side by side.
     pos = torch.arange(length, device=q.device)
     last = torch.tensor(lengths, device=q.device)[:, None] - 1
@@ -599,4 +607,4 @@ def loglinear_gated_delta_rule(q, k, v, g, beta, lam, scale: float, output_final
     # float32 factors: the scan's dots take float32 values and states (TF32 for 16-bit inputs)
     _, _, final = _Scan.apply(w.float(), _mm(mix, reference.to_blocks(vm, C), op), kd.float(), ge, None, prec)
     slots = final.reshape(N, H, K, L, V).permute(0, 1, 3, 2, 4).contiguous()
-    return o.to(q.dtype), slots, lengths
+    return o, slots, lengths
