@@ -434,11 +434,8 @@ def test_loglinear_gated_delta_rule_lanes_with_their_own_tiles(device, monkeypat
     _assert_matches_reference(xs, run, torch.bfloat16, 2e-2)
 
 
-@pytest.mark.skipif(CUDA, reason="interpreter only (its shapes are new compilations on CUDA)")
-def test_no_kernel_reads_memory_it_did_not_write(device, monkeypatch):
-    """Buffers the log-linear ops allocate uninitialised (the level outputs whose first group writes
-    every row, the LL-M2 backward's query-side states) come filled with NaN: outputs and every
-    gradient still equal the reference, so nothing reads a row before it is written."""
+def _poison_empty(monkeypatch) -> None:
+    """torch.empty / empty_like return tensors filled with NaN (a kernel reading what nobody wrote fails)."""
     empty, empty_like = torch.empty, torch.empty_like
 
     def poisoned(t):
@@ -446,6 +443,28 @@ def test_no_kernel_reads_memory_it_did_not_write(device, monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: poisoned(empty(*a, **kw)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poisoned(empty_like(*a, **kw)))
+
+
+@pytest.mark.skipif(CUDA, reason="interpreter only (each block size is a compilation on CUDA)")
+@pytest.mark.parametrize("levels", [0, 1, 3])
+def test_loglinear_ssd_tree_built_in_blocks(levels, device, monkeypatch):
+    """The LL-M2 tree built per block of 2**levels chunks (0: per chunk, all levels combined after),
+    odd nodes below the block's top level never stored (NaN-poisoned memory): 19 chunks of 16 (the
+    last block cut short, levels 0..4), outputs and every gradient == the float64 reference."""
+    from hippolm.ops import triton_loglinear
+
+    monkeypatch.setattr(triton_loglinear, "BUILD_LEVELS", levels)
+    _poison_empty(monkeypatch)
+    xs = _inputs(1, 300, 2, 16, 16, seed=13)
+    _assert_close(_run(xs, torch.float32, device, chunk_size=16), _reference(xs), 1e-3, 5e-3)
+
+
+@pytest.mark.skipif(CUDA, reason="interpreter only (its shapes are new compilations on CUDA)")
+def test_no_kernel_reads_memory_it_did_not_write(device, monkeypatch):
+    """Buffers the log-linear ops allocate uninitialised (the level outputs whose first group writes
+    every row, the LL-M2 backward's query-side states) come filled with NaN: outputs and every
+    gradient still equal the reference, so nothing reads a row before it is written."""
+    _poison_empty(monkeypatch)
     xs, run = _level_case(600, seed=11, bf16=False)  # 38 chunks: both lanes, levels 0..5
     _assert_matches_reference(xs, run, torch.float32, 1e-4)
     xs = _inputs(1, 300, 2, 16, 16, seed=3)

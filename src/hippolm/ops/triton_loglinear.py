@@ -11,7 +11,9 @@ Algorithm (chunk size C, levels 0..log2 C inside a chunk, chunk-level bit j = le
   are the low bits of the absolute positions);
 * a binary tree of chunk states: node (0, c) = sum_{s in chunk c} exp(decay s -> chunk end) k_s v_s^T,
   node (j+1, m) = exp(decay over node (j, 2m+1)) node (j, 2m) + node (j, 2m+1); every node is
-  decayed to the end of its (aligned, clipped) block of 2^j chunks;
+  decayed to the end of its (aligned, clipped) block of 2^j chunks. The low levels are built chunk
+  by chunk in one program per block of 2^BUILD_LEVELS chunks, which stores only the even nodes
+  (the only ones read); the levels above by one launch each;
 * chunk i reads, for each set bit j of i, node (j, (i >> j) - 1) (its Fenwick sibling at that
   level) with per-row weight ``lam[t, log2(C)+1+j] * exp(decay from the node's end to t)``.
   These reads are most of the FLOPs, all ``tl.dot``.
@@ -35,6 +37,9 @@ import triton.language as tl
 # Chunks per program of the backward block sums: long top-level blocks are split so no program
 # loops over more than SEG chunks (load balance at long T); partial sums are added in torch.
 SEG = 16
+# Tree levels built in one program per aligned block of 2**BUILD_LEVELS chunks (_build_block); the
+# levels above by one _combine launch each. 0: one program per chunk, every level by _combine.
+BUILD_LEVELS = 4
 # Store tree nodes in float32 also for 16-bit inputs (accuracy; costs tree bandwidth).
 TREE_FP32 = True
 # For 16-bit inputs, the backward's dots whose operands are computed (tree nodes, query-side states,
@@ -72,23 +77,50 @@ def _rows(base, t, T, stride, cols, D):
 
 
 @triton.jit
-def _chunk_states(k_ptr, v_ptr, gl_ptr, tree_ptr, T, H, K, V, Tp, X,
-                  C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, FP32: tl.constexpr):
-    """Tree level 0: node (0, c) = sum_s exp(gl_end - gl_s) k_s v_s^T for one chunk and V tile (FP32:
-    the decayed keys not rounded to 16 bits, see GRAD_FP32: the backward reads these nodes)."""
-    c, bh, iv = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+def _build_block(k_ptr, v_ptr, gl_ptr, gch_ptr, tree_ptr, toff_ptr, T, H, K, V, Tp, n, X,
+                 S: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+                 FP32: tl.constexpr):
+    """Tree levels 0..S of one aligned block of 2**S chunks and one V tile, chunk by chunk.
+
+    Node (0, c) = sum_s exp(gl_end - gl_s) k_s v_s^T (FP32: decayed keys not rounded to 16 bits, see
+    GRAD_FP32: the backward reads these nodes). When chunk c ends a level-j node, that node is the
+    level-(j-1) node just finished (in registers) plus, if it is a right child, its left sibling decayed
+    to c's end. Readers only ever read even nodes (chunk i reads node (j, (i >> j) - 1) for bit j of i
+    set), so below level S only even nodes are stored (odd ones live in registers only) and the left
+    siblings re-read come from L2; level S keeps all its nodes for the combines above it."""
+    blk, bh, iv = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     b, h = bh // H, bh % H
-    t = c * C + tl.arange(0, C)
     kk = tl.arange(0, BK)
     vv = iv * BV + tl.arange(0, BV)
-    kx = _rows(k_ptr + (b * T * H + h) * K, t, T, H * K, kk, K)
-    vx = _rows(v_ptr + (b * T * H + h) * V, t, T, H * V, vv, V)
+    msk = (kk[:, None] < K) & (vv[None, :] < V)
+    tile = kk[:, None] * V + vv[None, :]
+    nodes = tree_ptr + bh * X * (K * V)
+    kb = k_ptr + (b * T * H + h) * K
+    vb = v_ptr + (b * T * H + h) * V
     glb = gl_ptr + bh * Tp
-    w = tl.exp(tl.load(glb + c * C + C - 1) - tl.load(glb + t))
-    kw = _op(kx.to(tl.float32) * w[:, None], kx, FP32)
-    node = tl.dot(tl.trans(kw), _op(vx, vx, FP32), input_precision=PREC)
-    out = tree_ptr + (bh * X + c) * (K * V) + kk[:, None] * V + vv[None, :]
-    tl.store(out, node.to(tree_ptr.dtype.element_ty), mask=(kk[:, None] < K) & (vv[None, :] < V))
+    gcb = gch_ptr + bh * (n + 1)
+    for c in range(blk << S, tl.minimum((blk + 1) << S, n)):
+        t = c * C + tl.arange(0, C)
+        kx = _rows(kb, t, T, H * K, kk, K)
+        vx = _rows(vb, t, T, H * V, vv, V)
+        w = tl.exp(tl.load(glb + c * C + C - 1) - tl.load(glb + t))
+        kw = _op(kx.to(tl.float32) * w[:, None], kx, FP32)
+        cur = tl.dot(tl.trans(kw), _op(vx, vx, FP32), input_precision=PREC)
+        if ((c & 1) == 0) | (S == 0):
+            tl.store(nodes + (tl.load(toff_ptr) + c) * (K * V) + tile, cur.to(tree_ptr.dtype.element_ty), mask=msk)
+        for j in tl.static_range(1, S + 1):
+            # the level-j node of chunk c ends here (aligned end, or the clipped last node)
+            if (((c + 1) & ((1 << j) - 1)) == 0) | (c == n - 1):
+                child = c >> (j - 1)
+                if (child & 1) == 1:
+                    tl.debug_barrier()  # the sibling was stored by other threads of this program
+                    left = tl.load(nodes + (tl.load(toff_ptr + j - 1) + child - 1) * (K * V) + tile, mask=msk,
+                                   other=0)
+                    decay = (tl.load(gcb + c + 1) - tl.load(gcb + (child << (j - 1)))).to(tl.float32)
+                    cur = tl.exp(decay) * left.to(tl.float32) + cur
+                if (((c >> j) & 1) == 0) | (j == S):
+                    tl.store(nodes + (tl.load(toff_ptr + j) + (c >> j)) * (K * V) + tile,
+                             cur.to(tree_ptr.dtype.element_ty), mask=msk)
 
 
 @triton.jit
@@ -332,6 +364,7 @@ class _Plan:
             y += cnt // 2
             cnt = (cnt + 1) // 2
         self.X, self.Y = x, y
+        self.S = max(0, min(BUILD_LEVELS, self.J - 1))  # tree levels built per block by _build_block
         dev = q.device
         self.toff = torch.tensor(toff, dtype=torch.int32, device=dev)
         self.doff = torch.tensor(doff, dtype=torch.int32, device=dev)
@@ -358,11 +391,13 @@ def _decays(g: torch.Tensor, p: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _build_tree(k, v, gl, gch, p: _Plan) -> torch.Tensor:
+    """Tree nodes (odd nodes below level p.S are never stored: no reader reads them)."""
     tree = torch.empty(p.B * p.H, p.X, p.K, p.V, device=k.device, dtype=p.tree_dtype)
-    _chunk_states[(p.n, p.B * p.H, p.NV)](k, v, gl, tree, p.T, p.H, p.K, p.V, p.Tp, p.X,
-                                          C=p.C, BK=p.BK, BV=p.BV, PREC=p.prec, FP32=p.grad_fp32, num_warps=p.warps)
+    _build_block[(-(-p.n >> p.S), p.B * p.H, p.NV)](k, v, gl, gch, tree, p.toff, p.T, p.H, p.K, p.V, p.Tp, p.n, p.X,
+                                                    S=p.S, C=p.C, BK=p.BK, BV=p.BV, PREC=p.prec, FP32=p.grad_fp32,
+                                                    num_warps=p.warps)
     toff = p.toff.tolist()
-    for j in range(p.J - 1):
+    for j in range(p.S, p.J - 1):
         _combine[(p.counts[j + 1], p.B * p.H, -(-p.V // 32))](tree, gch, p.n, p.X, toff[j], toff[j + 1], p.counts[j],
                                                              j, p.K, p.V, BK=p.BK, BV=32, num_warps=4)
     return tree
