@@ -40,6 +40,8 @@ SEG = 16
 # Tree levels built in one program per aligned block of 2**BUILD_LEVELS chunks (_build_block); the
 # levels above by one _combine launch each. 0: one program per chunk, every level by _combine.
 BUILD_LEVELS = 4
+# The key-side backward (_bwd_kv) takes V in this many pieces (registers; 1: all V at once).
+KV_V_PIECES = 1
 # Store tree nodes in float32 also for 16-bit inputs (accuracy; costs tree bandwidth).
 TREE_FP32 = True
 # For 16-bit inputs, the backward's dots whose operands are computed (tree nodes, query-side states,
@@ -285,54 +287,60 @@ def _direct(q_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, out_ptr,
 def _bwd_kv(q_ptr, k_ptr, v_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, dir_ptr, doff_ptr,
             dk_ptr, dv_ptr, dgk_ptr,
             scale, T, H, K, V, L, Tp, n, Y, J,
-            C: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-            FP32: tl.constexpr):
+            C: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NP: tl.constexpr,
+            PREC: tl.constexpr, FP32: tl.constexpr):
     """dk, dv and k . dk of one chunk: the query-side states of the blocks reading it + intra block
-    (FP32: see GRAD_FP32)."""
+    (FP32: see GRAD_FP32). V in NP pieces of BV columns (registers: a float32 K x V state is 64 KB):
+    dk and the intra block's v . do sum over the pieces, dv is stored piece by piece."""
     c, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     r = tl.arange(0, C)
     t = c * C + r
     kk = tl.arange(0, BK)
-    vv = tl.arange(0, BV)
     tm = t < T
     glb = gl_ptr + bh * Tp
     gl = tl.load(glb + t)
-
-    # Sum of the query-side states reading this chunk, decayed to this chunk's end.
     gcb = gch_ptr + bh * (n + 1)
     gc1 = tl.load(gcb + c + 1)
     dirs = dir_ptr + bh * Y * (K * V)
-    tile = kk[:, None] * V + vv[None, :]
-    state = tl.zeros((BK, BV), dtype=tl.float32)
-    for j in range(J):
-        mj = c >> j
-        if ((mj & 1) == 0) & (((mj + 1) << j) < n):
-            d = tl.load(dirs + (tl.load(doff_ptr + j) + (mj >> 1)) * (K * V) + tile,
-                        mask=(kk[:, None] < K) & (vv[None, :] < V), other=0)
-            state += tl.exp((tl.load(gcb + ((mj + 1) << j)) - gc1).to(tl.float32)) * d
+    vb = v_ptr + (b * T * H + h) * V
+    dob = do_ptr + (b * T * H + h) * V
     kx = _rows(k_ptr + (b * T * H + h) * K, t, T, H * K, kk, K)
-    vx = _rows(v_ptr + (b * T * H + h) * V, t, T, H * V, vv, V)
+    qx = _rows(q_ptr + (b * T * H + h) * K, t, T, H * K, kk, K)
     w = tl.exp(tl.load(glb + c * C + C - 1) - gl)
-    st = _op(state, vx, FP32)
-    dk = w[:, None] * tl.dot(_op(vx, vx, FP32), tl.trans(st), input_precision=PREC)
-    dv = w[:, None] * tl.dot(_op(kx, kx, FP32), st, input_precision=PREC)
 
     # Intra block, transposed: rows are keys s, columns queries t (t >= s).
-    qx = _rows(q_ptr + (b * T * H + h) * K, t, T, H * K, kk, K)
-    dox = _rows(do_ptr + (b * T * H + h) * V, t, T, H * V, vv, V).to(vx.dtype)
     causal_t = r[:, None] <= r[None, :]
     lam_t = _level_weights(lam_ptr + (b * T * H + h) * L, (t * (H * L))[None, :], tm[None, :],
                            r[:, None] ^ r[None, :], L, CB)
     m_t = tl.where(causal_t, tl.exp(gl[None, :] - gl[:, None]) * lam_t * scale, 0.0)
-    dp_t = tl.dot(vx, tl.trans(dox), input_precision=PREC)
+    sm_t = tl.dot(kx, tl.trans(qx), input_precision=PREC) * m_t
+
+    dk = tl.zeros((C, BK), dtype=tl.float32)
+    dp_t = tl.zeros((C, C), dtype=tl.float32)
+    for p in tl.static_range(NP):
+        vv = p * BV + tl.arange(0, BV)
+        tile = kk[:, None] * V + vv[None, :]
+        # Sum of the query-side states reading this chunk, decayed to this chunk's end.
+        state = tl.zeros((BK, BV), dtype=tl.float32)
+        for j in range(J):
+            mj = c >> j
+            if ((mj & 1) == 0) & (((mj + 1) << j) < n):
+                d = tl.load(dirs + (tl.load(doff_ptr + j) + (mj >> 1)) * (K * V) + tile,
+                            mask=(kk[:, None] < K) & (vv[None, :] < V), other=0)
+                state += tl.exp((tl.load(gcb + ((mj + 1) << j)) - gc1).to(tl.float32)) * d
+        vx = _rows(vb, t, T, H * V, vv, V)
+        dox = _rows(dob, t, T, H * V, vv, V).to(vx.dtype)
+        st = _op(state, vx, FP32)
+        dk += w[:, None] * tl.dot(_op(vx, vx, FP32), tl.trans(st), input_precision=PREC)
+        dv = w[:, None] * tl.dot(_op(kx, kx, FP32), st, input_precision=PREC)
+        dp_t += tl.dot(vx, tl.trans(dox), input_precision=PREC)
+        dv += tl.dot(_op(sm_t, dox, FP32), _op(dox, dox, FP32), input_precision=PREC)
+        tl.store(dv_ptr + (b * T * H + h) * V + t[:, None] * (H * V) + vv[None, :], dv.to(dv_ptr.dtype.element_ty),
+                 mask=tm[:, None] & (vv[None, :] < V))
     dk += tl.dot(_op(dp_t * m_t, qx, FP32), _op(qx, qx, FP32), input_precision=PREC)
-    s_t = tl.dot(kx, tl.trans(qx), input_precision=PREC)
-    dv += tl.dot(_op(s_t * m_t, dox, FP32), _op(dox, dox, FP32), input_precision=PREC)
     tl.store(dk_ptr + (b * T * H + h) * K + t[:, None] * (H * K) + kk[None, :], dk.to(dk_ptr.dtype.element_ty),
              mask=tm[:, None] & (kk[None, :] < K))
-    tl.store(dv_ptr + (b * T * H + h) * V + t[:, None] * (H * V) + vv[None, :], dv.to(dv_ptr.dtype.element_ty),
-             mask=tm[:, None] & (vv[None, :] < V))
     tl.store(dgk_ptr + bh * Tp + t, tl.sum(kx.to(tl.float32) * dk, axis=1))
 
 
@@ -418,8 +426,8 @@ def _backward(q, k, v, gl, lam, gch, tree, do, scale, p: _Plan):
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     dlam = torch.zeros(p.B, p.T, p.H, p.L, device=dev, dtype=torch.float32)
-    dgq = torch.zeros(p.B, p.H, p.Tp, device=dev, dtype=torch.float32)
-    dgk = torch.zeros(p.B, p.H, p.Tp, device=dev, dtype=torch.float32)
+    dgq = torch.empty(p.B, p.H, p.Tp, device=dev, dtype=torch.float32)  # every row written (padding: 0)
+    dgk = torch.empty(p.B, p.H, p.Tp, device=dev, dtype=torch.float32)
     _bwd_q[(p.n, BH)](q, k, v, do, gl, lam, gch, tree, p.toff, dq, dlam, dgq, scale, *p.args(), p.n, p.X, p.J,
                       C=p.C, CB=p.CB, BK=p.BK, BV=p.BV_full, PREC=p.prec, FP32=p.grad_fp32, num_warps=p.warps)
     # every row is written below before _bwd_kv reads it (it reads level j's block blk only where the
@@ -440,9 +448,10 @@ def _backward(q, k, v, gl, lam, gch, tree, do, scale, p: _Plan):
                                          FP32=p.grad_fp32, num_warps=p.warps)
         if nseg > 1:
             dst.copy_(buf.sum(0))
+    pieces = max(1, min(KV_V_PIECES, p.BV_full // 16))
     _bwd_kv[(p.n, BH)](q, k, v, do, gl, lam, gch, direct, p.doff, dk, dv, dgk, scale, *p.args(), p.n,
-                       direct.shape[1], p.J, C=p.C, CB=p.CB, BK=p.BK, BV=p.BV_full, PREC=p.prec,
-                       FP32=p.grad_fp32, num_warps=p.warps)
+                       direct.shape[1], p.J, C=p.C, CB=p.CB, BK=p.BK, BV=p.BV_full // pieces, NP=pieces,
+                       PREC=p.prec, FP32=p.grad_fp32, num_warps=p.warps)
     dg = _dg_from_dgc(dgq - dgk)[..., : p.T].transpose(1, 2).to(torch.float32)
     return dq, dk, dv, dg, dlam
 
@@ -456,12 +465,12 @@ def _dg_from_dgc(dgc: torch.Tensor) -> torch.Tensor:
     rounding of the terms grows into a large error of the small result: use per position the form
     whose terms weigh less (in absolute value). Where the suffix form was worst (early positions of a
     long sequence) this cuts the bf16 error several times (T = 3000: 3.5% -> 1.6% overall)."""
+    # float64 sums: the suffix as total minus prefix adds only float64 rounding, far below the terms'.
     dgc = dgc.double()
-    suffix = dgc.flip(-1).cumsum(-1).flip(-1)
-    prefix = dgc.cumsum(-1) - dgc
     mass = dgc.abs()
-    suffix_mass = mass.flip(-1).cumsum(-1).flip(-1)
-    prefix_mass = mass.cumsum(-1) - mass
+    both = torch.stack((dgc, mass)).cumsum(-1)
+    prefix, prefix_mass = both[0] - dgc, both[1] - mass
+    suffix, suffix_mass = both[0, ..., -1:] - prefix, both[1, ..., -1:] - prefix_mass
     return torch.where(prefix_mass < suffix_mass, -prefix, suffix)
 
 
