@@ -98,7 +98,7 @@ def test_chunk_kernels_compile_and_fit_shared_memory(which, prec, major):
 @pytest.mark.parametrize("major", [9, 8])
 def test_loglinear_mamba2_kernels_compile_and_fit_shared_memory(major):
     """Every log-linear Mamba-2 kernel with bf16 inputs at head dim 128 (the backward's float32 operands
-    of GRAD_FP32 double its tiles), with the host's tiles and warps."""
+    of GRAD_OPERANDS double its tiles), with the host's tiles and warps."""
     import torch
 
     from hippolm.ops import triton_loglinear as tll
@@ -108,10 +108,12 @@ def test_loglinear_mamba2_kernels_compile_and_fit_shared_memory(major):
     ptrs = ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr", "dq_ptr", "dk_ptr", "dv_ptr")
     types = {"gch_ptr": "fp64", "toff_ptr": "i32", "doff_ptr": "i32"}
     common = {"C": p.C, "BK": p.BK, "PREC": p.prec}
-    for fn, extra in ((tll._chunk_states, {"BV": p.BV, "FP32": p.grad_fp32}), (tll._fwd, {"CB": p.CB, "BV": p.BV}),
-                      (tll._bwd_q, {"CB": p.CB, "BV": p.BV_full, "FP32": p.grad_fp32}),
-                      (tll._direct, {"CB": p.CB, "BV": p.BV, "FP32": p.grad_fp32}),
-                      (tll._bwd_kv, {"CB": p.CB, "BV": p.BV_full, "FP32": p.grad_fp32})):
+    build = {"BV": p.BV, "GM": p.grad_mode, "S": tll.BUILD_LEVELS}  # the plan of 1 chunk builds 0 levels
+    for fn, extra in ((tll._build_block, build), (tll._fwd, {"CB": p.CB, "BV": p.BV}),
+                      (tll._bwd_q, {"CB": p.CB, "BV": p.BV_full // p.q_pieces, "NP": p.q_pieces, "GM": p.grad_mode}),
+                      (tll._direct, {"CB": p.CB, "BV": p.BV, "GM": p.grad_mode}),
+                      (tll._bwd_kv, {"CB": p.CB, "BV": p.BV_full // p.kv_pieces, "NP": p.kv_pieces,
+                                     "GM": p.grad_mode})):
         kernel = _compile(fn, common | extra, {"num_warps": p.warps}, major, "bf16", ptrs, types)
         assert 0 < kernel.metadata.shared <= SHARED[major], (fn.__name__, kernel.metadata.shared)
 

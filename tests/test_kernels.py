@@ -449,13 +449,14 @@ def _poison_empty(monkeypatch) -> None:
 @pytest.mark.parametrize("levels,pieces", [(0, 1), (1, 2), (3, 2)])
 def test_loglinear_ssd_tree_built_in_blocks(levels, pieces, device, monkeypatch):
     """The LL-M2 tree built per block of 2**levels chunks (0: per chunk, all levels combined after),
-    odd nodes below the block's top level never stored (NaN-poisoned memory), the key-side backward
-    over V in 1 or 2 pieces: 19 chunks of 16 (the last block cut short, levels 0..4), V = 32,
+    odd nodes below the block's top level never stored (NaN-poisoned memory), the key- and query-side
+    backward over V in 1 or 2 pieces: 19 chunks of 16 (the last block cut short, levels 0..4), V = 32,
     outputs and every gradient == the float64 reference."""
     from hippolm.ops import triton_loglinear
 
     monkeypatch.setattr(triton_loglinear, "BUILD_LEVELS", levels)
     monkeypatch.setattr(triton_loglinear, "KV_V_PIECES", pieces)
+    monkeypatch.setattr(triton_loglinear, "Q_V_PIECES", pieces)
     _poison_empty(monkeypatch)
     xs = _inputs(1, 300, 2, 16, 32, seed=13)
     _assert_close(_run(xs, torch.float32, device, chunk_size=16), _reference(xs), 1e-3, 5e-3)

@@ -40,14 +40,17 @@ SEG = 16
 # Tree levels built in one program per aligned block of 2**BUILD_LEVELS chunks (_build_block); the
 # levels above by one _combine launch each. 0: one program per chunk, every level by _combine.
 BUILD_LEVELS = 4
-# The key-side backward (_bwd_kv) takes V in this many pieces (registers; 1: all V at once).
+# The key-side / query-side backward (_bwd_kv / _bwd_q) takes V in this many pieces (registers; 1: all
+# V at once).
 KV_V_PIECES = 1
+Q_V_PIECES = 1
 # Store tree nodes in float32 also for 16-bit inputs (accuracy; costs tree bandwidth).
 TREE_FP32 = True
-# For 16-bit inputs, the backward's dots whose operands are computed (tree nodes, query-side states,
-# masked score products) take them in float32 (TF32 products) rather than rounded to 16 bits: dg is a
-# cumulative sum of q.dq - k.dk, whose terms largely cancel, so their rounding error grows into dg's.
-GRAD_FP32 = True
+# For 16-bit inputs, how the backward's dots take their computed operands (tree nodes, query-side
+# states, masked score products; see _mm): 0 rounded to 16 bits, 1 float32 (TF32 products), 2 as a sum
+# of two 16-bit parts (bf16 inputs; fp16 takes 1). Not 0: dg is a cumulative sum of q.dq - k.dk, whose
+# terms largely cancel, so their rounding error grows into dg's.
+GRAD_OPERANDS = 2
 
 
 @triton.jit
@@ -63,12 +66,24 @@ def _level_weights(lam_base, row_off, valid, xor, L, CB: tl.constexpr):
 
 
 @triton.jit
-def _op(x, like, FP32: tl.constexpr):
-    """x as a dot operand: float32 if FP32, else in ``like``'s type."""
-    if FP32:
-        return x.to(tl.float32)
+def _mm(a, b, A_INPUT: tl.constexpr, GM: tl.constexpr, PREC: tl.constexpr):
+    """a @ b (float32 result) where one operand is a 16-bit input (a if A_INPUT, else b) and the other is
+    computed in float32, by GM (see GRAD_OPERANDS): 0 the computed one rounded to the input's type,
+    1 both in float32 (TF32 products), 2 the computed one as hi + lo, two numbers of the input's type
+    (two 16-bit dots: ~17 bits of the computed operand, the input operand kept 16-bit in registers)."""
+    if GM == 1:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+    elif A_INPUT:
+        hi = b.to(a.dtype)
+        out = tl.dot(a, hi, input_precision=PREC)
+        if GM == 2:
+            out = tl.dot(a, (b - hi.to(tl.float32)).to(a.dtype), out, input_precision=PREC)
     else:
-        return x.to(like.dtype)
+        hi = a.to(b.dtype)
+        out = tl.dot(hi, b, input_precision=PREC)
+        if GM == 2:
+            out = tl.dot((a - hi.to(tl.float32)).to(b.dtype), b, out, input_precision=PREC)
+    return out
 
 
 @triton.jit
@@ -81,11 +96,11 @@ def _rows(base, t, T, stride, cols, D):
 @triton.jit
 def _build_block(k_ptr, v_ptr, gl_ptr, gch_ptr, tree_ptr, toff_ptr, T, H, K, V, Tp, n, X,
                  S: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-                 FP32: tl.constexpr):
+                 GM: tl.constexpr):
     """Tree levels 0..S of one aligned block of 2**S chunks and one V tile, chunk by chunk.
 
-    Node (0, c) = sum_s exp(gl_end - gl_s) k_s v_s^T (FP32: decayed keys not rounded to 16 bits, see
-    GRAD_FP32: the backward reads these nodes). When chunk c ends a level-j node, that node is the
+    Node (0, c) = sum_s exp(gl_end - gl_s) k_s v_s^T (decayed keys as GM says: the backward reads
+    these nodes). When chunk c ends a level-j node, that node is the
     level-(j-1) node just finished (in registers) plus, if it is a right child, its left sibling decayed
     to c's end. Readers only ever read even nodes (chunk i reads node (j, (i >> j) - 1) for bit j of i
     set), so below level S only even nodes are stored (odd ones live in registers only) and the left
@@ -106,8 +121,7 @@ def _build_block(k_ptr, v_ptr, gl_ptr, gch_ptr, tree_ptr, toff_ptr, T, H, K, V, 
         kx = _rows(kb, t, T, H * K, kk, K)
         vx = _rows(vb, t, T, H * V, vv, V)
         w = tl.exp(tl.load(glb + c * C + C - 1) - tl.load(glb + t))
-        kw = _op(kx.to(tl.float32) * w[:, None], kx, FP32)
-        cur = tl.dot(tl.trans(kw), _op(vx, vx, FP32), input_precision=PREC)
+        cur = _mm(tl.trans(kx.to(tl.float32) * w[:, None]), vx, False, GM, PREC)
         if ((c & 1) == 0) | (S == 0):
             tl.store(nodes + (tl.load(toff_ptr) + c) * (K * V) + tile, cur.to(tree_ptr.dtype.element_ty), mask=msk)
         for j in tl.static_range(1, S + 1):
@@ -190,19 +204,20 @@ def _fwd(q_ptr, k_ptr, v_ptr, gl_ptr, lam_ptr, gch_ptr, tree_ptr, toff_ptr, o_pt
 def _bwd_q(q_ptr, k_ptr, v_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, tree_ptr, toff_ptr,
            dq_ptr, dlam_ptr, dgq_ptr,
            scale, T, H, K, V, L, Tp, n, X, J,
-           C: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-           FP32: tl.constexpr):
-    """dq, dlam (all levels) and q . dq of one chunk (full K and V); FP32: see GRAD_FP32."""
+           C: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NP: tl.constexpr,
+           PREC: tl.constexpr, GM: tl.constexpr):
+    """dq, dlam (all levels) and q . dq of one chunk (full K, V in NP pieces of BV columns: registers);
+    GM: see _mm."""
     i, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     r = tl.arange(0, C)
     t = i * C + r
     kk = tl.arange(0, BK)
-    vv = tl.arange(0, BV)
     tm = t < T
     qb = q_ptr + (b * T * H + h) * K
     qx = _rows(qb, t, T, H * K, kk, K)
-    dox = _rows(do_ptr + (b * T * H + h) * V, t, T, H * V, vv, V)
+    dob = do_ptr + (b * T * H + h) * V
+    vb = v_ptr + (b * T * H + h) * V
     gl = tl.load(gl_ptr + bh * Tp + t)
     lamb = lam_ptr + (b * T * H + h) * L
     dlamb = dlam_ptr + (b * T * H + h) * L
@@ -213,24 +228,30 @@ def _bwd_q(q_ptr, k_ptr, v_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, tree_ptr, toff
     gcb = gch_ptr + bh * (n + 1)
     gi = tl.load(gcb + i)
     nodes = tree_ptr + bh * X * (K * V)
-    tile = kk[:, None] * V + vv[None, :]
     dq = tl.zeros((C, BK), dtype=tl.float32)
     for j in range(J):
         if ((i >> j) & 1) == 1:
-            node = tl.load(nodes + (tl.load(toff_ptr + j) + (i >> j) - 1) * (K * V) + tile,
-                           mask=(kk[:, None] < K) & (vv[None, :] < V), other=0)
+            node_j = nodes + (tl.load(toff_ptr + j) + (i >> j) - 1) * (K * V)
             e = eg * tl.exp((gi - tl.load(gcb + ((i >> j) << j))).to(tl.float32))
             lam_j = tl.load(lamb + lrow + CB + 1 + j, mask=tm & (CB + 1 + j < L), other=0)
-            x = tl.dot(_op(dox, qx, FP32), tl.trans(_op(node, qx, FP32)), input_precision=PREC)  # do @ node^T
+            x = tl.zeros((C, BK), dtype=tl.float32)  # do @ node^T
+            for p in tl.static_range(NP):
+                vv = p * BV + tl.arange(0, BV)
+                node = tl.load(node_j + kk[:, None] * V + vv[None, :], mask=(kk[:, None] < K) & (vv[None, :] < V),
+                               other=0)
+                x += _mm(_rows(dob, t, T, H * V, vv, V).to(qx.dtype), tl.trans(node.to(tl.float32)), True, GM, PREC)
             dq += (lam_j * e)[:, None] * x
             dl = tl.sum(qx.to(tl.float32) * x, axis=1) * e * scale
             tl.store(dlamb + lrow + CB + 1 + j, dl, mask=tm & (CB + 1 + j < L))
 
     kx = _rows(k_ptr + (b * T * H + h) * K, t, T, H * K, kk, K)
-    vx = _rows(v_ptr + (b * T * H + h) * V, t, T, H * V, vv, V)
     causal = r[:, None] >= r[None, :]
     xor = r[:, None] ^ r[None, :]
-    dp = tl.dot(dox.to(vx.dtype), tl.trans(vx), input_precision=PREC)
+    dp = tl.zeros((C, C), dtype=tl.float32)
+    for p in tl.static_range(NP):
+        vv = p * BV + tl.arange(0, BV)
+        vx = _rows(vb, t, T, H * V, vv, V)
+        dp += tl.dot(_rows(dob, t, T, H * V, vv, V).to(vx.dtype), tl.trans(vx), input_precision=PREC)
     dp = tl.where(causal, dp * tl.exp(gl[:, None] - gl[None, :]), 0.0)
     s = tl.dot(qx, tl.trans(kx), input_precision=PREC)
     sdp = s * dp * scale
@@ -239,7 +260,7 @@ def _bwd_q(q_ptr, k_ptr, v_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, tree_ptr, toff
         dl = tl.sum(tl.where((xor >> (lvl - 1)) == 1, sdp, 0.0), axis=1)
         tl.store(dlamb + lrow + lvl, dl, mask=tm & (lvl < L))
     lam_in = _level_weights(lamb, lrow[:, None], tm[:, None], xor, L, CB)
-    dq += tl.dot(_op(dp * lam_in, kx, FP32), _op(kx, kx, FP32), input_precision=PREC)
+    dq += _mm(dp * lam_in, kx, False, GM, PREC)
     dq = dq * scale
     tl.store(dq_ptr + (b * T * H + h) * K + t[:, None] * (H * K) + kk[None, :], dq.to(dq_ptr.dtype.element_ty),
              mask=tm[:, None] & (kk[None, :] < K))
@@ -250,7 +271,7 @@ def _bwd_q(q_ptr, k_ptr, v_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, tree_ptr, toff
 def _direct(q_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, out_ptr,
             scale, T, H, K, V, L, Tp, n, j, nseg, segc, seg_stride, out_bh_stride,
             C: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-            FP32: tl.constexpr):
+            GM: tl.constexpr):
     """Query-side state of level j for the reader block 2*blk+1 (one segment of it, one V tile):
     sum over its tokens t of scale * lam[t, CB+1+j] * exp(decay from the block start to t) q_t do_t^T."""
     pid, bh, iv = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
@@ -277,8 +298,7 @@ def _direct(q_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, out_ptr,
         lam_j = tl.load(lamb + t * (H * L), mask=tm & (CB + 1 + j < L), other=0)
         d = (tl.load(gcb + c) - g0).to(tl.float32)
         coef = lam_j * tl.exp(tl.load(glb + t) + d) * scale
-        qw = _op(qx.to(tl.float32) * coef[:, None], qx, FP32)
-        acc += tl.dot(tl.trans(qw), _op(dox, qx, FP32), input_precision=PREC)
+        acc += _mm(tl.trans(qx.to(tl.float32) * coef[:, None]), dox.to(qx.dtype), False, GM, PREC)
     out = out_ptr + seg * seg_stride + bh * out_bh_stride + blk * (K * V) + kk[:, None] * V + vv[None, :]
     tl.store(out, acc, mask=(kk[:, None] < K) & (vv[None, :] < V))
 
@@ -288,9 +308,9 @@ def _bwd_kv(q_ptr, k_ptr, v_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, dir_ptr, doff
             dk_ptr, dv_ptr, dgk_ptr,
             scale, T, H, K, V, L, Tp, n, Y, J,
             C: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NP: tl.constexpr,
-            PREC: tl.constexpr, FP32: tl.constexpr):
+            PREC: tl.constexpr, GM: tl.constexpr):
     """dk, dv and k . dk of one chunk: the query-side states of the blocks reading it + intra block
-    (FP32: see GRAD_FP32). V in NP pieces of BV columns (registers: a float32 K x V state is 64 KB):
+    (GM: see _mm). V in NP pieces of BV columns (registers: a float32 K x V state is 64 KB):
     dk and the intra block's v . do sum over the pieces, dv is stored piece by piece."""
     c, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -309,15 +329,20 @@ def _bwd_kv(q_ptr, k_ptr, v_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, dir_ptr, doff
     qx = _rows(q_ptr + (b * T * H + h) * K, t, T, H * K, kk, K)
     w = tl.exp(tl.load(glb + c * C + C - 1) - gl)
 
-    # Intra block, transposed: rows are keys s, columns queries t (t >= s).
+    # Intra block, transposed: rows are keys s, columns queries t (t >= s). Done first, so its
+    # C x C tiles and q are dead before the states' loop (registers).
     causal_t = r[:, None] <= r[None, :]
     lam_t = _level_weights(lam_ptr + (b * T * H + h) * L, (t * (H * L))[None, :], tm[None, :],
                            r[:, None] ^ r[None, :], L, CB)
     m_t = tl.where(causal_t, tl.exp(gl[None, :] - gl[:, None]) * lam_t * scale, 0.0)
     sm_t = tl.dot(kx, tl.trans(qx), input_precision=PREC) * m_t
-
-    dk = tl.zeros((C, BK), dtype=tl.float32)
     dp_t = tl.zeros((C, C), dtype=tl.float32)
+    for p in tl.static_range(NP):
+        vv = p * BV + tl.arange(0, BV)
+        vx = _rows(vb, t, T, H * V, vv, V)
+        dp_t += tl.dot(vx, tl.trans(_rows(dob, t, T, H * V, vv, V).to(vx.dtype)), input_precision=PREC)
+    dk = _mm(dp_t * m_t, qx, False, GM, PREC)
+
     for p in tl.static_range(NP):
         vv = p * BV + tl.arange(0, BV)
         tile = kk[:, None] * V + vv[None, :]
@@ -331,14 +356,10 @@ def _bwd_kv(q_ptr, k_ptr, v_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, dir_ptr, doff
                 state += tl.exp((tl.load(gcb + ((mj + 1) << j)) - gc1).to(tl.float32)) * d
         vx = _rows(vb, t, T, H * V, vv, V)
         dox = _rows(dob, t, T, H * V, vv, V).to(vx.dtype)
-        st = _op(state, vx, FP32)
-        dk += w[:, None] * tl.dot(_op(vx, vx, FP32), tl.trans(st), input_precision=PREC)
-        dv = w[:, None] * tl.dot(_op(kx, kx, FP32), st, input_precision=PREC)
-        dp_t += tl.dot(vx, tl.trans(dox), input_precision=PREC)
-        dv += tl.dot(_op(sm_t, dox, FP32), _op(dox, dox, FP32), input_precision=PREC)
+        dk += w[:, None] * _mm(vx, tl.trans(state), True, GM, PREC)
+        dv = w[:, None] * _mm(kx, state, True, GM, PREC) + _mm(sm_t, dox, False, GM, PREC)
         tl.store(dv_ptr + (b * T * H + h) * V + t[:, None] * (H * V) + vv[None, :], dv.to(dv_ptr.dtype.element_ty),
                  mask=tm[:, None] & (vv[None, :] < V))
-    dk += tl.dot(_op(dp_t * m_t, qx, FP32), _op(qx, qx, FP32), input_precision=PREC)
     tl.store(dk_ptr + (b * T * H + h) * K + t[:, None] * (H * K) + kk[None, :], dk.to(dk_ptr.dtype.element_ty),
              mask=tm[:, None] & (kk[None, :] < K))
     tl.store(dgk_ptr + bh * Tp + t, tl.sum(kx.to(tl.float32) * dk, axis=1))
@@ -383,8 +404,13 @@ class _Plan:
         # Tree nodes in float32 (rounded to the input dtype only as dot operands): a 16-bit tree
         # rounds once per level and measured ~1.5x the bf16 error (dg 1.9e-2 vs 1.3e-2).
         self.tree_dtype = torch.float32 if TREE_FP32 or q.dtype == torch.float32 else q.dtype
+        self.kv_pieces = max(1, min(KV_V_PIECES, self.BV_full // 16))  # _bwd_kv's V pieces
+        self.q_pieces = max(1, min(Q_V_PIECES, self.BV_full // 16))  # _bwd_q's
         self.warps = 4 if max(self.BK, self.BV_full) <= 64 else 8
-        self.grad_fp32 = GRAD_FP32 and q.dtype != torch.float32  # float32 inputs: float32 operands anyway
+        # the backward's computed dot operands (see _mm): float32 inputs take float32 operands anyway;
+        # fp16 hi + lo parts could overflow where a float32 state does not: TF32 there
+        mode = 0 if q.dtype == torch.float32 else GRAD_OPERANDS
+        self.grad_mode = 1 if mode == 2 and q.dtype == torch.float16 else mode
 
     def args(self) -> tuple:
         return (self.T, self.H, self.K, self.V, self.L, self.Tp)
@@ -402,7 +428,7 @@ def _build_tree(k, v, gl, gch, p: _Plan) -> torch.Tensor:
     """Tree nodes (odd nodes below level p.S are never stored: no reader reads them)."""
     tree = torch.empty(p.B * p.H, p.X, p.K, p.V, device=k.device, dtype=p.tree_dtype)
     _build_block[(-(-p.n >> p.S), p.B * p.H, p.NV)](k, v, gl, gch, tree, p.toff, p.T, p.H, p.K, p.V, p.Tp, p.n, p.X,
-                                                    S=p.S, C=p.C, BK=p.BK, BV=p.BV, PREC=p.prec, FP32=p.grad_fp32,
+                                                    S=p.S, C=p.C, BK=p.BK, BV=p.BV, PREC=p.prec, GM=p.grad_mode,
                                                     num_warps=p.warps)
     toff = p.toff.tolist()
     for j in range(p.S, p.J - 1):
@@ -429,7 +455,8 @@ def _backward(q, k, v, gl, lam, gch, tree, do, scale, p: _Plan):
     dgq = torch.empty(p.B, p.H, p.Tp, device=dev, dtype=torch.float32)  # every row written (padding: 0)
     dgk = torch.empty(p.B, p.H, p.Tp, device=dev, dtype=torch.float32)
     _bwd_q[(p.n, BH)](q, k, v, do, gl, lam, gch, tree, p.toff, dq, dlam, dgq, scale, *p.args(), p.n, p.X, p.J,
-                      C=p.C, CB=p.CB, BK=p.BK, BV=p.BV_full, PREC=p.prec, FP32=p.grad_fp32, num_warps=p.warps)
+                      C=p.C, CB=p.CB, BK=p.BK, BV=p.BV_full // p.q_pieces, NP=p.q_pieces, PREC=p.prec,
+                      GM=p.grad_mode, num_warps=p.warps)
     # every row is written below before _bwd_kv reads it (it reads level j's block blk only where the
     # reader block 2 blk + 1 exists, i.e. blk < counts[j] // 2): no zero fill (1 GB at 64k tokens, 16 heads)
     direct = torch.empty(BH, max(p.Y, 1), p.K, p.V, device=dev, dtype=torch.float32)
@@ -445,13 +472,12 @@ def _backward(q, k, v, gl, lam, gch, tree, do, scale, p: _Plan):
         bh_stride = buf.stride(0) if nseg == 1 else buf.stride(1)
         _direct[(nblk * nseg, BH, p.NV)](q, do, gl, lam, gch, buf, scale, *p.args(), p.n, j, nseg, min(SEG, 1 << j),
                                          seg_stride, bh_stride, C=p.C, CB=p.CB, BK=p.BK, BV=p.BV, PREC=p.prec,
-                                         FP32=p.grad_fp32, num_warps=p.warps)
+                                         GM=p.grad_mode, num_warps=p.warps)
         if nseg > 1:
             dst.copy_(buf.sum(0))
-    pieces = max(1, min(KV_V_PIECES, p.BV_full // 16))
     _bwd_kv[(p.n, BH)](q, k, v, do, gl, lam, gch, direct, p.doff, dk, dv, dgk, scale, *p.args(), p.n,
-                       direct.shape[1], p.J, C=p.C, CB=p.CB, BK=p.BK, BV=p.BV_full // pieces, NP=pieces,
-                       PREC=p.prec, FP32=p.grad_fp32, num_warps=p.warps)
+                       direct.shape[1], p.J, C=p.C, CB=p.CB, BK=p.BK, BV=p.BV_full // p.kv_pieces, NP=p.kv_pieces,
+                       PREC=p.prec, GM=p.grad_mode, num_warps=p.warps)
     dg = _dg_from_dgc(dgq - dgk)[..., : p.T].transpose(1, 2).to(torch.float32)
     return dq, dk, dv, dg, dlam
 
