@@ -80,10 +80,13 @@ def main() -> None:
                         help="comma list of: ours (log-linear kernels, SDPA), breakdown (our log-linear "
                              "kernel phases), fla_linear (SSD and GDN through the dispatch, linear SSD on our "
                              "kernels, FLA's linear kernels), fla_loglinear")
+    parser.add_argument("--ops", default="loglinear_ssd,loglinear_gated_delta_rule,attention",
+                        help="the 'ours' phase's ops (attention: SDPA flash, the baseline)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU under TRITON_INTERPRET=1, tiny shapes: checks the script, times nothing real")
     args = parser.parse_args()
+    op_set = set(args.ops.split(","))
     if args.quick:
         args.lengths = "2048,8192,65536"
     if args.dry_run:
@@ -217,17 +220,20 @@ def main() -> None:
 
             for backward in (False, True):
                 if phase == "ours":
-                    measure(T, B, "hippolm-triton", "loglinear_ssd", backward,
-                            lambda q, k, v, g, lam: ops.loglinear_ssd(q, k, v, g, lam, backend="triton"),
-                            lambda grad, make=make: make(grad, levels=True), ll_flops, io)
-                    measure(T, B, "hippolm-triton", "loglinear_gated_delta_rule", backward,
-                            lambda q, k, v, g, lam: ops.loglinear_gated_delta_rule(
-                                q, k, v, g, torch.sigmoid(g + 2), lam, backend="triton"),
-                            lambda grad, make=make: make(grad, levels=True), ll_flops, io)
-                    measure(T, B, "sdpa_flash", "attention", backward,
-                            lambda q, k, v: F.scaled_dot_product_attention(
-                                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True),
-                            lambda grad, make=make: make(grad)[:3], attn_flops, attn_io)
+                    if "loglinear_ssd" in op_set:
+                        measure(T, B, "hippolm-triton", "loglinear_ssd", backward,
+                                lambda q, k, v, g, lam: ops.loglinear_ssd(q, k, v, g, lam, backend="triton"),
+                                lambda grad, make=make: make(grad, levels=True), ll_flops, io)
+                    if "loglinear_gated_delta_rule" in op_set:
+                        measure(T, B, "hippolm-triton", "loglinear_gated_delta_rule", backward,
+                                lambda q, k, v, g, lam: ops.loglinear_gated_delta_rule(
+                                    q, k, v, g, torch.sigmoid(g + 2), lam, backend="triton"),
+                                lambda grad, make=make: make(grad, levels=True), ll_flops, io)
+                    if "attention" in op_set:
+                        measure(T, B, "sdpa_flash", "attention", backward,
+                                lambda q, k, v: F.scaled_dot_product_attention(
+                                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True),
+                                lambda grad, make=make: make(grad)[:3], attn_flops, attn_io)
                 elif phase == "fla_linear":
                     from fla.ops.delta_rule import chunk_delta_rule
                     from fla.ops.simple_gla import chunk_simple_gla
