@@ -2,7 +2,7 @@
 op at the shape of benchmarks/kernel_bench.py (bf16, H=16, d=128, 65,536 tokens per batch) for each
 value of the option, e.g. log-linear Mamba-2 with and without float32 operands in its backward:
 
-    python benchmarks/flag_timing.py --op loglinear_ssd --flag triton_loglinear.GRAD_FP32 --values 1,0 \
+    python benchmarks/flag_timing.py --op loglinear_ssd --flag triton_loglinear.GRAD_OPERANDS --values 1,2 \
         --lengths 8192,65536 --json $OUT/flag_timing_h100.json
 """
 

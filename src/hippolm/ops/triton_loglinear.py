@@ -49,8 +49,9 @@ TREE_FP32 = True
 # For 16-bit inputs, how the backward's dots take their computed operands (tree nodes, query-side
 # states, masked score products; see _mm): 0 rounded to 16 bits, 1 float32 (TF32 products), 2 as a sum
 # of two 16-bit parts (bf16 inputs; fp16 takes 1). Not 0: dg is a cumulative sum of q.dq - k.dk, whose
-# terms largely cancel, so their rounding error grows into dg's.
-GRAD_OPERANDS = 2
+# terms largely cancel, so their rounding error grows into dg's. 2 spills far fewer registers on sm_90
+# (the key-side backward: 336 bytes of stack vs 904) but is not yet timed on a GPU: 1 stays the default.
+GRAD_OPERANDS = 1
 
 
 @triton.jit
@@ -329,20 +330,15 @@ def _bwd_kv(q_ptr, k_ptr, v_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, dir_ptr, doff
     qx = _rows(q_ptr + (b * T * H + h) * K, t, T, H * K, kk, K)
     w = tl.exp(tl.load(glb + c * C + C - 1) - gl)
 
-    # Intra block, transposed: rows are keys s, columns queries t (t >= s). Done first, so its
-    # C x C tiles and q are dead before the states' loop (registers).
+    # Intra block, transposed: rows are keys s, columns queries t (t >= s).
     causal_t = r[:, None] <= r[None, :]
     lam_t = _level_weights(lam_ptr + (b * T * H + h) * L, (t * (H * L))[None, :], tm[None, :],
                            r[:, None] ^ r[None, :], L, CB)
     m_t = tl.where(causal_t, tl.exp(gl[None, :] - gl[:, None]) * lam_t * scale, 0.0)
     sm_t = tl.dot(kx, tl.trans(qx), input_precision=PREC) * m_t
-    dp_t = tl.zeros((C, C), dtype=tl.float32)
-    for p in tl.static_range(NP):
-        vv = p * BV + tl.arange(0, BV)
-        vx = _rows(vb, t, T, H * V, vv, V)
-        dp_t += tl.dot(vx, tl.trans(_rows(dob, t, T, H * V, vv, V).to(vx.dtype)), input_precision=PREC)
-    dk = _mm(dp_t * m_t, qx, False, GM, PREC)
 
+    dk = tl.zeros((C, BK), dtype=tl.float32)
+    dp_t = tl.zeros((C, C), dtype=tl.float32)
     for p in tl.static_range(NP):
         vv = p * BV + tl.arange(0, BV)
         tile = kk[:, None] * V + vv[None, :]
@@ -358,8 +354,10 @@ def _bwd_kv(q_ptr, k_ptr, v_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, dir_ptr, doff
         dox = _rows(dob, t, T, H * V, vv, V).to(vx.dtype)
         dk += w[:, None] * _mm(vx, tl.trans(state), True, GM, PREC)
         dv = w[:, None] * _mm(kx, state, True, GM, PREC) + _mm(sm_t, dox, False, GM, PREC)
+        dp_t += tl.dot(vx, tl.trans(dox), input_precision=PREC)
         tl.store(dv_ptr + (b * T * H + h) * V + t[:, None] * (H * V) + vv[None, :], dv.to(dv_ptr.dtype.element_ty),
                  mask=tm[:, None] & (vv[None, :] < V))
+    dk += _mm(dp_t * m_t, qx, False, GM, PREC)
     tl.store(dk_ptr + (b * T * H + h) * K + t[:, None] * (H * K) + kk[None, :], dk.to(dk_ptr.dtype.element_ty),
              mask=tm[:, None] & (kk[None, :] < K))
     tl.store(dgk_ptr + bh * Tp + t, tl.sum(kx.to(tl.float32) * dk, axis=1))
