@@ -1,0 +1,82 @@
+"""Registers and spill stack of the log-linear Mamba-2 kernels compiled for sm_90, on a machine without
+a GPU: Triton compiles for the target and its bundled cuobjdump reads the cubin's resource usage. A
+kernel that spills (STACK > 0) pays local-memory traffic its bytes and FLOPs do not predict, so this
+is where to look before spending GPU time on a timing (bf16 inputs, head dim 128, the host's tiles).
+
+    python benchmarks/kernel_spills.py --set GRAD_OPERANDS=2 --set KV_V_PIECES=2 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_kernel_compile import _compile  # tests/ holds the one compile helper
+
+from hippolm.ops import triton_loglinear as tll
+
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def usage(kernel) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        out = subprocess.run([str(CUOBJDUMP), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    regs, stack = re.search(r"REG:(\d+).*?STACK:(\d+)", out).groups()
+    return {"regs": int(regs), "stack_bytes": int(stack), "shared_bytes": kernel.metadata.shared}
+
+
+def loglinear_ssd_kernels(warps: int | None) -> list[dict]:
+    q = torch.empty(1, 64, 1, 128, dtype=torch.bfloat16)
+    p = tll._Plan(q, q, torch.empty(1, 64, 1, 20), 64)
+    ptrs = ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr", "dq_ptr", "dk_ptr", "dv_ptr")
+    types = {"gch_ptr": "fp64", "toff_ptr": "i32", "doff_ptr": "i32"}
+    common = {"C": p.C, "BK": p.BK, "PREC": p.prec}
+    kernels = {
+        "_build_block": (tll._build_block, {"BV": p.BV, "GM": p.grad_mode, "S": tll.BUILD_LEVELS}),
+        "_fwd": (tll._fwd, {"CB": p.CB, "BV": p.BV}),
+        "_bwd_q": (tll._bwd_q, {"CB": p.CB, "BV": p.BV_full // p.q_pieces, "NP": p.q_pieces, "GM": p.grad_mode}),
+        "_direct": (tll._direct, {"CB": p.CB, "BV": p.BV, "GM": p.grad_mode}),
+        "_bwd_kv": (tll._bwd_kv, {"CB": p.CB, "BV": p.BV_full // p.kv_pieces, "NP": p.kv_pieces,
+                                  "GM": p.grad_mode}),
+    }
+    rows = []
+    for name, (fn, consts) in kernels.items():
+        kernel = _compile(fn, common | consts, {"num_warps": warps or p.warps}, 9, "bf16", ptrs, types)
+        rows.append({"kernel": name, "warps": warps or p.warps, **usage(kernel)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--set", action="append", default=[], metavar="ATTR=INT",
+                        help="a module-level option of hippolm.ops.triton_loglinear, e.g. GRAD_OPERANDS=2")
+    parser.add_argument("--warps", type=int, default=None, help="default: the host's choice")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    for item in args.set:
+        attr, value = item.split("=")
+        setattr(tll, attr, int(value))
+    rows = loglinear_ssd_kernels(args.warps)
+    for r in rows:
+        print(r)
+    if args.json:
+        meta = {"target": "sm_90", "triton": triton.__version__, "date": datetime.date.today().isoformat(),
+                "dtype": "bfloat16", "head_dim": 128, "set": args.set}
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
