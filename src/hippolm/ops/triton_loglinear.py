@@ -219,6 +219,7 @@ def _bwd_q(q_ptr, k_ptr, v_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, tree_ptr, toff
     qx = _rows(qb, t, T, H * K, kk, K)
     dob = do_ptr + (b * T * H + h) * V
     vb = v_ptr + (b * T * H + h) * V
+    do0 = _rows(dob, t, T, H * V, tl.arange(0, BV), V).to(qx.dtype)  # NP == 1: loaded once for every level
     gl = tl.load(gl_ptr + bh * Tp + t)
     lamb = lam_ptr + (b * T * H + h) * L
     dlamb = dlam_ptr + (b * T * H + h) * L
@@ -240,7 +241,8 @@ def _bwd_q(q_ptr, k_ptr, v_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, tree_ptr, toff
                 vv = p * BV + tl.arange(0, BV)
                 node = tl.load(node_j + kk[:, None] * V + vv[None, :], mask=(kk[:, None] < K) & (vv[None, :] < V),
                                other=0)
-                x += _mm(_rows(dob, t, T, H * V, vv, V).to(qx.dtype), tl.trans(node.to(tl.float32)), True, GM, PREC)
+                dop = do0 if NP == 1 else _rows(dob, t, T, H * V, vv, V).to(qx.dtype)
+                x += _mm(dop, tl.trans(node.to(tl.float32)), True, GM, PREC)
             dq += (lam_j * e)[:, None] * x
             dl = tl.sum(qx.to(tl.float32) * x, axis=1) * e * scale
             tl.store(dlamb + lrow + CB + 1 + j, dl, mask=tm & (CB + 1 + j < L))
@@ -252,7 +254,8 @@ def _bwd_q(q_ptr, k_ptr, v_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, tree_ptr, toff
     for p in tl.static_range(NP):
         vv = p * BV + tl.arange(0, BV)
         vx = _rows(vb, t, T, H * V, vv, V)
-        dp += tl.dot(_rows(dob, t, T, H * V, vv, V).to(vx.dtype), tl.trans(vx), input_precision=PREC)
+        dop = do0 if NP == 1 else _rows(dob, t, T, H * V, vv, V).to(qx.dtype)
+        dp += tl.dot(dop, tl.trans(vx), input_precision=PREC)
     dp = tl.where(causal, dp * tl.exp(gl[:, None] - gl[None, :]), 0.0)
     s = tl.dot(qx, tl.trans(kx), input_precision=PREC)
     sdp = s * dp * scale
