@@ -45,8 +45,15 @@ def main() -> None:
     parser.add_argument("--values", default="1,0", help="comma-separated integers")
     parser.add_argument("--lengths", default="8192,65536")
     parser.add_argument("--tokens", type=int, default=65536)
+    parser.add_argument("--set", action="append", default=[], metavar="module.ATTRIBUTE=INT",
+                        help="another option held fixed for every value, e.g. triton_loglinear.GRAD_OPERANDS=2")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    for item in args.set:
+        target, value = item.split("=")
+        fixed_mod, fixed_attr = target.rsplit(".", 1)
+        fixed = importlib.import_module("hippolm.ops." + fixed_mod)
+        setattr(fixed, fixed_attr, type(getattr(fixed, fixed_attr))(int(value)))
     mod_name, attr = args.flag.rsplit(".", 1)
     module = importlib.import_module("hippolm.ops." + mod_name)
     rows = []
@@ -64,7 +71,8 @@ def main() -> None:
             rows.append({"T": T, "value": value, "fwd_ms": fwd_ms, "fwd_bwd_ms": ms})
             print(f"T={T:>6} {args.flag}={value}: fwd {fwd_ms:7.2f} ms, fwd+bwd {ms:7.2f} ms", flush=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "date": datetime.date.today().isoformat(), "op": args.op, "flag": args.flag, "dtype": "bfloat16",
+            "date": datetime.date.today().isoformat(), "op": args.op, "flag": args.flag, "set": args.set,
+            "dtype": "bfloat16",
             "H": 16, "d": 128, "tokens_per_batch": args.tokens}
     if args.json:
         with open(args.json, "w") as f:

@@ -5,7 +5,7 @@
 # budget a little shorter so it ends cleanly. Results and logs go to $OUT (default /tmp/out):
 #   kernels_<gpu>.json (copy to benchmarks/results/), test_kernels_cuda.log, kernels_<gpu>.log.
 # TEST_K: a pytest -k expression selecting some of the tests.
-# Usage: bash benchmarks/kernels_gpu.sh [what: tests|bench|errors|level|all, or a comma list like errors,tests]
+# Usage: bash benchmarks/kernels_gpu.sh [what: tests|bench|errors|level|flags|all, or a comma list like errors,tests]
 #        [extra benchmark args, e.g. --quick]
 # errors: benchmarks/kernel_errors.py (every error per output/gradient and per chunk, <= ERR_TIMEOUT s)
 #   to kernel_errors_<gpu>.json (ERR_ARGS: its options, e.g. "--op loglinear_gated_delta_rule --shapes 1,3000,4");
@@ -41,6 +41,20 @@ if [[ ",$what," == *",level,"* ]]; then  # not in 'all'. level_timing.py: log-li
   # per configuration (LEVEL_ARGS: its options, e.g. "--dtype float32 --configs default")
   timeout ${LEVEL_TIMEOUT:-200} python3 benchmarks/level_timing.py ${LEVEL_ARGS:-} --json "$OUT/level_timing_$dev.json" 2>&1 \
     | grep -v "^ \|Warn" | cut -c1-900
+fi
+if [[ ",$what," == *",flags,"* ]]; then  # not in 'all'. A/B timings of module-level kernel options, one
+  # process each (benchmarks/flag_timing.py). FLAGS: space-separated module.ATTR=v1,v2[@module.ATTR=v,...]
+  # (after @: options held fixed), e.g. "triton_loglinear.GRAD_OPERANDS=1,2 triton_loglinear.Q_V_PIECES=1,4@triton_loglinear.GRAD_OPERANDS=2";
+  # FLAG_OP: the op (loglinear_ssd).
+  i=0
+  for spec in ${FLAGS:-}; do
+    i=$((i + 1))
+    flag=${spec%%@*}; fixed=(); [[ $spec == *@* ]] && IFS=, read -ra fixed <<< "${spec#*@}"
+    sets=(); for f in "${fixed[@]}"; do sets+=(--set "$f"); done
+    name=${flag%%=*}
+    timeout ${FLAG_TIMEOUT:-90} python3 benchmarks/flag_timing.py --op ${FLAG_OP:-loglinear_ssd} --flag "$name" \
+      --values "${flag#*=}" "${sets[@]}" --json "$OUT/flag_timing_${dev}_${i}_${name##*.}.json" 2>&1 | grep -v Warn
+  done
 fi
 if has bench; then
   timeout ${BENCH_TIMEOUT:-320} python3 benchmarks/kernel_bench.py --budget ${BENCH_BUDGET:-280} "$@" \
