@@ -17,11 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_kernel_compile import OPERAND_PTRS, _compile  # tests/ holds the one compile helper
+from test_kernel_compile import OPERAND_PTRS, _compile, loglinear_mamba2_compiled  # tests/: the compile helpers
 
 from hippolm.ops import triton_gdn, triton_gdn_chunk
 from hippolm.ops import triton_loglinear as tll
@@ -40,24 +39,8 @@ def usage(kernel) -> dict:
 
 
 def loglinear_ssd_kernels(warps: int | None) -> list[dict]:
-    q = torch.empty(1, 64, 1, 128, dtype=torch.bfloat16)
-    p = tll._Plan(q, q, torch.empty(1, 64, 1, 20), 64)
-    ptrs = ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr", "dq_ptr", "dk_ptr", "dv_ptr")
-    types = {"gch_ptr": "fp64", "toff_ptr": "i32", "doff_ptr": "i32"}
-    common = {"C": p.C, "BK": p.BK, "PREC": p.prec}
-    kernels = {
-        "_build_block": (tll._build_block, {"BV": p.BV, "GM": p.grad_mode, "S": tll.BUILD_LEVELS}),
-        "_fwd": (tll._fwd, {"CB": p.CB, "BV": p.BV}),
-        "_bwd_q": (tll._bwd_q, {"CB": p.CB, "BV": p.BV_full // p.q_pieces, "NP": p.q_pieces, "GM": p.grad_mode}),
-        "_direct": (tll._direct, {"CB": p.CB, "BV": p.BV, "GM": p.grad_mode}),
-        "_bwd_kv": (tll._bwd_kv, {"CB": p.CB, "BV": p.BV_full // p.kv_pieces, "NP": p.kv_pieces,
-                                  "GM": p.grad_mode}),
-    }
-    rows = []
-    for name, (fn, consts) in kernels.items():
-        kernel = _compile(fn, common | consts, {"num_warps": warps or p.warps}, 9, "bf16", ptrs, types)
-        rows.append({"kernel": name, "warps": warps or p.warps, **usage(kernel)})
-    return rows
+    return [{"kernel": name, "warps": kernel.metadata.num_warps, **usage(kernel)}
+            for name, kernel in loglinear_mamba2_compiled(9, warps)]
 
 
 def loglinear_gdn_kernels(warps: int | None) -> list[dict]:

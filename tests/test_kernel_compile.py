@@ -95,10 +95,9 @@ def test_chunk_kernels_compile_and_fit_shared_memory(which, prec, major):
     assert 0 < kernel.metadata.shared <= SHARED[major], kernel.metadata.shared
 
 
-@pytest.mark.parametrize("major", [9, 8])
-def test_loglinear_mamba2_kernels_compile_and_fit_shared_memory(major):
-    """Every log-linear Mamba-2 kernel with bf16 inputs at head dim 128 (the backward's float32 operands
-    of GRAD_OPERANDS double its tiles), with the host's tiles and warps."""
+def loglinear_mamba2_compiled(major: int, warps: int | None = None) -> list[tuple[str, object]]:
+    """(name, compiled kernel) of every log-linear Mamba-2 kernel with bf16 inputs at head dim 128, with
+    the host's tiles, warps and module options (shared with benchmarks/kernel_spills.py)."""
     import torch
 
     from hippolm.ops import triton_loglinear as tll
@@ -108,14 +107,29 @@ def test_loglinear_mamba2_kernels_compile_and_fit_shared_memory(major):
     ptrs = ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "o_ptr", "dq_ptr", "dk_ptr", "dv_ptr")
     types = {"gch_ptr": "fp64", "toff_ptr": "i32", "doff_ptr": "i32"}
     common = {"C": p.C, "BK": p.BK, "PREC": p.prec}
-    build = {"BV": p.BV, "GM": p.grad_mode, "S": tll.BUILD_LEVELS}  # the plan of 1 chunk builds 0 levels
-    for fn, extra in ((tll._build_block, build), (tll._fwd, {"CB": p.CB, "BV": p.BV}),
-                      (tll._bwd_q, {"CB": p.CB, "BV": p.BV_full // p.q_pieces, "NP": p.q_pieces, "GM": p.grad_mode}),
-                      (tll._direct, {"CB": p.CB, "BV": p.BV, "GM": p.grad_mode}),
-                      (tll._bwd_kv, {"CB": p.CB, "BV": p.BV_full // p.kv_pieces, "NP": p.kv_pieces,
-                                     "GM": p.grad_mode})):
-        kernel = _compile(fn, common | extra, {"num_warps": p.warps}, major, "bf16", ptrs, types)
-        assert 0 < kernel.metadata.shared <= SHARED[major], (fn.__name__, kernel.metadata.shared)
+    kernels = {
+        "_build_block": (tll._build_block, {"BV": p.BV, "GM": p.grad_mode, "S": tll.BUILD_LEVELS}),  # 1 chunk: S=0
+        "_fwd": (tll._fwd, {"CB": p.CB, "BV": p.BV}),
+        "_bwd_q": (tll._bwd_q, {"CB": p.CB, "BV": p.BV_full // p.q_pieces, "NP": p.q_pieces, "GM": p.grad_mode}),
+        "_direct": (tll._direct, {"CB": p.CB, "BV": p.BV, "GM": p.grad_mode}),
+        "_bwd_kv": (tll._bwd_kv, {"CB": p.CB, "BV": p.BV_full // p.kv_pieces, "NP": p.kv_pieces,
+                                  "GM": p.grad_mode}),
+    }
+    return [(name, _compile(fn, common | consts, {"num_warps": warps or p.warps}, major, "bf16", ptrs, types))
+            for name, (fn, consts) in kernels.items()]
+
+
+@pytest.mark.parametrize("major", [9, 8])
+@pytest.mark.parametrize("operands,pieces", [(1, 1), (2, 1), (2, 4)])
+def test_loglinear_mamba2_kernels_compile_and_fit_shared_memory(major, operands, pieces, monkeypatch):
+    """Every log-linear Mamba-2 kernel with bf16 inputs at head dim 128 (the backward's float32 operands
+    of GRAD_OPERANDS 1 double its tiles; 2: hi + lo bf16 parts; V in 1 or 4 pieces)."""
+    from hippolm.ops import triton_loglinear as tll
+
+    for name, value in (("GRAD_OPERANDS", operands), ("Q_V_PIECES", pieces), ("KV_V_PIECES", pieces)):
+        monkeypatch.setattr(tll, name, value)
+    for name, kernel in loglinear_mamba2_compiled(major):
+        assert 0 < kernel.metadata.shared <= SHARED[major], (name, kernel.metadata.shared)
 
 
 @pytest.mark.parametrize("which", ["fwd", "bwd"])
