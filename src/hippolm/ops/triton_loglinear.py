@@ -101,11 +101,11 @@ def _build_block(k_ptr, v_ptr, gl_ptr, gch_ptr, tree_ptr, toff_ptr, T, H, K, V, 
     """Tree levels 0..S of one aligned block of 2**S chunks and one V tile, chunk by chunk.
 
     Node (0, c) = sum_s exp(gl_end - gl_s) k_s v_s^T (decayed keys as GM says: the backward reads
-    these nodes). When chunk c ends a level-j node, that node is the
-    level-(j-1) node just finished (in registers) plus, if it is a right child, its left sibling decayed
-    to c's end. Readers only ever read even nodes (chunk i reads node (j, (i >> j) - 1) for bit j of i
-    set), so below level S only even nodes are stored (odd ones live in registers only) and the left
-    siblings re-read come from L2; level S keeps all its nodes for the combines above it."""
+    these nodes). When chunk c ends a level-j node, that node is the level-(j-1) node just finished
+    (in registers) plus, if it is a right child, its left sibling decayed to c's end. Readers only
+    ever read even nodes (chunk i reads node (j, (i >> j) - 1) for bit j of i set), so below level S
+    only even nodes are stored (odd ones live in registers only) and the left siblings re-read come
+    from L2; level S keeps all its nodes for the combines above it."""
     blk, bh, iv = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     b, h = bh // H, bh % H
     kk = tl.arange(0, BK)
