@@ -108,8 +108,8 @@ def loglinear_mamba2_compiled(major: int, warps: int | None = None) -> list[tupl
     types = {"gch_ptr": "fp64", "toff_ptr": "i32", "doff_ptr": "i32"}
     common = {"C": p.C, "BK": p.BK, "PREC": p.prec}
     kernels = {
-        "_build_block": (tll._build_block, {"BV": p.BV, "GM": p.grad_mode, "S": tll.BUILD_LEVELS}),  # 1 chunk: S=0
-        "_fwd": (tll._fwd, {"CB": p.CB, "BV": p.BV}),
+        "_build_block": (tll._build_block, {"BV": p.BV_fwd, "GM": p.grad_mode, "S": tll.BUILD_LEVELS}),  # 1 chunk: S=0
+        "_fwd": (tll._fwd, {"CB": p.CB, "BV": p.BV_fwd}),
         "_bwd_q": (tll._bwd_q, {"CB": p.CB, "BV": p.BV_full // p.q_pieces, "NP": p.q_pieces, "GM": p.grad_mode}),
         "_direct": (tll._direct, {"CB": p.CB, "BV": p.BV, "GM": p.grad_mode}),
         "_bwd_kv": (tll._bwd_kv, {"CB": p.CB, "BV": p.BV_full // p.kv_pieces, "NP": p.kv_pieces,
@@ -120,13 +120,15 @@ def loglinear_mamba2_compiled(major: int, warps: int | None = None) -> list[tupl
 
 
 @pytest.mark.parametrize("major", [9, 8])
-@pytest.mark.parametrize("operands,pieces", [(1, 1), (2, 1), (2, 4)])
-def test_loglinear_mamba2_kernels_compile_and_fit_shared_memory(major, operands, pieces, monkeypatch):
+@pytest.mark.parametrize("operands,pieces,fwd_tile", [(1, 1, 64), (2, 1, 128), (2, 4, 64)])
+def test_loglinear_mamba2_kernels_compile_and_fit_shared_memory(major, operands, pieces, fwd_tile, monkeypatch):
     """Every log-linear Mamba-2 kernel with bf16 inputs at head dim 128 (the backward's float32 operands
-    of GRAD_OPERANDS 1 double its tiles; 2: hi + lo bf16 parts; V in 1 or 4 pieces)."""
+    of GRAD_OPERANDS 1 double its tiles; 2: hi + lo bf16 parts; V in 1 or 4 pieces; forward V tiles of
+    64 or 128 columns)."""
     from hippolm.ops import triton_loglinear as tll
 
-    for name, value in (("GRAD_OPERANDS", operands), ("Q_V_PIECES", pieces), ("KV_V_PIECES", pieces)):
+    for name, value in (("GRAD_OPERANDS", operands), ("Q_V_PIECES", pieces), ("KV_V_PIECES", pieces),
+                        ("FWD_V_TILE", fwd_tile)):
         monkeypatch.setattr(tll, name, value)
     for name, kernel in loglinear_mamba2_compiled(major):
         assert 0 < kernel.metadata.shared <= SHARED[major], (name, kernel.metadata.shared)

@@ -451,17 +451,18 @@ def _poison_empty(monkeypatch) -> None:
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter only (each block size is a compilation on CUDA)")
-@pytest.mark.parametrize("levels,pieces", [(0, 1), (1, 2), (3, 2)])
-def test_loglinear_ssd_tree_built_in_blocks(levels, pieces, device, monkeypatch):
+@pytest.mark.parametrize("levels,pieces,fwd_tile", [(0, 1, 32), (1, 2, 16), (3, 2, 16)])
+def test_loglinear_ssd_tree_built_in_blocks(levels, pieces, fwd_tile, device, monkeypatch):
     """The LL-M2 tree built per block of 2**levels chunks (0: per chunk, all levels combined after),
     odd nodes below the block's top level never stored (NaN-poisoned memory), the key- and query-side
-    backward over V in 1 or 2 pieces: 19 chunks of 16 (the last block cut short, levels 0..4), V = 32,
-    outputs and every gradient == the float64 reference."""
+    backward over V in 1 or 2 pieces, the forward and the tree over V in 1 or 2 tiles: 19 chunks of
+    16 (the last block cut short, levels 0..4), V = 32, outputs and every gradient == the reference."""
     from hippolm.ops import triton_loglinear
 
     monkeypatch.setattr(triton_loglinear, "BUILD_LEVELS", levels)
     monkeypatch.setattr(triton_loglinear, "KV_V_PIECES", pieces)
     monkeypatch.setattr(triton_loglinear, "Q_V_PIECES", pieces)
+    monkeypatch.setattr(triton_loglinear, "FWD_V_TILE", fwd_tile)
     _poison_empty(monkeypatch)
     xs = _inputs(1, 300, 2, 16, 32, seed=13)
     _assert_close(_run(xs, torch.float32, device, chunk_size=16), _reference(xs), 1e-3, 5e-3)

@@ -40,6 +40,10 @@ SEG = 16
 # Tree levels built in one program per aligned block of 2**BUILD_LEVELS chunks (_build_block); the
 # levels above by one _combine launch each. 0: one program per chunk, every level by _combine.
 BUILD_LEVELS = 4
+# V columns per program of the forward reads and the tree build (_fwd, _build_block): 64 gives two
+# programs per head at V = 128; 128 (one, each reading q and k once; sm_90: 231 / 247 registers, no spill
+# with 8 warps) is not yet timed.
+FWD_V_TILE = 64
 # The key-side / query-side backward (_bwd_kv / _bwd_q) takes V in this many pieces (registers; 1: all
 # V at once).
 KV_V_PIECES = 1
@@ -399,8 +403,10 @@ class _Plan:
         self.toff = torch.tensor(toff, dtype=torch.int32, device=dev)
         self.doff = torch.tensor(doff, dtype=torch.int32, device=dev)
         self.BK, self.BV_full = _pow2(self.K), _pow2(self.V)
-        self.BV = min(self.BV_full, 64)  # forward V tile: two tiles at V=128 (registers; more programs)
+        self.BV = min(self.BV_full, 64)  # _direct's V tile: two tiles at V=128 (registers; more programs)
         self.NV = -(-self.V // self.BV)
+        self.BV_fwd = min(self.BV_full, FWD_V_TILE)  # _fwd's and _build_block's
+        self.NV_fwd = -(-self.V // self.BV_fwd)
         self.prec = "ieee" if q.dtype == torch.float32 else "tf32"
         # Tree nodes in float32 (rounded to the input dtype only as dot operands): a 16-bit tree
         # rounds once per level and measured ~1.5x the bf16 error (dg 1.9e-2 vs 1.3e-2).
@@ -428,8 +434,9 @@ def _decays(g: torch.Tensor, p: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
 def _build_tree(k, v, gl, gch, p: _Plan) -> torch.Tensor:
     """Tree nodes (odd nodes below level p.S are never stored: no reader reads them)."""
     tree = torch.empty(p.B * p.H, p.X, p.K, p.V, device=k.device, dtype=p.tree_dtype)
-    _build_block[(-(-p.n >> p.S), p.B * p.H, p.NV)](k, v, gl, gch, tree, p.toff, p.T, p.H, p.K, p.V, p.Tp, p.n, p.X,
-                                                    S=p.S, C=p.C, BK=p.BK, BV=p.BV, PREC=p.prec, GM=p.grad_mode,
+    _build_block[(-(-p.n >> p.S), p.B * p.H, p.NV_fwd)](k, v, gl, gch, tree, p.toff, p.T, p.H, p.K, p.V, p.Tp, p.n,
+                                                        p.X, S=p.S, C=p.C, BK=p.BK, BV=p.BV_fwd, PREC=p.prec,
+                                                        GM=p.grad_mode,
                                                     num_warps=p.warps)
     toff = p.toff.tolist()
     for j in range(p.S, p.J - 1):
@@ -441,8 +448,8 @@ def _build_tree(k, v, gl, gch, p: _Plan) -> torch.Tensor:
 def _forward(q, k, v, gl, lam, gch, scale, p: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
     tree = _build_tree(k, v, gl, gch, p)
     o = torch.empty(p.B, p.T, p.H, p.V, device=q.device, dtype=q.dtype)
-    _fwd[(p.n, p.B * p.H, p.NV)](q, k, v, gl, lam, gch, tree, p.toff, o, scale, *p.args(), p.n, p.X, p.J,
-                                 C=p.C, CB=p.CB, BK=p.BK, BV=p.BV, PREC=p.prec, num_warps=p.warps)
+    _fwd[(p.n, p.B * p.H, p.NV_fwd)](q, k, v, gl, lam, gch, tree, p.toff, o, scale, *p.args(), p.n, p.X, p.J,
+                                     C=p.C, CB=p.CB, BK=p.BK, BV=p.BV_fwd, PREC=p.prec, num_warps=p.warps)
     return o, tree
 
 
