@@ -434,10 +434,10 @@ def _decays(g: torch.Tensor, p: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
 def _build_tree(k, v, gl, gch, p: _Plan) -> torch.Tensor:
     """Tree nodes (odd nodes below level p.S are never stored: no reader reads them)."""
     tree = torch.empty(p.B * p.H, p.X, p.K, p.V, device=k.device, dtype=p.tree_dtype)
-    _build_block[(-(-p.n >> p.S), p.B * p.H, p.NV_fwd)](k, v, gl, gch, tree, p.toff, p.T, p.H, p.K, p.V, p.Tp, p.n,
-                                                        p.X, S=p.S, C=p.C, BK=p.BK, BV=p.BV_fwd, PREC=p.prec,
-                                                        GM=p.grad_mode,
-                                                    num_warps=p.warps)
+    blocks = -(-p.n >> p.S)  # ceil(n / 2**S)
+    _build_block[(blocks, p.B * p.H, p.NV_fwd)](k, v, gl, gch, tree, p.toff, p.T, p.H, p.K, p.V, p.Tp, p.n, p.X,
+                                                S=p.S, C=p.C, BK=p.BK, BV=p.BV_fwd, PREC=p.prec, GM=p.grad_mode,
+                                                num_warps=p.warps)
     toff = p.toff.tolist()
     for j in range(p.S, p.J - 1):
         _combine[(p.counts[j + 1], p.B * p.H, -(-p.V // 32))](tree, gch, p.n, p.X, toff[j], toff[j + 1], p.counts[j],
