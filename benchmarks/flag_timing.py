@@ -38,6 +38,20 @@ def inputs(op: str, B: int, T: int, H: int, d: int):
             (q, kn, v, g, beta, lam))
 
 
+def set_option(name: str, value: int) -> None:
+    """Set the module-level kernel option ``module.ATTRIBUTE`` under hippolm.ops (its own type)."""
+    mod_name, attr = name.rsplit(".", 1)
+    module = importlib.import_module("hippolm.ops." + mod_name)
+    setattr(module, attr, type(getattr(module, attr))(value))
+
+
+def set_options(items: list[str]) -> None:
+    """``module.ATTRIBUTE=INT`` items, as --set takes them (also benchmarks/kernel_spills.py)."""
+    for item in items:
+        name, value = item.split("=")
+        set_option(name, int(value))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--op", default="loglinear_ssd", choices=["loglinear_ssd", "loglinear_gated_delta_rule"])
@@ -49,19 +63,13 @@ def main() -> None:
                         help="another option held fixed for every value, e.g. triton_loglinear.GRAD_OPERANDS=2")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    for item in args.set:
-        target, value = item.split("=")
-        fixed_mod, fixed_attr = target.rsplit(".", 1)
-        fixed = importlib.import_module("hippolm.ops." + fixed_mod)
-        setattr(fixed, fixed_attr, type(getattr(fixed, fixed_attr))(int(value)))
-    mod_name, attr = args.flag.rsplit(".", 1)
-    module = importlib.import_module("hippolm.ops." + mod_name)
+    set_options(args.set)
     rows = []
     for T in (int(x) for x in args.lengths.split(",")):
         run, xs = inputs(args.op, max(1, args.tokens // T), T, 16, 128)
         do = torch.randn_like(run())
         for value in (int(x) for x in args.values.split(",")):
-            setattr(module, attr, type(getattr(module, attr))(value))
+            set_option(args.flag, value)
 
             def fwd_bwd(run=run, xs=xs, do=do):
                 torch.autograd.grad(run(), xs, do)
@@ -72,8 +80,7 @@ def main() -> None:
             print(f"T={T:>6} {args.flag}={value}: fwd {fwd_ms:7.2f} ms, fwd+bwd {ms:7.2f} ms", flush=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "date": datetime.date.today().isoformat(), "op": args.op, "flag": args.flag, "set": args.set,
-            "dtype": "bfloat16",
-            "H": 16, "d": 128, "tokens_per_batch": args.tokens}
+            "dtype": "bfloat16", "H": 16, "d": 128, "tokens_per_batch": args.tokens}
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)

@@ -50,39 +50,40 @@ def _compile(fn, consts: dict, options: dict, major: int, operand: str, operand_
     return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", major * 10, 32), options=options)
 
 
-@pytest.mark.parametrize("which", ["fwd", "bwd"])
-@pytest.mark.parametrize("prec,major", [("tf32", 9), ("ieee", 8)])
-def test_level_kernels_compile_and_fit_shared_memory(which, prec, major):
-    """16-bit operands on Hopper (the fast path) and float32 on an A100 (the tightest shared memory)."""
+def _options(options: dict, warps: int | None) -> dict:
+    return options | ({"num_warps": warps} if warps else {})
+
+
+def level_kernels_compiled(which: str, prec: str, major: int, warps: int | None = None) -> list[tuple[str, object]]:
+    """(name, compiled kernel) of the log-linear GDN level kernels at 64k tokens in chunks of 64: the
+    lower levels' lane, then the top levels'; in the forward, a lane's first group and the others
+    (16-bit operands for "tf32", float32 for "ieee"; shared with benchmarks/kernel_spills.py)."""
     from hippolm.ops import triton_gdn
 
-    lanes = triton_gdn._level_lanes(1024, 10, 128, 128, which, prec)  # 64k tokens in chunks of 64
-    assert len(lanes) == 2
-    # the lower levels', then the top levels' tiles; the forward's first group of a lane and the others
     variants = [{}] if which == "bwd" else [{"FIRST": True, "HAS_O0": True}, {"FIRST": False, "HAS_O0": False}]
-    for lane in lanes:
+    out = []
+    for lane_name, lane in zip(("main", "top"), triton_gdn._level_lanes(1024, 10, 128, 128, which, prec),
+                               strict=True):
         for extra in variants:
+            tag = "" if not extra else (" first" if extra["FIRST"] else " rest")
             kernel = _compile(triton_gdn._level_fwd if which == "fwd" else triton_gdn._level_bwd,
                               {"C": 64, "BK": lane.BK, "BV": lane.BV, "NL": lane.NL, "PREC": prec, **extra},
-                              triton_gdn._level_launch(prec, major, which == "bwd"), major,
+                              _options(triton_gdn._level_launch(prec, major, which == "bwd"), warps), major,
                               "bf16" if prec == "tf32" else "fp32", OPERAND_PTRS)
-            assert 0 < kernel.metadata.shared <= SHARED[major], (lane, extra, kernel.metadata.shared)
+            out.append((f"_level_{which} {lane_name}{tag} NL={lane.NL} BV={lane.BV}", kernel))
+    return out
 
 
-@pytest.mark.parametrize("prec,major", [("tf32", 9), ("ieee", 8)])
-def test_level_gradient_kernel_compiles_and_fits_shared_memory(prec, major):
+def level_grads_compiled(prec: str, major: int, warps: int | None = None):
     from hippolm.ops import triton_gdn
 
     consts = {"C": 64, "BK": 128, "BV": triton_gdn.LEVEL_GRADS[prec]["BV"], "JP": 16, "PREC": prec}
-    kernel = _compile(triton_gdn._level_grads, consts, triton_gdn._grads_launch(prec, major), major,
-                      "bf16" if prec == "tf32" else "fp32", OPERAND_PTRS)
-    assert 0 < kernel.metadata.shared <= SHARED[major], kernel.metadata.shared
+    return _compile(triton_gdn._level_grads, consts, _options(triton_gdn._grads_launch(prec, major), warps), major,
+                    "bf16" if prec == "tf32" else "fp32", OPERAND_PTRS)
 
 
-@pytest.mark.parametrize("which", ["fwd", "bwd"])
-@pytest.mark.parametrize("prec,major", [("tf32", 9), ("ieee", 8)])
-def test_chunk_kernels_compile_and_fit_shared_memory(which, prec, major):
-    """The fused chunk kernels of log-linear Gated DeltaNet (head dim 128, chunks of 64)."""
+def chunk_kernel_compiled(which: str, prec: str, major: int, warps: int | None = None):
+    """The fused chunk kernel of log-linear Gated DeltaNet (head dim 128, chunks of 64)."""
     from hippolm.ops import triton_gdn_chunk as tc
 
     BK, BV = tc._blocks(128, 128, which)
@@ -90,8 +91,31 @@ def test_chunk_kernels_compile_and_fit_shared_memory(which, prec, major):
             "dw_ptr", "du_ptr", "dkd_ptr", "dqw_ptr")
     consts = {"C": 64, "CB": 6, "BK": BK, "BV": BV, "PREC": prec} | (
         {"HAS_DMIX": True} if which == "bwd" else {"SOLVE": tc.CHUNK_TILES["fwd"]["solve"]})
-    kernel = _compile(tc._chunk_fwd if which == "fwd" else tc._chunk_bwd, consts,
-                      tc._launch(which), major, "bf16" if prec == "tf32" else "fp32", ptrs)
+    return _compile(tc._chunk_fwd if which == "fwd" else tc._chunk_bwd, consts, _options(tc._launch(which), warps),
+                    major, "bf16" if prec == "tf32" else "fp32", ptrs)
+
+
+@pytest.mark.parametrize("which", ["fwd", "bwd"])
+@pytest.mark.parametrize("prec,major", [("tf32", 9), ("ieee", 8)])
+def test_level_kernels_compile_and_fit_shared_memory(which, prec, major):
+    """16-bit operands on Hopper (the fast path) and float32 on an A100 (the tightest shared memory)."""
+    from hippolm.ops import triton_gdn
+
+    assert len(triton_gdn._level_lanes(1024, 10, 128, 128, which, prec)) == 2  # 64k tokens in chunks of 64
+    for name, kernel in level_kernels_compiled(which, prec, major):
+        assert 0 < kernel.metadata.shared <= SHARED[major], (name, kernel.metadata.shared)
+
+
+@pytest.mark.parametrize("prec,major", [("tf32", 9), ("ieee", 8)])
+def test_level_gradient_kernel_compiles_and_fits_shared_memory(prec, major):
+    kernel = level_grads_compiled(prec, major)
+    assert 0 < kernel.metadata.shared <= SHARED[major], kernel.metadata.shared
+
+
+@pytest.mark.parametrize("which", ["fwd", "bwd"])
+@pytest.mark.parametrize("prec,major", [("tf32", 9), ("ieee", 8)])
+def test_chunk_kernels_compile_and_fit_shared_memory(which, prec, major):
+    kernel = chunk_kernel_compiled(which, prec, major)
     assert 0 < kernel.metadata.shared <= SHARED[major], kernel.metadata.shared
 
 
@@ -115,7 +139,7 @@ def loglinear_mamba2_compiled(major: int, warps: int | None = None) -> list[tupl
         "_bwd_kv": (tll._bwd_kv, {"CB": p.CB, "BV": p.BV_full // p.kv_pieces, "NP": p.kv_pieces,
                                   "GM": p.grad_mode}),
     }
-    return [(name, _compile(fn, common | consts, {"num_warps": warps or p.warps}, major, "bf16", ptrs, types))
+    return [(name, _compile(fn, common | consts, _options({"num_warps": p.warps}, warps), major, "bf16", ptrs, types))
             for name, (fn, consts) in kernels.items()]
 
 

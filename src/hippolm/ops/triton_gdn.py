@@ -475,7 +475,7 @@ class _LevelReads(torch.autograd.Function):
         def launch(lane, group, _):
             j0, top, nseg = group
             _level_bwd[(N * H * nseg, lane.NV, 2)](w, u, kd, ge, qw, lam, do, hs, hd, n, N * H, K, V, J, j0, top,
-                                                C=C, BK=lane.BK, BV=lane.BV, NL=lane.NL, PREC=ctx.prec, **opts)
+                                                   C=C, BK=lane.BK, BV=lane.BV, NL=lane.NL, PREC=ctx.prec, **opts)
 
         lanes = _level_lanes(n, J, K, V, "bwd", ctx.prec)
         _in_lanes(lanes, launch, lambda lane: None, w.device)  # the lanes write disjoint levels
