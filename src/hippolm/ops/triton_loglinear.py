@@ -374,6 +374,19 @@ def _bwd_kv(q_ptr, k_ptr, v_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, dir_ptr, doff
 # Host side
 
 
+_OFFSETS: dict[tuple, torch.Tensor] = {}  # (offsets, device) -> int32 tensor
+
+
+def _on_device(offsets: list[int], device: torch.device) -> torch.Tensor:
+    """The tree's level offsets as a tensor on ``device``, made once per (offsets, device): a fresh
+    host-to-device copy each call would wait for the queued GPU work and leave the GPU idle while the
+    next launches are issued."""
+    key = (tuple(offsets), str(device))
+    if key not in _OFFSETS:
+        _OFFSETS[key] = torch.tensor(offsets, dtype=torch.int32, device=device)
+    return _OFFSETS[key]
+
+
 def _pow2(x: int) -> int:
     return max(16, triton.next_power_of_2(x))
 
@@ -400,8 +413,8 @@ class _Plan:
         self.X, self.Y = x, y
         self.S = max(0, min(BUILD_LEVELS, self.J - 1))  # tree levels built per block by _build_block
         dev = q.device
-        self.toff = torch.tensor(toff, dtype=torch.int32, device=dev)
-        self.doff = torch.tensor(doff, dtype=torch.int32, device=dev)
+        self.toff_list, self.doff_list = toff, doff  # host copies: launches read them without a device sync
+        self.toff, self.doff = _on_device(toff, dev), _on_device(doff, dev)
         self.BK, self.BV_full = _pow2(self.K), _pow2(self.V)
         self.BV = min(self.BV_full, 64)  # _direct's V tile: two tiles at V=128 (registers; more programs)
         self.NV = -(-self.V // self.BV)
@@ -438,7 +451,7 @@ def _build_tree(k, v, gl, gch, p: _Plan) -> torch.Tensor:
     _build_block[(blocks, p.B * p.H, p.NV_fwd)](k, v, gl, gch, tree, p.toff, p.T, p.H, p.K, p.V, p.Tp, p.n, p.X,
                                                 S=p.S, C=p.C, BK=p.BK, BV=p.BV_fwd, PREC=p.prec, GM=p.grad_mode,
                                                 num_warps=p.warps)
-    toff = p.toff.tolist()
+    toff = p.toff_list
     for j in range(p.S, p.J - 1):
         _combine[(p.counts[j + 1], p.B * p.H, -(-p.V // 32))](tree, gch, p.n, p.X, toff[j], toff[j + 1], p.counts[j],
                                                              j, p.K, p.V, BK=p.BK, BV=32, num_warps=4)
@@ -468,7 +481,7 @@ def _backward(q, k, v, gl, lam, gch, tree, do, scale, p: _Plan):
     # every row is written below before _bwd_kv reads it (it reads level j's block blk only where the
     # reader block 2 blk + 1 exists, i.e. blk < counts[j] // 2): no zero fill (1 GB at 64k tokens, 16 heads)
     direct = torch.empty(BH, max(p.Y, 1), p.K, p.V, device=dev, dtype=torch.float32)
-    doff = p.doff.tolist()
+    doff = p.doff_list
     for j in range(p.J):
         nblk = p.counts[j] // 2
         if nblk == 0:
