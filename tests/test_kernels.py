@@ -451,15 +451,17 @@ def _poison_empty(monkeypatch) -> None:
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter only (each block size is a compilation on CUDA)")
-@pytest.mark.parametrize("levels,pieces,fwd_tile", [(0, 1, 32), (1, 2, 16), (3, 2, 16)])
-def test_loglinear_ssd_tree_built_in_blocks(levels, pieces, fwd_tile, device, monkeypatch):
+@pytest.mark.parametrize("levels,pieces,fwd_tile,stages", [(0, 1, 32, 0), (1, 2, 16, 2), (3, 2, 16, 0)])
+def test_loglinear_ssd_tree_built_in_blocks(levels, pieces, fwd_tile, stages, device, monkeypatch):
     """The LL-M2 tree built per block of 2**levels chunks (0: per chunk, all levels combined after),
     odd nodes below the block's top level never stored (NaN-poisoned memory), the key- and query-side
-    backward over V in 1 or 2 pieces, the forward and the tree over V in 1 or 2 tiles: 19 chunks of
-    16 (the last block cut short, levels 0..4), V = 32, outputs and every gradient == the reference."""
+    backward over V in 1 or 2 pieces, the forward and the tree over V in 1 or 2 tiles, the forward's
+    tree reads branched or as one masked pipelined loop: 19 chunks of 16 (the last block cut short,
+    levels 0..4), V = 32, outputs and every gradient == the reference."""
     from hippolm.ops import triton_loglinear
 
     monkeypatch.setattr(triton_loglinear, "BUILD_LEVELS", levels)
+    monkeypatch.setattr(triton_loglinear, "FWD_READ_STAGES", stages)
     monkeypatch.setattr(triton_loglinear, "KV_V_PIECES", pieces)
     monkeypatch.setattr(triton_loglinear, "Q_V_PIECES", pieces)
     monkeypatch.setattr(triton_loglinear, "FWD_V_TILE", fwd_tile)

@@ -44,6 +44,10 @@ BUILD_LEVELS = 4
 # programs per head at V = 128; 128 (one, each reading q and k once; sm_90: 231 / 247 registers, no spill
 # with 8 warps) is not yet timed.
 FWD_V_TILE = 64
+# _fwd's tree reads: 0 one branch per set bit of the chunk index (each read waits for its node);
+# n > 0 a loop over every level with the node loads masked where the bit is clear, pipelined over
+# n stages (the next node loads while this one's dot runs). Not yet timed.
+FWD_READ_STAGES = 0
 # The key-side / query-side backward (_bwd_kv / _bwd_q) takes V in this many pieces (registers; 1: all
 # V at once).
 KV_V_PIECES = 1
@@ -164,10 +168,24 @@ def _combine(tree_ptr, gch_ptr, n, X, off_in, off_out, cnt_in, j, K, V,
 
 
 @triton.jit
+def _fwd_read(acc, qx, eg, gi, i, j, nodes, toff_ptr, gcb, lamb, lrow, tile, msk, tm, L, K, V,
+              CB: tl.constexpr, PREC: tl.constexpr):
+    """acc + chunk i's read of its level-j Fenwick sibling node (zero where bit j of i is clear)."""
+    on = ((i >> j) & 1) == 1
+    node = tl.load(nodes + (tl.load(toff_ptr + j) + (i >> j) - 1) * (K * V) + tile, mask=msk & on, other=0)
+    d = (gi - tl.load(gcb + ((i >> j) << j))).to(tl.float32)
+    lam_j = tl.load(lamb + lrow + CB + 1 + j, mask=tm & on & (CB + 1 + j < L), other=0)
+    qw = (qx.to(tl.float32) * (lam_j * eg * tl.exp(d))[:, None]).to(qx.dtype)
+    return tl.dot(qw, node.to(qx.dtype), acc, input_precision=PREC)
+
+
+@triton.jit
 def _fwd(q_ptr, k_ptr, v_ptr, gl_ptr, lam_ptr, gch_ptr, tree_ptr, toff_ptr, o_ptr,
          scale, T, H, K, V, L, Tp, n, X, J,
-         C: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """Output of one chunk and V tile: intra-chunk block + one tree-node read per set bit."""
+         C: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+         READ_STAGES: tl.constexpr):
+    """Output of one chunk and V tile: intra-chunk block + one tree-node read per set bit
+    (READ_STAGES: see FWD_READ_STAGES)."""
     i, bh, iv = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     b, h = bh // H, bh % H
     r = tl.arange(0, C)
@@ -193,14 +211,16 @@ def _fwd(q_ptr, k_ptr, v_ptr, gl_ptr, lam_ptr, gch_ptr, tree_ptr, toff_ptr, o_pt
     gi = tl.load(gcb + i)
     nodes = tree_ptr + bh * X * (K * V)
     tile = kk[:, None] * V + vv[None, :]
-    for j in range(J):
-        if ((i >> j) & 1) == 1:
-            node = tl.load(nodes + (tl.load(toff_ptr + j) + (i >> j) - 1) * (K * V) + tile,
-                           mask=(kk[:, None] < K) & (vv[None, :] < V), other=0)
-            d = (gi - tl.load(gcb + ((i >> j) << j))).to(tl.float32)
-            lam_j = tl.load(lamb + lrow + CB + 1 + j, mask=tm & (CB + 1 + j < L), other=0)
-            qw = (qx.to(tl.float32) * (lam_j * eg * tl.exp(d))[:, None]).to(qx.dtype)
-            acc += tl.dot(qw, node.to(qx.dtype), input_precision=PREC)
+    msk = (kk[:, None] < K) & (vv[None, :] < V)
+    if READ_STAGES == 0:
+        for j in range(J):
+            if ((i >> j) & 1) == 1:
+                acc = _fwd_read(acc, qx, eg, gi, i, j, nodes, toff_ptr, gcb, lamb, lrow, tile, msk, tm, L, K, V,
+                                CB, PREC)
+    else:  # every level, loads masked where bit j is clear (no traffic; a dot of zeros) so they pipeline
+        for j in tl.range(0, J, num_stages=READ_STAGES):
+            acc = _fwd_read(acc, qx, eg, gi, i, j, nodes, toff_ptr, gcb, lamb, lrow, tile, msk, tm, L, K, V,
+                            CB, PREC)
     o = o_ptr + (b * T * H + h) * V + t[:, None] * (H * V) + vv[None, :]
     tl.store(o, (acc * scale).to(o_ptr.dtype.element_ty), mask=tm[:, None] & (vv[None, :] < V))
 
@@ -462,7 +482,8 @@ def _forward(q, k, v, gl, lam, gch, scale, p: _Plan) -> tuple[torch.Tensor, torc
     tree = _build_tree(k, v, gl, gch, p)
     o = torch.empty(p.B, p.T, p.H, p.V, device=q.device, dtype=q.dtype)
     _fwd[(p.n, p.B * p.H, p.NV_fwd)](q, k, v, gl, lam, gch, tree, p.toff, o, scale, *p.args(), p.n, p.X, p.J,
-                                     C=p.C, CB=p.CB, BK=p.BK, BV=p.BV_fwd, PREC=p.prec, num_warps=p.warps)
+                                     C=p.C, CB=p.CB, BK=p.BK, BV=p.BV_fwd, PREC=p.prec, READ_STAGES=FWD_READ_STAGES,
+                                     num_warps=p.warps)
     return o, tree
 
 
