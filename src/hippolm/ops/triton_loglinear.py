@@ -43,7 +43,7 @@ BUILD_LEVELS = 4
 # V columns per program of the forward reads and the tree build (_fwd, _build_block): 64 gives two
 # programs per head at V = 128; 128 (one, each reading q and k once; sm_90: 231 / 247 registers, no spill
 # with 8 warps) is not yet timed.
-FWD_V_TILE = 64
+FWD_V_TILE = 128
 # _fwd's tree reads: 0 one branch per set bit of the chunk index (each read waits for its node);
 # n > 0 a loop over every level with the node loads masked where the bit is clear, pipelined over
 # n stages (the next node loads while this one's dot runs). Not yet timed.
@@ -59,7 +59,7 @@ TREE_FP32 = True
 # of two 16-bit parts (bf16 inputs; fp16 takes 1). Not 0: dg is a cumulative sum of q.dq - k.dk, whose
 # terms largely cancel, so their rounding error grows into dg's. 2 spills far fewer registers on sm_90
 # (the key-side backward: 336 bytes of stack vs 904) but is not yet timed on a GPU: 1 stays the default.
-GRAD_OPERANDS = 1
+GRAD_OPERANDS = 2
 
 
 @triton.jit
