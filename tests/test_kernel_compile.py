@@ -133,7 +133,7 @@ def loglinear_mamba2_compiled(major: int, warps: int | None = None) -> list[tupl
     common = {"C": p.C, "BK": p.BK, "PREC": p.prec}
     kernels = {
         "_build_block": (tll._build_block, {"BV": p.BV_fwd, "GM": p.grad_mode, "S": tll.BUILD_LEVELS}),  # 1 chunk: S=0
-        "_fwd": (tll._fwd, {"CB": p.CB, "BV": p.BV_fwd, "READ_STAGES": tll.FWD_READ_STAGES}),
+        "_fwd": (tll._fwd, {"CB": p.CB, "BV": p.BV_fwd}),
         "_bwd_q": (tll._bwd_q, {"CB": p.CB, "BV": p.BV_full // p.q_pieces, "NP": p.q_pieces, "GM": p.grad_mode}),
         "_direct": (tll._direct, {"CB": p.CB, "BV": p.BV, "GM": p.grad_mode}),
         "_bwd_kv": (tll._bwd_kv, {"CB": p.CB, "BV": p.BV_full // p.kv_pieces, "NP": p.kv_pieces,
@@ -144,16 +144,15 @@ def loglinear_mamba2_compiled(major: int, warps: int | None = None) -> list[tupl
 
 
 @pytest.mark.parametrize("major", [9, 8])
-@pytest.mark.parametrize("operands,pieces,fwd_tile,stages", [(1, 1, 64, 0), (2, 1, 128, 3), (2, 4, 64, 2)])
-def test_loglinear_mamba2_kernels_compile_and_fit_shared_memory(major, operands, pieces, fwd_tile, stages,
-                                                                monkeypatch):
+@pytest.mark.parametrize("operands,pieces,fwd_tile", [(1, 1, 64), (2, 1, 128), (2, 4, 64)])
+def test_loglinear_mamba2_kernels_compile_and_fit_shared_memory(major, operands, pieces, fwd_tile, monkeypatch):
     """Every log-linear Mamba-2 kernel with bf16 inputs at head dim 128 (the backward's float32 operands
     of GRAD_OPERANDS 1 double its tiles; 2: hi + lo bf16 parts; V in 1 or 4 pieces; forward V tiles of
-    64 or 128 columns; forward tree reads branched or pipelined over 2 or 3 stages)."""
+    64 or 128 columns)."""
     from hippolm.ops import triton_loglinear as tll
 
     for name, value in (("GRAD_OPERANDS", operands), ("Q_V_PIECES", pieces), ("KV_V_PIECES", pieces),
-                        ("FWD_V_TILE", fwd_tile), ("FWD_READ_STAGES", stages)):
+                        ("FWD_V_TILE", fwd_tile)):
         monkeypatch.setattr(tll, name, value)
     for name, kernel in loglinear_mamba2_compiled(major):
         assert 0 < kernel.metadata.shared <= SHARED[major], (name, kernel.metadata.shared)

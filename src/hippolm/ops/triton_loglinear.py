@@ -40,16 +40,15 @@ SEG = 16
 # Tree levels built in one program per aligned block of 2**BUILD_LEVELS chunks (_build_block); the
 # levels above by one _combine launch each. 0: one program per chunk, every level by _combine.
 BUILD_LEVELS = 4
-# V columns per program of the forward reads and the tree build (_fwd, _build_block): 64 gives two
-# programs per head at V = 128; 128 (one, each reading q and k once; sm_90: 231 / 247 registers, no spill
-# with 8 warps) is not yet timed.
+# V columns per program of the forward reads and the tree build (_fwd, _build_block). 128: one program
+# per chunk and head at V = 128, reading q and k once (sm_90: 231 / 247 registers, no spill with 8
+# warps). H100, bf16, 64k tokens (flag_timing_h100_llssd_fwd_v_tile.json): forward 4.45 -> 3.42 ms at
+# T = 8k and 4.67 -> 3.87 at 64k against 64 columns (two programs per head).
 FWD_V_TILE = 128
-# _fwd's tree reads: 0 one branch per set bit of the chunk index (each read waits for its node);
-# n > 0 a loop over every level with the node loads masked where the bit is clear, pipelined over
-# n stages (the next node loads while this one's dot runs). Not yet timed.
-FWD_READ_STAGES = 0
 # The key-side / query-side backward (_bwd_kv / _bwd_q) takes V in this many pieces (registers; 1: all
-# V at once).
+# V at once). H100 with GRAD_OPERANDS 2 (flag_timing_h100_llssd_{kv,q}_v_pieces.json): _bwd_kv in 2
+# pieces no change (fwd+bwd 12.74 vs 12.71 ms at 8k, 14.71 / 14.69 at 64k), _bwd_q in 4 slower
+# (12.77 -> 13.52, 14.69 -> 15.90).
 KV_V_PIECES = 1
 Q_V_PIECES = 1
 # Store tree nodes in float32 also for 16-bit inputs (accuracy; costs tree bandwidth).
@@ -58,7 +57,9 @@ TREE_FP32 = True
 # states, masked score products; see _mm): 0 rounded to 16 bits, 1 float32 (TF32 products), 2 as a sum
 # of two 16-bit parts (bf16 inputs; fp16 takes 1). Not 0: dg is a cumulative sum of q.dq - k.dk, whose
 # terms largely cancel, so their rounding error grows into dg's. 2 spills far fewer registers on sm_90
-# (the key-side backward: 336 bytes of stack vs 904) but is not yet timed on a GPU: 1 stays the default.
+# (the key-side backward: 336 bytes of stack vs 904) and is faster on the H100 at the same accuracy
+# (flag_timing_h100_llssd_grad_operands.json: fwd+bwd 16.00 -> 12.63 ms at 8k, 17.98 -> 15.08 at 64k;
+# bf16 dg 0.33% off at T = 3000, kernel_errors_h100_llssd_T3000_hilo.json).
 GRAD_OPERANDS = 2
 
 
@@ -168,24 +169,10 @@ def _combine(tree_ptr, gch_ptr, n, X, off_in, off_out, cnt_in, j, K, V,
 
 
 @triton.jit
-def _fwd_read(acc, qx, eg, gi, i, j, nodes, toff_ptr, gcb, lamb, lrow, tile, msk, tm, L, K, V,
-              CB: tl.constexpr, PREC: tl.constexpr):
-    """acc + chunk i's read of its level-j Fenwick sibling node (zero where bit j of i is clear)."""
-    on = ((i >> j) & 1) == 1
-    node = tl.load(nodes + (tl.load(toff_ptr + j) + (i >> j) - 1) * (K * V) + tile, mask=msk & on, other=0)
-    d = (gi - tl.load(gcb + ((i >> j) << j))).to(tl.float32)
-    lam_j = tl.load(lamb + lrow + CB + 1 + j, mask=tm & on & (CB + 1 + j < L), other=0)
-    qw = (qx.to(tl.float32) * (lam_j * eg * tl.exp(d))[:, None]).to(qx.dtype)
-    return tl.dot(qw, node.to(qx.dtype), acc, input_precision=PREC)
-
-
-@triton.jit
 def _fwd(q_ptr, k_ptr, v_ptr, gl_ptr, lam_ptr, gch_ptr, tree_ptr, toff_ptr, o_ptr,
          scale, T, H, K, V, L, Tp, n, X, J,
-         C: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-         READ_STAGES: tl.constexpr):
-    """Output of one chunk and V tile: intra-chunk block + one tree-node read per set bit
-    (READ_STAGES: see FWD_READ_STAGES)."""
+         C: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Output of one chunk and V tile: intra-chunk block + one tree-node read per set bit."""
     i, bh, iv = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
     b, h = bh // H, bh % H
     r = tl.arange(0, C)
@@ -211,16 +198,14 @@ def _fwd(q_ptr, k_ptr, v_ptr, gl_ptr, lam_ptr, gch_ptr, tree_ptr, toff_ptr, o_pt
     gi = tl.load(gcb + i)
     nodes = tree_ptr + bh * X * (K * V)
     tile = kk[:, None] * V + vv[None, :]
-    msk = (kk[:, None] < K) & (vv[None, :] < V)
-    if READ_STAGES == 0:
-        for j in range(J):
-            if ((i >> j) & 1) == 1:
-                acc = _fwd_read(acc, qx, eg, gi, i, j, nodes, toff_ptr, gcb, lamb, lrow, tile, msk, tm, L, K, V,
-                                CB, PREC)
-    else:  # every level, loads masked where bit j is clear (no traffic; a dot of zeros) so they pipeline
-        for j in tl.range(0, J, num_stages=READ_STAGES):
-            acc = _fwd_read(acc, qx, eg, gi, i, j, nodes, toff_ptr, gcb, lamb, lrow, tile, msk, tm, L, K, V,
-                            CB, PREC)
+    for j in range(J):
+        if ((i >> j) & 1) == 1:
+            node = tl.load(nodes + (tl.load(toff_ptr + j) + (i >> j) - 1) * (K * V) + tile,
+                           mask=(kk[:, None] < K) & (vv[None, :] < V), other=0)
+            d = (gi - tl.load(gcb + ((i >> j) << j))).to(tl.float32)
+            lam_j = tl.load(lamb + lrow + CB + 1 + j, mask=tm & (CB + 1 + j < L), other=0)
+            qw = (qx.to(tl.float32) * (lam_j * eg * tl.exp(d))[:, None]).to(qx.dtype)
+            acc += tl.dot(qw, node.to(qx.dtype), input_precision=PREC)
     o = o_ptr + (b * T * H + h) * V + t[:, None] * (H * V) + vv[None, :]
     tl.store(o, (acc * scale).to(o_ptr.dtype.element_ty), mask=tm[:, None] & (vv[None, :] < V))
 
@@ -482,8 +467,7 @@ def _forward(q, k, v, gl, lam, gch, scale, p: _Plan) -> tuple[torch.Tensor, torc
     tree = _build_tree(k, v, gl, gch, p)
     o = torch.empty(p.B, p.T, p.H, p.V, device=q.device, dtype=q.dtype)
     _fwd[(p.n, p.B * p.H, p.NV_fwd)](q, k, v, gl, lam, gch, tree, p.toff, o, scale, *p.args(), p.n, p.X, p.J,
-                                     C=p.C, CB=p.CB, BK=p.BK, BV=p.BV_fwd, PREC=p.prec, READ_STAGES=FWD_READ_STAGES,
-                                     num_warps=p.warps)
+                                     C=p.C, CB=p.CB, BK=p.BK, BV=p.BV_fwd, PREC=p.prec, num_warps=p.warps)
     return o, tree
 
 
