@@ -140,12 +140,12 @@ def main():
             tg.LEVEL_V_ADJACENT = adjacent
         print(json.dumps(row), flush=True)
         out["rows"].append(row)
+        if args.json:  # after every row: a run cut short by its time limit keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
         if "error" in row and "illegal" in row["error"]:
             break  # the context is lost
         torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":
