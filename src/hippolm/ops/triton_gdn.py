@@ -343,12 +343,15 @@ class _Scan(torch.autograd.Function):
 # sizes in tests/test_kernel_compile.py) and the same in both lanes. Timings (benchmarks/level_timing.py,
 # H100, 64k tokens, bf16, all level kernels fwd+bwd; level_timing_h100_split_bwd.json): 28.2 ms as
 # here; with backward tiles 2 x 128 36.0, 4 x 64 37.4, top 2 x 32 28.9; forward 4 x 64 32.7 (16 warps 38.0).
-LEVEL_TILES = {"fwd": (4, 32), "bwd": (2, 64), "fwd_top": (2, 32), "bwd_top": (2, 64),
+# Since then (level_timing_h100_fwd_tiles.json): forward 4 x 16 with 4 warps, 9.89 -> 6.77 ms forward,
+# 29.2 -> 26.1 fwd+bwd (4 x 32 with 4 warps 12.6; 2 x 16 11.6; 3 stages 9.8; 1 stage with 4 warps and
+# 16 columns computes WRONG results on the H100, Triton 3.6, so 4 warps only where 2 stages run).
+LEVEL_TILES = {"fwd": (4, 16), "bwd": (2, 64), "fwd_top": (2, 32), "bwd_top": (2, 64),
                "fwd_fp32": (2, 32), "bwd_fp32": (1, 32)}
 # Pipeline stages of the 16-bit kernels on Hopper and warps per program (H100, 64k tokens: the
 # backward scans with 2 stages 54.3 ms for all level kernels, with 1 56.9; level_timing.py).
 LEVEL_STAGES = {"fwd": 2, "bwd": 2}
-LEVEL_WARPS = {"fwd": 8, "bwd": 8}
+LEVEL_WARPS = {"fwd": 4, "bwd": 8}  # with 1 stage (float32, or not Hopper): 8
 # The gradient kernel (_level_grads) per dot precision: V columns per step and launch options (H100,
 # 64k tokens, bf16: 6.55 ms with 64 columns, 8 warps and 2 stages; 17.8 before the factored form;
 # level_timing_h100_split_bwd.json, level_timing_h100_unfactored_grads.json).
@@ -373,7 +376,8 @@ def _level_launch(prec: str, major: int, backward: bool) -> dict:
     """Launch options of the level scans on a GPU of compute capability ``major``: Hopper's shared
     memory holds more than one stage of the 16-bit tiles (LEVEL_STAGES), not of float32 tiles."""
     which = "bwd" if backward else "fwd"
-    return {"num_warps": LEVEL_WARPS[which], "num_stages": _stages(LEVEL_STAGES[which], prec, major)}
+    stages = _stages(LEVEL_STAGES[which], prec, major)
+    return {"num_warps": LEVEL_WARPS[which] if stages > 1 else 8, "num_stages": stages}
 
 
 def _grads_launch(prec: str, major: int) -> dict:
