@@ -9,8 +9,7 @@ A configuration: forward/backward, each ``main+top@stages[wWARPS]`` with a tile 
 columns``, e.g. ``4x32+2x32@2/2x64+2x64@1w16`` (LEVEL_TILES, LEVEL_STAGES, LEVEL_WARPS; warps 8 if
 left out), optionally a third part ``gBVwWARPSsSTAGES`` for the gradient kernel (LEVEL_GRADS,
 e.g. ``.../g64w8s1``), or ``default`` (the tables as they are: the only choice with --dtype float32, whose
-tiles are LEVEL_TILES' *_fp32); prefixed ``adj:`` (or ``adj`` alone for the default tables) with a
-segment's V tiles adjacent on one grid axis (LEVEL_V_ADJACENT = 1). Writes JSON (--json)."""
+tiles are LEVEL_TILES' *_fp32). Writes JSON (--json)."""
 
 from __future__ import annotations
 
@@ -46,9 +45,6 @@ def timed(fn) -> float:
 
 
 def configure(cfg: str) -> None:
-    if cfg.startswith("adj"):
-        tg.LEVEL_V_ADJACENT = 1
-        cfg = cfg[4:] or "default"
     if cfg == "default":
         return
     parts = cfg.split("/")
@@ -106,7 +102,6 @@ def main():
                     "chunk_levels": J, "dtype": args.dtype}, "rows": []}
     tables = (tg.LEVEL_TILES, tg.LEVEL_STAGES, tg.LEVEL_WARPS, tg.LEVEL_GRADS["tf32"])
     saved = [(table, dict(table)) for table in tables]
-    adjacent = tg.LEVEL_V_ADJACENT
     base = None
     for cfg in args.configs.split(","):
         row = {"config": cfg}
@@ -137,7 +132,6 @@ def main():
         finally:
             for table, values in saved:
                 table.update(values)
-            tg.LEVEL_V_ADJACENT = adjacent
         print(json.dumps(row), flush=True)
         out["rows"].append(row)
         if args.json:  # after every row: a run cut short by its time limit keeps what it measured
