@@ -99,21 +99,6 @@ def _gram(a_ptr, b_ptr, tok, K, C: tl.constexpr, BK: tl.constexpr, DT: tl.conste
 
 
 @triton.jit
-def _products(q_ptr, k_ptr, tok, K, C: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """(k k^T, q k^T), [C, C] float32."""
-    KK = tl.zeros((C, C), dtype=tl.float32)
-    QK = tl.zeros((C, C), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        kk = k0 + tl.arange(0, BK)
-        m = kk[None, :] < K
-        kt = tl.load(k_ptr + tok[:, None] * K + kk[None, :], mask=m, other=0)
-        qt = tl.load(q_ptr + tok[:, None] * K + kk[None, :], mask=m, other=0)
-        KK = _dot(kt, tl.trans(kt), KK, DT, PREC)
-        QK = _dot(qt, tl.trans(kt), QK, DT, PREC)
-    return KK, QK
-
-
-@triton.jit
 def _inverse(Lm, ap, C: tl.constexpr, SOLVE: tl.constexpr, PREC: tl.constexpr):
     """(I + Lm)^-1 of a strictly lower [C, C] Lm (``ap``: this program's [C, C] scratch).
 
@@ -161,13 +146,12 @@ def _chunk_fwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, w_ptr, u_ptr, 
     cc = tl.arange(0, C)
     ri, cj = cc[:, None], cc[None, :]
     gam, ekd, GL, beta = _gates(g_ptr, b_ptr, tok, C)
-    decay = _decay(g_ptr, tok, C)
-    KK, QK = _products(q_ptr, k_ptr, tok, K, C, BK, DT, PREC)
-    attn = QK * scale * decay
-    Lm = tl.where(ri > cj, beta[:, None] * KK * decay, 0.0)
+    # A^-1 first, then q k^T: no [C, C] tile of the scores live through the solve (registers)
+    Lm = tl.where(ri > cj, beta[:, None] * _gram(k_ptr, k_ptr, tok, K, C, BK, DT, PREC) * _decay(g_ptr, tok, C), 0.0)
     Ainv = _inverse(Lm, a_ptr + pid * C * C, C, SOLVE, PREC)
     tl.store(a_ptr + pid * C * C + ri * C + cj, Ainv)
     mix = Ainv * beta[None, :]
+    attn = _gram(q_ptr, k_ptr, tok, K, C, BK, DT, PREC) * scale * _decay(g_ptr, tok, C)
     _, lam = _levels(lam_ptr, tok, L, C, CB)
     M = _dot(attn, mix, None, DT, PREC) * lam
     rows = pid * C + cc  # rows of [N * H * n * C, *]
