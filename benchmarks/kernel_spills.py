@@ -5,6 +5,11 @@ predict, so this is where to look before spending GPU time on a timing (bf16 inp
 the host's tiles).
 
     python benchmarks/kernel_spills.py --set triton_loglinear.GRAD_OPERANDS=2 --json out.json
+
+``--lines N``: per kernel, the N source lines with the most spill instructions (local-memory stores
+STL and loads LDL in the SASS, attributed by the bundled nvdisasm's line info): where a tile is kept
+live too long. A tile the compiler keeps across a long stretch (even one recomputed on purpose:
+identical pure ops are merged) shows up at the line that makes it.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import triton
@@ -30,30 +36,54 @@ from test_kernel_compile import (  # tests/: the compile helpers
 )
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+NVDISASM = CUOBJDUMP.with_name("nvdisasm")
 
 
-def usage(kernel) -> dict:
+def _cubin_tool(kernel, *command: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        out = subprocess.run([str(CUOBJDUMP), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                             check=True).stdout
+        return subprocess.run([*command, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def usage(kernel) -> dict:
+    out = _cubin_tool(kernel, str(CUOBJDUMP), "--dump-resource-usage")
     regs, stack = re.search(r"REG:(\d+).*?STACK:(\d+)", out).groups()
     return {"regs": int(regs), "stack_bytes": int(stack), "shared_bytes": kernel.metadata.shared}
 
 
-def loglinear_ssd_kernels(warps: int | None) -> list[dict]:
-    return [{"kernel": name, "warps": kernel.metadata.num_warps, **usage(kernel)}
-            for name, kernel in loglinear_mamba2_compiled(9, warps)]
+def spill_lines(kernel) -> Counter:
+    """(file name, line) -> number of spill instructions (STL + LDL) the SASS attributes to it."""
+    counts, where = Counter(), None
+    for text in _cubin_tool(kernel, str(NVDISASM), "-g", "-c").splitlines():
+        if m := re.search(r'## File "([^"]+)", line (\d+)', text):
+            where = (Path(m.group(1)).name, int(m.group(2)))
+        elif re.search(r"\b(STL|LDL)\b", text):
+            counts[where] += 1
+    return counts
 
 
-def loglinear_gdn_kernels(warps: int | None) -> list[dict]:
+def _rows(named: list, lines: int) -> list[dict]:
+    rows = []
+    for name, kernel in named:
+        row = {"kernel": name, "warps": kernel.metadata.num_warps, **usage(kernel)}
+        if lines:
+            row["spill_lines"] = [f"{f}:{n} {c}" for (f, n), c in spill_lines(kernel).most_common(lines)]
+        rows.append(row)
+    return rows
+
+
+def loglinear_ssd_kernels(warps: int | None, lines: int = 0) -> list[dict]:
+    return _rows(loglinear_mamba2_compiled(9, warps), lines)
+
+
+def loglinear_gdn_kernels(warps: int | None, lines: int = 0) -> list[dict]:
     """The level kernels of both lanes at 64k tokens in chunks of 64 (forward: first group and the
     others), the level gradient kernel and the fused chunk kernels, bf16 inputs (TF32 level dots)."""
     named = [*level_kernels_compiled("fwd", "tf32", 9, warps), *level_kernels_compiled("bwd", "tf32", 9, warps),
              ("_level_grads", level_grads_compiled("tf32", 9, warps)),
              *((f"_chunk_{which}", chunk_kernel_compiled(which, "tf32", 9, warps)) for which in ("fwd", "bwd"))]
-    return [{"kernel": name, "warps": kernel.metadata.num_warps, **usage(kernel)} for name, kernel in named]
+    return _rows(named, lines)
 
 
 def main() -> None:
@@ -62,10 +92,11 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="module.ATTRIBUTE=INT",
                         help="a module-level kernel option under hippolm.ops, e.g. triton_loglinear.GRAD_OPERANDS=2")
     parser.add_argument("--warps", type=int, default=None, help="default: the host's choice")
+    parser.add_argument("--lines", type=int, default=0, help="also the N source lines with the most spill instructions")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     set_options(args.set)
-    rows = (loglinear_ssd_kernels if args.op == "loglinear_ssd" else loglinear_gdn_kernels)(args.warps)
+    rows = (loglinear_ssd_kernels if args.op == "loglinear_ssd" else loglinear_gdn_kernels)(args.warps, args.lines)
     for r in rows:
         print(r)
     if args.json:
