@@ -60,12 +60,13 @@ def level_kernels_compiled(which: str, prec: str, major: int, warps: int | None 
     (16-bit operands for "tf32", float32 for "ieee"; shared with benchmarks/kernel_spills.py)."""
     from hippolm.ops import triton_gdn
 
-    variants = [{}] if which == "bwd" else [{"FIRST": True, "HAS_O0": True}, {"FIRST": False, "HAS_O0": False}]
+    variants = ([{"BLOCK_STORE": triton_gdn.LEVEL_BLOCK_STORE}] if which == "bwd"
+                else [{"FIRST": True, "HAS_O0": True}, {"FIRST": False, "HAS_O0": False}])
     out = []
     for lane_name, lane in zip(("main", "top"), triton_gdn._level_lanes(1024, 10, 128, 128, which, prec),
                                strict=True):
         for extra in variants:
-            tag = "" if not extra else (" first" if extra["FIRST"] else " rest")
+            tag = "" if which == "bwd" else (" first" if extra["FIRST"] else " rest")
             kernel = _compile(triton_gdn._level_fwd if which == "fwd" else triton_gdn._level_bwd,
                               {"C": 64, "BK": lane.BK, "BV": lane.BV, "NL": lane.NL, "PREC": prec, **extra},
                               _options(triton_gdn._level_launch(prec, major, which == "bwd"), warps), major,

@@ -398,12 +398,16 @@ def _assert_matches_reference(xs, run, dtype: torch.dtype, tol: float) -> None:
 
 
 @pytest.mark.skipif(CUDA, reason="CUDA runs the default tiles (each other tile is a compilation)")
-@pytest.mark.parametrize("fwd,bwd", [((1, 16), (4, 16)), ((4, 16), (2, 32)), ((2, 16), (1, 16))])
-def test_loglinear_gated_delta_rule_level_groups(fwd, bwd, device, monkeypatch):
+@pytest.mark.parametrize("fwd,bwd,block_store", [((1, 16), (4, 16), 0), ((4, 16), (2, 32), 1), ((2, 16), (1, 16), 0),
+                                                 ((1, 16), (4, 16), 1)])
+def test_loglinear_gated_delta_rule_level_groups(fwd, bwd, block_store, device, monkeypatch):
     """The level kernels with 1, 2 or 4 chunk levels per program (a group's last may not exist) and
-    one or two V tiles (V = 32), over 7 chunk levels with partial segments, K below the tile:
-    outputs and every gradient == the reference."""
+    one or two V tiles (V = 32), over 7 chunk levels with partial segments, K below the tile, the
+    backward scans storing through offsets or as blocks clipped at the group's top level: outputs
+    and every gradient == the reference."""
     from hippolm.ops import triton_gdn
+
+    monkeypatch.setattr(triton_gdn, "LEVEL_BLOCK_STORE", block_store)
 
     monkeypatch.setitem(triton_gdn.LEVEL_TILES, "fwd_fp32", fwd)  # float32 inputs: the float32 tiles
     monkeypatch.setitem(triton_gdn.LEVEL_TILES, "bwd_fp32", bwd)

@@ -165,8 +165,23 @@ def _level_fwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, o0_ptr, o_ptr, n, 
 
 
 @triton.jit
+def _store_levels(h_ptr, base, x, tile_h, mh, J, j0, top, K, V, BK: tl.constexpr, BV: tl.constexpr,
+                  NL: tl.constexpr, BLOCK_STORE: tl.constexpr):
+    """Chunk ``base``'s [K, NL * BV] tile of levels j0..top (BV columns each) into its [J, K, V] block of
+    ``h``: through the precomputed offsets ``tile_h`` (masked by ``mh``), or (BLOCK_STORE) as an
+    [NL, K, BV] block clipped at level top (no [K, NL * BV] offset tile kept live through the scan)."""
+    if BLOCK_STORE:
+        ptr = tl.make_block_ptr(h_ptr + base * J * K * V, shape=(top + 1, K, V), strides=(K * V, V, 1),
+                                offsets=(j0, 0, tl.program_id(1) * BV), block_shape=(NL, BK, BV), order=(2, 1, 0))
+        tl.store(ptr, tl.permute(tl.reshape(x, (BK, NL, BV)), (1, 0, 2)), boundary_check=(0, 1, 2))
+    else:
+        tl.store(h_ptr + base * J * K * V + tile_h, x, mask=mh)
+
+
+@triton.jit
 def _level_bwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr, hd_ptr, n, NBH, K, V, J, j0, top,
-               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NL: tl.constexpr, PREC: tl.constexpr):
+               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NL: tl.constexpr, BLOCK_STORE: tl.constexpr,
+               PREC: tl.constexpr):
     """Backward scans of :func:`_level_fwd` for one segment and V tile, one of two independent scans
     per program (program axis 2): 0 recomputes the segment's states into ``hs`` (the state before
     each chunk), 1 stores into ``hd`` the gradient of the state after each chunk by a reverse scan
@@ -187,7 +202,7 @@ def _level_bwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr, hd
         for i in range(s, e):
             base = bh * n + i
             S = tl.where(((i & ((2 << jl) - 1)) == 0)[None, :], 0.0, S)
-            tl.store(hs_ptr + base * J * K * V + tile_h, S.to(dt), mask=mh)
+            _store_levels(hs_ptr, base, S.to(dt), tile_h, mh, J, j0, top, K, V, BK, BV, NL, BLOCK_STORE)
             writes = live & (((i >> jl) & 1) == 0)
             S = _write(w_ptr, u_ptr, kd_ptr, ge_ptr, base, S, tile_ck, mck, tile_cw, writes[None, :],
                        K, V, C, PREC)[0]
@@ -196,7 +211,7 @@ def _level_bwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr, hd
         for ii in range(e - s):
             i = e - 1 - ii
             base = bh * n + i
-            tl.store(hd_ptr + base * J * K * V + tile_h, dS.to(dt), mask=mh)
+            _store_levels(hd_ptr, base, dS.to(dt), tile_h, mh, J, j0, top, K, V, BK, BV, NL, BLOCK_STORE)
             w = tl.load(w_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
             kd = tl.load(kd_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
             dvn = tl.dot(kd, dS.to(dt), input_precision=PREC)  # [C, NL * BV]
@@ -354,6 +369,12 @@ LEVEL_GRADS = {"tf32": {"BV": 64, "num_warps": 8, "num_stages": 2},
                "ieee": {"BV": 32, "num_warps": 8, "num_stages": 1}}
 
 
+# The backward scans store each chunk's states (and state gradients) of their levels: 0 through an
+# offset tile made once and kept live through the scan (sm_90: 112 bytes of spill stack), 1 as a block
+# (a block pointer clipped at the group's top level). Not yet timed.
+LEVEL_BLOCK_STORE = 0
+
+
 def _level_launch(prec: str, major: int, backward: bool) -> dict:
     """Launch options of the level scans on a GPU of compute capability ``major``: Hopper's shared
     memory holds more than one stage of the 16-bit tiles (LEVEL_STAGES), not of float32 tiles."""
@@ -479,7 +500,8 @@ class _LevelReads(torch.autograd.Function):
         def launch(lane, group, _):
             j0, top, nseg = group
             _level_bwd[(N * H * nseg, lane.NV, 2)](w, u, kd, ge, qw, lam, do, hs, hd, n, N * H, K, V, J, j0, top,
-                                                   C=C, BK=lane.BK, BV=lane.BV, NL=lane.NL, PREC=ctx.prec, **opts)
+                                                   C=C, BK=lane.BK, BV=lane.BV, NL=lane.NL,
+                                                   BLOCK_STORE=LEVEL_BLOCK_STORE, PREC=ctx.prec, **opts)
 
         lanes = _level_lanes(n, J, K, V, "bwd", ctx.prec)
         _in_lanes(lanes, launch, lambda lane: None, w.device)  # the lanes write disjoint levels
