@@ -241,7 +241,9 @@ def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr
     db = tl.sum(dmix * tl.load(ap + ri * C + cj), axis=0)
     AinvT = tl.load(ap + cj * C + ri)
     dA = -tl.dot(tl.dot(AinvT, dmix * beta[None, :], input_precision=PREC), AinvT, input_precision=PREC)
-    mixT = AinvT * beta[:, None]  # as before the loop over V (not kept live since)
+    # mix^T again from the A^-1 just read: keeping the first one live to the loop below spills (sm_90:
+    # 392 bytes of stack instead of 216)
+    mixT = AinvT * beta[:, None]
     KKd = tl.where(ri > cj, _gram(k_ptr, k_ptr, tok, K, C, BK, DT, PREC) * _decay(g_ptr, tok, C), 0.0)
     dL = tl.where(ri > cj, dA, 0.0)
     db += tl.sum(dL * KKd, axis=1)
@@ -251,13 +253,6 @@ def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr
     dKK += _transposed(dKK, scr, C)
     dS = dattn * _decay(g_ptr, tok, C)
     dST = _transposed(dS, scr, C)
-    for k0 in range(0, K, BK):
-        kk = k0 + tl.arange(0, BK)
-        m = kk[None, :] < K
-        kt = tl.load(k_ptr + tok[:, None] * K + kk[None, :], mask=m, other=0)
-        dqw = tl.load(dqw_ptr + rows[:, None] * K + kk[None, :], mask=m, other=0)
-        dq = (dqw.to(tl.float32) * gam[:, None] + _dot(dS, kt, None, DT, PREC)) * scale
-        tl.store(dq_ptr + tok[:, None] * K + kk[None, :], dq, mask=m)
     dGL = tl.sum(dG * 0.0, axis=0)
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
@@ -268,6 +263,7 @@ def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr
         dqw = tl.load(dqw_ptr + rows[:, None] * K + kk[None, :], mask=m, other=0)
         dkd = tl.load(dkd_ptr + rows[:, None] * K + kk[None, :], mask=m, other=0).to(tl.float32)
         dkg = _dot(mixT, dw - _dot(attnT, dqw, None, DT, PREC), None, DT, PREC)  # of gamma k
+        dq = (dqw.to(tl.float32) * gam[:, None] + _dot(dS, kt, None, DT, PREC)) * scale
         dk = dkg * gam[:, None] + dkd * ekd[:, None] + _dot(dST, qt, None, DT, PREC) * scale
         dk = _dot(dKK, kt, dk, DT, PREC)
         kf = kt.to(tl.float32)
@@ -275,6 +271,7 @@ def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr
         t = tl.sum(dkd * kf * ekd[:, None], axis=1)
         dG -= t
         dGL += tl.sum(t, axis=0)
+        tl.store(dq_ptr + tok[:, None] * K + kk[None, :], dq, mask=m)
         tl.store(dk_ptr + tok[:, None] * K + kk[None, :], dk, mask=m)
     dGL += tl.load(dge_ptr + pid) * tl.exp(GL)
     dG += dgam * gam + tl.where(cc == C - 1, dGL, 0.0)
