@@ -78,7 +78,8 @@ def level_kernels_compiled(which: str, prec: str, major: int, warps: int | None 
 def level_grads_compiled(prec: str, major: int, warps: int | None = None):
     from hippolm.ops import triton_gdn
 
-    consts = {"C": 64, "BK": 128, "BV": triton_gdn.LEVEL_GRADS[prec]["BV"], "JP": 16, "PREC": prec}
+    consts = {"C": 64, "BK": 128, "BV": triton_gdn.LEVEL_GRADS[prec]["BV"], "JP": 16,
+              "UNIFORM": bool(triton_gdn.LEVEL_GRADS_UNIFORM), "PREC": prec}
     return _compile(triton_gdn._level_grads, consts, _options(triton_gdn._grads_launch(prec, major), warps), major,
                     "bf16" if prec == "tf32" else "fp32", OPERAND_PTRS)
 

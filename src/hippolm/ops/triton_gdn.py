@@ -229,7 +229,8 @@ def _level_bwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr, hd
 @triton.jit
 def _level_grads(w_ptr, u_ptr, kd_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr, hd_ptr,
                  du_ptr, dw_ptr, dkd_ptr, dqw_ptr, dge_ptr, dlam_ptr, n, K, V, J,
-                 C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, JP: tl.constexpr, PREC: tl.constexpr):
+                 C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, JP: tl.constexpr, UNIFORM: tl.constexpr,
+                 PREC: tl.constexpr):
     """Gradients of every chunk level's part of one chunk (program axis 0: sequence-head * n + chunk)
     from the states S_j before it and the gradients dS_j of the states after it (:func:`_level_bwd`).
     Per level, v_new_j = u [j writes] - w S_j and, where it reads, r_j = qw S_j. The write-side
@@ -269,7 +270,15 @@ def _level_grads(w_ptr, u_ptr, kd_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr, hd_ptr,
             dS = tl.load(hd_ptr + off + tile_kv, mask=mkv, other=0)
             # dot(a, b, acc) adds into the accumulator's registers (no [K, K] temporary)
             M = tl.dot(dS, tl.trans(Sh), M, input_precision=PREC)
-            if ((i >> j) & 1) == 0:  # level j writes chunk i
+            if UNIFORM:  # every level through the same ops, the reads' terms masked: a loop body
+                # without branches (for the software pipeliner), at the cost of the writers' idle dots
+                reads = ((i >> j) & 1) == 1
+                D += tl.where(reads, 0.0, dS.to(tl.float32))
+                lam = tl.load(lam_ptr + (base * C + cc) * J + j, mask=(cc < C) & reads, other=0)
+                r = tl.dot(qw, Sh, input_precision=PREC)
+                dlam += tl.where((jj[None, :] == j) & reads, tl.sum(do * r, axis=1)[:, None], 0.0)
+                dqw = tl.dot((lam[:, None] * do).to(dt), tl.trans(Sh), dqw, input_precision=PREC)
+            elif ((i >> j) & 1) == 0:  # level j writes chunk i
                 D += dS.to(tl.float32)
             else:  # it reads it
                 lam = tl.load(lam_ptr + (base * C + cc) * J + j)
@@ -367,6 +376,9 @@ LEVEL_WARPS = {"fwd": 4, "bwd": 8}  # with 1 stage (float32, or not Hopper): 8
 # level_timing_h100_split_bwd.json, level_timing_h100_unfactored_grads.json).
 LEVEL_GRADS = {"tf32": {"BV": 64, "num_warps": 8, "num_stages": 2},
                "ieee": {"BV": 32, "num_warps": 8, "num_stages": 1}}
+# 1: the gradient kernel runs every level through the same dots, the reads' terms masked (a loop body
+# without branches, which Triton can pipeline); 0: a branch per level. Not yet timed.
+LEVEL_GRADS_UNIFORM = 0
 
 
 # The backward scans store each chunk's states (and state gradients) of their levels: 0 through an
@@ -510,7 +522,8 @@ class _LevelReads(torch.autograd.Function):
         dge, dlam = torch.empty_like(ge), torch.empty_like(lam)
         BV = min(LEVEL_GRADS[ctx.prec]["BV"], max(16, triton.next_power_of_2(V)))
         _level_grads[(N * H * n,)](w, u, kd, qw, lam, do, hs, hd, du, dw, dkd, dqw, dge, dlam, n, K, V, J, C=C,
-                                   BK=lanes[0].BK, BV=BV, JP=max(2, triton.next_power_of_2(J)), PREC=ctx.prec,
+                                   BK=lanes[0].BK, BV=BV, JP=max(2, triton.next_power_of_2(J)),
+                                   UNIFORM=bool(LEVEL_GRADS_UNIFORM), PREC=ctx.prec,
                                    **_grads_launch(ctx.prec, _major(w.device)))
         return do, dw, du, dkd, dge, dqw, dlam, None, None, None
 
