@@ -16,7 +16,8 @@ shift || true
 t0=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || echo "note: carried wheels not installed; FLA rows will be skipped"
-export PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests PYTHONUNBUFFERED=1
+# SRC: the package tree to run (default src; e.g. an older tree from `git archive REV src` for an A/B in one call)
+export PYTHONPATH=/tmp/site:${SRC:-$PWD/src}:$PWD/tests PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # Reuse Triton autotune results carried from an earlier call (.gpu_cache, git-ignored; FLA autotunes)
 # and hand the updated ones back in $OUT. Our own kernels do not autotune.

@@ -7,9 +7,9 @@ each launch's time in launch order with the level groups launched (which group i
 
 A configuration: forward/backward, each ``main+top@stages[wWARPS]`` with a tile ``levels x V
 columns``, e.g. ``4x32+2x32@2/2x64+2x64@1w16`` (LEVEL_TILES, LEVEL_STAGES, LEVEL_WARPS; warps 8 if
-left out), optionally a third part ``gBVwWARPSsSTAGES`` for the gradient kernel (LEVEL_GRADS,
-e.g. ``.../g64w8s1``), or ``default`` (the tables as they are: the only choice with --dtype float32, whose
-tiles are LEVEL_TILES' *_fp32). Writes JSON (--json)."""
+left out), optionally a third part ``gBVwWARPSsSTAGES[u]`` for the gradient kernel (LEVEL_GRADS;
+u: LEVEL_GRADS_UNIFORM = 1; e.g. ``.../g64w8s1``), or ``default`` (the tables as they are: the only
+choice with --dtype float32, whose tiles are LEVEL_TILES' *_fp32). Writes JSON (--json)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ def configure(cfg: str) -> None:
     if len(parts) == 3:
         bv, _, rest = parts.pop()[1:].partition("w")
         warps, _, stages = rest.partition("s")
-        tg.LEVEL_GRADS["tf32"].update(BV=int(bv), num_warps=int(warps), num_stages=int(stages))
+        tg.LEVEL_GRADS_UNIFORM = int(stages.endswith("u"))
+        tg.LEVEL_GRADS["tf32"].update(BV=int(bv), num_warps=int(warps), num_stages=int(stages.rstrip("u")))
     for which, part in zip(("fwd", "bwd"), parts, strict=True):
         tiles, launch = part.split("@")
         main, top = (tuple(int(a) for a in t.split("x")) for t in tiles.split("+"))
@@ -132,6 +133,7 @@ def main():
         finally:
             for table, values in saved:
                 table.update(values)
+            tg.LEVEL_GRADS_UNIFORM = 0
         print(json.dumps(row), flush=True)
         out["rows"].append(row)
         if args.json:  # after every row: a run cut short by its time limit keeps what it measured

@@ -404,8 +404,9 @@ def test_loglinear_gated_delta_rule_level_groups(fwd, bwd, block_store, uniform,
     """The level kernels with 1, 2 or 4 chunk levels per program (a group's last may not exist) and
     one or two V tiles (V = 32), over 7 chunk levels with partial segments, K below the tile, the
     backward scans storing through offsets or as blocks clipped at the group's top level, the
-    gradient kernel with a branch per level or without: outputs and every gradient == the reference. The lanes run top lane first (on a GPU they run at once):
-    a lower lane writing past its group's top level would overwrite the top lane's levels."""
+    gradient kernel with a branch per level or without: outputs and every gradient == the reference.
+    The lanes run top lane first (on a GPU they run at once): a lower lane writing past its
+    group's top level would overwrite the top lane's levels."""
     from hippolm.ops import triton_gdn
 
     monkeypatch.setattr(triton_gdn, "LEVEL_BLOCK_STORE", block_store)
