@@ -431,6 +431,10 @@ def _level_lanes(n: int, J: int, K: int, V: int, which: str, prec: str) -> list[
     return lanes
 
 
+# 1: the top lane on a side stream, concurrently with the others; 0: the lanes one after the other
+# (for timing what the concurrency gains: the top lane's programs take SMs from the lower levels').
+LEVEL_SIDE_STREAM = 1
+
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}  # one per GPU (a fresh one per call could be
 # any stream of PyTorch's pool, e.g. one that DDP's all-reduce holds)
 
@@ -442,7 +446,7 @@ def _in_lanes(lanes: list[_Lane], launch, buffers, device: torch.device) -> list
     runs on a side stream, concurrently with the others (its few long scans would leave most of the
     GPU idle)."""
     sets = [buffers(lane) for lane in lanes]
-    if device.type != "cuda" or len(lanes) < 2:
+    if device.type != "cuda" or len(lanes) < 2 or not LEVEL_SIDE_STREAM:
         for lane, bufs in zip(lanes, sets, strict=True):
             for group in lane.groups:
                 launch(lane, group, bufs)
