@@ -28,44 +28,42 @@ def _reads(i: int, j: int) -> bool:
     return (i >> j) & 1 == 1
 
 
-def level_fwd(n: int, NH: int, K: int, V: int, C: int, op: int, lane, first: bool, has_o0: bool, group) -> int:
+def level_fwd(n: int, NH: int, K: int, C: int, op: int, lane, first: bool, has_o0: bool, group) -> int:
     """One launch of _level_fwd: per program (segment, V tile) per chunk w, kd, ge, the writing
     levels' u columns, and where a level of the group reads: qw, lam, o (read unless first, written)."""
     j0, top, _ = group
     levels = range(j0, top + 1)
     total = 0
-    for s in range(0, n, 2 << top):
-        for i in range(s, min(s + (2 << top), n)):
-            b = 2 * C * K * op + F32  # w, kd, ge
-            b += sum(C * lane.BV * op for j in levels if not _reads(i, j))  # u, writing levels
-            readers = [j for j in levels if _reads(i, j)]
-            if readers:
-                b += C * K * op + C * len(readers) * F32 + C * lane.BV * F32 * (1 if first else 2)
-            elif first:
-                b += C * lane.BV * F32
-            if first and has_o0:
-                b += C * lane.BV * F32
-            total += b * lane.NV
+    for i in range(n):  # the segments of 2^(top+1) chunks cover every chunk once
+        b = 2 * C * K * op + F32  # w, kd, ge
+        b += sum(C * lane.BV * op for j in levels if not _reads(i, j))  # u, writing levels
+        readers = [j for j in levels if _reads(i, j)]
+        if readers:
+            b += C * K * op + C * len(readers) * F32 + C * lane.BV * F32 * (1 if first else 2)
+        elif first:
+            b += C * lane.BV * F32
+        if first and has_o0:
+            b += C * lane.BV * F32
+        total += b * lane.NV
     return total * NH
 
 
-def level_bwd(n: int, NH: int, K: int, V: int, C: int, op: int, lane, group) -> int:
+def level_bwd(n: int, NH: int, K: int, C: int, op: int, lane, group) -> int:
     """One launch of _level_bwd (both scans): the recompute scan stores each chunk's live level states
     and reads w, kd, ge and the writing levels' u; the reverse scan stores the state gradients and
     reads w, kd, ge and, where a level reads, qw, lam and do's columns (float32) per reading level."""
     j0, top, _ = group
     levels = range(j0, top + 1)
     total = 0
-    for s in range(0, n, 2 << top):
-        for i in range(s, min(s + (2 << top), n)):
-            store = len(levels) * K * lane.BV * op
-            common = 2 * C * K * op + F32
-            hs = store + common + sum(C * lane.BV * op for j in levels if not _reads(i, j))
-            readers = [j for j in levels if _reads(i, j)]
-            hd = store + common
-            if readers:
-                hd += C * K * op + len(readers) * (C * F32 + C * lane.BV * F32)
-            total += (hs + hd) * lane.NV
+    for i in range(n):  # the segments of 2^(top+1) chunks cover every chunk once
+        store = len(levels) * K * lane.BV * op
+        common = 2 * C * K * op + F32
+        hs = store + common + sum(C * lane.BV * op for j in levels if not _reads(i, j))
+        readers = [j for j in levels if _reads(i, j)]
+        hd = store + common
+        if readers:
+            hd += C * K * op + len(readers) * (C * F32 + C * lane.BV * F32)
+        total += (hs + hd) * lane.NV
     return total * NH
 
 
@@ -88,10 +86,10 @@ def count(T: int, H: int, d: int, C: int, op: int, prec: str) -> dict:
     out = {"fwd": [], "bwd": [], "grads": level_grads(n, H, d, d, C, J, op)}
     fwd_lanes = tg._level_lanes(n, J, d, d, "fwd", prec)
     for li, lane in enumerate(fwd_lanes):
-        out["fwd"].append([level_fwd(n, H, d, d, C, op, lane, g == lane.groups[0], g == lane.groups[0] and li == 0, g)
+        out["fwd"].append([level_fwd(n, H, d, C, op, lane, g == lane.groups[0], g == lane.groups[0] and li == 0, g)
                            for g in lane.groups])
     for lane in tg._level_lanes(n, J, d, d, "bwd", prec):
-        out["bwd"].append([level_bwd(n, H, d, d, C, op, lane, g) for g in lane.groups])
+        out["bwd"].append([level_bwd(n, H, d, C, op, lane, g) for g in lane.groups])
     return out
 
 

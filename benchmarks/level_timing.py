@@ -103,6 +103,7 @@ def main():
                     "chunk_levels": J, "dtype": args.dtype}, "rows": []}
     tables = (tg.LEVEL_TILES, tg.LEVEL_STAGES, tg.LEVEL_WARPS, tg.LEVEL_GRADS["tf32"])
     saved = [(table, dict(table)) for table in tables]
+    uniform = tg.LEVEL_GRADS_UNIFORM
     base = None
     for cfg in args.configs.split(","):
         row = {"config": cfg}
@@ -133,7 +134,7 @@ def main():
         finally:
             for table, values in saved:
                 table.update(values)
-            tg.LEVEL_GRADS_UNIFORM = 0
+            tg.LEVEL_GRADS_UNIFORM = uniform
         print(json.dumps(row), flush=True)
         out["rows"].append(row)
         if args.json:  # after every row: a run cut short by its time limit keeps what it measured
