@@ -44,7 +44,8 @@ def shared_memory() -> list[dict]:
                     k = _compile(triton_gdn._level_fwd if which == "fwd" else triton_gdn._level_bwd,
                                  {"C": 64, "BK": 128, "BV": BV, "NL": NL, "PREC": prec,
                                   **({"FIRST": True, "HAS_O0": True} if which == "fwd"
-                                     else {"BLOCK_STORE": triton_gdn.LEVEL_BLOCK_STORE})},
+                                     else {"BLOCK_STORE": triton_gdn.LEVEL_BLOCK_STORE}),
+                                  "ADJ": bool(triton_gdn.LEVEL_V_ADJACENT)},
                                  triton_gdn._level_launch(prec, major, which == "bwd"), major, row["operands"],
                                  OPERAND_PTRS)
                     row["shared_bytes"] = k.metadata.shared

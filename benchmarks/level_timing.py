@@ -9,7 +9,9 @@ A configuration: forward/backward, each ``main+top@stages[wWARPS]`` with a tile 
 columns``, e.g. ``4x32+2x32@2/2x64+2x64@1w16`` (LEVEL_TILES, LEVEL_STAGES, LEVEL_WARPS; warps 8 if
 left out), optionally a third part ``gBVwWARPSsSTAGES[u]`` for the gradient kernel (LEVEL_GRADS;
 u: LEVEL_GRADS_UNIFORM = 1; e.g. ``.../g64w8s1``), or ``default`` (the tables as they are: the only
-choice with --dtype float32, whose tiles are LEVEL_TILES' *_fp32). Writes JSON (--json)."""
+choice with --dtype float32, whose tiles are LEVEL_TILES' *_fp32); prefixed ``adj:`` (``adj`` alone: the
+default tables) with a segment's V tiles adjacent on one grid axis (LEVEL_V_ADJACENT = 1). Writes JSON
+(--json)."""
 
 from __future__ import annotations
 
@@ -45,6 +47,9 @@ def timed(fn) -> float:
 
 
 def configure(cfg: str) -> None:
+    if cfg.startswith("adj"):
+        tg.LEVEL_V_ADJACENT = 1
+        cfg = cfg[4:] or "default"
     if cfg == "default":
         return
     parts = cfg.split("/")
@@ -103,7 +108,7 @@ def main():
                     "chunk_levels": J, "dtype": args.dtype}, "rows": []}
     tables = (tg.LEVEL_TILES, tg.LEVEL_STAGES, tg.LEVEL_WARPS, tg.LEVEL_GRADS["tf32"])
     saved = [(table, dict(table)) for table in tables]
-    uniform = tg.LEVEL_GRADS_UNIFORM
+    uniform, adjacent = tg.LEVEL_GRADS_UNIFORM, tg.LEVEL_V_ADJACENT
     base = None
     for cfg in args.configs.split(","):
         row = {"config": cfg}
@@ -134,7 +139,7 @@ def main():
         finally:
             for table, values in saved:
                 table.update(values)
-            tg.LEVEL_GRADS_UNIFORM = uniform
+            tg.LEVEL_GRADS_UNIFORM, tg.LEVEL_V_ADJACENT = uniform, adjacent
         print(json.dumps(row), flush=True)
         out["rows"].append(row)
         if args.json:  # after every row: a run cut short by its time limit keeps what it measured

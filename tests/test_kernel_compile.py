@@ -60,8 +60,9 @@ def level_kernels_compiled(which: str, prec: str, major: int, warps: int | None 
     (16-bit operands for "tf32", float32 for "ieee"; shared with benchmarks/kernel_spills.py)."""
     from hippolm.ops import triton_gdn
 
-    variants = ([{"BLOCK_STORE": triton_gdn.LEVEL_BLOCK_STORE}] if which == "bwd"
-                else [{"FIRST": True, "HAS_O0": True}, {"FIRST": False, "HAS_O0": False}])
+    adj = {"ADJ": bool(triton_gdn.LEVEL_V_ADJACENT)}
+    variants = ([{"BLOCK_STORE": triton_gdn.LEVEL_BLOCK_STORE} | adj] if which == "bwd"
+                else [{"FIRST": True, "HAS_O0": True} | adj, {"FIRST": False, "HAS_O0": False} | adj])
     out = []
     for lane_name, lane in zip(("main", "top"), triton_gdn._level_lanes(1024, 10, 128, 128, which, prec),
                                strict=True):

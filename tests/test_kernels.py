@@ -398,19 +398,23 @@ def _assert_matches_reference(xs, run, dtype: torch.dtype, tol: float) -> None:
 
 
 @pytest.mark.skipif(CUDA, reason="CUDA runs the default tiles (each other tile is a compilation)")
-@pytest.mark.parametrize("fwd,bwd,block_store,uniform", [((1, 16), (4, 16), 0, 1), ((4, 16), (2, 32), 1, 0),
-                                                         ((2, 16), (1, 16), 0, 0), ((1, 16), (4, 16), 1, 1)])
-def test_loglinear_gated_delta_rule_level_groups(fwd, bwd, block_store, uniform, device, monkeypatch):
+@pytest.mark.parametrize("fwd,bwd,block_store,uniform,adjacent", [((1, 16), (4, 16), 0, 1, 1),
+                                                                  ((4, 16), (2, 32), 1, 0, 0),
+                                                                  ((2, 16), (1, 16), 0, 0, 1),
+                                                                  ((1, 16), (4, 16), 1, 1, 0)])
+def test_loglinear_gated_delta_rule_level_groups(fwd, bwd, block_store, uniform, adjacent, device, monkeypatch):
     """The level kernels with 1, 2 or 4 chunk levels per program (a group's last may not exist) and
-    one or two V tiles (V = 32), over 7 chunk levels with partial segments, K below the tile, the
-    backward scans storing through offsets or as blocks clipped at the group's top level, the
-    gradient kernel with a branch per level or without: outputs and every gradient == the reference.
+    one or two V tiles (V = 32) on their own grid axis or adjacent on one, over 7 chunk levels with
+    partial segments, K below the tile, the backward scans storing through offsets or as blocks
+    clipped at the group's top level, the gradient kernel with a branch per level or without:
+    outputs and every gradient == the reference.
     The lanes run top lane first (on a GPU they run at once): a lower lane writing past its
     group's top level would overwrite the top lane's levels."""
     from hippolm.ops import triton_gdn
 
     monkeypatch.setattr(triton_gdn, "LEVEL_BLOCK_STORE", block_store)
     monkeypatch.setattr(triton_gdn, "LEVEL_GRADS_UNIFORM", uniform)
+    monkeypatch.setattr(triton_gdn, "LEVEL_V_ADJACENT", adjacent)
     in_lanes = triton_gdn._in_lanes
     monkeypatch.setattr(triton_gdn, "_in_lanes",
                         lambda lanes, *args: in_lanes(lanes[::-1], *args)[::-1])

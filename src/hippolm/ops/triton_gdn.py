@@ -27,11 +27,11 @@ from .triton_gdn_chunk import ChunkParts
 
 
 @triton.jit
-def _tiles(K, V, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Offsets and masks for this program's V tile (program axis 1): [K, V] state tiles, [C, K] and
-    [C, V] chunk rows, and [K, C]: a [C, K] tile read or written transposed."""
+def _tiles(K, V, iv, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Offsets and masks for V tile ``iv``: [K, V] state tiles, [C, K] and [C, V] chunk rows, and
+    [K, C]: a [C, K] tile read or written transposed."""
     kk = tl.arange(0, BK)
-    vv = tl.program_id(1) * BV + tl.arange(0, BV)
+    vv = iv * BV + tl.arange(0, BV)
     cc = tl.arange(0, C)
     return (kk[:, None] * V + vv[None, :], (kk[:, None] < K) & (vv[None, :] < V),
             cc[:, None] * K + kk[None, :], kk[None, :] < K,
@@ -57,7 +57,7 @@ def _scan_fwd(w_ptr, u_ptr, kd_ptr, ge_ptr, s0_ptr, h_ptr, vn_ptr, st_ptr, n, K,
               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr, PREC: tl.constexpr):
     """One (sequence, head) and V tile: states at every chunk start, corrected pseudo-values, final state."""
     bh = tl.program_id(0).to(tl.int64)
-    tile_kv, mkv, tile_ck, mck, tile_cv, mcv, _, _ = _tiles(K, V, C, BK, BV)
+    tile_kv, mkv, tile_ck, mck, tile_cv, mcv, _, _ = _tiles(K, V, tl.program_id(1), C, BK, BV)
     if HAS_S0:
         S = tl.load(s0_ptr + bh * (K * V) + tile_kv, mask=mkv, other=0).to(tl.float32)
     else:
@@ -76,7 +76,7 @@ def _scan_bwd(w_ptr, kd_ptr, ge_ptr, h_ptr, vn_ptr, dh_ptr, dvn_ptr, dst_ptr,
               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """Reverse scan; dw, dkd, dge are partial sums over this V tile (added up on the host)."""
     bh = tl.program_id(0).to(tl.int64)
-    tile_kv, mkv, tile_ck, mck, tile_cv, mcv, tile_kc, mkc = _tiles(K, V, C, BK, BV)
+    tile_kv, mkv, tile_ck, mck, tile_cv, mcv, tile_kc, mkc = _tiles(K, V, tl.program_id(1), C, BK, BV)
     part = tl.program_id(1) * NBH * n  # this V tile's slice of the partial outputs [NV, N*H, n, ...]
     dS = tl.load(dst_ptr + bh * (K * V) + tile_kv, mask=mkv, other=0)  # gradient of S_{i+1}
     for ii in range(n):
@@ -102,18 +102,22 @@ def _scan_bwd(w_ptr, kd_ptr, ge_ptr, h_ptr, vn_ptr, dh_ptr, dvn_ptr, dst_ptr,
 
 
 @triton.jit
-def _group(n, NBH, j0, top, V, BV: tl.constexpr, NL: tl.constexpr):
-    """This program's part of a group of chunk levels j0..j0+NL-1 (program axis 0 = segment * NBH +
-    sequence-head, axis 1 = V tile): sequence-head, first and end chunk of its segment of 2^(top+1)
-    chunks (top: the group's highest level), and per column of its [K, NL * BV] state tile (level l's
-    BV columns side by side) the chunk level, the V column, and whether both exist (a level above
-    ``top`` belongs to another group)."""
-    pid = tl.program_id(0)
+def _group(n, NBH, j0, top, V, NV, BV: tl.constexpr, NL: tl.constexpr, ADJ: tl.constexpr):
+    """This program's part of a group of chunk levels j0..j0+NL-1 (segment * NBH + sequence-head on
+    program axis 0, V tile on axis 1; ADJ: both on axis 0, the NV V tiles of a segment adjacent, so
+    they run at once and can share their loads of w, kd, qw through L2): sequence-head, first and end
+    chunk of its segment of 2^(top+1) chunks (top: the group's highest level), the V tile, and per
+    column of its [K, NL * BV] state tile (level l's BV columns side by side) the chunk level, the V
+    column, and whether both exist (a level above ``top`` belongs to another group)."""
+    if ADJ:
+        pid, iv = tl.program_id(0) // NV, tl.program_id(0) % NV
+    else:
+        pid, iv = tl.program_id(0), tl.program_id(1)
     s = (pid // NBH) * (2 << top)
     cols = tl.arange(0, NL * BV)
     jl = j0 + cols // BV
-    vcol = tl.program_id(1) * BV + cols % BV
-    return (pid % NBH).to(tl.int64), s, tl.minimum(s + (2 << top), n), jl, vcol, (jl <= top) & (vcol < V)
+    vcol = iv * BV + cols % BV
+    return (pid % NBH).to(tl.int64), s, tl.minimum(s + (2 << top), n), iv, jl, vcol, (jl <= top) & (vcol < V)
 
 
 @triton.jit
@@ -126,9 +130,9 @@ def _fold(x, C: tl.constexpr, NL: tl.constexpr, BV: tl.constexpr):
 
 
 @triton.jit
-def _level_fwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, o0_ptr, o_ptr, n, NBH, K, V, J, j0, top,
+def _level_fwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, o0_ptr, o_ptr, n, NBH, K, V, NV, J, j0, top,
                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NL: tl.constexpr, FIRST: tl.constexpr,
-               HAS_O0: tl.constexpr, PREC: tl.constexpr):
+               HAS_O0: tl.constexpr, ADJ: tl.constexpr, PREC: tl.constexpr):
     """Chunk levels j0..j0+NL-1 of log-linear Gated DeltaNet for one segment, (sequence, head) and V
     tile, all levels in one pass with their states side by side: level j restarts every 2^(j+1)
     chunks; a chunk with bit j clear writes into it, one with bit j set reads ``lam_j * (qw_i S_i)``
@@ -136,8 +140,8 @@ def _level_fwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, o0_ptr, o_ptr, n, 
     The levels share every load of w, kd and qw, and one dot serves them all. The first group of a
     lane (FIRST) writes every row of o instead of adding: the reads onto ``o0`` (HAS_O0) or zero, so
     o needs no zero fill and the chunks' own output no separate add."""
-    bh, s, e, jl, vcol, live = _group(n, NBH, j0, top, V, BV, NL)
-    _, _, tile_ck, mck, tile_cv, mcv, _, _ = _tiles(K, V, C, BK, BV)
+    bh, s, e, iv, jl, vcol, live = _group(n, NBH, j0, top, V, NV, BV, NL, ADJ)
+    _, _, tile_ck, mck, tile_cv, mcv, _, _ = _tiles(K, V, iv, C, BK, BV)
     cc = tl.arange(0, C)
     tile_cw = cc[:, None] * V + vcol[None, :]  # u's columns, repeated for every level
     S = tl.zeros((BK, NL * BV), dtype=tl.float32)
@@ -165,44 +169,44 @@ def _level_fwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, o0_ptr, o_ptr, n, 
 
 
 @triton.jit
-def _store_levels(h_ptr, base, x, tile_h, mh, J, j0, top, K, V, BK: tl.constexpr, BV: tl.constexpr,
+def _store_levels(h_ptr, base, x, tile_h, mh, J, j0, top, K, V, iv, BK: tl.constexpr, BV: tl.constexpr,
                   NL: tl.constexpr, BLOCK_STORE: tl.constexpr):
     """Chunk ``base``'s [K, NL * BV] tile of levels j0..top (BV columns each) into its [J, K, V] block of
     ``h``: through the precomputed offsets ``tile_h`` (masked by ``mh``), or (BLOCK_STORE) as an
     [NL, K, BV] block clipped at level top (no [K, NL * BV] offset tile kept live through the scan)."""
     if BLOCK_STORE:
         ptr = tl.make_block_ptr(h_ptr + base * J * K * V, shape=(top + 1, K, V), strides=(K * V, V, 1),
-                                offsets=(j0, 0, tl.program_id(1) * BV), block_shape=(NL, BK, BV), order=(2, 1, 0))
+                                offsets=(j0, 0, iv * BV), block_shape=(NL, BK, BV), order=(2, 1, 0))
         tl.store(ptr, tl.permute(tl.reshape(x, (BK, NL, BV)), (1, 0, 2)), boundary_check=(0, 1, 2))
     else:
         tl.store(h_ptr + base * J * K * V + tile_h, x, mask=mh)
 
 
 @triton.jit
-def _level_bwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr, hd_ptr, n, NBH, K, V, J, j0, top,
-               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NL: tl.constexpr, BLOCK_STORE: tl.constexpr,
-               PREC: tl.constexpr):
+def _level_bwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr, hd_ptr, n, NBH, K, V, NV, J, j0,
+               top, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NL: tl.constexpr,
+               BLOCK_STORE: tl.constexpr, ADJ: tl.constexpr, PREC: tl.constexpr):
     """Backward scans of :func:`_level_fwd` for one segment and V tile, one of two independent scans
-    per program (program axis 2): 0 recomputes the segment's states into ``hs`` (the state before
+    per program (program axis 2, or 1 with ADJ): 0 recomputes the segment's states into ``hs`` (the state before
     each chunk), 1 stores into ``hd`` the gradient of the state after each chunk by a reverse scan
     (which needs no state). Both scratches are [N*H*n, J, K, V] in the operand type;
     :func:`_level_grads` turns them into the gradients, all chunks and levels in parallel, so the
     sequential part does 2 or 3 dots per chunk and no partial sums; the two scans run side by side
     (twice the programs, half the sequential steps: the top levels' few programs are latency-bound)."""
-    bh, s, e, jl, vcol, live = _group(n, NBH, j0, top, V, BV, NL)
-    _, _, tile_ck, mck, _, _, _, _ = _tiles(K, V, C, BK, BV)
+    bh, s, e, iv, jl, vcol, live = _group(n, NBH, j0, top, V, NV, BV, NL, ADJ)
+    _, _, tile_ck, mck, _, _, _, _ = _tiles(K, V, iv, C, BK, BV)
     kk = tl.arange(0, BK)
     cc = tl.arange(0, C)
     tile_cw = cc[:, None] * V + vcol[None, :]  # u's and do's columns, repeated for every level
     tile_h = (jl[None, :] * K + kk[:, None]) * V + vcol[None, :]  # [BK, NL * BV] of a chunk's [J, K, V]
     mh = (kk[:, None] < K) & live[None, :]
     dt = w_ptr.dtype.element_ty
-    if tl.program_id(2) == 0:
+    if tl.program_id(1 if ADJ else 2) == 0:
         S = tl.zeros((BK, NL * BV), dtype=tl.float32)
         for i in range(s, e):
             base = bh * n + i
             S = tl.where(((i & ((2 << jl) - 1)) == 0)[None, :], 0.0, S)
-            _store_levels(hs_ptr, base, S.to(dt), tile_h, mh, J, j0, top, K, V, BK, BV, NL, BLOCK_STORE)
+            _store_levels(hs_ptr, base, S.to(dt), tile_h, mh, J, j0, top, K, V, iv, BK, BV, NL, BLOCK_STORE)
             writes = live & (((i >> jl) & 1) == 0)
             S = _write(w_ptr, u_ptr, kd_ptr, ge_ptr, base, S, tile_ck, mck, tile_cw, writes[None, :],
                        K, V, C, PREC)[0]
@@ -211,7 +215,7 @@ def _level_bwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr, hd
         for ii in range(e - s):
             i = e - 1 - ii
             base = bh * n + i
-            _store_levels(hd_ptr, base, dS.to(dt), tile_h, mh, J, j0, top, K, V, BK, BV, NL, BLOCK_STORE)
+            _store_levels(hd_ptr, base, dS.to(dt), tile_h, mh, J, j0, top, K, V, iv, BK, BV, NL, BLOCK_STORE)
             w = tl.load(w_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
             kd = tl.load(kd_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
             dvn = tl.dot(kd, dS.to(dt), input_precision=PREC)  # [C, NL * BV]
@@ -387,6 +391,21 @@ LEVEL_GRADS_UNIFORM = 0
 LEVEL_BLOCK_STORE = 0
 
 
+# The level kernels' grid: 0 segments x sequence-heads on axis 0 and V tiles on axis 1 (a segment's
+# V tiles run far apart, each loading w, kd, qw from memory); 1 both on axis 0 with a segment's V
+# tiles adjacent (they run at once and can share those loads through L2). Timed with forward tiles
+# 4 x 32 (4 V tiles): no difference (level_timing_h100_adjacent.json); not yet with 4 x 16 (8 V tiles,
+# where level_bytes.py counts 6.3 of the lower forward group's 8.0 GB as such re-reads).
+LEVEL_V_ADJACENT = 0
+
+
+def _level_grid(programs: int, NV: int, scans: int = 1) -> tuple[int, ...]:
+    """Grid of a level kernel over ``programs`` segment x sequence-head programs, NV V tiles and
+    (backward) ``scans`` scans per program, as LEVEL_V_ADJACENT says."""
+    grid = (programs * NV,) if LEVEL_V_ADJACENT else (programs, NV)
+    return (*grid, scans) if scans > 1 else grid
+
+
 def _level_launch(prec: str, major: int, backward: bool) -> dict:
     """Launch options of the level scans on a GPU of compute capability ``major``: Hopper's shared
     memory holds more than one stage of the 16-bit tiles (LEVEL_STAGES), not of float32 tiles."""
@@ -487,9 +506,10 @@ class _LevelReads(torch.autograd.Function):
         def launch(lane, group, o):  # the first group of a lane writes every row: on o0 in the first lane
             j0, top, nseg = group
             first = group == lane.groups[0]
-            _level_fwd[(N * H * nseg, lane.NV)](w, u, kd, ge, qw, lam, o0, o, n, N * H, K, V, J, j0, top, C=C,
-                                                BK=lane.BK, BV=lane.BV, NL=lane.NL, FIRST=first,
-                                                HAS_O0=first and lane is lanes[0], PREC=prec, **opts)
+            _level_fwd[_level_grid(N * H * nseg, lane.NV)](w, u, kd, ge, qw, lam, o0, o, n, N * H, K, V, lane.NV, J,
+                                                          j0, top, C=C, BK=lane.BK, BV=lane.BV, NL=lane.NL,
+                                                          FIRST=first, HAS_O0=first and lane is lanes[0],
+                                                          ADJ=bool(LEVEL_V_ADJACENT), PREC=prec, **opts)
 
         sets = _in_lanes(lanes, launch, lambda lane: torch.empty_like(o0), w.device)
         ctx.save_for_backward(w, u, kd, ge, qw, lam)
@@ -515,9 +535,10 @@ class _LevelReads(torch.autograd.Function):
 
         def launch(lane, group, _):
             j0, top, nseg = group
-            _level_bwd[(N * H * nseg, lane.NV, 2)](w, u, kd, ge, qw, lam, do, hs, hd, n, N * H, K, V, J, j0, top,
-                                                   C=C, BK=lane.BK, BV=lane.BV, NL=lane.NL,
-                                                   BLOCK_STORE=LEVEL_BLOCK_STORE, PREC=ctx.prec, **opts)
+            _level_bwd[_level_grid(N * H * nseg, lane.NV, 2)](w, u, kd, ge, qw, lam, do, hs, hd, n, N * H, K, V,
+                                                             lane.NV, J, j0, top, C=C, BK=lane.BK, BV=lane.BV,
+                                                             NL=lane.NL, BLOCK_STORE=LEVEL_BLOCK_STORE,
+                                                             ADJ=bool(LEVEL_V_ADJACENT), PREC=ctx.prec, **opts)
 
         lanes = _level_lanes(n, J, K, V, "bwd", ctx.prec)
         _in_lanes(lanes, launch, lambda lane: None, w.device)  # the lanes write disjoint levels
