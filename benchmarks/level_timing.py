@@ -38,7 +38,7 @@ def factors(N: int, H: int, n: int, C: int, d: int, J: int, dtype: torch.dtype):
     u = r(N, H, n, C, d)
     ge = torch.rand(N, H, n, device="cuda", generator=gen) * 0.5 + 0.5
     lam = torch.rand(N, H, n, C, J, device="cuda", generator=gen) + 0.5
-    do = torch.randn(N, H, n, C, d, device="cuda", generator=gen)
+    do = torch.randn(N, H, n, C, d, device="cuda", generator=gen).to(dtype)  # as the op's output gradient
     return w, u, kd, ge, qw, lam, do
 
 
@@ -117,7 +117,7 @@ def main():
             leaves = [t.detach().requires_grad_() for t in (w, u, kd, ge, qw, lam)]
 
             def fwd(leaves=leaves):
-                return tg._LevelReads.apply(o0, *leaves, prec, dtype, torch.float32)
+                return tg._LevelReads.apply(o0, *leaves, prec, dtype, dtype)
 
             def step(leaves=leaves):
                 return torch.autograd.grad(fwd(leaves), leaves, do)

@@ -454,6 +454,18 @@ def test_loglinear_gated_delta_rule_lanes_with_their_own_tiles(device, monkeypat
     _assert_matches_reference(xs, run, torch.bfloat16, 2e-2)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_loglinear_gated_delta_rule_reads_do_in_place(bf16, device, monkeypatch):
+    """The level backward reading the output gradient in its own type and [N, T, H, V] layout
+    (LEVEL_DO_COPY = 0: rows strided by H * V, sequences by T * H * V) == the float64 reference, with
+    two packed sequences and two heads (a stride mixed up reads another sequence's or head's rows)."""
+    from hippolm.ops import triton_gdn
+
+    monkeypatch.setattr(triton_gdn, "LEVEL_DO_COPY", 0)
+    xs, run = _level_case(300, seed=13, bf16=bf16, H=2, cu_seqlens=torch.tensor([0, 190, 300]))
+    _assert_matches_reference(xs, run, torch.bfloat16 if bf16 else torch.float32, 2e-2 if bf16 else 1e-4)
+
+
 def _poison_empty(monkeypatch) -> None:
     """torch.empty / empty_like return tensors filled with NaN (a kernel reading what nobody wrote fails)."""
     empty, empty_like = torch.empty, torch.empty_like

@@ -121,6 +121,13 @@ def _group(n, NBH, j0, top, V, NV, BV: tl.constexpr, NL: tl.constexpr, ADJ: tl.c
 
 
 @triton.jit
+def _do_row0(bh, i, H, sB, sH, sT, C: tl.constexpr):
+    """Offset of chunk i's first row of sequence-head ``bh`` in do, whose [N, H, T, V] view has strides
+    sB, sH, sT, 1 (the output's own [N, T, H, V] layout, or a [N, H, T, V] copy)."""
+    return (bh // H) * sB + (bh % H) * sH + i * C * sT
+
+
+@triton.jit
 def _fold(x, C: tl.constexpr, NL: tl.constexpr, BV: tl.constexpr):
     """[C, NL * BV] -> [C, BV]: the levels' columns added up (no size-1 reshape for one level)."""
     if NL == 1:
@@ -184,7 +191,7 @@ def _store_levels(h_ptr, base, x, tile_h, mh, J, j0, top, K, V, iv, BK: tl.const
 
 @triton.jit
 def _level_bwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr, hd_ptr, n, NBH, K, V, NV, J, j0,
-               top, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NL: tl.constexpr,
+               top, H, sB, sH, sT, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NL: tl.constexpr,
                BLOCK_STORE: tl.constexpr, ADJ: tl.constexpr, PREC: tl.constexpr):
     """Backward scans of :func:`_level_fwd` for one segment and V tile, one of two independent scans
     per program (program axis 2, or 1 with ADJ): 0 recomputes the segment's states into ``hs`` (the state before
@@ -197,7 +204,7 @@ def _level_bwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr, hd
     _, _, tile_ck, mck, _, _, _, _ = _tiles(K, V, iv, C, BK, BV)
     kk = tl.arange(0, BK)
     cc = tl.arange(0, C)
-    tile_cw = cc[:, None] * V + vcol[None, :]  # u's and do's columns, repeated for every level
+    tile_cw = cc[:, None] * V + vcol[None, :]  # u's columns, repeated for every level
     tile_h = (jl[None, :] * K + kk[:, None]) * V + vcol[None, :]  # [BK, NL * BV] of a chunk's [J, K, V]
     mh = (kk[:, None] < K) & live[None, :]
     dt = w_ptr.dtype.element_ty
@@ -225,13 +232,14 @@ def _level_bwd(w_ptr, u_ptr, kd_ptr, ge_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr, hd
                 qw = tl.load(qw_ptr + base * (C * K) + tile_ck, mask=mck, other=0)
                 rmask = ((((i >> jl) & 1) == 1) & live)[None, :]
                 lam = tl.load(lam_ptr + (base * C + cc)[:, None] * J + jl[None, :], mask=rmask, other=0)
-                do = tl.load(do_ptr + base * (C * V) + tile_cw, mask=rmask, other=0)  # do's columns, per level
+                do = tl.load(do_ptr + _do_row0(bh, i, H, sB, sH, sT, C) + cc[:, None] * sT + vcol[None, :],
+                             mask=rmask, other=0).to(tl.float32)  # do's columns, per level
                 dS = tl.dot(tl.trans(qw), (lam * do).to(dt), dS, input_precision=PREC)
             dS = tl.where(((i & ((2 << jl) - 1)) == 0)[None, :], 0.0, dS)  # a restart: nothing flows further back
 
 
 @triton.jit
-def _level_grads(w_ptr, u_ptr, kd_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr, hd_ptr,
+def _level_grads(w_ptr, u_ptr, kd_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr, hd_ptr, H, sB, sH, sT,
                  du_ptr, dw_ptr, dkd_ptr, dqw_ptr, dge_ptr, dlam_ptr, n, K, V, J,
                  C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, JP: tl.constexpr, UNIFORM: tl.constexpr,
                  PREC: tl.constexpr):
@@ -266,7 +274,8 @@ def _level_grads(w_ptr, u_ptr, kd_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr, hd_ptr,
         tile_kv = kk[:, None] * V + vv[None, :]
         mkv = (kk[:, None] < K) & (vv[None, :] < V)
         u = tl.load(u_ptr + base * (C * V) + tile_cv, mask=mcv, other=0)
-        do = tl.load(do_ptr + base * (C * V) + tile_cv, mask=mcv, other=0)
+        do = tl.load(do_ptr + _do_row0(base // n, i, H, sB, sH, sT, C) + cc[:, None] * sT + vv[None, :], mask=mcv,
+                     other=0).to(tl.float32)
         D = tl.zeros((BK, BV), dtype=tl.float32)
         for j in range(J):
             off = (base * J + j) * (K * V)
@@ -406,6 +415,12 @@ def _level_grid(programs: int, NV: int, scans: int = 1) -> tuple[int, ...]:
     return (*grid, scans) if scans > 1 else grid
 
 
+# The level backward reads the output gradient do: 1 from the float32 copy in [N, H, T, V] layout made
+# for the chunks' own output (twice the bytes of a 16-bit do at every read: ~1.6 GB more per fwd+bwd
+# at 64k tokens); 0 do itself, in its own type and [N, T, H, V] layout (rows H * V apart). Not yet timed.
+LEVEL_DO_COPY = 1
+
+
 def _level_launch(prec: str, major: int, backward: bool) -> dict:
     """Launch options of the level scans on a GPU of compute capability ``major``: Hopper's shared
     memory holds more than one stage of the 16-bit tiles (LEVEL_STAGES), not of float32 tiles."""
@@ -527,8 +542,11 @@ class _LevelReads(torch.autograd.Function):
         N, H, n, C, K = w.shape
         V, J = u.shape[-1], lam.shape[-1]
         opts = _level_launch(ctx.prec, _major(w.device), True)
-        # back to [N, H, n, C, V] in float32, one pass
-        do = torch.empty(N, H, n, C, V, device=do.device).copy_(do.reshape(N, n, C, H, V).permute(0, 3, 1, 2, 4))
+        # o0's gradient: do in o0's [N, H, n, C, V] layout, float32 (one pass); the level kernels read
+        # that copy or do itself (LEVEL_DO_COPY), as the [N, H, n * C, V] view of its [N, n * C, H, V]
+        do0 = torch.empty(N, H, n, C, V, device=do.device).copy_(do.reshape(N, n, C, H, V).permute(0, 3, 1, 2, 4))
+        do = do0.view(N, H, n * C, V) if LEVEL_DO_COPY else do.contiguous().permute(0, 2, 1, 3)
+        do_strides = (H, *do.stride()[:3])
 
         # the states before and the state gradients after every chunk, every level (operand type)
         hs, hd = (w.new_empty(N, H, n, J, K, V) for _ in range(2))
@@ -536,8 +554,8 @@ class _LevelReads(torch.autograd.Function):
         def launch(lane, group, _):
             j0, top, nseg = group
             _level_bwd[_level_grid(N * H * nseg, lane.NV, 2)](w, u, kd, ge, qw, lam, do, hs, hd, n, N * H, K, V,
-                                                             lane.NV, J, j0, top, C=C, BK=lane.BK, BV=lane.BV,
-                                                             NL=lane.NL, BLOCK_STORE=LEVEL_BLOCK_STORE,
+                                                             lane.NV, J, j0, top, *do_strides, C=C, BK=lane.BK,
+                                                             BV=lane.BV, NL=lane.NL, BLOCK_STORE=LEVEL_BLOCK_STORE,
                                                              ADJ=bool(LEVEL_V_ADJACENT), PREC=ctx.prec, **opts)
 
         lanes = _level_lanes(n, J, K, V, "bwd", ctx.prec)
@@ -546,11 +564,12 @@ class _LevelReads(torch.autograd.Function):
         dw, dkd, dqw = (torch.empty_like(w) for _ in range(3))
         dge, dlam = torch.empty_like(ge), torch.empty_like(lam)
         BV = min(LEVEL_GRADS[ctx.prec]["BV"], max(16, triton.next_power_of_2(V)))
-        _level_grads[(N * H * n,)](w, u, kd, qw, lam, do, hs, hd, du, dw, dkd, dqw, dge, dlam, n, K, V, J, C=C,
+        _level_grads[(N * H * n,)](w, u, kd, qw, lam, do, hs, hd, *do_strides, du, dw, dkd, dqw, dge, dlam, n, K, V,
+                                   J, C=C,
                                    BK=lanes[0].BK, BV=BV, JP=max(2, triton.next_power_of_2(J)),
                                    UNIFORM=bool(LEVEL_GRADS_UNIFORM), PREC=ctx.prec,
                                    **_grads_launch(ctx.prec, _major(w.device)))
-        return do, dw, du, dkd, dge, dqw, dlam, None, None, None
+        return do0, dw, du, dkd, dge, dqw, dlam, None, None, None
 
 
 def _padded(xs, T: int, cu_seqlens, B: int, C: int):
