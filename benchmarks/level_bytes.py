@@ -48,10 +48,10 @@ def level_fwd(n: int, NH: int, K: int, C: int, op: int, lane, first: bool, has_o
     return total * NH
 
 
-def level_bwd(n: int, NH: int, K: int, C: int, op: int, lane, group) -> int:
+def level_bwd(n: int, NH: int, K: int, C: int, op: int, do_b: int, lane, group) -> int:
     """One launch of _level_bwd (both scans): the recompute scan stores each chunk's live level states
     and reads w, kd, ge and the writing levels' u; the reverse scan stores the state gradients and
-    reads w, kd, ge and, where a level reads, qw, lam and do's columns (float32) per reading level."""
+    reads w, kd, ge and, where a level reads, qw, lam and do's columns (do_b bytes each) per reading level."""
     j0, top, _ = group
     levels = range(j0, top + 1)
     total = 0
@@ -62,18 +62,18 @@ def level_bwd(n: int, NH: int, K: int, C: int, op: int, lane, group) -> int:
         readers = [j for j in levels if _reads(i, j)]
         hd = store + common
         if readers:
-            hd += C * K * op + len(readers) * (C * F32 + C * lane.BV * F32)
+            hd += C * K * op + len(readers) * (C * F32 + C * lane.BV * do_b)
         total += (hs + hd) * lane.NV
     return total * NH
 
 
-def level_grads(n: int, NH: int, K: int, V: int, C: int, J: int, op: int) -> int:
-    """_level_grads: per chunk kd, qw, w, u, do (float32), every level's state and state gradient,
+def level_grads(n: int, NH: int, K: int, V: int, C: int, J: int, op: int, do_b: int) -> int:
+    """_level_grads: per chunk kd, qw, w, u, do (do_b bytes each), every level's state and state gradient,
     lam of the reading levels; stores du, dw, dkd, dqw, dge, dlam."""
     total = 0
     for i in range(n):
         readers = sum(_reads(i, j) for j in range(J))
-        loads = 3 * C * K * op + C * V * op + C * V * F32 + J * 2 * K * V * op + readers * C * F32
+        loads = 3 * C * K * op + C * V * op + C * V * do_b + J * 2 * K * V * op + readers * C * F32
         stores = C * V * op + 3 * C * K * op + F32 + C * J * F32
         total += loads + stores
     return total * NH
@@ -83,13 +83,14 @@ def count(T: int, H: int, d: int, C: int, op: int, prec: str) -> dict:
     """Bytes per launch, in launch order per pass and lane (as level_timing.py's ``groups``)."""
     n = T // C
     J = (n - 1).bit_length()
-    out = {"fwd": [], "bwd": [], "grads": level_grads(n, H, d, d, C, J, op)}
+    do_b = F32 if tg.LEVEL_DO_COPY else op  # the float32 copy of do or do itself (the op's output type)
+    out = {"fwd": [], "bwd": [], "grads": level_grads(n, H, d, d, C, J, op, do_b)}
     fwd_lanes = tg._level_lanes(n, J, d, d, "fwd", prec)
     for li, lane in enumerate(fwd_lanes):
         out["fwd"].append([level_fwd(n, H, d, C, op, lane, g == lane.groups[0], g == lane.groups[0] and li == 0, g)
                            for g in lane.groups])
     for lane in tg._level_lanes(n, J, d, d, "bwd", prec):
-        out["bwd"].append([level_bwd(n, H, d, C, op, lane, g) for g in lane.groups])
+        out["bwd"].append([level_bwd(n, H, d, C, op, do_b, lane, g) for g in lane.groups])
     return out
 
 
@@ -99,9 +100,11 @@ def main() -> None:
     ap.add_argument("--config", default="default", help="as level_timing.py's --configs (one)")
     ap.add_argument("--timing", default=None, help="a level_timing.py JSON with a row of this --config")
     ap.add_argument("--peak-tb-s", type=float, default=3.0)
+    ap.add_argument("--do-in-place", action="store_true", help="LEVEL_DO_COPY = 0 (do read in bf16)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     H, d, C, op, prec = 16, 128, 64, 2, "tf32"
+    tg.LEVEL_DO_COPY = 0 if args.do_in_place else tg.LEVEL_DO_COPY
     configure(args.config)
     counted = count(args.T, H, d, C, op, prec)
     rows = []
