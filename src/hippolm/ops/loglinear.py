@@ -236,6 +236,41 @@ def _naive(q, k, v, g, beta, lam, scale, initial_state, cu_seqlens, start):
 # Chunkwise O(T log T) form
 
 
+def _tree_reads(f: reference.ChunkFactors, u: torch.Tensor, lamb: torch.Tensor, c_bits: int) -> torch.Tensor:
+    """Every chunk's reads of the chunk levels (chunk 0 at position 0; u [N, H, n, C, V], lamb the
+    level weights [N, H, n, C, L]) through a binary tree of block summaries: for each aligned block
+    of 2^h chunks, D (its writes carried to its end, from a zero state) and T (its transition,
+    [K, K]: S at its end = T S at its start + D), each from its two halves. Chunk level j of chunk i
+    (bit j set) is the block of 2^j chunks ending at i >> j << j, carried to chunk i through the
+    blocks of i's lower set bits; so chunk i reads its set bits from the lowest up, its query
+    carried through each block it has read: ``o += lam_j q D_j; q <- q T_j``. O(n) summaries and
+    one batched step per level, instead of one state per level carried through every chunk."""
+    N, H, n, C, K = f.q_eff.shape
+    kT = f.k_end.transpose(-1, -2)
+    # Without the delta rule a transition is a decay (T: [.., 1, 1], applied by multiplying)
+    gamma = u.new_ones(N, H, n) if f.gamma_end is None else f.gamma_end
+    T = gamma[..., None, None] * (1 if f.w is None else torch.eye(K, dtype=u.dtype, device=u.device))
+    T = T if f.w is None else T - kT @ f.w
+    apply = torch.mul if f.w is None else torch.matmul
+    Ts, Ds = [T], [kT @ u]  # [N, H, n, K, K] (or [.., 1, 1]) and [N, H, n, K, V]
+    while Ts[-1].shape[2] > 1:  # pair up (an odd last block has no partner: no one reads past it)
+        T, D = Ts[-1], Ds[-1]
+        m = T.shape[2] // 2
+        right = T[:, :, 1 : 2 * m : 2]
+        Ts.append(apply(right, T[:, :, 0 : 2 * m : 2]))
+        Ds.append(apply(right, D[:, :, 0 : 2 * m : 2]) + D[:, :, 1 : 2 * m : 2])
+    ci = torch.arange(n, device=u.device)
+    out = u.new_zeros(N, H, n, C, u.shape[-1])
+    q = f.q_eff
+    for j in range((n - 1).bit_length()):
+        i = ci[((ci >> j) & 1).bool()]  # the chunks that read level j
+        node = (i >> j) - 1  # the block of 2^j chunks just before i >> j << j
+        qi = q[:, :, i]
+        out = out.index_add(2, i, lamb[:, :, i, :, c_bits + 1 + j, None] * (qi @ Ds[j][:, :, node]))
+        q = q.index_copy(2, i, apply(qi, Ts[j][:, :, node]))
+    return out
+
+
 def _chunk(q, k, v, g, beta, lam, scale, initial_state, output_final_state, cu_seqlens, start, C):
     if C & (C - 1):
         raise ValueError(f"chunk_size must be a power of two for log-linear ops, got {C}.")
@@ -281,11 +316,15 @@ def _chunk(q, k, v, g, beta, lam, scale, initial_state, output_final_state, cu_s
     attn_full = f.attn if f.mix is None else f.attn @ f.mix
     o = (attn_full * lam_in) @ vb  # [N, H, n, C, V]
 
-    # Inter-chunk, one pass per chunk-level bit j: chunks with bit j clear write, chunks with
-    # bit j set read (at level log2(C) + 1 + j); the state restarts every 2^(j+1) chunks.
+    # Inter-chunk: chunk level j (at level log2(C) + 1 + j) restarts every 2^(j+1) chunks; chunks
+    # with bit j clear write into it, chunks with bit j set read it.
+    from_zero = bool((first_chunk == 0).all())
+    if from_zero:
+        o = o + _tree_reads(f, u, lamb, c_bits)
     outs = list(o.unbind(2))
+    # A continuation (chunks past 0): one state per chunk level, carried through every chunk.
     last_abs_chunk = int((first_chunk + n_chunks - 1).max())
-    for j in range(last_abs_chunk.bit_length()):
+    for j in range(0 if from_zero else last_abs_chunk.bit_length()):
         S = q.new_zeros(N, H, K, V, dtype=cd)
         lvl = c_bits + 1 + j
         for i in range(n_chunks):
