@@ -236,7 +236,8 @@ def _naive(q, k, v, g, beta, lam, scale, initial_state, cu_seqlens, start):
 # Chunkwise O(T log T) form
 
 
-def _tree_reads(f: reference.ChunkFactors, u: torch.Tensor, lamb: torch.Tensor, c_bits: int) -> torch.Tensor:
+def _tree_reads(f: reference.ChunkFactors, u: torch.Tensor, lamb: torch.Tensor, c_bits: int,
+                summary_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Every chunk's reads of the chunk levels (chunk 0 at position 0; u [N, H, n, C, V], lamb the
     level weights [N, H, n, C, L]) through a binary tree of block summaries: for each aligned block
     of 2^h chunks, D (its writes carried to its end, from a zero state) and T (its transition,
@@ -244,7 +245,8 @@ def _tree_reads(f: reference.ChunkFactors, u: torch.Tensor, lamb: torch.Tensor, 
     (bit j set) is the block of 2^j chunks ending at i >> j << j, carried to chunk i through the
     blocks of i's lower set bits; so chunk i reads its set bits from the lowest up, its query
     carried through each block it has read: ``o += lam_j q D_j; q <- q T_j``. O(n) summaries and
-    one batched step per level, instead of one state per level carried through every chunk."""
+    one batched step per level, instead of one state per level carried through every chunk.
+    ``summary_dtype``: round the summaries read to it (what a kernel storing them so would lose)."""
     N, H, n, C, K = f.q_eff.shape
     kT = f.k_end.transpose(-1, -2)
     # Without the delta rule a transition is a decay (T: [.., 1, 1], applied by multiplying)
@@ -259,6 +261,8 @@ def _tree_reads(f: reference.ChunkFactors, u: torch.Tensor, lamb: torch.Tensor, 
         right = T[:, :, 1 : 2 * m : 2]
         Ts.append(apply(right, T[:, :, 0 : 2 * m : 2]))
         Ds.append(apply(right, D[:, :, 0 : 2 * m : 2]) + D[:, :, 1 : 2 * m : 2])
+    if summary_dtype is not None:
+        Ts, Ds = ([x.to(summary_dtype).to(x.dtype) for x in xs] for xs in (Ts, Ds))
     ci = torch.arange(n, device=u.device)
     out = u.new_zeros(N, H, n, C, u.shape[-1])
     q = f.q_eff
