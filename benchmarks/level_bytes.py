@@ -79,6 +79,22 @@ def level_grads(n: int, NH: int, K: int, V: int, C: int, J: int, op: int, do_b: 
     return total * NH
 
 
+def tree_fwd(n: int, NH: int, K: int, V: int, C: int, J: int, op: int) -> int:
+    """The forward of a kernel reading the levels through a tree of block summaries (as the chunk
+    reference's hippolm.ops.loglinear._tree_reads), summaries in the operand type: the build reads
+    w, kd, u, ge once per chunk and stores the nodes that are read (the even ones of every height:
+    T [K, K] and D [K, V]); chunk i reads qw, lam, o0 (float32), one D per set bit, one T per set bit
+    but the last, and writes o (operand type)."""
+    nodes = sum(n >> (h + 1) for h in range(J))
+    build = n * (2 * C * K * op + C * V * op + F32) + nodes * (K * K + K * V) * op
+    reads = 0
+    for i in range(n):
+        bits = bin(i).count("1")
+        reads += C * K * op + C * J * F32 + C * V * F32 + C * V * op + bits * K * V * op
+        reads += max(0, bits - 1) * K * K * op
+    return (build + reads) * NH
+
+
 def count(T: int, H: int, d: int, C: int, op: int, prec: str) -> dict:
     """Bytes per launch, in launch order per pass and lane (as level_timing.py's ``groups``)."""
     n = T // C
@@ -140,11 +156,16 @@ def main() -> None:
     total = sum(r["GB"] for r in rows)
     print(f"all level kernels: {total:.1f} GB counted, {total / args.peak_tb_s:.1f} ms at {args.peak_tb_s} TB/s "
           "if nothing came from L2 and nothing overlapped")
+    fwd = sum(r["GB"] for r in rows if r["kernel"] == "_level_fwd")
+    n = args.T // C
+    tree = tree_fwd(n, H, d, d, C, (n - 1).bit_length(), op) / 1e9
+    print(f"forward: {fwd:.1f} GB counted; a tree of block summaries would move {tree:.1f} GB")
     if args.json:
         meta = {"T": args.T, "H": H, "d": d, "C": C, "operand_bytes": op, "config": args.config,
                 "timing": args.timing, "triton": triton.__version__, "peak_tb_s": args.peak_tb_s}
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows, "total_GB": round(total, 2)}, f, indent=1)
+            json.dump({"meta": meta, "rows": rows, "total_GB": round(total, 2), "fwd_GB": round(fwd, 2),
+                       "tree_fwd_GB": round(tree, 2)}, f, indent=1)
 
 
 if __name__ == "__main__":
