@@ -98,6 +98,28 @@ def chunk_kernel_compiled(which: str, prec: str, major: int, warps: int | None =
                     major, "bf16" if prec == "tf32" else "fp32", ptrs)
 
 
+def tree_kernels_compiled(prec: str, major: int, warps: int | None = None) -> list[tuple[str, object]]:
+    """(name, compiled kernel) of the tree-of-summaries forward (triton_gdn_tree) at head dim 128,
+    chunks of 64, with the host's tiles."""
+    from hippolm.ops import triton_gdn_tree as tt
+
+    operand = "bf16" if prec == "tf32" else "fp32"
+    ptrs = ("w_ptr", "u_ptr", "kd_ptr", "qw_ptr", "m_ptr")
+    opts = {"num_warps": warps or tt.TREE_TILES["num_warps"]}
+    BN, BV = tt.TREE_TILES["BN"], tt.TREE_TILES["BV"]
+    return [("_tree_leaves", _compile(tt._tree_leaves, {"C": 64, "BK": 128, "BN": BN, "PREC": prec}, opts, major,
+                                      operand, ptrs)),
+            ("_tree_merge", _compile(tt._tree_merge, {"BK": 128, "BN": BN, "PREC": prec}, opts, major, operand, ptrs)),
+            ("_tree_read", _compile(tt._tree_read, {"C": 64, "BK": 128, "BV": BV, "PREC": prec}, opts, major,
+                                    operand, ptrs, {"offs_ptr": "i32", "out_ptr": operand}))]
+
+
+@pytest.mark.parametrize("prec,major", [("tf32", 9), ("ieee", 8)])
+def test_tree_kernels_compile_and_fit_shared_memory(prec, major):
+    for name, kernel in tree_kernels_compiled(prec, major):
+        assert 0 < kernel.metadata.shared <= SHARED[major], (name, kernel.metadata.shared)
+
+
 @pytest.mark.parametrize("which", ["fwd", "bwd"])
 @pytest.mark.parametrize("prec,major", [("tf32", 9), ("ieee", 8)])
 def test_level_kernels_compile_and_fit_shared_memory(which, prec, major):

@@ -466,6 +466,19 @@ def test_loglinear_gated_delta_rule_reads_do_in_place(bf16, device, monkeypatch)
     _assert_matches_reference(xs, run, torch.bfloat16 if bf16 else torch.float32, 2e-2 if bf16 else 1e-4)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_loglinear_gated_delta_rule_tree_forward(bf16, device, monkeypatch):
+    """The forward through a tree of block summaries (LEVEL_TREE_FWD = 1; its backward is the level
+    scans') == the float64 reference, outputs and gradients, with two packed sequences (one ending
+    inside a block, so an odd last node) and two heads; buffers uninitialised come filled with NaN."""
+    from hippolm.ops import triton_gdn
+
+    monkeypatch.setattr(triton_gdn, "LEVEL_TREE_FWD", 1)
+    _poison_empty(monkeypatch)
+    xs, run = _level_case(500, seed=15, bf16=bf16, H=2, cu_seqlens=torch.tensor([0, 410, 500]))
+    _assert_matches_reference(xs, run, torch.bfloat16 if bf16 else torch.float32, 2e-2 if bf16 else 1e-4)
+
+
 def _poison_empty(monkeypatch) -> None:
     """torch.empty / empty_like return tensors filled with NaN (a kernel reading what nobody wrote fails)."""
     empty, empty_like = torch.empty, torch.empty_like

@@ -24,6 +24,7 @@ import triton.language as tl
 from . import reference
 from .loglinear import bit_length
 from .triton_gdn_chunk import ChunkParts
+from .triton_gdn_tree import tree_reads
 
 
 @triton.jit
@@ -421,6 +422,12 @@ def _level_grid(programs: int, NV: int, scans: int = 1) -> tuple[int, ...]:
 LEVEL_DO_COPY = 1
 
 
+# 1: the forward reads the chunk levels through a tree of block summaries (triton_gdn_tree: no
+# sequential scan, ~7.8 instead of 19.7 GB at 64k tokens by level_bytes.py's count), the backward
+# as before; 0: the level scans. Not yet timed.
+LEVEL_TREE_FWD = 0
+
+
 def _level_launch(prec: str, major: int, backward: bool) -> dict:
     """Launch options of the level scans on a GPU of compute capability ``major``: Hopper's shared
     memory holds more than one stage of the 16-bit tiles (LEVEL_STAGES), not of float32 tiles."""
@@ -515,6 +522,10 @@ class _LevelReads(torch.autograd.Function):
         V, J = u.shape[-1], lam.shape[-1]
         w, u, kd, qw = (x.to(operands).contiguous() for x in (w, u, kd, qw))
         ge, lam, o0 = ge.contiguous(), lam.contiguous(), o0.float().contiguous()
+        ctx.save_for_backward(w, u, kd, ge, qw, lam)
+        ctx.prec = prec
+        if LEVEL_TREE_FWD:
+            return tree_reads(o0, w, u, kd, ge, qw, lam, prec, out_dtype).view(N, n * C, H, V)
         opts = _level_launch(prec, _major(w.device), False)
         lanes = _level_lanes(n, J, K, V, "fwd", prec)
 
@@ -527,8 +538,6 @@ class _LevelReads(torch.autograd.Function):
                                                           ADJ=bool(LEVEL_V_ADJACENT), PREC=prec, **opts)
 
         sets = _in_lanes(lanes, launch, lambda lane: torch.empty_like(o0), w.device)
-        ctx.save_for_backward(w, u, kd, ge, qw, lam)
-        ctx.prec = prec
         out = w.new_empty(N, n, C, H, V, dtype=out_dtype)
         if len(sets) == 1:
             out.permute(0, 3, 1, 2, 4).copy_(sets[0])
