@@ -14,21 +14,12 @@ import datetime
 import json
 import platform
 import subprocess
-import time
 
 import torch
+from ops_cpu import best_time  # benchmarks/ is on the path when run as a script
 
 import hippolm
 from hippolm import ops
-
-
-def best(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -64,7 +55,8 @@ def main() -> None:
                 o, _ = fn(*leaves, backend="torch", chunk_size=64)
                 torch.autograd.grad(o.sum(), leaves)
 
-            row = {"op": op, "T": T, "d": d, "fwd_s": round(best(fwd), 4), "fwd_bwd_s": round(best(fwd_bwd), 4)}
+            row = {"op": op, "T": T, "d": d, "fwd_s": round(best_time(fwd), 4),
+                   "fwd_bwd_s": round(best_time(fwd_bwd), 4)}
             print(row, flush=True)
             rows.append(row)
     out = {"meta": {"label": args.label or commit, "hippolm_path": hippolm.__file__, "torch": torch.__version__,
