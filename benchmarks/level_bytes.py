@@ -95,6 +95,30 @@ def tree_fwd(n: int, NH: int, K: int, V: int, C: int, J: int, op: int) -> int:
     return (build + reads) * NH
 
 
+def tree_bwd(n: int, NH: int, K: int, V: int, C: int, J: int, op: int) -> int:
+    """The backward of tests/test_tree_backward.py's four phases as kernels would run them, summaries
+    and pairs in the operand type, node gradients float32: the tree rebuilt as in the forward; per
+    chunk qw, do, lam, the T's the query is carried through (twice: carried, then reversed), one D
+    per set bit, and a pair (q, [dq | g]) stored per set bit, dqw and dlam; per node its readers'
+    pairs read once and dM stored; per parent dM, M_left and T_right read and both children's dM
+    added to (read and written); per leaf dM, kd, w, u read, dkd, dw, du, dge stored."""
+    W = K + V
+    sizes = [n >> h for h in range(J)]
+    build = n * (2 * C * K * op + C * V * op + F32) + sum(sizes) * K * W * op
+    chunks = 0
+    for i in range(n):
+        p = bin(i & ((1 << J) - 1)).count("1")
+        chunks += C * K * op + C * V * op + C * J * F32  # qw, do, lam
+        chunks += 2 * max(0, p - 1) * K * K * op + p * K * V * op  # T carried and reversed, D
+        chunks += p * (C * K + C * W) * op + C * K * op + C * J * F32  # pairs, dqw, dlam
+    read_nodes = sum(n >> (h + 1) for h in range(J))
+    pairs = sum(bin(i & ((1 << J) - 1)).count("1") for i in range(n)) * (C * K + C * W) * op
+    nodes = pairs + read_nodes * K * W * F32
+    merges = sum(sizes[1:]) * (K * W * F32 + K * W * op + K * K * op + 2 * 2 * K * W * F32)
+    leaves = n * (K * W * F32 + 2 * C * K * op + C * V * op + 2 * C * K * op + C * V * op + F32)
+    return (build + chunks + nodes + merges + leaves) * NH
+
+
 def count(T: int, H: int, d: int, C: int, op: int, prec: str) -> dict:
     """Bytes per launch, in launch order per pass and lane (as level_timing.py's ``groups``)."""
     n = T // C
@@ -159,13 +183,15 @@ def main() -> None:
     fwd = sum(r["GB"] for r in rows if r["kernel"] == "_level_fwd")
     n = args.T // C
     tree = tree_fwd(n, H, d, d, C, (n - 1).bit_length(), op) / 1e9
+    tree_b = tree_bwd(n, H, d, d, C, (n - 1).bit_length(), op) / 1e9
     print(f"forward: {fwd:.1f} GB counted; a tree of block summaries would move {tree:.1f} GB")
+    print(f"backward: {total - fwd:.1f} GB counted; the tree's (tests/test_tree_backward.py's phases) {tree_b:.1f} GB")
     if args.json:
         meta = {"T": args.T, "H": H, "d": d, "C": C, "operand_bytes": op, "config": args.config,
                 "timing": args.timing, "triton": triton.__version__, "peak_tb_s": args.peak_tb_s}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows, "total_GB": round(total, 2), "fwd_GB": round(fwd, 2),
-                       "tree_fwd_GB": round(tree, 2)}, f, indent=1)
+                       "tree_fwd_GB": round(tree, 2), "tree_bwd_GB": round(tree_b, 2)}, f, indent=1)
 
 
 if __name__ == "__main__":
