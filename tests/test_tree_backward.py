@@ -17,28 +17,18 @@ import torch
 from conftest import rel_err
 
 from hippolm.ops import reference
-from hippolm.ops.loglinear import _tree_reads
+from hippolm.ops.loglinear import _tree_reads, _tree_summaries
 
 
-def _summaries(kd, w, u, ge):
-    """Every height's summaries M = [T | D] ([.., n_h, K, K + V]) and the leaves' T and D."""
-    K = kd.shape[-1]
-    kT = kd.transpose(-1, -2)
-    M = torch.cat([ge[..., None, None] * torch.eye(K, dtype=kd.dtype) - kT @ w, kT @ u], -1)
-    Ms = [M]
-    while Ms[-1].shape[2] > 1:
-        M, m = Ms[-1], Ms[-1].shape[2] // 2
-        right = M[:, :, 1 : 2 * m : 2]
-        parent = right[..., :K] @ M[:, :, 0 : 2 * m : 2]
-        parent[..., K:] += right[..., K:]
-        Ms.append(parent)
-    return Ms
+def _factors(qw, kd, w, ge) -> reference.ChunkFactors:
+    """Chunk factors with the delta rule, as _tree_reads and _tree_summaries take them."""
+    return reference.ChunkFactors(attn=None, q_eff=qw, k_end=kd, gamma_end=ge, mix=None, w=w)
 
 
 def _tree_backward(qw, kd, w, u, ge, lam, do):
     """Gradients of sum(do * reads) for the reads of _tree_reads (lam [N, H, n, C, J] per chunk level)."""
     n, K, J = qw.shape[2], qw.shape[-1], lam.shape[-1]
-    Ms = _summaries(kd, w, u, ge)
+    Ms = [torch.cat(td, -1) for td in zip(*_tree_summaries(_factors(qw, kd, w, ge), u), strict=True)]  # [T | D]
     dMs = [torch.zeros_like(M) for M in Ms]
     dqw, dlam = torch.zeros_like(qw), torch.zeros_like(lam)
     for i in range(n):  # phase 1 (every chunk in parallel in a kernel) and phase 2 (the sums)
@@ -84,9 +74,8 @@ def test_tree_backward_by_hand_equals_autograd():
     ge = (torch.rand(N, H, n, generator=gen, dtype=torch.float64) * 0.5 + 0.5).requires_grad_()
     lam = (torch.rand(N, H, n, C, J, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
     do = torch.randn(N, H, n, C, V, generator=gen, dtype=torch.float64)
-    f = reference.ChunkFactors(attn=None, q_eff=qw, k_end=kd, gamma_end=ge, mix=None, w=w)
     # _tree_reads takes chunk level j's weight from column c_bits + 1 + j
-    reads = _tree_reads(f, u, torch.cat([lam.new_zeros(N, H, n, C, 1), lam], -1), c_bits=0)
+    reads = _tree_reads(_factors(qw, kd, w, ge), u, torch.cat([lam.new_zeros(N, H, n, C, 1), lam], -1), c_bits=0)
     expected = torch.autograd.grad((reads * do).sum(), (qw, kd, w, u, ge, lam))
     got = _tree_backward(qw.detach(), kd.detach(), w.detach(), u.detach(), ge.detach(), lam.detach(), do)
     for name, a, b in zip(("dqw", "dkd", "dw", "du", "dge", "dlam"), got, expected, strict=True):

@@ -236,6 +236,32 @@ def _naive(q, k, v, g, beta, lam, scale, initial_state, cu_seqlens, start):
 # Chunkwise O(T log T) form
 
 
+def _tree_summaries(f: reference.ChunkFactors, u: torch.Tensor) -> tuple[list, list]:
+    """Per height h, every aligned block of 2^h chunks' transition T ([N, H, n >> h, K, K], or
+    [.., 1, 1] without the delta rule: a decay) and writes carried to its end D ([.., K, V]); a
+    parent from its halves: T = T_right T_left, D = T_right D_left + D_right (an odd last block has
+    no partner: no one reads past it)."""
+    N, H, n, _, K = f.q_eff.shape
+    kT = f.k_end.transpose(-1, -2)
+    gamma = u.new_ones(N, H, n) if f.gamma_end is None else f.gamma_end
+    T = gamma[..., None, None] * (1 if f.w is None else torch.eye(K, dtype=u.dtype, device=u.device))
+    T = T if f.w is None else T - kT @ f.w
+    apply = _transition(f)
+    Ts, Ds = [T], [kT @ u]
+    while Ts[-1].shape[2] > 1:
+        T, D = Ts[-1], Ds[-1]
+        m = T.shape[2] // 2
+        right = T[:, :, 1 : 2 * m : 2]
+        Ts.append(apply(right, T[:, :, 0 : 2 * m : 2]))
+        Ds.append(apply(right, D[:, :, 0 : 2 * m : 2]) + D[:, :, 1 : 2 * m : 2])
+    return Ts, Ds
+
+
+def _transition(f: reference.ChunkFactors):
+    """How a summary's T applies: a matrix product with the delta rule, else a decay's product."""
+    return torch.mul if f.w is None else torch.matmul
+
+
 def _tree_reads(f: reference.ChunkFactors, u: torch.Tensor, lamb: torch.Tensor, c_bits: int,
                 summary_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Every chunk's reads of the chunk levels (chunk 0 at position 0; u [N, H, n, C, V], lamb the
@@ -247,20 +273,9 @@ def _tree_reads(f: reference.ChunkFactors, u: torch.Tensor, lamb: torch.Tensor, 
     carried through each block it has read: ``o += lam_j q D_j; q <- q T_j``. O(n) summaries and
     one batched step per level, instead of one state per level carried through every chunk.
     ``summary_dtype``: round the summaries read to it (what a kernel storing them so would lose)."""
-    N, H, n, C, K = f.q_eff.shape
-    kT = f.k_end.transpose(-1, -2)
-    # Without the delta rule a transition is a decay (T: [.., 1, 1], applied by multiplying)
-    gamma = u.new_ones(N, H, n) if f.gamma_end is None else f.gamma_end
-    T = gamma[..., None, None] * (1 if f.w is None else torch.eye(K, dtype=u.dtype, device=u.device))
-    T = T if f.w is None else T - kT @ f.w
-    apply = torch.mul if f.w is None else torch.matmul
-    Ts, Ds = [T], [kT @ u]  # [N, H, n, K, K] (or [.., 1, 1]) and [N, H, n, K, V]
-    while Ts[-1].shape[2] > 1:  # pair up (an odd last block has no partner: no one reads past it)
-        T, D = Ts[-1], Ds[-1]
-        m = T.shape[2] // 2
-        right = T[:, :, 1 : 2 * m : 2]
-        Ts.append(apply(right, T[:, :, 0 : 2 * m : 2]))
-        Ds.append(apply(right, D[:, :, 0 : 2 * m : 2]) + D[:, :, 1 : 2 * m : 2])
+    N, H, n, C, _ = f.q_eff.shape
+    Ts, Ds = _tree_summaries(f, u)
+    apply = _transition(f)
     if summary_dtype is not None:
         Ts, Ds = ([x.to(summary_dtype).to(x.dtype) for x in xs] for xs in (Ts, Ds))
     ci = torch.arange(n, device=u.device)
@@ -326,17 +341,16 @@ def _chunk(q, k, v, g, beta, lam, scale, initial_state, output_final_state, cu_s
     if from_zero:
         o = o + _tree_reads(f, u, lamb, c_bits)
     outs = list(o.unbind(2))
-    # A continuation (chunks past 0): one state per chunk level, carried through every chunk.
-    last_abs_chunk = int((first_chunk + n_chunks - 1).max())
-    for j in range(0 if from_zero else last_abs_chunk.bit_length()):
-        S = q.new_zeros(N, H, K, V, dtype=cd)
-        lvl = c_bits + 1 + j
-        for i in range(n_chunks):
-            ci = first_chunk + i
-            S = S * (ci % (1 << (j + 1)) != 0).view(N, 1, 1, 1)
-            reads = ((ci >> j) & 1).bool().view(N, 1, 1, 1)
-            outs[i] = outs[i] + reads * lamb[:, :, i, :, lvl, None] * (f.q_eff[:, :, i] @ S)
-            S = f.carry(S, i) + ~reads * f.write(u[:, :, i], i)
+    if not from_zero:  # a continuation (chunks past 0): one state per chunk level, carried through every chunk
+        for j in range(int((first_chunk + n_chunks - 1).max()).bit_length()):
+            S = q.new_zeros(N, H, K, V, dtype=cd)
+            lvl = c_bits + 1 + j
+            for i in range(n_chunks):
+                ci = first_chunk + i
+                S = S * (ci % (1 << (j + 1)) != 0).view(N, 1, 1, 1)
+                reads = ((ci >> j) & 1).bool().view(N, 1, 1, 1)
+                outs[i] = outs[i] + reads * lamb[:, :, i, :, lvl, None] * (f.q_eff[:, :, i] @ S)
+                S = f.carry(S, i) + ~reads * f.write(u[:, :, i], i)
 
     pos = first_chunk[:, None] * C + torch.arange(Tp, device=dev)[None]  # absolute positions [N, Tp]
     carried = None

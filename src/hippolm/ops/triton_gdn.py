@@ -574,8 +574,7 @@ class _LevelReads(torch.autograd.Function):
         dge, dlam = torch.empty_like(ge), torch.empty_like(lam)
         BV = min(LEVEL_GRADS[ctx.prec]["BV"], max(16, triton.next_power_of_2(V)))
         _level_grads[(N * H * n,)](w, u, kd, qw, lam, do, hs, hd, *do_strides, du, dw, dkd, dqw, dge, dlam, n, K, V,
-                                   J, C=C,
-                                   BK=lanes[0].BK, BV=BV, JP=max(2, triton.next_power_of_2(J)),
+                                   J, C=C, BK=lanes[0].BK, BV=BV, JP=max(2, triton.next_power_of_2(J)),
                                    UNIFORM=bool(LEVEL_GRADS_UNIFORM), PREC=ctx.prec,
                                    **_grads_launch(ctx.prec, _major(w.device)))
         return do0, dw, du, dkd, dge, dqw, dlam, None, None, None
