@@ -99,19 +99,29 @@ def chunk_kernel_compiled(which: str, prec: str, major: int, warps: int | None =
 
 
 def tree_kernels_compiled(prec: str, major: int, warps: int | None = None) -> list[tuple[str, object]]:
-    """(name, compiled kernel) of the tree-of-summaries forward (triton_gdn_tree) at head dim 128,
-    chunks of 64, with the host's tiles."""
+    """(name, compiled kernel) of the tree-of-summaries forward and backward (triton_gdn_tree) at
+    head dim 128, chunks of 64, with the host's tiles."""
     from hippolm.ops import triton_gdn_tree as tt
 
     operand = "bf16" if prec == "tf32" else "fp32"
-    ptrs = ("w_ptr", "u_ptr", "kd_ptr", "qw_ptr", "m_ptr")
+    ptrs = ("w_ptr", "u_ptr", "kd_ptr", "qw_ptr", "m_ptr", "qb_ptr", "dqa_ptr", "dqw_ptr", "du_ptr", "dw_ptr",
+            "dkd_ptr")
     opts = {"num_warps": warps or tt.TREE_TILES["num_warps"]}
     BN, BV = tt.TREE_TILES["BN"], tt.TREE_TILES["BV"]
+    bwd = tt.TREE_BWD_TILES
+    bopts = {"num_warps": warps or bwd["num_warps"]}
+    backward = [("_tree_pairs", _compile(tt._tree_pairs, {"C": 64, "K": 128, "BK": 128, "BV": bwd["BV"], "PREC": prec},
+                                         bopts, major, operand, ptrs, {"offs_ptr": "i32"})),
+                *((f"_tree_node_grads atomic={atomic}",
+                   _compile(tt._tree_node_grads, {"C": 64, "BK": 128, "BN": bwd["BN"], "ATOMIC": atomic, "PREC": prec},
+                            bopts, major, operand, ptrs)) for atomic in (False, True)),
+                ("_tree_leaf_grads", _compile(tt._tree_leaf_grads, {"C": 64, "BK": 128, "BV": bwd["BV"], "PREC": prec},
+                                              bopts, major, operand, ptrs))]
     return [("_tree_leaves", _compile(tt._tree_leaves, {"C": 64, "BK": 128, "BN": BN, "PREC": prec}, opts, major,
                                       operand, ptrs)),
             ("_tree_merge", _compile(tt._tree_merge, {"BK": 128, "BN": BN, "PREC": prec}, opts, major, operand, ptrs)),
             ("_tree_read", _compile(tt._tree_read, {"C": 64, "BK": 128, "BV": BV, "PREC": prec}, opts, major,
-                                    operand, ptrs, {"offs_ptr": "i32", "out_ptr": operand}))]
+                                    operand, ptrs, {"offs_ptr": "i32", "out_ptr": operand})), *backward]
 
 
 @pytest.mark.parametrize("prec,major", [("tf32", 9), ("ieee", 8)])

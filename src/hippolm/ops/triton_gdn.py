@@ -24,7 +24,7 @@ import triton.language as tl
 from . import reference
 from .loglinear import bit_length
 from .triton_gdn_chunk import ChunkParts
-from .triton_gdn_tree import tree_reads
+from .triton_gdn_tree import tree_backward, tree_reads
 
 
 @triton.jit
@@ -426,6 +426,9 @@ LEVEL_DO_COPY = 1
 # sequential scan, ~7.8 instead of 19.7 GB at 64k tokens by level_bytes.py's count), the backward
 # as before; 0: the level scans. Not yet timed.
 LEVEL_TREE_FWD = 0
+# 1: the backward through the tree too (triton_gdn_tree.tree_backward: per chunk, per height top
+# down, per leaf; no per-level scratch states); 0: the level scans. Not yet timed.
+LEVEL_TREE_BWD = 0
 
 
 def _level_launch(prec: str, major: int, backward: bool) -> dict:
@@ -554,6 +557,8 @@ class _LevelReads(torch.autograd.Function):
         # o0's gradient: do in o0's [N, H, n, C, V] layout, float32 (one pass); the level kernels read
         # that copy or do itself (LEVEL_DO_COPY), as the [N, H, n * C, V] view of its [N, n * C, H, V]
         do0 = torch.empty(N, H, n, C, V, device=do.device).copy_(do.reshape(N, n, C, H, V).permute(0, 3, 1, 2, 4))
+        if LEVEL_TREE_BWD:
+            return do0, *tree_backward(do0, w, u, kd, ge, qw, lam, ctx.prec), None, None, None
         do = do0.view(N, H, n * C, V) if LEVEL_DO_COPY else do.contiguous().permute(0, 2, 1, 3)
         do_strides = (H, *do.stride()[:3])
 

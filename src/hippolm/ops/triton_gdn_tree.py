@@ -12,6 +12,8 @@ every chunk reads in parallel, the tree takes one launch per height; no per-leve
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -91,8 +93,199 @@ def _tree_read(qw_ptr, lam_ptr, o0_ptr, m_ptr, offs_ptr, out_ptr, n, NN, H, K, V
     tl.store(out_ptr + (rows[:, None] * H + h) * V + vv[None, :], o.to(out_ptr.dtype.element_ty), mask=mv)
 
 
+@triton.jit
+def _tree_pairs(qw_ptr, lam_ptr, do_ptr, m_ptr, offs_ptr, qb_ptr, dqa_ptr, dqw_ptr, dlam_ptr, n, NN, K: tl.constexpr,
+                V, J, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """The reads' backward, per chunk (program axis 0: sequence-head * n + chunk i): the query carried
+    up through the blocks chunk i reads as the forward carries it (q before each read stored in qb
+    [N * H, J, n, C, K]), then from the highest read down, with g = lam_j do: dlam_j = rowsum(do *
+    (q D)), the gradient of the query after the block stored in dqa (qb's layout: the per-node phase
+    sums q^T [dq | g] over a node's readers), dq <- g D^T + dq T^T; dqw = dq after the lowest."""
+    pid = tl.program_id(0).to(tl.int64)
+    bh, i = pid // n, pid % n
+    W = K + V
+    kk = tl.arange(0, BK)
+    cc = tl.arange(0, C)
+    mk = kk < K
+    mkk = mk[:, None] & mk[None, :]
+    tile_ck = cc[:, None] * K + kk[None, :]
+    dt = qw_ptr.dtype.element_ty
+    q = tl.load(qw_ptr + pid * (C * K) + tile_ck, mask=mk[None, :], other=0)
+    for j in range(J):
+        if ((i >> j) & 1) == 1:
+            tl.store(qb_ptr + ((bh * J + j) * n + i) * (C * K) + tile_ck, q, mask=mk[None, :])
+            if (i >> (j + 1)) != 0:
+                node = m_ptr + (bh * NN + tl.load(offs_ptr + j) + (i >> j) - 1) * (K * W)
+                q = tl.dot(q, tl.load(node + kk[:, None] * W + kk[None, :], mask=mkk, other=0),
+                           input_precision=PREC).to(dt)
+    dq = tl.zeros((C, BK), dtype=tl.float32)
+    for jr in range(J):
+        j = J - 1 - jr
+        if ((i >> j) & 1) == 1:
+            node = m_ptr + (bh * NN + tl.load(offs_ptr + j) + (i >> j) - 1) * (K * W)
+            row = ((bh * J + j) * n + i) * (C * K)
+            tl.store(dqa_ptr + row + tile_ck, dq.to(dt), mask=mk[None, :])
+            qb = tl.load(qb_ptr + row + tile_ck, mask=mk[None, :], other=0)
+            t_tr = tl.load(node + kk[None, :] * W + kk[:, None], mask=mkk, other=0)  # T^T, loaded transposed
+            dq = tl.dot(dq.to(dt), t_tr, input_precision=PREC)
+            lam = tl.load(lam_ptr + (pid * C + cc) * J + j)
+            read = tl.zeros((C,), dtype=tl.float32)
+            for v0 in range(0, V, BV):
+                vv = v0 + tl.arange(0, BV)
+                mv = vv < V
+                d = tl.load(node + kk[:, None] * W + K + vv[None, :], mask=mk[:, None] & mv[None, :], other=0)
+                do = tl.load(do_ptr + pid * (C * V) + cc[:, None] * V + vv[None, :], mask=mv[None, :], other=0)
+                read += tl.sum(do * tl.dot(qb, d, input_precision=PREC), axis=1)
+                dq = tl.dot((lam[:, None] * do).to(dt), tl.trans(d), dq, input_precision=PREC)
+            tl.store(dlam_ptr + (pid * C + cc) * J + j, read)
+        else:  # a level chunk i does not read
+            tl.store(dlam_ptr + (pid * C + cc) * J + j, tl.zeros((C,), dtype=tl.float32))
+    tl.store(dqw_ptr + pid * (C * K) + tile_ck, dq, mask=mk[None, :])
+
+
+@triton.jit
+def _tree_node_grads(m_ptr, dm_ptr, qb_ptr, dqa_ptr, do_ptr, lam_ptr, h, n_h, n_up, off_h, off_up, n, NN, K, V, J,
+                     SPLITS, R, C: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, ATOMIC: tl.constexpr,
+                     PREC: tl.constexpr):
+    """One column tile (program axis 1) of the gradient dM = [dT | dD] of node m of height h, the
+    heights' launches running top down (program axis 0: (sequence-head * n_h + m) * SPLITS + s):
+    from its parent P = T_right M_left + [0 | D_right] (a left node: T_right^T dP; a right node:
+    dP M_left^T in its T columns, dP's D columns in its D columns), and, for a left node, from the
+    chunks of the block after it that read it (readers R * s .. R * (s + 1) - 1 of them in this
+    program): sum of qb^T [dqa | lam_h do]. Stored float32 (added atomically with SPLITS > 1)."""
+    pid = tl.program_id(0).to(tl.int64)
+    s = pid % SPLITS
+    bh, m = (pid // SPLITS) // n_h, (pid // SPLITS) % n_h
+    W = K + V
+    kk = tl.arange(0, BK)
+    cc = tl.arange(0, C)
+    col0 = tl.program_id(1) * BN
+    cols = col0 + tl.arange(0, BN)
+    mk = kk < K
+    tile = kk[:, None] * W + cols[None, :]
+    mt = mk[:, None] & (cols[None, :] < W)
+    dt = m_ptr.dtype.element_ty
+    acc = tl.zeros((BK, BN), dtype=tl.float32)
+    if (s == 0) & (m < 2 * n_up):
+        parent = dm_ptr + (bh * NN + off_up + m // 2) * (K * W)
+        if m % 2 == 0:
+            right = m_ptr + (bh * NN + off_h + m + 1) * (K * W)
+            t_tr = tl.load(right + kk[None, :] * W + kk[:, None], mask=mk[:, None] & mk[None, :], other=0)
+            acc = tl.dot(t_tr, tl.load(parent + tile, mask=mt, other=0).to(dt), acc, input_precision=PREC)
+        else:
+            left = m_ptr + (bh * NN + off_h + m - 1) * (K * W)
+            if col0 < K:  # T columns: dP M_left^T, the reduction over all of dP's columns
+                for p0 in range(0, W, BN):
+                    pp = p0 + tl.arange(0, BN)
+                    dp = tl.load(parent + kk[:, None] * W + pp[None, :], mask=mk[:, None] & (pp[None, :] < W),
+                                 other=0)
+                    lt = tl.load(left + cols[None, :] * W + pp[:, None], mask=(pp[:, None] < W) & (cols[None, :] < K),
+                                 other=0)  # M_left[cols, pp]^T
+                    acc = tl.dot(dp.to(dt), lt, acc, input_precision=PREC)
+            acc += tl.load(parent + tile, mask=mt & (cols[None, :] >= K), other=0)
+    if m % 2 == 0:
+        r0 = ((m + 1) << h) + s * R
+        r1 = tl.minimum(tl.minimum(r0 + R, (m + 2) << h), n)
+        for i in range(r0, r1):
+            row = ((bh * J + h) * n + i) * (C * K)
+            qb_tr = tl.load(qb_ptr + row + cc[None, :] * K + kk[:, None], mask=mk[:, None], other=0)  # [BK, C]
+            dqa = tl.load(dqa_ptr + row + cc[:, None] * K + cols[None, :], mask=cols[None, :] < K, other=0)
+            lam = tl.load(lam_ptr + ((bh * n + i) * C + cc) * J + h)
+            do = tl.load(do_ptr + ((bh * n + i) * C + cc[:, None]) * V + (cols - K)[None, :],
+                         mask=(cols[None, :] >= K) & (cols[None, :] < W), other=0)
+            rhs = tl.where(cols[None, :] < K, dqa.to(tl.float32), lam[:, None] * do).to(dt)
+            acc = tl.dot(qb_tr, rhs, acc, input_precision=PREC)
+    out = dm_ptr + (bh * NN + off_h + m) * (K * W) + tile
+    if ATOMIC:
+        tl.atomic_add(out, acc, mask=mt)
+    else:
+        tl.store(out, acc, mask=mt)
+
+
+@triton.jit
+def _tree_leaf_grads(w_ptr, u_ptr, kd_ptr, dm_ptr, du_ptr, dw_ptr, dkd_ptr, dge_ptr, n, NN, K, V,
+                     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """A chunk's gradients from its leaf's [dT | dD] (leaf M = [ge I - kd^T w | kd^T u]; program
+    axis 0: sequence-head * n + chunk): dge = trace(dT), dw = -kd dT, dkd = -w dT^T + u dD^T,
+    du = kd dD; dw and dkd by pieces of BV columns (float32 [K, K] operands would not fit shared
+    memory). Transposes are loads with swapped offsets."""
+    pid = tl.program_id(0).to(tl.int64)
+    bh = pid // n
+    W = K + V
+    kk = tl.arange(0, BK)
+    cc = tl.arange(0, C)
+    mk = kk < K
+    tile_ck = cc[:, None] * K + kk[None, :]
+    dt = w_ptr.dtype.element_ty
+    node = dm_ptr + (bh * NN + pid % n) * (K * W)
+    kd = tl.load(kd_ptr + pid * (C * K) + tile_ck, mask=mk[None, :], other=0)
+    wn = (-tl.load(w_ptr + pid * (C * K) + tile_ck, mask=mk[None, :], other=0).to(tl.float32)).to(dt)
+    trace = 0.0
+    for p0 in range(0, K, BV):
+        pp = p0 + tl.arange(0, BV)
+        mp = pp < K
+        d_t = tl.load(node + kk[:, None] * W + pp[None, :], mask=mk[:, None] & mp[None, :], other=0)  # dT[:, p]
+        trace += tl.sum(tl.sum(tl.where(kk[:, None] == pp[None, :], d_t, 0.0), axis=1), axis=0)
+        tl.store(dw_ptr + pid * (C * K) + cc[:, None] * K + pp[None, :], -tl.dot(kd, d_t.to(dt), input_precision=PREC),
+                 mask=mp[None, :])
+        d_tr = tl.load(node + pp[None, :] * W + kk[:, None], mask=mk[:, None] & mp[None, :], other=0)  # dT^T[:, p]
+        dkd = tl.dot(wn, d_tr.to(dt), input_precision=PREC)
+        for v0 in range(0, V, BV):
+            vv = v0 + tl.arange(0, BV)
+            mv = vv < V
+            dd_tr = tl.load(node + pp[None, :] * W + K + vv[:, None], mask=mv[:, None] & mp[None, :], other=0)
+            u = tl.load(u_ptr + pid * (C * V) + cc[:, None] * V + vv[None, :], mask=mv[None, :], other=0)
+            dkd = tl.dot(u, dd_tr.to(dt), dkd, input_precision=PREC)  # + u dD^T[:, p]
+        tl.store(dkd_ptr + pid * (C * K) + cc[:, None] * K + pp[None, :], dkd, mask=mp[None, :])
+    tl.store(dge_ptr + pid, trace)
+    for v0 in range(0, V, BV):
+        vv = v0 + tl.arange(0, BV)
+        mv = vv < V
+        d = tl.load(node + kk[:, None] * W + K + vv[None, :], mask=mk[:, None] & mv[None, :], other=0)
+        tl.store(du_ptr + pid * (C * V) + cc[:, None] * V + vv[None, :], tl.dot(kd, d.to(dt), input_precision=PREC),
+                 mask=mv[None, :])
+
+
 # Columns per program: summaries (BN) and outputs (BV); warps per program. Not yet timed.
 TREE_TILES = {"BN": 64, "BV": 64, "num_warps": 4}
+# Backward: V columns per step of the per-chunk phase, summary-gradient columns per program, warps;
+# reader chunks per program of the per-node phase (more: one program's sum, fewer: atomic adds).
+TREE_BWD_TILES = {"BV": 64, "BN": 64, "num_warps": 8, "readers": 16}
+
+
+class _Tree(NamedTuple):
+    """A tree of block summaries: ``m`` [N * H, NN, K, K + V] (heights stacked, node m of height h
+    at row ``offs[h] + m``), ``sizes[h]`` nodes per height, ``offsets`` as a device tensor."""
+
+    m: torch.Tensor
+    sizes: list[int]
+    offs: list[int]
+    offsets: torch.Tensor
+
+
+def _tree_shape(n: int, J: int) -> tuple[list[int], list[int]]:
+    sizes = [n >> h for h in range(max(J, 1))]  # nodes per height (a last odd one has no parent)
+    return sizes, [sum(sizes[:h]) for h in range(len(sizes))]
+
+
+def build_tree(w: torch.Tensor, u: torch.Tensor, kd: torch.Tensor, ge: torch.Tensor, J: int, prec: str) -> _Tree:
+    """Every chunk's leaf summary and one merge launch per height up to J - 1 (w, u, kd [N, H, n,
+    C, *] contiguous in the operand type, the summaries' type too; ge [N, H, n])."""
+    N, H, n, C, K = w.shape
+    V = u.shape[-1]
+    BK = max(16, triton.next_power_of_2(K))
+    BN = min(TREE_TILES["BN"], max(16, triton.next_power_of_2(K + V)))
+    sizes, offs = _tree_shape(n, J)
+    NN = sum(sizes)
+    m = w.new_empty(N * H, NN, K, K + V)
+    opts = {"num_warps": TREE_TILES["num_warps"]}
+    ncol = triton.cdiv(K + V, BN)
+    _tree_leaves[(N * H * n, ncol)](w, u, kd, ge, m, n, NN, K, V, C=C, BK=BK, BN=BN, PREC=prec, **opts)
+    for h in range(1, len(sizes)):
+        if sizes[h]:
+            _tree_merge[(N * H * sizes[h], ncol)](m, sizes[h], offs[h - 1], offs[h], NN, K, V, BK=BK, BN=BN,
+                                                  PREC=prec, **opts)
+    return _Tree(m, sizes, offs, torch.tensor(offs, dtype=torch.int32, device=w.device))
 
 
 def tree_reads(o0: torch.Tensor, w: torch.Tensor, u: torch.Tensor, kd: torch.Tensor, ge: torch.Tensor,
@@ -102,21 +295,48 @@ def tree_reads(o0: torch.Tensor, w: torch.Tensor, u: torch.Tensor, kd: torch.Ten
     lam [N, H, n, C, J] float32."""
     N, H, n, C, K = w.shape
     V, J = u.shape[-1], lam.shape[-1]
+    tree = build_tree(w, u, kd, ge, J, prec)
     BK = max(16, triton.next_power_of_2(K))
-    BN = min(TREE_TILES["BN"], max(16, triton.next_power_of_2(K + V)))
     BV = min(TREE_TILES["BV"], max(16, triton.next_power_of_2(V)))
-    sizes = [n >> h for h in range(max(J, 1))]  # nodes per height (a last odd one has no parent)
-    offs = [sum(sizes[:h]) for h in range(len(sizes))]
-    NN = sum(sizes)
-    summaries = w.new_empty(N * H, NN, K, K + V)
-    opts = {"num_warps": TREE_TILES["num_warps"]}
-    ncol = triton.cdiv(K + V, BN)
-    _tree_leaves[(N * H * n, ncol)](w, u, kd, ge, summaries, n, NN, K, V, C=C, BK=BK, BN=BN, PREC=prec, **opts)
-    for h in range(1, J):
-        _tree_merge[(N * H * sizes[h], ncol)](summaries, sizes[h], offs[h - 1], offs[h], NN, K, V, BK=BK, BN=BN,
-                                              PREC=prec, **opts)
     out = w.new_empty(N, n * C, H, V, dtype=out_dtype)
-    offsets = torch.tensor(offs, dtype=torch.int32, device=w.device)
-    _tree_read[(N * H * n, triton.cdiv(V, BV))](qw, lam, o0, summaries, offsets, out, n, NN, H, K, V, J, C=C,
-                                                BK=BK, BV=BV, PREC=prec, **opts)
+    _tree_read[(N * H * n, triton.cdiv(V, BV))](qw, lam, o0, tree.m, tree.offsets, out, n, tree.m.shape[1], H, K,
+                                                V, J, C=C, BK=BK, BV=BV, PREC=prec,
+                                                num_warps=TREE_TILES["num_warps"])
     return out
+
+
+def tree_backward(do: torch.Tensor, w: torch.Tensor, u: torch.Tensor, kd: torch.Tensor, ge: torch.Tensor,
+                  qw: torch.Tensor, lam: torch.Tensor, prec: str) -> tuple[torch.Tensor, ...]:
+    """Gradients (dw, du, dkd, dge, dqw, dlam) of sum(do * reads) for :func:`tree_reads`' reads (do
+    [N, H, n, C, V] float32 contiguous; the rest as tree_reads takes them). Four parallel phases,
+    no sequential scan: the tree rebuilt; per chunk its reads' query pairs and dqw, dlam; per height
+    top down each node's summary gradient (its readers' pairs and its parent's, through the merge);
+    per chunk the leaf's gradients."""
+    N, H, n, C, K = w.shape
+    V, J = u.shape[-1], lam.shape[-1]
+    tree = build_tree(w, u, kd, ge, J, prec)
+    NN, W = tree.m.shape[1], K + V
+    BK = max(16, triton.next_power_of_2(K))
+    cfg = TREE_BWD_TILES
+    BV = min(cfg["BV"], max(16, triton.next_power_of_2(V)))
+    BN = min(cfg["BN"], max(16, triton.next_power_of_2(W)))
+    opts = {"num_warps": cfg["num_warps"]}
+    qb, dqa = (w.new_empty(N * H, J, n, C, K) for _ in range(2))  # rows of chunks not reading a level: unused
+    dqw, dlam = torch.empty_like(qw), torch.empty_like(lam)
+    _tree_pairs[(N * H * n,)](qw, lam, do, tree.m, tree.offsets, qb, dqa, dqw, dlam, n, NN, K, V, J, C=C, BK=BK,
+                              BV=BV, PREC=prec, **opts)
+    dm = torch.zeros(N * H, NN, K, W, device=w.device)
+    for h in reversed(range(len(tree.sizes))):
+        n_h = tree.sizes[h]
+        if not n_h:
+            continue
+        R = min(1 << h, cfg["readers"])
+        splits = (1 << h) // R
+        up = h + 1 < len(tree.sizes)
+        _tree_node_grads[(N * H * n_h * splits, triton.cdiv(W, BN))](
+            tree.m, dm, qb, dqa, do, lam, h, n_h, tree.sizes[h + 1] if up else 0, tree.offs[h],
+            tree.offs[h + 1] if up else 0, n, NN, K, V, J, splits, R, C=C, BK=BK, BN=BN, ATOMIC=splits > 1,
+            PREC=prec, **opts)
+    du, dw, dkd, dge = torch.empty_like(u), torch.empty_like(w), torch.empty_like(kd), torch.empty_like(ge)
+    _tree_leaf_grads[(N * H * n,)](w, u, kd, dm, du, dw, dkd, dge, n, NN, K, V, C=C, BK=BK, BV=BV, PREC=prec, **opts)
+    return dw, du, dkd, dge, dqw, dlam
