@@ -95,28 +95,37 @@ def tree_fwd(n: int, NH: int, K: int, V: int, C: int, J: int, op: int) -> int:
     return (build + reads) * NH
 
 
-def tree_bwd(n: int, NH: int, K: int, V: int, C: int, J: int, op: int) -> int:
-    """The backward of tests/test_tree_backward.py's four phases as kernels would run them, summaries
-    and pairs in the operand type, node gradients float32: the tree rebuilt as in the forward; per
-    chunk qw, do, lam, the T's the query is carried through (twice: carried, then reversed), one D
-    per set bit, and a pair (q, [dq | g]) stored per set bit, dqw and dlam; per node its readers'
-    pairs read once and dM stored; per parent dM, M_left and T_right read and both children's dM
-    added to (read and written); per leaf dM, kd, w, u read, dkd, dw, du, dge stored."""
+def tree_bwd(n: int, NH: int, K: int, V: int, C: int, J: int, op: int, BN: int = 64, BV: int = 64) -> int:
+    """The backward as triton_gdn_tree.tree_backward runs it (summaries, pairs in the operand type,
+    node gradients float32, BN summary columns per node program, BV columns per step), a tile that
+    one program or a node's adjacent column-tile programs load again counted once (L2), every other
+    load counted: the tree rebuilt as in the forward, all nodes stored; per chunk qw, do, lam, per
+    set bit a T carried (all but the last), qb and dqa stored, T^T and D read, dqw and dlam stored;
+    per node its gradient stored, the parent's gradient row and T_right (left) or M_left (right),
+    and per reader chunk its qb, dqa, do and lam; per leaf dM, kd, w, u read and dw, dkd, du, dge
+    stored."""
     W = K + V
     sizes = [n >> h for h in range(J)]
-    build = n * (2 * C * K * op + C * V * op + F32) + sum(sizes) * K * W * op
+    build = n * (2 * C * K * op + C * V * op + F32 + K * W * op)
+    build += sum(sizes[1:]) * (K * K * op + 2 * K * W * op + K * W * op)
     chunks = 0
     for i in range(n):
         p = bin(i & ((1 << J) - 1)).count("1")
-        chunks += C * K * op + C * V * op + C * J * F32  # qw, do, lam
-        chunks += 2 * max(0, p - 1) * K * K * op + p * K * V * op  # T carried and reversed, D
-        chunks += p * (C * K + C * W) * op + C * K * op + C * J * F32  # pairs, dqw, dlam
-    read_nodes = sum(n >> (h + 1) for h in range(J))
-    pairs = sum(bin(i & ((1 << J) - 1)).count("1") for i in range(n)) * (C * K + C * W) * op
-    nodes = pairs + read_nodes * K * W * F32
-    merges = sum(sizes[1:]) * (K * W * F32 + K * W * op + K * K * op + 2 * 2 * K * W * F32)
+        chunks += C * K * op + C * V * F32 + C * J * F32 + max(0, p - 1) * K * K * op  # qw, do, lam, the carry
+        chunks += p * (2 * C * K * op + K * K * op + K * V * op)  # qb, dqa stored; T^T, D
+        chunks += C * K * op + C * J * F32  # dqw, dlam
+    nodes = 0
+    for h, n_h in enumerate(sizes):
+        n_up = sizes[h + 1] if h + 1 < J else 0
+        for m in range(n_h):
+            nodes += K * W * F32  # stored (or added)
+            if m < 2 * n_up:
+                nodes += K * W * F32 + (K * K if m % 2 == 0 else K * W) * op
+            if m % 2 == 0:
+                readers = max(0, min((m + 2) << h, n) - ((m + 1) << h))
+                nodes += readers * (2 * C * K * op + C * V * F32 + C * F32)
     leaves = n * (K * W * F32 + 2 * C * K * op + C * V * op + 2 * C * K * op + C * V * op + F32)
-    return (build + chunks + nodes + merges + leaves) * NH
+    return (build + chunks + nodes + leaves) * NH
 
 
 def count(T: int, H: int, d: int, C: int, op: int, prec: str) -> dict:
@@ -185,7 +194,7 @@ def main() -> None:
     tree = tree_fwd(n, H, d, d, C, (n - 1).bit_length(), op) / 1e9
     tree_b = tree_bwd(n, H, d, d, C, (n - 1).bit_length(), op) / 1e9
     print(f"forward: {fwd:.1f} GB counted; a tree of block summaries would move {tree:.1f} GB")
-    print(f"backward: {total - fwd:.1f} GB counted; the tree's (tests/test_tree_backward.py's phases) {tree_b:.1f} GB")
+    print(f"backward: {total - fwd:.1f} GB counted; the tree's (triton_gdn_tree.tree_backward) {tree_b:.1f} GB")
     if args.json:
         meta = {"T": args.T, "H": H, "d": d, "C": C, "operand_bytes": op, "config": args.config,
                 "timing": args.timing, "triton": triton.__version__, "peak_tb_s": args.peak_tb_s}

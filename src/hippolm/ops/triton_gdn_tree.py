@@ -147,19 +147,22 @@ def _tree_pairs(qw_ptr, lam_ptr, do_ptr, m_ptr, offs_ptr, qb_ptr, dqa_ptr, dqw_p
 def _tree_node_grads(m_ptr, dm_ptr, qb_ptr, dqa_ptr, do_ptr, lam_ptr, h, n_h, n_up, off_h, off_up, n, NN, K, V, J,
                      SPLITS, R, C: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, ATOMIC: tl.constexpr,
                      PREC: tl.constexpr):
-    """One column tile (program axis 1) of the gradient dM = [dT | dD] of node m of height h, the
-    heights' launches running top down (program axis 0: (sequence-head * n_h + m) * SPLITS + s):
-    from its parent P = T_right M_left + [0 | D_right] (a left node: T_right^T dP; a right node:
+    """One column tile of the gradient dM = [dT | dD] of node m of height h, the heights' launches
+    running top down: from its parent P = T_right M_left + [0 | D_right] (a left node: T_right^T dP; a right node:
     dP M_left^T in its T columns, dP's D columns in its D columns), and, for a left node, from the
     chunks of the block after it that read it (readers R * s .. R * (s + 1) - 1 of them in this
-    program): sum of qb^T [dqa | lam_h do]. Stored float32 (added atomically with SPLITS > 1)."""
+    program): sum of qb^T [dqa | lam_h do]. Stored float32 (added atomically with SPLITS > 1). A
+    node's column tiles are adjacent programs (program id ((sequence-head * n_h + m) * SPLITS + s)
+    * ncol + tile): they run at once and share the loads of qb, T_right and dP's rows through L2."""
     pid = tl.program_id(0).to(tl.int64)
+    ncol = (K + V + BN - 1) // BN
+    col0 = (pid % ncol) * BN
+    pid = pid // ncol
     s = pid % SPLITS
     bh, m = (pid // SPLITS) // n_h, (pid // SPLITS) % n_h
     W = K + V
     kk = tl.arange(0, BK)
     cc = tl.arange(0, C)
-    col0 = tl.program_id(1) * BN
     cols = col0 + tl.arange(0, BN)
     mk = kk < K
     tile = kk[:, None] * W + cols[None, :]
@@ -333,7 +336,7 @@ def tree_backward(do: torch.Tensor, w: torch.Tensor, u: torch.Tensor, kd: torch.
         R = min(1 << h, cfg["readers"])
         splits = (1 << h) // R
         up = h + 1 < len(tree.sizes)
-        _tree_node_grads[(N * H * n_h * splits, triton.cdiv(W, BN))](
+        _tree_node_grads[(N * H * n_h * splits * triton.cdiv(W, BN),)](
             tree.m, dm, qb, dqa, do, lam, h, n_h, tree.sizes[h + 1] if up else 0, tree.offs[h],
             tree.offs[h + 1] if up else 0, n, NN, K, V, J, splits, R, C=C, BK=BK, BN=BN, ATOMIC=splits > 1,
             PREC=prec, **opts)
