@@ -12,6 +12,7 @@ import json
 
 import torch
 import triton
+from flag_timing import set_options  # benchmarks/ is on the path when run as a script
 
 from hippolm import ops
 from hippolm.ops import fla_gated
@@ -90,12 +91,15 @@ def main():
     ap.add_argument("--ops", default="gated_delta_rule,ssd",
                     help="comma list of: gated_delta_rule, ssd, loglinear_gated_delta_rule, loglinear_ssd")
     ap.add_argument("--no-tune", action="store_true", help="skip the dqkwg config sweep")
+    ap.add_argument("--set", action="append", default=[], metavar="module.ATTRIBUTE=INT",
+                    help="a kernel option under hippolm.ops, e.g. triton_gdn.LEVEL_TREE_BWD=1")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    set_options(args.set)
     H, d = 16, 128
     out = {"meta": {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                     "date": datetime.date.today().isoformat(), "B": args.B, "T": args.T, "H": H, "d": d,
-                    "dtype": "bfloat16", "default_config": fla_gated.CONFIG}}
+                    "dtype": "bfloat16", "default_config": fla_gated.CONFIG, "set": args.set}}
     for op in args.ops.split(","):
         out[f"profile_{op}_ms"] = profile(op, args.B, args.T, H, d)
         print(op, json.dumps(out[f"profile_{op}_ms"], indent=1), flush=True)

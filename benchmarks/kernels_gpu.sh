@@ -5,7 +5,7 @@
 # budget a little shorter so it ends cleanly. Results and logs go to $OUT (default /tmp/out):
 #   kernels_<gpu>.json (copy to benchmarks/results/), test_kernels_cuda.log, kernels_<gpu>.log.
 # TEST_K: a pytest -k expression selecting some of the tests.
-# Usage: bash benchmarks/kernels_gpu.sh [what: tests|bench|errors|level|flags|all, or a comma list like errors,tests]
+# Usage: bash benchmarks/kernels_gpu.sh [what: tests|bench|errors|level|flags|profile|all, or a comma list like errors,tests]
 #        [extra benchmark args, e.g. --quick]
 # errors: benchmarks/kernel_errors.py (every error per output/gradient and per chunk, <= ERR_TIMEOUT s)
 #   to kernel_errors_<gpu>.json (ERR_ARGS: its options, e.g. "--op loglinear_gated_delta_rule --shapes 1,3000,4");
@@ -56,6 +56,13 @@ if [[ ",$what," == *",flags,"* ]]; then  # not in 'all'. A/B timings of module-l
     timeout ${FLAG_TIMEOUT:-90} python3 benchmarks/flag_timing.py --op ${FLAG_OP:-loglinear_ssd} --flag "$name" \
       --values "${flag#*=}" "${sets[@]}" --json "$OUT/flag_timing_${dev}_${i}_${name##*.}.json" 2>&1 | grep -v Warn
   done
+fi
+if [[ ",$what," == *",profile,"* ]]; then  # not in 'all'. benchmarks/gdn_profile.py: CUDA kernel times of
+  # one fwd+bwd (PROF_ARGS: its options, default the log-linear GDN at 64k tokens; PROF_SETS: comma-separated
+  # module.ATTR=v options, e.g. triton_gdn.LEVEL_TREE_FWD=1,triton_gdn.LEVEL_TREE_BWD=1) to gdn_profile_<gpu>.json
+  sets=(); IFS=, read -ra fixed <<< "${PROF_SETS:-}"; for f in "${fixed[@]}"; do sets+=(--set "$f"); done
+  timeout ${PROF_TIMEOUT:-120} python3 benchmarks/gdn_profile.py ${PROF_ARGS:---ops loglinear_gated_delta_rule --no-tune} \
+    "${sets[@]}" --json "$OUT/gdn_profile_$dev.json" 2>&1 | grep -v Warn | cut -c1-300
 fi
 if has bench; then
   timeout ${BENCH_TIMEOUT:-320} python3 benchmarks/kernel_bench.py --budget ${BENCH_BUDGET:-280} "$@" \

@@ -378,7 +378,9 @@ def _level_case(T: int, seed: int, bf16: bool, H: int = 1, K: int = 8, chunk: in
         xs = [x.to(torch.bfloat16).double() if i < 3 else x for i, x in enumerate(xs)]
     xs.append(torch.rand(1, T, H, ops.num_levels(T), generator=torch.Generator().manual_seed(3),
                          dtype=torch.float64) + 0.25)
-    w = torch.randn(1, T, H, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    xs = [x.to(REF_DEV) for x in xs]  # on a GPU both paths run there
+    w = torch.randn(1, T, H, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(REF_DEV)
+    cu_seqlens = None if cu_seqlens is None else cu_seqlens.to(REF_DEV)
 
     def run(leaves, backend):
         o, _ = ops.loglinear_gated_delta_rule(*leaves, backend=backend, chunk_size=chunk, cu_seqlens=cu_seqlens)
