@@ -429,6 +429,9 @@ LEVEL_TREE_FWD = 0
 # 1: the backward through the tree too (triton_gdn_tree.tree_backward: per chunk, per height top
 # down, per leaf; no per-level scratch states); 0: the level scans. Not yet timed.
 LEVEL_TREE_BWD = 0
+# With both: 1 keeps the forward's tree for the backward (2.1 GB more held per layer at 64k tokens,
+# H = 16, d = 128, bf16), 0 rebuilds it there. Not yet timed.
+LEVEL_TREE_SAVE = 0
 
 
 def _level_launch(prec: str, major: int, backward: bool) -> dict:
@@ -527,8 +530,12 @@ class _LevelReads(torch.autograd.Function):
         ge, lam, o0 = ge.contiguous(), lam.contiguous(), o0.float().contiguous()
         ctx.save_for_backward(w, u, kd, ge, qw, lam)
         ctx.prec = prec
+        ctx.tree = None
         if LEVEL_TREE_FWD:
-            return tree_reads(o0, w, u, kd, ge, qw, lam, prec, out_dtype).view(N, n * C, H, V)
+            out, tree = tree_reads(o0, w, u, kd, ge, qw, lam, prec, out_dtype)
+            if LEVEL_TREE_BWD and LEVEL_TREE_SAVE:
+                ctx.tree = tree  # a buffer of this call's, read once by its backward
+            return out.view(N, n * C, H, V)
         opts = _level_launch(prec, _major(w.device), False)
         lanes = _level_lanes(n, J, K, V, "fwd", prec)
 
@@ -558,7 +565,8 @@ class _LevelReads(torch.autograd.Function):
         # that copy or do itself (LEVEL_DO_COPY), as the [N, H, n * C, V] view of its [N, n * C, H, V]
         do0 = torch.empty(N, H, n, C, V, device=do.device).copy_(do.reshape(N, n, C, H, V).permute(0, 3, 1, 2, 4))
         if LEVEL_TREE_BWD:
-            return do0, *tree_backward(do0, w, u, kd, ge, qw, lam, ctx.prec), None, None, None
+            tree, ctx.tree = ctx.tree, None
+            return do0, *tree_backward(do0, w, u, kd, ge, qw, lam, ctx.prec, tree), None, None, None
         do = do0.view(N, H, n * C, V) if LEVEL_DO_COPY else do.contiguous().permute(0, 2, 1, 3)
         do_strides = (H, *do.stride()[:3])
 

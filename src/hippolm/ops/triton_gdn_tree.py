@@ -144,22 +144,13 @@ def _tree_pairs(qw_ptr, lam_ptr, do_ptr, m_ptr, offs_ptr, qb_ptr, dqa_ptr, dqw_p
 
 
 @triton.jit
-def _tree_node_grads(m_ptr, dm_ptr, qb_ptr, dqa_ptr, do_ptr, lam_ptr, h, n_h, n_up, off_h, off_up, n, NN, K, V, J,
-                     SPLITS, R, C: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, ATOMIC: tl.constexpr,
-                     PREC: tl.constexpr):
-    """One column tile of the gradient dM = [dT | dD] of node m of height h, the heights' launches
-    running top down: from its parent P = T_right M_left + [0 | D_right] (a left node: T_right^T dP; a right node:
-    dP M_left^T in its T columns, dP's D columns in its D columns), and, for a left node, from the
-    chunks of the block after it that read it (readers R * s .. R * (s + 1) - 1 of them in this
-    program): sum of qb^T [dqa | lam_h do]. Stored float32 (added atomically with SPLITS > 1). A
-    node's column tiles are adjacent programs (program id ((sequence-head * n_h + m) * SPLITS + s)
-    * ncol + tile): they run at once and share the loads of qb, T_right and dP's rows through L2."""
-    pid = tl.program_id(0).to(tl.int64)
-    ncol = (K + V + BN - 1) // BN
-    col0 = (pid % ncol) * BN
-    pid = pid // ncol
-    s = pid % SPLITS
-    bh, m = (pid // SPLITS) // n_h, (pid // SPLITS) % n_h
+def _dm_tile(m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, lam_ptr, bh, m, h, n_h, n_up, off_h, r0, r1, n, NN, K, V, J,
+             col0, PARENT, C: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """Columns col0 .. col0 + BN of the summary gradient dM = [dT | dD] of node m of height h (float32):
+    from its parent P = T_right M_left + [0 | D_right] (if PARENT; up_ptr: the parent height's
+    gradients [N * H, n_up, K, K + V]): a left node gets T_right^T dP, a right node dP M_left^T in its
+    T columns and dP's D columns in its D columns; and, for a left node, from the chunks r0 .. r1 - 1
+    that read it: the sum of qb^T [dqa | lam_h do]."""
     W = K + V
     kk = tl.arange(0, BK)
     cc = tl.arange(0, C)
@@ -169,8 +160,8 @@ def _tree_node_grads(m_ptr, dm_ptr, qb_ptr, dqa_ptr, do_ptr, lam_ptr, h, n_h, n_
     mt = mk[:, None] & (cols[None, :] < W)
     dt = m_ptr.dtype.element_ty
     acc = tl.zeros((BK, BN), dtype=tl.float32)
-    if (s == 0) & (m < 2 * n_up):
-        parent = dm_ptr + (bh * NN + off_up + m // 2) * (K * W)
+    if PARENT:
+        parent = up_ptr + (bh * n_up + m // 2) * (K * W)
         if m % 2 == 0:
             right = m_ptr + (bh * NN + off_h + m + 1) * (K * W)
             t_tr = tl.load(right + kk[None, :] * W + kk[:, None], mask=mk[:, None] & mk[None, :], other=0)
@@ -185,75 +176,97 @@ def _tree_node_grads(m_ptr, dm_ptr, qb_ptr, dqa_ptr, do_ptr, lam_ptr, h, n_h, n_
                     lt = tl.load(left + cols[None, :] * W + pp[:, None], mask=(pp[:, None] < W) & (cols[None, :] < K),
                                  other=0)  # M_left[cols, pp]^T
                     acc = tl.dot(dp.to(dt), lt, acc, input_precision=PREC)
-            acc += tl.load(parent + tile, mask=mt & (cols[None, :] >= K), other=0)
-    if m % 2 == 0:
-        r0 = ((m + 1) << h) + s * R
-        r1 = tl.minimum(tl.minimum(r0 + R, (m + 2) << h), n)
-        for i in range(r0, r1):
-            row = ((bh * J + h) * n + i) * (C * K)
-            qb_tr = tl.load(qb_ptr + row + cc[None, :] * K + kk[:, None], mask=mk[:, None], other=0)  # [BK, C]
-            dqa = tl.load(dqa_ptr + row + cc[:, None] * K + cols[None, :], mask=cols[None, :] < K, other=0)
-            lam = tl.load(lam_ptr + ((bh * n + i) * C + cc) * J + h)
-            do = tl.load(do_ptr + ((bh * n + i) * C + cc[:, None]) * V + (cols - K)[None, :],
-                         mask=(cols[None, :] >= K) & (cols[None, :] < W), other=0)
-            rhs = tl.where(cols[None, :] < K, dqa.to(tl.float32), lam[:, None] * do).to(dt)
-            acc = tl.dot(qb_tr, rhs, acc, input_precision=PREC)
-    out = dm_ptr + (bh * NN + off_h + m) * (K * W) + tile
-    if ATOMIC:
-        tl.atomic_add(out, acc, mask=mt)
-    else:
-        tl.store(out, acc, mask=mt)
+            acc += tl.load(parent + tile, mask=mt & (cols[None, :] >= K), other=0).to(tl.float32)
+    for i in range(r0, r1):
+        row = ((bh * J + h) * n + i) * (C * K)
+        qb_tr = tl.load(qb_ptr + row + cc[None, :] * K + kk[:, None], mask=mk[:, None], other=0)  # [BK, C]
+        dqa = tl.load(dqa_ptr + row + cc[:, None] * K + cols[None, :], mask=cols[None, :] < K, other=0)
+        lam = tl.load(lam_ptr + ((bh * n + i) * C + cc) * J + h)
+        do = tl.load(do_ptr + ((bh * n + i) * C + cc[:, None]) * V + (cols - K)[None, :],
+                     mask=(cols[None, :] >= K) & (cols[None, :] < W), other=0)
+        rhs = tl.where(cols[None, :] < K, dqa.to(tl.float32), lam[:, None] * do).to(dt)
+        acc = tl.dot(qb_tr, rhs, acc, input_precision=PREC)
+    return acc
 
 
 @triton.jit
-def _tree_leaf_grads(w_ptr, u_ptr, kd_ptr, dm_ptr, du_ptr, dw_ptr, dkd_ptr, dge_ptr, n, NN, K, V,
-                     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """A chunk's gradients from its leaf's [dT | dD] (leaf M = [ge I - kd^T w | kd^T u]; program
-    axis 0: sequence-head * n + chunk): dge = trace(dT), dw = -kd dT, dkd = -w dT^T + u dD^T,
-    du = kd dD; dw and dkd by pieces of BV columns (float32 [K, K] operands would not fit shared
-    memory). Transposes are loads with swapped offsets."""
+def _tree_node_grads(m_ptr, dm_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, lam_ptr, h, n_h, n_up, off_h, n, NN, K, V, J,
+                     SPLITS, R, C: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, ATOMIC: tl.constexpr,
+                     PREC: tl.constexpr):
+    """One column tile of the gradient of node m of height h >= 1 (:func:`_dm_tile`), the heights'
+    launches running top down, into dm [N * H, n_h, K, K + V] (dm's type; added atomically into
+    float32 with SPLITS > 1 programs per node, each summing R of its readers; the first adds the
+    parent's part). A node's column tiles are adjacent programs (program id ((sequence-head * n_h +
+    m) * SPLITS + s) * ncol + tile): they run at once and share qb, T_right and dP's rows through L2."""
     pid = tl.program_id(0).to(tl.int64)
-    bh = pid // n
+    W = K + V
+    ncol = (W + BN - 1) // BN
+    col0 = (pid % ncol) * BN
+    pid = pid // ncol
+    s = pid % SPLITS
+    bh, m = (pid // SPLITS) // n_h, (pid // SPLITS) % n_h
+    r0 = ((m + 1) << h) + s * R
+    r1 = tl.where(m % 2 == 0, tl.minimum(tl.minimum(r0 + R, (m + 2) << h), n), r0)  # readers: left nodes only
+    acc = _dm_tile(m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, lam_ptr, bh, m, h, n_h, n_up, off_h, r0, r1, n, NN, K,
+                   V, J, col0, (s == 0) & (m < 2 * n_up), C=C, BK=BK, BN=BN, PREC=PREC)
+    kk = tl.arange(0, BK)
+    cols = col0 + tl.arange(0, BN)
+    out = dm_ptr + (bh * n_h + m) * (K * W) + kk[:, None] * W + cols[None, :]
+    mt = (kk[:, None] < K) & (cols[None, :] < W)
+    if ATOMIC:
+        tl.atomic_add(out, acc, mask=mt)
+    else:
+        tl.store(out, acc.to(dm_ptr.dtype.element_ty), mask=mt)
+
+
+@triton.jit
+def _tree_leaf_grads(w_ptr, u_ptr, kd_ptr, m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, lam_ptr, du_ptr, dw_ptr, dkd_ptr,
+                     dge_ptr, n, n_up, NN, K: tl.constexpr, V, J, C: tl.constexpr, BK: tl.constexpr,
+                     BN: tl.constexpr, PREC: tl.constexpr):
+    """Chunk i's gradients (program axis 0: sequence-head * n + i) from its leaf's summary gradient
+    [dT | dD] (leaf M = [ge I - kd^T w | kd^T u]), made here tile by tile (:func:`_dm_tile`, height
+    0: one reader, chunk i + 1) and never stored: dge = trace(dT), dw = -kd dT, du = kd dD per tile,
+    and dkd^T = sum over tiles of dM[:, tile] [-w | u][:, tile]^T (the [-w | u] tile loaded
+    transposed), stored through transposed offsets."""
+    pid = tl.program_id(0).to(tl.int64)
+    bh, i = pid // n, pid % n
     W = K + V
     kk = tl.arange(0, BK)
     cc = tl.arange(0, C)
     mk = kk < K
-    tile_ck = cc[:, None] * K + kk[None, :]
     dt = w_ptr.dtype.element_ty
-    node = dm_ptr + (bh * NN + pid % n) * (K * W)
-    kd = tl.load(kd_ptr + pid * (C * K) + tile_ck, mask=mk[None, :], other=0)
-    wn = (-tl.load(w_ptr + pid * (C * K) + tile_ck, mask=mk[None, :], other=0).to(tl.float32)).to(dt)
+    dkd_tr = tl.zeros((BK, C), dtype=tl.float32)
     trace = 0.0
-    for p0 in range(0, K, BV):
-        pp = p0 + tl.arange(0, BV)
-        mp = pp < K
-        d_t = tl.load(node + kk[:, None] * W + pp[None, :], mask=mk[:, None] & mp[None, :], other=0)  # dT[:, p]
-        trace += tl.sum(tl.sum(tl.where(kk[:, None] == pp[None, :], d_t, 0.0), axis=1), axis=0)
-        tl.store(dw_ptr + pid * (C * K) + cc[:, None] * K + pp[None, :], -tl.dot(kd, d_t.to(dt), input_precision=PREC),
-                 mask=mp[None, :])
-        d_tr = tl.load(node + pp[None, :] * W + kk[:, None], mask=mk[:, None] & mp[None, :], other=0)  # dT^T[:, p]
-        dkd = tl.dot(wn, d_tr.to(dt), input_precision=PREC)
-        for v0 in range(0, V, BV):
-            vv = v0 + tl.arange(0, BV)
-            mv = vv < V
-            dd_tr = tl.load(node + pp[None, :] * W + K + vv[:, None], mask=mv[:, None] & mp[None, :], other=0)
-            u = tl.load(u_ptr + pid * (C * V) + cc[:, None] * V + vv[None, :], mask=mv[None, :], other=0)
-            dkd = tl.dot(u, dd_tr.to(dt), dkd, input_precision=PREC)  # + u dD^T[:, p]
-        tl.store(dkd_ptr + pid * (C * K) + cc[:, None] * K + pp[None, :], dkd, mask=mp[None, :])
+    r1 = tl.where(i % 2 == 0, tl.minimum(i + 2, n), i + 1)  # a left leaf's reader: chunk i + 1
+    for col0 in range(0, W, BN):
+        dm = _dm_tile(m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, lam_ptr, bh, i, 0, n, n_up, 0, i + 1, r1, n, NN, K, V,
+                      J, col0, i < 2 * n_up, C=C, BK=BK, BN=BN, PREC=PREC)
+        cols = col0 + tl.arange(0, BN)
+        is_t = cols < K
+        x_tr = tl.where(is_t[:, None],  # [-w | u][:, cols]^T, -w negated in float32
+                        -tl.load(w_ptr + pid * (C * K) + cc[None, :] * K + cols[:, None], mask=is_t[:, None],
+                                 other=0).to(tl.float32),
+                        tl.load(u_ptr + pid * (C * V) + cc[None, :] * V + (cols - K)[:, None],
+                                mask=(~is_t & (cols < W))[:, None], other=0).to(tl.float32)).to(dt)
+        dkd_tr = tl.dot(dm.to(dt), x_tr, dkd_tr, input_precision=PREC)
+        kd = tl.load(kd_ptr + pid * (C * K) + cc[:, None] * K + kk[None, :], mask=mk[None, :], other=0)  # per tile (L2)
+        grad = tl.dot(kd, dm.to(dt), input_precision=PREC)  # kd dM[:, tile]: -dw or du
+        if col0 < K:
+            trace += tl.sum(tl.sum(tl.where(kk[:, None] == cols[None, :], dm, 0.0), axis=1), axis=0)
+            tl.store(dw_ptr + pid * (C * K) + cc[:, None] * K + cols[None, :], -grad, mask=is_t[None, :])
+        if col0 + BN > K:
+            tl.store(du_ptr + pid * (C * V) + cc[:, None] * V + (cols - K)[None, :], grad,
+                     mask=(~is_t & (cols < W))[None, :])
     tl.store(dge_ptr + pid, trace)
-    for v0 in range(0, V, BV):
-        vv = v0 + tl.arange(0, BV)
-        mv = vv < V
-        d = tl.load(node + kk[:, None] * W + K + vv[None, :], mask=mk[:, None] & mv[None, :], other=0)
-        tl.store(du_ptr + pid * (C * V) + cc[:, None] * V + vv[None, :], tl.dot(kd, d.to(dt), input_precision=PREC),
-                 mask=mv[None, :])
+    tl.store(dkd_ptr + pid * (C * K) + cc[None, :] * K + kk[:, None], dkd_tr, mask=mk[:, None])
 
 
 # Columns per program: summaries (BN) and outputs (BV); warps per program. Not yet timed.
 TREE_TILES = {"BN": 64, "BV": 64, "num_warps": 4}
 # Backward: V columns per step of the per-chunk phase, summary-gradient columns per program, warps;
 # reader chunks per program of the per-node phase (more: one program's sum, fewer: atomic adds).
-TREE_BWD_TILES = {"BV": 64, "BN": 64, "num_warps": 8, "readers": 16}
+# float32 operands: BN 32 (the leaf gradients' tiles would not fit an A100's shared memory).
+TREE_BWD_TILES = {"BV": 64, "BN": 64, "BN_fp32": 32, "num_warps": 8, "readers": 16}
 
 
 class _Tree(NamedTuple):
@@ -292,10 +305,10 @@ def build_tree(w: torch.Tensor, u: torch.Tensor, kd: torch.Tensor, ge: torch.Ten
 
 
 def tree_reads(o0: torch.Tensor, w: torch.Tensor, u: torch.Tensor, kd: torch.Tensor, ge: torch.Tensor,
-               qw: torch.Tensor, lam: torch.Tensor, prec: str, out_dtype: torch.dtype) -> torch.Tensor:
-    """o0 [N, H, n, C, V] float32 plus every chunk level's read -> [N, n * C, H, V] in ``out_dtype``.
-    w, u, kd, qw [N, H, n, C, *] contiguous in the operand type (the summaries' type too), ge [N, H, n],
-    lam [N, H, n, C, J] float32."""
+               qw: torch.Tensor, lam: torch.Tensor, prec: str, out_dtype: torch.dtype) -> tuple[torch.Tensor, _Tree]:
+    """o0 [N, H, n, C, V] float32 plus every chunk level's read -> ([N, n * C, H, V] in ``out_dtype``,
+    the tree). w, u, kd, qw [N, H, n, C, *] contiguous in the operand type (the summaries' type too),
+    ge [N, H, n], lam [N, H, n, C, J] float32."""
     N, H, n, C, K = w.shape
     V, J = u.shape[-1], lam.shape[-1]
     tree = build_tree(w, u, kd, ge, J, prec)
@@ -305,41 +318,45 @@ def tree_reads(o0: torch.Tensor, w: torch.Tensor, u: torch.Tensor, kd: torch.Ten
     _tree_read[(N * H * n, triton.cdiv(V, BV))](qw, lam, o0, tree.m, tree.offsets, out, n, tree.m.shape[1], H, K,
                                                 V, J, C=C, BK=BK, BV=BV, PREC=prec,
                                                 num_warps=TREE_TILES["num_warps"])
-    return out
+    return out, tree
 
 
 def tree_backward(do: torch.Tensor, w: torch.Tensor, u: torch.Tensor, kd: torch.Tensor, ge: torch.Tensor,
-                  qw: torch.Tensor, lam: torch.Tensor, prec: str) -> tuple[torch.Tensor, ...]:
+                  qw: torch.Tensor, lam: torch.Tensor, prec: str,
+                  tree: _Tree | None = None) -> tuple[torch.Tensor, ...]:
     """Gradients (dw, du, dkd, dge, dqw, dlam) of sum(do * reads) for :func:`tree_reads`' reads (do
     [N, H, n, C, V] float32 contiguous; the rest as tree_reads takes them). Four parallel phases,
-    no sequential scan: the tree rebuilt; per chunk its reads' query pairs and dqw, dlam; per height
-    top down each node's summary gradient (its readers' pairs and its parent's, through the merge);
-    per chunk the leaf's gradients."""
+    no sequential scan: the tree (the forward's, else rebuilt); per chunk its reads' query pairs and
+    dqw, dlam; per height >= 1 top down each node's summary gradient (its readers' pairs and its
+    parent's, through the merge); per chunk its leaf's summary gradient and from it the chunk's."""
     N, H, n, C, K = w.shape
     V, J = u.shape[-1], lam.shape[-1]
-    tree = build_tree(w, u, kd, ge, J, prec)
+    tree = tree or build_tree(w, u, kd, ge, J, prec)
     NN, W = tree.m.shape[1], K + V
     BK = max(16, triton.next_power_of_2(K))
     cfg = TREE_BWD_TILES
     BV = min(cfg["BV"], max(16, triton.next_power_of_2(V)))
-    BN = min(cfg["BN"], max(16, triton.next_power_of_2(W)))
+    BN = min(cfg["BN" if w.element_size() < 4 else "BN_fp32"], max(16, triton.next_power_of_2(W)))
     opts = {"num_warps": cfg["num_warps"]}
     qb, dqa = (w.new_empty(N * H, J, n, C, K) for _ in range(2))  # rows of chunks not reading a level: unused
     dqw, dlam = torch.empty_like(qw), torch.empty_like(lam)
     _tree_pairs[(N * H * n,)](qw, lam, do, tree.m, tree.offsets, qb, dqa, dqw, dlam, n, NN, K, V, J, C=C, BK=BK,
                               BV=BV, PREC=prec, **opts)
-    dm = torch.zeros(N * H, NN, K, W, device=w.device)
-    for h in reversed(range(len(tree.sizes))):
+    up = None  # the gradients of the height above: [N * H, n_h, K, W], 16-bit where no program adds atomically
+    for h in reversed(range(1, len(tree.sizes))):
         n_h = tree.sizes[h]
-        if not n_h:
-            continue
         R = min(1 << h, cfg["readers"])
         splits = (1 << h) // R
-        up = h + 1 < len(tree.sizes)
-        _tree_node_grads[(N * H * n_h * splits * triton.cdiv(W, BN),)](
-            tree.m, dm, qb, dqa, do, lam, h, n_h, tree.sizes[h + 1] if up else 0, tree.offs[h],
-            tree.offs[h + 1] if up else 0, n, NN, K, V, J, splits, R, C=C, BK=BK, BN=BN, ATOMIC=splits > 1,
-            PREC=prec, **opts)
+        dm = (torch.zeros(N * H, n_h, K, W, device=w.device) if splits > 1
+              else w.new_empty(N * H, n_h, K, W))
+        if n_h:
+            n_up = 0 if up is None else up.shape[1]
+            _tree_node_grads[(N * H * n_h * splits * triton.cdiv(W, BN),)](
+                tree.m, dm, dm if up is None else up, qb, dqa, do, lam, h, n_h, n_up, tree.offs[h], n, NN, K, V, J,
+                splits, R, C=C, BK=BK, BN=BN, ATOMIC=splits > 1, PREC=prec, **opts)
+        up = dm
     du, dw, dkd, dge = torch.empty_like(u), torch.empty_like(w), torch.empty_like(kd), torch.empty_like(ge)
-    _tree_leaf_grads[(N * H * n,)](w, u, kd, dm, du, dw, dkd, dge, n, NN, K, V, C=C, BK=BK, BV=BV, PREC=prec, **opts)
+    n_up = 0 if up is None else up.shape[1]
+    _tree_leaf_grads[(N * H * n,)](w, u, kd, tree.m, kd if up is None else up, qb, dqa, do, lam, du, dw, dkd, dge, n,
+                                   n_up, NN, K, V, J, C=C, BK=BK, BN=BN, PREC=prec, **opts)
     return dw, du, dkd, dge, dqw, dlam
