@@ -20,16 +20,24 @@ import triton.language as tl
 
 
 @triton.jit
+def _tile_pid(ntile):
+    """(program, tile) of a grid whose axis 0 runs ``ntile`` column tiles per program adjacently (they
+    run at once and share their common loads through L2)."""
+    pid = tl.program_id(0).to(tl.int64)
+    return pid // ntile, pid % ntile
+
+
+@triton.jit
 def _tree_leaves(w_ptr, u_ptr, kd_ptr, ge_ptr, m_ptr, n, NN, K, V, C: tl.constexpr, BK: tl.constexpr,
                  BN: tl.constexpr, PREC: tl.constexpr):
-    """One column tile (program axis 1) of chunk i's leaf summary [ge I - kd^T w | kd^T u] (program
-    axis 0: sequence-head * n + chunk), into node i of height 0."""
-    pid = tl.program_id(0).to(tl.int64)
-    bh, i = pid // n, pid % n
+    """One column tile of chunk i's leaf summary [ge I - kd^T w | kd^T u] (program: sequence-head * n +
+    chunk, its tiles adjacent), into node i of height 0."""
     W = K + V
+    pid, tile = _tile_pid((W + BN - 1) // BN)
+    bh, i = pid // n, pid % n
     kk = tl.arange(0, BK)
     cc = tl.arange(0, C)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    cols = tile * BN + tl.arange(0, BN)
     is_t = cols < K
     dt = w_ptr.dtype.element_ty
     kd = tl.load(kd_ptr + pid * (C * K) + cc[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0)
@@ -46,12 +54,12 @@ def _tree_leaves(w_ptr, u_ptr, kd_ptr, ge_ptr, m_ptr, n, NN, K, V, C: tl.constex
 @triton.jit
 def _tree_merge(m_ptr, n_h, off_prev, off_h, NN, K, V, BK: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     """One column tile of node m of a height from nodes 2m (left) and 2m + 1 (right) of the height
-    below (program axis 0: sequence-head * n_h + m): T_right [T_left | D_left] + [0 | D_right]."""
-    pid = tl.program_id(0).to(tl.int64)
-    bh, m = pid // n_h, pid % n_h
+    below (program: sequence-head * n_h + m, its tiles adjacent): T_right [T_left | D_left] + [0 | D_right]."""
     W = K + V
+    pid, tile = _tile_pid((W + BN - 1) // BN)
+    bh, m = pid // n_h, pid % n_h
     kk = tl.arange(0, BK)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    cols = tile * BN + tl.arange(0, BN)
     left = m_ptr + (bh * NN + off_prev + 2 * m) * (K * W)
     right = left + K * W
     mk = kk < K
@@ -66,14 +74,14 @@ def _tree_merge(m_ptr, n_h, off_prev, off_h, NN, K, V, BK: tl.constexpr, BN: tl.
 @triton.jit
 def _tree_read(qw_ptr, lam_ptr, o0_ptr, m_ptr, offs_ptr, out_ptr, n, NN, H, K, V, J, C: tl.constexpr,
                BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """Chunk i's reads of chunk levels 0..J-1 (program axis 0: sequence-head * n + chunk; axis 1: V
-    tile) added to o0, written to out [N, n * C, H, V] (out's type)."""
-    pid = tl.program_id(0).to(tl.int64)
+    """One V tile of chunk i's reads of chunk levels 0..J-1 (program: sequence-head * n + chunk, its
+    tiles adjacent) added to o0, written to out [N, n * C, H, V] (out's type)."""
+    pid, tile = _tile_pid((V + BV - 1) // BV)
     bh, i = pid // n, pid % n
     W = K + V
     kk = tl.arange(0, BK)
     cc = tl.arange(0, C)
-    vv = tl.program_id(1) * BV + tl.arange(0, BV)
+    vv = tile * BV + tl.arange(0, BV)
     mv = vv[None, :] < V
     dt = qw_ptr.dtype.element_ty
     q = tl.load(qw_ptr + pid * (C * K) + cc[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0)
@@ -196,13 +204,11 @@ def _tree_node_grads(m_ptr, dm_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, lam_ptr, h,
     """One column tile of the gradient of node m of height h >= 1 (:func:`_dm_tile`), the heights'
     launches running top down, into dm [N * H, n_h, K, K + V] (dm's type; added atomically into
     float32 with SPLITS > 1 programs per node, each summing R of its readers; the first adds the
-    parent's part). A node's column tiles are adjacent programs (program id ((sequence-head * n_h +
-    m) * SPLITS + s) * ncol + tile): they run at once and share qb, T_right and dP's rows through L2."""
-    pid = tl.program_id(0).to(tl.int64)
+    parent's part). Program: (sequence-head * n_h + m) * SPLITS + s, its tiles adjacent (sharing qb,
+    T_right and dP's rows through L2)."""
     W = K + V
-    ncol = (W + BN - 1) // BN
-    col0 = (pid % ncol) * BN
-    pid = pid // ncol
+    pid, tile = _tile_pid((W + BN - 1) // BN)
+    col0 = tile * BN
     s = pid % SPLITS
     bh, m = (pid // SPLITS) // n_h, (pid // SPLITS) % n_h
     r0 = ((m + 1) << h) + s * R
@@ -296,10 +302,10 @@ def build_tree(w: torch.Tensor, u: torch.Tensor, kd: torch.Tensor, ge: torch.Ten
     m = w.new_empty(N * H, NN, K, K + V)
     opts = {"num_warps": TREE_TILES["num_warps"]}
     ncol = triton.cdiv(K + V, BN)
-    _tree_leaves[(N * H * n, ncol)](w, u, kd, ge, m, n, NN, K, V, C=C, BK=BK, BN=BN, PREC=prec, **opts)
+    _tree_leaves[(N * H * n * ncol,)](w, u, kd, ge, m, n, NN, K, V, C=C, BK=BK, BN=BN, PREC=prec, **opts)
     for h in range(1, len(sizes)):
         if sizes[h]:
-            _tree_merge[(N * H * sizes[h], ncol)](m, sizes[h], offs[h - 1], offs[h], NN, K, V, BK=BK, BN=BN,
+            _tree_merge[(N * H * sizes[h] * ncol,)](m, sizes[h], offs[h - 1], offs[h], NN, K, V, BK=BK, BN=BN,
                                                   PREC=prec, **opts)
     return _Tree(m, sizes, offs, torch.tensor(offs, dtype=torch.int32, device=w.device))
 
@@ -315,7 +321,7 @@ def tree_reads(o0: torch.Tensor, w: torch.Tensor, u: torch.Tensor, kd: torch.Ten
     BK = max(16, triton.next_power_of_2(K))
     BV = min(TREE_TILES["BV"], max(16, triton.next_power_of_2(V)))
     out = w.new_empty(N, n * C, H, V, dtype=out_dtype)
-    _tree_read[(N * H * n, triton.cdiv(V, BV))](qw, lam, o0, tree.m, tree.offsets, out, n, tree.m.shape[1], H, K,
+    _tree_read[(N * H * n * triton.cdiv(V, BV),)](qw, lam, o0, tree.m, tree.offsets, out, n, tree.m.shape[1], H, K,
                                                 V, J, C=C, BK=BK, BV=BV, PREC=prec,
                                                 num_warps=TREE_TILES["num_warps"])
     return out, tree
