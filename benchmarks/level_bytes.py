@@ -95,17 +95,18 @@ def tree_fwd(n: int, NH: int, K: int, V: int, C: int, J: int, op: int) -> int:
     return (build + reads) * NH
 
 
-def tree_bwd(n: int, NH: int, K: int, V: int, C: int, J: int, op: int, BN: int = 64, BV: int = 64) -> int:
-    """The backward as triton_gdn_tree.tree_backward runs it (summaries, pairs in the operand type,
-    node gradients float32, BN summary columns per node program, BV columns per step), a tile that
-    one program or a node's adjacent column-tile programs load again counted once (L2), every other
-    load counted: the tree rebuilt as in the forward, all nodes stored; per chunk qw, do, lam, per
-    set bit a T carried (all but the last), qb and dqa stored, T^T and D read, dqw and dlam stored;
-    per node its gradient stored, the parent's gradient row and T_right (left) or M_left (right),
-    and per reader chunk its qb, dqa, do and lam; per leaf dM, kd, w, u read and dw, dkd, du, dge
-    stored."""
+def tree_bwd(n: int, NH: int, K: int, V: int, C: int, J: int, op: int, readers: int = 16) -> int:
+    """The backward as triton_gdn_tree.tree_backward runs it (summaries, pairs and the gradients of
+    heights >= 1 in the operand type, float32 where several programs add up a node: 2^h > readers),
+    a tile that one program or a program's adjacent column tiles load again counted once (L2), every
+    other load counted: the tree rebuilt as in the forward, all nodes stored; per chunk qw, do, lam,
+    per set bit a T carried (all but the last), qb and dqa stored, T^T and D read, dqw and dlam
+    stored; per node of height >= 1 its gradient stored, the parent's gradient row and T_right (left)
+    or M_left (right), and per reader chunk its qb, dqa, do and lam; per leaf the same but nothing
+    stored, then kd, w, u read and dw, dkd, du, dge stored."""
     W = K + V
     sizes = [n >> h for h in range(J)]
+    dm_b = [F32 if (1 << h) > readers else op for h in range(J)]
     build = n * (2 * C * K * op + C * V * op + F32 + K * W * op)
     build += sum(sizes[1:]) * (K * K * op + 2 * K * W * op + K * W * op)
     chunks = 0
@@ -118,13 +119,13 @@ def tree_bwd(n: int, NH: int, K: int, V: int, C: int, J: int, op: int, BN: int =
     for h, n_h in enumerate(sizes):
         n_up = sizes[h + 1] if h + 1 < J else 0
         for m in range(n_h):
-            nodes += K * W * F32  # stored (or added)
+            nodes += K * W * dm_b[h] if h else 0  # stored (or added); a leaf's is not
             if m < 2 * n_up:
-                nodes += K * W * F32 + (K * K if m % 2 == 0 else K * W) * op
+                nodes += K * W * dm_b[h + 1] + (K * K if m % 2 == 0 else K * W) * op
             if m % 2 == 0:
-                readers = max(0, min((m + 2) << h, n) - ((m + 1) << h))
-                nodes += readers * (2 * C * K * op + C * V * F32 + C * F32)
-    leaves = n * (K * W * F32 + 2 * C * K * op + C * V * op + 2 * C * K * op + C * V * op + F32)
+                n_readers = max(0, min((m + 2) << h, n) - ((m + 1) << h))
+                nodes += n_readers * (2 * C * K * op + C * V * F32 + C * F32)
+    leaves = n * (2 * C * K * op + C * V * op + 2 * C * K * op + C * V * op + F32)
     return (build + chunks + nodes + leaves) * NH
 
 
