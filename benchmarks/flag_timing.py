@@ -39,10 +39,15 @@ def inputs(op: str, B: int, T: int, H: int, d: int):
 
 
 def set_option(name: str, value: int) -> None:
-    """Set the module-level kernel option ``module.ATTRIBUTE`` under hippolm.ops (its own type)."""
-    mod_name, attr = name.rsplit(".", 1)
+    """Set the module-level kernel option ``module.ATTRIBUTE`` under hippolm.ops (its own type), or
+    an entry of a dict option, ``module.ATTRIBUTE.key`` (e.g. triton_gdn_tree.TREE_BWD_TILES.pairs_BV)."""
+    mod_name, attr, *key = name.split(".")
     module = importlib.import_module("hippolm.ops." + mod_name)
-    setattr(module, attr, type(getattr(module, attr))(value))
+    if key:
+        table = getattr(module, attr)
+        table[key[0]] = type(table[key[0]])(value)
+    else:
+        setattr(module, attr, type(getattr(module, attr))(value))
 
 
 def set_options(items: list[str]) -> None:

@@ -108,18 +108,25 @@ def tree_kernels_compiled(prec: str, major: int, warps: int | None = None) -> li
             "dkd_ptr", "up_ptr")
     opts = {"num_warps": warps or tt.TREE_TILES["num_warps"]}
     BN, BV = tt.TREE_TILES["BN"], tt.TREE_TILES["BV"]
-    bwd = tt.TREE_BWD_TILES | {"BN": tt.TREE_BWD_TILES["BN" if prec == "tf32" else "BN_fp32"]}
-    bopts = {"num_warps": warps or bwd["num_warps"]}
-    backward = [("_tree_pairs", _compile(tt._tree_pairs, {"C": 64, "K": 128, "BK": 128, "BV": bwd["BV"], "PREC": prec},
-                                         bopts, major, operand, ptrs, {"offs_ptr": "i32"})),
+    bwd = tt.TREE_BWD_TILES
+
+    def bwd_opts(kernel: str, key: str) -> tuple[int, dict]:
+        return (bwd[key if prec == "tf32" else "fp32_BN"] if key.endswith("BN") else bwd[key],
+                {"num_warps": warps or bwd[kernel + "_warps"]})
+
+    BVp, popts = bwd_opts("pairs", "pairs_BV")
+    BNn, nopts = bwd_opts("node", "node_BN")
+    BNl, lopts = bwd_opts("leaf", "leaf_BN")
+    backward = [("_tree_pairs", _compile(tt._tree_pairs, {"C": 64, "K": 128, "BK": 128, "BV": BVp, "PREC": prec},
+                                         popts, major, operand, ptrs, {"offs_ptr": "i32"})),
                 *((f"_tree_node_grads atomic={atomic}",
-                   _compile(tt._tree_node_grads, {"C": 64, "BK": 128, "BN": bwd["BN"], "ATOMIC": atomic, "PREC": prec},
-                            bopts, major, operand, ptrs, {"offs_ptr": "i32"} | (
+                   _compile(tt._tree_node_grads, {"C": 64, "BK": 128, "BN": BNn, "ATOMIC": atomic, "PREC": prec},
+                            nopts, major, operand, ptrs, {"offs_ptr": "i32"} | (
                                 {"dm_ptr": "fp32", "up_ptr": "fp32"} if atomic else {"dm_ptr": operand})))
                   for atomic in (False, True)),
                 ("_tree_leaf_grads", _compile(tt._tree_leaf_grads,
-                                              {"C": 64, "K": 128, "BK": 128, "BN": bwd["BN"], "PREC": prec},
-                                              bopts, major, operand, ptrs))]
+                                              {"C": 64, "K": 128, "BK": 128, "BN": BNl, "PREC": prec},
+                                              lopts, major, operand, ptrs))]
     return [("_tree_leaves", _compile(tt._tree_leaves, {"C": 64, "BK": 128, "BN": BN, "PREC": prec}, opts, major,
                                       operand, ptrs)),
             ("_tree_merge", _compile(tt._tree_merge, {"BK": 128, "BN": BN, "PREC": prec}, opts, major, operand, ptrs)),

@@ -269,10 +269,14 @@ def _tree_leaf_grads(w_ptr, u_ptr, kd_ptr, m_ptr, up_ptr, qb_ptr, dqa_ptr, do_pt
 
 # Columns per program: summaries (BN) and outputs (BV); warps per program. Not yet timed.
 TREE_TILES = {"BN": 64, "BV": 64, "num_warps": 4}
-# Backward: V columns per step of the per-chunk phase, summary-gradient columns per program, warps;
-# reader chunks per program of the per-node phase (more: one program's sum, fewer: atomic adds).
-# float32 operands: BN 32 (the leaf gradients' tiles would not fit an A100's shared memory).
-TREE_BWD_TILES = {"BV": 64, "BN": 64, "BN_fp32": 32, "num_warps": 8, "readers": 16}
+# Backward, per kernel: columns per step (pairs: V columns; node and leaf gradients: summary
+# columns, 16-bit / float32 operands) and warps; reader chunks per program of the per-node phase
+# (more: one program's sum, fewer: atomic adds). Chosen on sm_90 compiles (kernel_spills.py): two
+# programs per SM for the pairs (255 registers x 4 warps, 90 KB shared) and the node gradients (192
+# x 4, 107 KB); the leaf gradients spill with 4 warps or 64 columns at 8. Float32 operands: 32
+# columns (an A100's shared memory).
+TREE_BWD_TILES = {"pairs_BV": 32, "pairs_warps": 4, "node_BN": 64, "node_warps": 4, "leaf_BN": 32,
+                  "leaf_warps": 8, "fp32_BN": 32, "readers": 16}
 
 
 class _Tree(NamedTuple):
@@ -341,13 +345,16 @@ def tree_backward(do: torch.Tensor, w: torch.Tensor, u: torch.Tensor, kd: torch.
     NN, W = tree.m.shape[1], K + V
     BK = max(16, triton.next_power_of_2(K))
     cfg = TREE_BWD_TILES
-    BV = min(cfg["BV"], max(16, triton.next_power_of_2(V)))
-    BN = min(cfg["BN" if w.element_size() < 4 else "BN_fp32"], max(16, triton.next_power_of_2(W)))
-    opts = {"num_warps": cfg["num_warps"]}
+    BV = min(cfg["pairs_BV"], max(16, triton.next_power_of_2(V)))
+
+    def cols(key: str) -> int:
+        return min(cfg[key if w.element_size() < 4 else "fp32_BN"], max(16, triton.next_power_of_2(W)))
+
     qb, dqa = (w.new_empty(N * H, J, n, C, K) for _ in range(2))  # rows of chunks not reading a level: unused
     dqw, dlam = torch.empty_like(qw), torch.empty_like(lam)
     _tree_pairs[(N * H * n,)](qw, lam, do, tree.m, tree.offsets, qb, dqa, dqw, dlam, n, NN, K, V, J, C=C, BK=BK,
-                              BV=BV, PREC=prec, **opts)
+                              BV=BV, PREC=prec, num_warps=cfg["pairs_warps"])
+    BN = cols("node_BN")
     up = None  # the gradients of the height above: [N * H, n_h, K, W], 16-bit where no program adds atomically
     for h in reversed(range(1, len(tree.sizes))):
         n_h = tree.sizes[h]
@@ -359,10 +366,11 @@ def tree_backward(do: torch.Tensor, w: torch.Tensor, u: torch.Tensor, kd: torch.
             n_up = 0 if up is None else up.shape[1]
             _tree_node_grads[(N * H * n_h * splits * triton.cdiv(W, BN),)](
                 tree.m, dm, dm if up is None else up, qb, dqa, do, lam, h, n_h, n_up, tree.offs[h], n, NN, K, V, J,
-                splits, R, C=C, BK=BK, BN=BN, ATOMIC=splits > 1, PREC=prec, **opts)
+                splits, R, C=C, BK=BK, BN=BN, ATOMIC=splits > 1, PREC=prec, num_warps=cfg["node_warps"])
         up = dm
     du, dw, dkd, dge = torch.empty_like(u), torch.empty_like(w), torch.empty_like(kd), torch.empty_like(ge)
     n_up = 0 if up is None else up.shape[1]
     _tree_leaf_grads[(N * H * n,)](w, u, kd, tree.m, kd if up is None else up, qb, dqa, do, lam, du, dw, dkd, dge, n,
-                                   n_up, NN, K, V, J, C=C, BK=BK, BN=BN, PREC=prec, **opts)
+                                   n_up, NN, K, V, J, C=C, BK=BK, BN=cols("leaf_BN"), PREC=prec,
+                                   num_warps=cfg["leaf_warps"])
     return dw, du, dkd, dge, dqw, dlam
