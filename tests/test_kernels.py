@@ -389,6 +389,14 @@ def _level_case(T: int, seed: int, bf16: bool, H: int = 1, K: int = 8, chunk: in
     return xs, run
 
 
+def _level_scans(monkeypatch) -> None:
+    """Run the chunk levels through the level scans (forward and backward), not the default tree."""
+    from hippolm.ops import triton_gdn
+
+    monkeypatch.setattr(triton_gdn, "LEVEL_TREE_FWD", 0)
+    monkeypatch.setattr(triton_gdn, "LEVEL_TREE_BWD", 0)
+
+
 def _assert_matches_reference(xs, run, dtype: torch.dtype, tol: float) -> None:
     """The Triton path with q, k, v in ``dtype`` (the rest float32) == the float64 reference:
     output and every gradient within ``tol``."""
@@ -414,6 +422,7 @@ def test_loglinear_gated_delta_rule_level_groups(fwd, bwd, block_store, uniform,
     group's top level would overwrite the top lane's levels."""
     from hippolm.ops import triton_gdn
 
+    _level_scans(monkeypatch)
     monkeypatch.setattr(triton_gdn, "LEVEL_BLOCK_STORE", block_store)
     monkeypatch.setattr(triton_gdn, "LEVEL_GRADS_UNIFORM", uniform)
     monkeypatch.setattr(triton_gdn, "LEVEL_V_ADJACENT", adjacent)
@@ -449,6 +458,7 @@ def test_loglinear_gated_delta_rule_lanes_with_their_own_tiles(device, monkeypat
     inputs at bf16 tolerance (a level left out or counted twice is off by far more)."""
     from hippolm.ops import triton_gdn
 
+    _level_scans(monkeypatch)
     for key, tile in {"fwd": (2, 16), "fwd_top": (1, 32), "bwd": (1, 16), "bwd_top": (2, 32)}.items():
         monkeypatch.setitem(triton_gdn.LEVEL_TILES, key, tile)
     # 600 tokens in chunks of 16: 38 chunks, chunk levels 0..5; the top lane gets 1 (forward) or 2 (backward)
@@ -463,6 +473,7 @@ def test_loglinear_gated_delta_rule_reads_do_in_place(bf16, device, monkeypatch)
     two packed sequences and two heads (a stride mixed up reads another sequence's or head's rows)."""
     from hippolm.ops import triton_gdn
 
+    _level_scans(monkeypatch)
     monkeypatch.setattr(triton_gdn, "LEVEL_DO_COPY", 0)
     xs, run = _level_case(300, seed=13, bf16=bf16, H=2, cu_seqlens=torch.tensor([0, 190, 300]))
     _assert_matches_reference(xs, run, torch.bfloat16 if bf16 else torch.float32, 2e-2 if bf16 else 1e-4)
@@ -476,6 +487,7 @@ def test_loglinear_gated_delta_rule_tree_forward(bf16, device, monkeypatch):
     from hippolm.ops import triton_gdn, triton_gdn_tree
 
     monkeypatch.setattr(triton_gdn, "LEVEL_TREE_FWD", 1)
+    monkeypatch.setattr(triton_gdn, "LEVEL_TREE_BWD", 0)
     monkeypatch.setitem(triton_gdn_tree.TREE_TILES, "BV", 16)  # two V tiles per chunk (V = 32)
     _poison_empty(monkeypatch)
     xs, run = _level_case(500, seed=15, bf16=bf16, H=2, cu_seqlens=torch.tensor([0, 410, 500]))
@@ -534,8 +546,10 @@ def test_loglinear_ssd_tree_built_in_blocks(levels, pieces, fwd_tile, device, mo
 def test_no_kernel_reads_memory_it_did_not_write(device, monkeypatch):
     """Buffers the log-linear ops allocate uninitialised (the level outputs whose first group writes
     every row, the LL-M2 backward's query-side states) come filled with NaN: outputs and every
-    gradient still equal the reference, so nothing reads a row before it is written."""
+    gradient still equal the reference, so nothing reads a row before it is written. (The tree's
+    buffers: the tree tests.)"""
     _poison_empty(monkeypatch)
+    _level_scans(monkeypatch)
     xs, run = _level_case(600, seed=11, bf16=False)  # 38 chunks: both lanes, levels 0..5
     _assert_matches_reference(xs, run, torch.float32, 1e-4)
     xs = _inputs(1, 300, 2, 16, 16, seed=3)

@@ -422,15 +422,18 @@ def _level_grid(programs: int, NV: int, scans: int = 1) -> tuple[int, ...]:
 LEVEL_DO_COPY = 1
 
 
-# 1: the forward reads the chunk levels through a tree of block summaries (triton_gdn_tree: no
-# sequential scan, ~7.8 instead of 19.7 GB at 64k tokens by level_bytes.py's count), the backward
-# as before; 0: the level scans. Not yet timed.
-LEVEL_TREE_FWD = 0
-# 1: the backward through the tree too (triton_gdn_tree.tree_backward: per chunk, per height top
-# down, per leaf; no per-level scratch states); 0: the level scans. Not yet timed.
-LEVEL_TREE_BWD = 0
-# With both: 1 keeps the forward's tree for the backward (2.1 GB more held per layer at 64k tokens,
-# H = 16, d = 128, bf16), 0 rebuilds it there. Not yet timed.
+# 1 (default): the forward reads the chunk levels through a tree of block summaries (triton_gdn_tree: no
+# sequential scan, 7.8 instead of 19.7 GB at 64k tokens by level_bytes.py's count); 0: the level scans.
+# H100, bf16, H = 16, d = 128, 65,536 tokens (flag_timing_h100_llgdn_tree_fwd.json, before the tiles
+# were made adjacent): forward 11.13 -> 8.88 ms at 64k, 11.82 -> 8.63 at 8k.
+LEVEL_TREE_FWD = 1
+# 1 (default): the backward through the tree too (triton_gdn_tree.tree_backward: per chunk, per height
+# top down, per leaf; no per-level scratch states); 0: the level scans. With the tree forward, fwd+bwd
+# 36.71 -> 28.67 ms at 64k, 31.60 -> 25.79 at 8k (flag_timing_h100_llgdn_tree_bwd_fused.json).
+LEVEL_TREE_BWD = 1
+# With both: 1 keeps the forward's tree for the backward (2.1 GB more held per call at 64k tokens,
+# H = 16, d = 128, bf16), 0 (default: memory) rebuilds it there: fwd+bwd 28.54 -> 26.95 ms at 64k,
+# 26.17 -> 24.28 at 8k (flag_timing_h100_llgdn_tree_save.json).
 LEVEL_TREE_SAVE = 0
 
 

@@ -1,5 +1,6 @@
-"""Log-linear Gated DeltaNet's chunk-level reads through a tree of block summaries (forward only),
-the Triton form of the chunk reference's ``loglinear._tree_reads``.
+"""Log-linear Gated DeltaNet's chunk-level reads through a tree of block summaries, forward and
+backward (the default path of triton_gdn), the Triton form of the chunk reference's
+``loglinear._tree_reads``.
 
 Each aligned block of 2^h chunks has a summary M = [T | D] ([K, K + V], operand type): T its
 transition (the state at its end = T S + D for the state S at its start) and D its writes carried
@@ -8,6 +9,7 @@ M = T_right M_left + [0 | D_right]. Chunk i reads chunk level j (bit j of i set)
 2^j chunks just before ``i >> j << j``, carried to i through the blocks of i's lower set bits: its
 set bits from the lowest up, ``o += lam_j (q D); q <- q T``, with q = qw_i. No sequential scan:
 every chunk reads in parallel, the tree takes one launch per height; no per-level state per chunk.
+The backward (:func:`tree_backward`) runs the same way: per chunk, per height top down, per leaf.
 """
 
 from __future__ import annotations
@@ -271,11 +273,13 @@ def _tree_leaf_grads(w_ptr, u_ptr, kd_ptr, m_ptr, up_ptr, qb_ptr, dqa_ptr, do_pt
 TREE_TILES = {"BN": 64, "BV": 64, "num_warps": 4}
 # Backward, per kernel: columns per step (pairs: V columns; node and leaf gradients: summary
 # columns, 16-bit / float32 operands) and warps; reader chunks per program of the per-node phase
-# (more: one program's sum, fewer: atomic adds). Chosen on sm_90 compiles (kernel_spills.py): two
+# (more: one program's sum, fewer: atomic adds). From sm_90 compiles (kernel_spills.py): two
 # programs per SM for the pairs (255 registers x 4 warps, 90 KB shared) and the node gradients (192
-# x 4, 107 KB); the leaf gradients spill with 4 warps or 64 columns at 8. Float32 operands: 32
-# columns (an A100's shared memory).
-TREE_BWD_TILES = {"pairs_BV": 32, "pairs_warps": 4, "node_BN": 64, "node_warps": 4, "leaf_BN": 32,
+# x 4, 107 KB). Timed on the H100 (fwd+bwd at 64k / 8k): leaf gradients 64 columns 27.39 / 24.47 ms
+# vs 32: 28.94 / 26.42 (flag_timing_h100_llgdn_tree_leaf_bn_32_64.json), vs 128: 27.56 / 24.85; node
+# gradients 4 warps 27.21 / 24.37 vs 8: 27.64 / 25.24 (..._leaf_bn_64_128, ..._node_warps.json).
+# Float32 operands: 32 columns (an A100's shared memory).
+TREE_BWD_TILES = {"pairs_BV": 32, "pairs_warps": 4, "node_BN": 64, "node_warps": 4, "leaf_BN": 64,
                   "leaf_warps": 8, "fp32_BN": 32, "readers": 16}
 
 
