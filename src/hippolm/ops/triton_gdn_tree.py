@@ -104,6 +104,14 @@ def _tree_read(qw_ptr, lam_ptr, o0_ptr, m_ptr, offs_ptr, out_ptr, n, NN, H, K, V
 
 
 @triton.jit
+def _chunk_program(n, K, BK: tl.constexpr, C: tl.constexpr):
+    """(program id, sequence-head, chunk, key offsets, row offsets, key mask) of a program per chunk."""
+    pid = tl.program_id(0).to(tl.int64)
+    kk = tl.arange(0, BK)
+    return pid, pid // n, pid % n, kk, tl.arange(0, C), kk < K
+
+
+@triton.jit
 def _tree_pairs(qw_ptr, lam_ptr, do_ptr, m_ptr, offs_ptr, qb_ptr, dqa_ptr, dqw_ptr, dlam_ptr, n, NN, K: tl.constexpr,
                 V, J, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """The reads' backward, per chunk (program axis 0: sequence-head * n + chunk i): the query carried
@@ -111,12 +119,8 @@ def _tree_pairs(qw_ptr, lam_ptr, do_ptr, m_ptr, offs_ptr, qb_ptr, dqa_ptr, dqw_p
     [N * H, J, n, C, K]), then from the highest read down, with g = lam_j do: dlam_j = rowsum(do *
     (q D)), the gradient of the query after the block stored in dqa (qb's layout: the per-node phase
     sums q^T [dq | g] over a node's readers), dq <- g D^T + dq T^T; dqw = dq after the lowest."""
-    pid = tl.program_id(0).to(tl.int64)
-    bh, i = pid // n, pid % n
+    pid, bh, i, kk, cc, mk = _chunk_program(n, K, BK, C)
     W = K + V
-    kk = tl.arange(0, BK)
-    cc = tl.arange(0, C)
-    mk = kk < K
     mkk = mk[:, None] & mk[None, :]
     tile_ck = cc[:, None] * K + kk[None, :]
     dt = qw_ptr.dtype.element_ty
@@ -236,12 +240,8 @@ def _tree_leaf_grads(w_ptr, u_ptr, kd_ptr, m_ptr, up_ptr, qb_ptr, dqa_ptr, do_pt
     0: one reader, chunk i + 1) and never stored: dge = trace(dT), dw = -kd dT, du = kd dD per tile,
     and dkd^T = sum over tiles of dM[:, tile] [-w | u][:, tile]^T (the [-w | u] tile loaded
     transposed), stored through transposed offsets."""
-    pid = tl.program_id(0).to(tl.int64)
-    bh, i = pid // n, pid % n
+    pid, bh, i, kk, cc, mk = _chunk_program(n, K, BK, C)
     W = K + V
-    kk = tl.arange(0, BK)
-    cc = tl.arange(0, C)
-    mk = kk < K
     dt = w_ptr.dtype.element_ty
     dkd_tr = tl.zeros((BK, C), dtype=tl.float32)
     trace = 0.0
