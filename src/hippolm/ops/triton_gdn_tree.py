@@ -112,11 +112,18 @@ def _chunk_program(n, K, BK: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
+def _pair_row(bh, j, i, n, J, C: tl.constexpr, K):
+    """Offset of chunk i's pair row for level j in qb / dqa [N * H, J, (n + 1) // 2, C, K]: the chunks
+    reading level j (bit j set) numbered without bit j, so a node's readers are consecutive."""
+    return ((bh * J + j) * ((n + 1) // 2) + ((i >> (j + 1)) << j) + (i & ((1 << j) - 1))) * (C * K)
+
+
+@triton.jit
 def _tree_pairs(qw_ptr, lam_ptr, do_ptr, m_ptr, offs_ptr, qb_ptr, dqa_ptr, dqw_ptr, dlam_ptr, n, NN, K: tl.constexpr,
                 V, J, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """The reads' backward, per chunk (program axis 0: sequence-head * n + chunk i): the query carried
-    up through the blocks chunk i reads as the forward carries it (q before each read stored in qb
-    [N * H, J, n, C, K]), then from the highest read down, with g = lam_j do: dlam_j = rowsum(do *
+    up through the blocks chunk i reads as the forward carries it (q before each read stored in qb,
+    rows by :func:`_pair_row`), then from the highest read down, with g = lam_j do: dlam_j = rowsum(do *
     (q D)), the gradient of the query after the block stored in dqa (qb's layout: the per-node phase
     sums q^T [dq | g] over a node's readers), dq <- g D^T + dq T^T; dqw = dq after the lowest."""
     pid, bh, i, kk, cc, mk = _chunk_program(n, K, BK, C)
@@ -127,7 +134,7 @@ def _tree_pairs(qw_ptr, lam_ptr, do_ptr, m_ptr, offs_ptr, qb_ptr, dqa_ptr, dqw_p
     q = tl.load(qw_ptr + pid * (C * K) + tile_ck, mask=mk[None, :], other=0)
     for j in range(J):
         if ((i >> j) & 1) == 1:
-            tl.store(qb_ptr + ((bh * J + j) * n + i) * (C * K) + tile_ck, q, mask=mk[None, :])
+            tl.store(qb_ptr + _pair_row(bh, j, i, n, J, C, K) + tile_ck, q, mask=mk[None, :])
             if (i >> (j + 1)) != 0:
                 node = m_ptr + (bh * NN + tl.load(offs_ptr + j) + (i >> j) - 1) * (K * W)
                 q = tl.dot(q, tl.load(node + kk[:, None] * W + kk[None, :], mask=mkk, other=0),
@@ -137,7 +144,7 @@ def _tree_pairs(qw_ptr, lam_ptr, do_ptr, m_ptr, offs_ptr, qb_ptr, dqa_ptr, dqw_p
         j = J - 1 - jr
         if ((i >> j) & 1) == 1:
             node = m_ptr + (bh * NN + tl.load(offs_ptr + j) + (i >> j) - 1) * (K * W)
-            row = ((bh * J + j) * n + i) * (C * K)
+            row = _pair_row(bh, j, i, n, J, C, K)
             tl.store(dqa_ptr + row + tile_ck, dq.to(dt), mask=mk[None, :])
             qb = tl.load(qb_ptr + row + tile_ck, mask=mk[None, :], other=0)
             t_tr = tl.load(node + kk[None, :] * W + kk[:, None], mask=mkk, other=0)  # T^T, loaded transposed
@@ -192,7 +199,7 @@ def _dm_tile(m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, lam_ptr, bh, m, h, n_h, n_u
                     acc = tl.dot(dp.to(dt), lt, acc, input_precision=PREC)
             acc += tl.load(parent + tile, mask=mt & (cols[None, :] >= K), other=0).to(tl.float32)
     for i in range(r0, r1):
-        row = ((bh * J + h) * n + i) * (C * K)
+        row = _pair_row(bh, h, i, n, J, C, K)
         qb_tr = tl.load(qb_ptr + row + cc[None, :] * K + kk[:, None], mask=mk[:, None], other=0)  # [BK, C]
         dqa = tl.load(dqa_ptr + row + cc[:, None] * K + cols[None, :], mask=cols[None, :] < K, other=0)
         lam = tl.load(lam_ptr + ((bh * n + i) * C + cc) * J + h)
@@ -354,7 +361,7 @@ def tree_backward(do: torch.Tensor, w: torch.Tensor, u: torch.Tensor, kd: torch.
     def cols(key: str) -> int:
         return min(cfg[key if w.element_size() < 4 else "fp32_BN"], max(16, triton.next_power_of_2(W)))
 
-    qb, dqa = (w.new_empty(N * H, J, n, C, K) for _ in range(2))  # rows of chunks not reading a level: unused
+    qb, dqa = (w.new_empty(N * H, J, (n + 1) // 2, C, K) for _ in range(2))  # per level, its readers' rows
     dqw, dlam = torch.empty_like(qw), torch.empty_like(lam)
     _tree_pairs[(N * H * n,)](qw, lam, do, tree.m, tree.offsets, qb, dqa, dqw, dlam, n, NN, K, V, J, C=C, BK=BK,
                               BV=BV, PREC=prec, num_warps=cfg["pairs_warps"])
