@@ -95,7 +95,7 @@ def tree_fwd(n: int, NH: int, K: int, V: int, C: int, J: int, op: int) -> int:
     return (build + reads) * NH
 
 
-def tree_bwd(n: int, NH: int, K: int, V: int, C: int, J: int, op: int, readers: int = 16) -> int:
+def tree_bwd(n: int, NH: int, K: int, V: int, C: int, J: int, op: int, do_b: int = F32, readers: int = 16) -> int:
     """The backward as triton_gdn_tree.tree_backward runs it (summaries, pairs and the gradients of
     heights >= 1 in the operand type, float32 where several programs add up a node: 2^h > readers),
     a tile that one program or a program's adjacent column tiles load again counted once (L2), every
@@ -112,7 +112,7 @@ def tree_bwd(n: int, NH: int, K: int, V: int, C: int, J: int, op: int, readers: 
     chunks = 0
     for i in range(n):
         p = bin(i & ((1 << J) - 1)).count("1")
-        chunks += C * K * op + C * V * F32 + C * J * F32 + max(0, p - 1) * K * K * op  # qw, do, lam, the carry
+        chunks += C * K * op + C * V * do_b + C * J * F32 + max(0, p - 1) * K * K * op  # qw, do, lam, the carry
         chunks += p * (2 * C * K * op + K * K * op + K * V * op)  # qb, dqa stored; T^T, D
         chunks += C * K * op + C * J * F32  # dqw, dlam
     nodes = 0
@@ -124,7 +124,7 @@ def tree_bwd(n: int, NH: int, K: int, V: int, C: int, J: int, op: int, readers: 
                 nodes += K * W * dm_b[h + 1] + (K * K if m % 2 == 0 else K * W) * op
             if m % 2 == 0:
                 n_readers = max(0, min((m + 2) << h, n) - ((m + 1) << h))
-                nodes += n_readers * (2 * C * K * op + C * V * F32 + C * F32)
+                nodes += n_readers * (2 * C * K * op + C * V * do_b + C * F32)
     leaves = n * (2 * C * K * op + C * V * op + 2 * C * K * op + C * V * op + F32)
     return (build + chunks + nodes + leaves) * NH
 
@@ -193,7 +193,7 @@ def main() -> None:
     fwd = sum(r["GB"] for r in rows if r["kernel"] == "_level_fwd")
     n = args.T // C
     tree = tree_fwd(n, H, d, d, C, (n - 1).bit_length(), op) / 1e9
-    tree_b = tree_bwd(n, H, d, d, C, (n - 1).bit_length(), op) / 1e9
+    tree_b = tree_bwd(n, H, d, d, C, (n - 1).bit_length(), op, F32 if tg.LEVEL_DO_COPY else op) / 1e9
     print(f"forward: {fwd:.1f} GB counted; a tree of block summaries would move {tree:.1f} GB")
     print(f"backward: {total - fwd:.1f} GB counted; the tree's (triton_gdn_tree.tree_backward) {tree_b:.1f} GB")
     if args.json:

@@ -24,7 +24,7 @@ import triton.language as tl
 from . import reference
 from .loglinear import bit_length
 from .triton_gdn_chunk import ChunkParts
-from .triton_gdn_tree import tree_backward, tree_reads
+from .triton_gdn_tree import _do_row0, tree_backward, tree_reads
 
 
 @triton.jit
@@ -119,13 +119,6 @@ def _group(n, NBH, j0, top, V, NV, BV: tl.constexpr, NL: tl.constexpr, ADJ: tl.c
     jl = j0 + cols // BV
     vcol = iv * BV + cols % BV
     return (pid % NBH).to(tl.int64), s, tl.minimum(s + (2 << top), n), iv, jl, vcol, (jl <= top) & (vcol < V)
-
-
-@triton.jit
-def _do_row0(bh, i, H, sB, sH, sT, C: tl.constexpr):
-    """Offset of chunk i's first row of sequence-head ``bh`` in do, whose [N, H, T, V] view has strides
-    sB, sH, sT, 1 (the output's own [N, T, H, V] layout, or a [N, H, T, V] copy)."""
-    return (bh // H) * sB + (bh % H) * sH + i * C * sT
 
 
 @triton.jit
@@ -416,9 +409,10 @@ def _level_grid(programs: int, NV: int, scans: int = 1) -> tuple[int, ...]:
     return (*grid, scans) if scans > 1 else grid
 
 
-# The level backward reads the output gradient do: 1 from the float32 copy in [N, H, T, V] layout made
-# for the chunks' own output (twice the bytes of a 16-bit do at every read: ~1.6 GB more per fwd+bwd
-# at 64k tokens); 0 do itself, in its own type and [N, T, H, V] layout (rows H * V apart). Not yet timed.
+# The level (or tree) backward reads the output gradient do: 1 from the float32 copy in [N, H, T, V] layout
+# made for the chunks' own output (twice the bytes of a 16-bit do at every read: ~1.6 GB more per fwd+bwd
+# at 64k tokens for the level scans, as much for the tree: 29.0 -> 27.4 GB, level_bytes.py); 0 do itself, in its
+# own type and [N, T, H, V] layout (rows H * V apart). Not yet timed.
 LEVEL_DO_COPY = 1
 
 
@@ -564,13 +558,13 @@ class _LevelReads(torch.autograd.Function):
         N, H, n, C, K = w.shape
         V, J = u.shape[-1], lam.shape[-1]
         opts = _level_launch(ctx.prec, _major(w.device), True)
-        # o0's gradient: do in o0's [N, H, n, C, V] layout, float32 (one pass); the level kernels read
-        # that copy or do itself (LEVEL_DO_COPY), as the [N, H, n * C, V] view of its [N, n * C, H, V]
+        # o0's gradient: do in o0's [N, H, n, C, V] layout, float32 (one pass); the level / tree kernels
+        # read that copy or do itself (LEVEL_DO_COPY), as the [N, H, n * C, V] view of its [N, n * C, H, V]
         do0 = torch.empty(N, H, n, C, V, device=do.device).copy_(do.reshape(N, n, C, H, V).permute(0, 3, 1, 2, 4))
+        do = do0.view(N, H, n * C, V) if LEVEL_DO_COPY else do.contiguous().permute(0, 2, 1, 3)
         if LEVEL_TREE_BWD:
             tree, ctx.tree = ctx.tree, None
-            return do0, *tree_backward(do0, w, u, kd, ge, qw, lam, ctx.prec, tree), None, None, None
-        do = do0.view(N, H, n * C, V) if LEVEL_DO_COPY else do.contiguous().permute(0, 2, 1, 3)
+            return do0, *tree_backward(do, w, u, kd, ge, qw, lam, ctx.prec, tree), None, None, None
         do_strides = (H, *do.stride()[:3])
 
         # the states before and the state gradients after every chunk, every level (operand type)

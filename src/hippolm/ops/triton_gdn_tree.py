@@ -22,6 +22,25 @@ import triton.language as tl
 
 
 @triton.jit
+def _do_row0(bh, i, H, sB, sH, sT, C: tl.constexpr):
+    """Offset of chunk i's first row of sequence-head ``bh`` in do, whose [N, H, T, V] view has strides
+    sB, sH, sT, 1 (the output's own [N, T, H, V] layout, or a [N, H, T, V] copy)."""
+    return (bh // H) * sB + (bh % H) * sH + i * C * sT
+
+
+@triton.jit
+def _do_tile(do_ptr, H, sB, sH, sT, bh, i, n, V, cols, mask, C: tl.constexpr, STRIDED: tl.constexpr):
+    """Chunk i's rows of do in columns ``cols``, float32: from the [N, H, n, C, V] float32 copy, or
+    (STRIDED) from do itself through its [N, H, T, V] view's strides."""
+    cc = tl.arange(0, C)
+    if STRIDED:
+        offs = _do_row0(bh, i, H, sB, sH, sT, C) + cc[:, None] * sT + cols[None, :]
+    else:
+        offs = ((bh * n + i) * C + cc[:, None]) * V + cols[None, :]
+    return tl.load(do_ptr + offs, mask=mask, other=0).to(tl.float32)
+
+
+@triton.jit
 def _tile_pid(ntile):
     """(program, tile) of a grid whose axis 0 runs ``ntile`` column tiles per program adjacently (they
     run at once and share their common loads through L2)."""
@@ -119,8 +138,9 @@ def _pair_row(bh, j, i, n, J, C: tl.constexpr, K):
 
 
 @triton.jit
-def _tree_pairs(qw_ptr, lam_ptr, do_ptr, m_ptr, offs_ptr, qb_ptr, dqa_ptr, dqw_ptr, dlam_ptr, n, NN, K: tl.constexpr,
-                V, J, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def _tree_pairs(qw_ptr, lam_ptr, do_ptr, H, sB, sH, sT, m_ptr, offs_ptr, qb_ptr, dqa_ptr, dqw_ptr, dlam_ptr, n, NN,
+                K: tl.constexpr, V, J, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STRIDED: tl.constexpr,
+                PREC: tl.constexpr):
     """The reads' backward, per chunk (program axis 0: sequence-head * n + chunk i): the query carried
     up through the blocks chunk i reads as the forward carries it (q before each read stored in qb,
     rows by :func:`_pair_row`), then from the highest read down, with g = lam_j do: dlam_j = rowsum(do *
@@ -155,7 +175,7 @@ def _tree_pairs(qw_ptr, lam_ptr, do_ptr, m_ptr, offs_ptr, qb_ptr, dqa_ptr, dqw_p
                 vv = v0 + tl.arange(0, BV)
                 mv = vv < V
                 d = tl.load(node + kk[:, None] * W + K + vv[None, :], mask=mk[:, None] & mv[None, :], other=0)
-                do = tl.load(do_ptr + pid * (C * V) + cc[:, None] * V + vv[None, :], mask=mv[None, :], other=0)
+                do = _do_tile(do_ptr, H, sB, sH, sT, bh, i, n, V, vv, mv[None, :], C, STRIDED)
                 read += tl.sum(do * tl.dot(qb, d, input_precision=PREC), axis=1)
                 dq = tl.dot((lam[:, None] * do).to(dt), tl.trans(d), dq, input_precision=PREC)
             tl.store(dlam_ptr + (pid * C + cc) * J + j, read)
@@ -165,8 +185,9 @@ def _tree_pairs(qw_ptr, lam_ptr, do_ptr, m_ptr, offs_ptr, qb_ptr, dqa_ptr, dqw_p
 
 
 @triton.jit
-def _dm_tile(m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, lam_ptr, bh, m, h, n_h, n_up, off_h, r0, r1, n, NN, K, V, J,
-             col0, PARENT, C: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+def _dm_tile(m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr, bh, m, h, n_h, n_up, off_h, r0, r1, n,
+             NN, K, V, J, col0, PARENT, C: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, STRIDED: tl.constexpr,
+             PREC: tl.constexpr):
     """Columns col0 .. col0 + BN of the summary gradient dM = [dT | dD] of node m of height h (float32):
     from its parent P = T_right M_left + [0 | D_right] (if PARENT; up_ptr: the parent height's
     gradients [N * H, n_up, K, K + V]): a left node gets T_right^T dP, a right node dP M_left^T in its
@@ -203,17 +224,17 @@ def _dm_tile(m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, lam_ptr, bh, m, h, n_h, n_u
         qb_tr = tl.load(qb_ptr + row + cc[None, :] * K + kk[:, None], mask=mk[:, None], other=0)  # [BK, C]
         dqa = tl.load(dqa_ptr + row + cc[:, None] * K + cols[None, :], mask=cols[None, :] < K, other=0)
         lam = tl.load(lam_ptr + ((bh * n + i) * C + cc) * J + h)
-        do = tl.load(do_ptr + ((bh * n + i) * C + cc[:, None]) * V + (cols - K)[None, :],
-                     mask=(cols[None, :] >= K) & (cols[None, :] < W), other=0)
+        do = _do_tile(do_ptr, H, sB, sH, sT, bh, i, n, V, cols - K, (cols[None, :] >= K) & (cols[None, :] < W), C,
+                      STRIDED)
         rhs = tl.where(cols[None, :] < K, dqa.to(tl.float32), lam[:, None] * do).to(dt)
         acc = tl.dot(qb_tr, rhs, acc, input_precision=PREC)
     return acc
 
 
 @triton.jit
-def _tree_node_grads(m_ptr, dm_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, lam_ptr, h, n_h, n_up, off_h, n, NN, K, V, J,
-                     SPLITS, R, C: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, ATOMIC: tl.constexpr,
-                     PREC: tl.constexpr):
+def _tree_node_grads(m_ptr, dm_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr, h, n_h, n_up, off_h, n,
+                     NN, K, V, J, SPLITS, R, C: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+                     ATOMIC: tl.constexpr, STRIDED: tl.constexpr, PREC: tl.constexpr):
     """One column tile of the gradient of node m of height h >= 1 (:func:`_dm_tile`), the heights'
     launches running top down, into dm [N * H, n_h, K, K + V] (dm's type; added atomically into
     float32 with SPLITS > 1 programs per node, each summing R of its readers; the first adds the
@@ -226,8 +247,9 @@ def _tree_node_grads(m_ptr, dm_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, lam_ptr, h,
     bh, m = (pid // SPLITS) // n_h, (pid // SPLITS) % n_h
     r0 = ((m + 1) << h) + s * R
     r1 = tl.where(m % 2 == 0, tl.minimum(tl.minimum(r0 + R, (m + 2) << h), n), r0)  # readers: left nodes only
-    acc = _dm_tile(m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, lam_ptr, bh, m, h, n_h, n_up, off_h, r0, r1, n, NN, K,
-                   V, J, col0, (s == 0) & (m < 2 * n_up), C=C, BK=BK, BN=BN, PREC=PREC)
+    acc = _dm_tile(m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr, bh, m, h, n_h, n_up, off_h, r0,
+                   r1, n, NN, K, V, J, col0, (s == 0) & (m < 2 * n_up), C=C, BK=BK, BN=BN, STRIDED=STRIDED,
+                   PREC=PREC)
     kk = tl.arange(0, BK)
     cols = col0 + tl.arange(0, BN)
     out = dm_ptr + (bh * n_h + m) * (K * W) + kk[:, None] * W + cols[None, :]
@@ -239,9 +261,9 @@ def _tree_node_grads(m_ptr, dm_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, lam_ptr, h,
 
 
 @triton.jit
-def _tree_leaf_grads(w_ptr, u_ptr, kd_ptr, m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, lam_ptr, du_ptr, dw_ptr, dkd_ptr,
-                     dge_ptr, n, n_up, NN, K: tl.constexpr, V, J, C: tl.constexpr, BK: tl.constexpr,
-                     BN: tl.constexpr, PREC: tl.constexpr):
+def _tree_leaf_grads(w_ptr, u_ptr, kd_ptr, m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr, du_ptr,
+                     dw_ptr, dkd_ptr, dge_ptr, n, n_up, NN, K: tl.constexpr, V, J, C: tl.constexpr, BK: tl.constexpr,
+                     BN: tl.constexpr, STRIDED: tl.constexpr, PREC: tl.constexpr):
     """Chunk i's gradients (program axis 0: sequence-head * n + i) from its leaf's summary gradient
     [dT | dD] (leaf M = [ge I - kd^T w | kd^T u]), made here tile by tile (:func:`_dm_tile`, height
     0: one reader, chunk i + 1) and never stored: dge = trace(dT), dw = -kd dT, du = kd dD per tile,
@@ -254,8 +276,8 @@ def _tree_leaf_grads(w_ptr, u_ptr, kd_ptr, m_ptr, up_ptr, qb_ptr, dqa_ptr, do_pt
     trace = 0.0
     r1 = tl.where(i % 2 == 0, tl.minimum(i + 2, n), i + 1)  # a left leaf's reader: chunk i + 1
     for col0 in range(0, W, BN):
-        dm = _dm_tile(m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, lam_ptr, bh, i, 0, n, n_up, 0, i + 1, r1, n, NN, K, V,
-                      J, col0, i < 2 * n_up, C=C, BK=BK, BN=BN, PREC=PREC)
+        dm = _dm_tile(m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr, bh, i, 0, n, n_up, 0, i + 1,
+                      r1, n, NN, K, V, J, col0, i < 2 * n_up, C=C, BK=BK, BN=BN, STRIDED=STRIDED, PREC=PREC)
         cols = col0 + tl.arange(0, BN)
         is_t = cols < K
         x_tr = tl.where(is_t[:, None],  # [-w | u][:, cols]^T, -w negated in float32
@@ -346,7 +368,8 @@ def tree_backward(do: torch.Tensor, w: torch.Tensor, u: torch.Tensor, kd: torch.
                   qw: torch.Tensor, lam: torch.Tensor, prec: str,
                   tree: _Tree | None = None) -> tuple[torch.Tensor, ...]:
     """Gradients (dw, du, dkd, dge, dqw, dlam) of sum(do * reads) for :func:`tree_reads`' reads (do
-    [N, H, n, C, V] float32 contiguous; the rest as tree_reads takes them). Four parallel phases,
+    an [N, H, n * C, V] view with unit last stride, any type: the float32 copy made for o0 or the
+    output's gradient itself; the rest as tree_reads takes them). Four parallel phases,
     no sequential scan: the tree (the forward's, else rebuilt); per chunk its reads' query pairs and
     dqw, dlam; per height >= 1 top down each node's summary gradient (its readers' pairs and its
     parent's, through the merge); per chunk its leaf's summary gradient and from it the chunk's."""
@@ -363,8 +386,10 @@ def tree_backward(do: torch.Tensor, w: torch.Tensor, u: torch.Tensor, kd: torch.
 
     qb, dqa = (w.new_empty(N * H, J, (n + 1) // 2, C, K) for _ in range(2))  # per level, its readers' rows
     dqw, dlam = torch.empty_like(qw), torch.empty_like(lam)
-    _tree_pairs[(N * H * n,)](qw, lam, do, tree.m, tree.offsets, qb, dqa, dqw, dlam, n, NN, K, V, J, C=C, BK=BK,
-                              BV=BV, PREC=prec, num_warps=cfg["pairs_warps"])
+    dos = (do, H, *do.stride()[:3])
+    strided = not do.is_contiguous()  # do itself (its [N, T, H, V] layout), not the [N, H, n * C, V] copy
+    _tree_pairs[(N * H * n,)](qw, lam, *dos, tree.m, tree.offsets, qb, dqa, dqw, dlam, n, NN, K, V, J, C=C, BK=BK,
+                              BV=BV, STRIDED=strided, PREC=prec, num_warps=cfg["pairs_warps"])
     BN = cols("node_BN")
     up = None  # the gradients of the height above: [N * H, n_h, K, W], 16-bit where no program adds atomically
     for h in reversed(range(1, len(tree.sizes))):
@@ -376,12 +401,13 @@ def tree_backward(do: torch.Tensor, w: torch.Tensor, u: torch.Tensor, kd: torch.
         if n_h:
             n_up = 0 if up is None else up.shape[1]
             _tree_node_grads[(N * H * n_h * splits * triton.cdiv(W, BN),)](
-                tree.m, dm, dm if up is None else up, qb, dqa, do, lam, h, n_h, n_up, tree.offs[h], n, NN, K, V, J,
-                splits, R, C=C, BK=BK, BN=BN, ATOMIC=splits > 1, PREC=prec, num_warps=cfg["node_warps"])
+                tree.m, dm, dm if up is None else up, qb, dqa, *dos, lam, h, n_h, n_up, tree.offs[h], n, NN, K, V, J,
+                splits, R, C=C, BK=BK, BN=BN, ATOMIC=splits > 1, STRIDED=strided, PREC=prec,
+                num_warps=cfg["node_warps"])
         up = dm
     du, dw, dkd, dge = torch.empty_like(u), torch.empty_like(w), torch.empty_like(kd), torch.empty_like(ge)
     n_up = 0 if up is None else up.shape[1]
-    _tree_leaf_grads[(N * H * n,)](w, u, kd, tree.m, kd if up is None else up, qb, dqa, do, lam, du, dw, dkd, dge, n,
-                                   n_up, NN, K, V, J, C=C, BK=BK, BN=cols("leaf_BN"), PREC=prec,
+    _tree_leaf_grads[(N * H * n,)](w, u, kd, tree.m, kd if up is None else up, qb, dqa, *dos, lam, du, dw, dkd, dge, n,
+                                   n_up, NN, K, V, J, C=C, BK=BK, BN=cols("leaf_BN"), STRIDED=strided, PREC=prec,
                                    num_warps=cfg["leaf_warps"])
     return dw, du, dkd, dge, dqw, dlam
