@@ -24,7 +24,7 @@ import triton.language as tl
 from . import reference
 from .loglinear import bit_length
 from .triton_gdn_chunk import ChunkParts
-from .triton_gdn_tree import _do_row0, tree_backward, tree_reads
+from .triton_gdn_tree import _do_row0, _key_block, tree_backward, tree_reads
 
 
 @triton.jit
@@ -308,7 +308,7 @@ def _level_grads(w_ptr, u_ptr, kd_ptr, qw_ptr, lam_ptr, do_ptr, hs_ptr, hd_ptr, 
 
 
 def _tile_sizes(K: int, V: int) -> tuple[int, int, int]:
-    BK = max(16, triton.next_power_of_2(K))
+    BK = _key_block(K)
     BV = min(32, max(16, triton.next_power_of_2(V)))
     return BK, BV, -(-V // BV)
 
@@ -417,7 +417,7 @@ LEVEL_DO_COPY = 1
 
 
 # 1 (default): the forward reads the chunk levels through a tree of block summaries (triton_gdn_tree: no
-# sequential scan, 7.8 instead of 19.7 GB at 64k tokens by level_bytes.py's count); 0: the level scans.
+# sequential scan, 11.6 instead of 19.7 GB at 64k tokens by level_bytes.py's count); 0: the level scans.
 # H100, bf16, H = 16, d = 128, 65,536 tokens (flag_timing_h100_llgdn_tree_fwd.json, before the tiles
 # were made adjacent): forward 11.13 -> 8.88 ms at 64k, 11.82 -> 8.63 at 8k.
 LEVEL_TREE_FWD = 1
@@ -465,7 +465,7 @@ def _level_lanes(n: int, J: int, K: int, V: int, which: str, prec: str) -> list[
     key = which if prec == "tf32" else which + "_fp32"
     main, top = LEVEL_TILES[key], LEVEL_TILES[key if prec != "tf32" else which + "_top"]
     split = max(0, J - top[0])
-    BK = max(16, triton.next_power_of_2(K))
+    BK = _key_block(K)
     lanes = []
     for lo, hi, (NL, BV) in ((0, split, main), (split, J, top)):
         BV = min(BV, max(16, triton.next_power_of_2(V)))
@@ -557,7 +557,6 @@ class _LevelReads(torch.autograd.Function):
         w, u, kd, ge, qw, lam = ctx.saved_tensors
         N, H, n, C, K = w.shape
         V, J = u.shape[-1], lam.shape[-1]
-        opts = _level_launch(ctx.prec, _major(w.device), True)
         # o0's gradient: do in o0's [N, H, n, C, V] layout, float32 (one pass); the level / tree kernels
         # read that copy or do itself (LEVEL_DO_COPY), as the [N, H, n * C, V] view of its [N, n * C, H, V]
         do0 = torch.empty(N, H, n, C, V, device=do.device).copy_(do.reshape(N, n, C, H, V).permute(0, 3, 1, 2, 4))
@@ -565,6 +564,7 @@ class _LevelReads(torch.autograd.Function):
         if LEVEL_TREE_BWD:
             tree, ctx.tree = ctx.tree, None
             return do0, *tree_backward(do, w, u, kd, ge, qw, lam, ctx.prec, tree), None, None, None
+        opts = _level_launch(ctx.prec, _major(w.device), True)
         do_strides = (H, *do.stride()[:3])
 
         # the states before and the state gradients after every chunk, every level (operand type)

@@ -93,6 +93,12 @@ def _tree_merge(m_ptr, n_h, off_prev, off_h, NN, K, V, BK: tl.constexpr, BN: tl.
 
 
 @triton.jit
+def _read_node(m_ptr, offs_ptr, bh, i, j, NN, K, W):
+    """The summary chunk i reads at chunk level j: node (i >> j) - 1 of height j."""
+    return m_ptr + (bh * NN + tl.load(offs_ptr + j) + (i >> j) - 1) * (K * W)
+
+
+@triton.jit
 def _tree_read(qw_ptr, lam_ptr, o0_ptr, m_ptr, offs_ptr, out_ptr, n, NN, H, K, V, J, C: tl.constexpr,
                BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """One V tile of chunk i's reads of chunk levels 0..J-1 (program: sequence-head * n + chunk, its
@@ -109,8 +115,8 @@ def _tree_read(qw_ptr, lam_ptr, o0_ptr, m_ptr, offs_ptr, out_ptr, n, NN, H, K, V
     o = tl.load(o0_ptr + pid * (C * V) + cc[:, None] * V + vv[None, :], mask=mv, other=0)
     mk = kk < K
     for j in range(J):
-        if ((i >> j) & 1) == 1:  # chunk level j: node (i >> j) - 1 of height j
-            node = m_ptr + (bh * NN + tl.load(offs_ptr + j) + (i >> j) - 1) * (K * W)
+        if ((i >> j) & 1) == 1:  # chunk i reads chunk level j
+            node = _read_node(m_ptr, offs_ptr, bh, i, j, NN, K, W)
             d = tl.load(node + kk[:, None] * W + K + vv[None, :], mask=mk[:, None] & mv, other=0)
             lam = tl.load(lam_ptr + (pid * C + cc) * J + j)
             o += lam[:, None] * tl.dot(q, d, input_precision=PREC)
@@ -156,14 +162,14 @@ def _tree_pairs(qw_ptr, lam_ptr, do_ptr, H, sB, sH, sT, m_ptr, offs_ptr, qb_ptr,
         if ((i >> j) & 1) == 1:
             tl.store(qb_ptr + _pair_row(bh, j, i, n, J, C, K) + tile_ck, q, mask=mk[None, :])
             if (i >> (j + 1)) != 0:
-                node = m_ptr + (bh * NN + tl.load(offs_ptr + j) + (i >> j) - 1) * (K * W)
+                node = _read_node(m_ptr, offs_ptr, bh, i, j, NN, K, W)
                 q = tl.dot(q, tl.load(node + kk[:, None] * W + kk[None, :], mask=mkk, other=0),
                            input_precision=PREC).to(dt)
     dq = tl.zeros((C, BK), dtype=tl.float32)
     for jr in range(J):
         j = J - 1 - jr
         if ((i >> j) & 1) == 1:
-            node = m_ptr + (bh * NN + tl.load(offs_ptr + j) + (i >> j) - 1) * (K * W)
+            node = _read_node(m_ptr, offs_ptr, bh, i, j, NN, K, W)
             row = _pair_row(bh, j, i, n, J, C, K)
             tl.store(dqa_ptr + row + tile_ck, dq.to(dt), mask=mk[None, :])
             qb = tl.load(qb_ptr + row + tile_ck, mask=mk[None, :], other=0)
@@ -322,6 +328,10 @@ class _Tree(NamedTuple):
     offsets: torch.Tensor
 
 
+def _key_block(K: int) -> int:
+    return max(16, triton.next_power_of_2(K))
+
+
 def _tree_shape(n: int, J: int) -> tuple[list[int], list[int]]:
     sizes = [n >> h for h in range(max(J, 1))]  # nodes per height (a last odd one has no parent)
     return sizes, [sum(sizes[:h]) for h in range(len(sizes))]
@@ -332,7 +342,7 @@ def build_tree(w: torch.Tensor, u: torch.Tensor, kd: torch.Tensor, ge: torch.Ten
     C, *] contiguous in the operand type, the summaries' type too; ge [N, H, n])."""
     N, H, n, C, K = w.shape
     V = u.shape[-1]
-    BK = max(16, triton.next_power_of_2(K))
+    BK = _key_block(K)
     BN = min(TREE_TILES["BN"], max(16, triton.next_power_of_2(K + V)))
     sizes, offs = _tree_shape(n, J)
     NN = sum(sizes)
@@ -355,7 +365,7 @@ def tree_reads(o0: torch.Tensor, w: torch.Tensor, u: torch.Tensor, kd: torch.Ten
     N, H, n, C, K = w.shape
     V, J = u.shape[-1], lam.shape[-1]
     tree = build_tree(w, u, kd, ge, J, prec)
-    BK = max(16, triton.next_power_of_2(K))
+    BK = _key_block(K)
     BV = min(TREE_TILES["BV"], max(16, triton.next_power_of_2(V)))
     out = w.new_empty(N, n * C, H, V, dtype=out_dtype)
     _tree_read[(N * H * n * triton.cdiv(V, BV),)](qw, lam, o0, tree.m, tree.offsets, out, n, tree.m.shape[1], H, K,
@@ -377,7 +387,7 @@ def tree_backward(do: torch.Tensor, w: torch.Tensor, u: torch.Tensor, kd: torch.
     V, J = u.shape[-1], lam.shape[-1]
     tree = tree or build_tree(w, u, kd, ge, J, prec)
     NN, W = tree.m.shape[1], K + V
-    BK = max(16, triton.next_power_of_2(K))
+    BK = _key_block(K)
     cfg = TREE_BWD_TILES
     BV = min(cfg["pairs_BV"], max(16, triton.next_power_of_2(V)))
 
