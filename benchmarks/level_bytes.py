@@ -79,27 +79,32 @@ def level_grads(n: int, NH: int, K: int, V: int, C: int, J: int, op: int, do_b: 
     return total * NH
 
 
+def tree_build(n: int, K: int, V: int, C: int, J: int, op: int) -> int:
+    """triton_gdn_tree.build_tree, per sequence-head: per leaf w, kd, u, ge read and its summary
+    [K, K + V] stored (operand type); per merge T_right, the left node and D_right read and the node
+    stored (every node: the backward reads the odd ones' T too)."""
+    W = K + V
+    sizes = [n >> h for h in range(J)]
+    return n * (2 * C * K * op + C * V * op + F32 + K * W * op) + sum(sizes[1:]) * (K * K + 2 * K * W + K * W) * op
+
+
 def tree_fwd(n: int, NH: int, K: int, V: int, C: int, J: int, op: int) -> int:
-    """The forward of a kernel reading the levels through a tree of block summaries (as the chunk
-    reference's hippolm.ops.loglinear._tree_reads), summaries in the operand type: the build reads
-    w, kd, u, ge once per chunk and stores the nodes that are read (the even ones of every height:
-    T [K, K] and D [K, V]); chunk i reads qw, lam, o0 (float32), one D per set bit, one T per set bit
-    but the last, and writes o (operand type)."""
-    nodes = sum(n >> (h + 1) for h in range(J))
-    build = n * (2 * C * K * op + C * V * op + F32) + nodes * (K * K + K * V) * op
+    """The forward as triton_gdn_tree.tree_reads runs it: the tree built (:func:`tree_build`); chunk i
+    reads qw, lam, o0 (float32), one D per set bit, one T per set bit but the last, and writes o
+    (operand type)."""
     reads = 0
     for i in range(n):
         bits = bin(i).count("1")
         reads += C * K * op + C * J * F32 + C * V * F32 + C * V * op + bits * K * V * op
         reads += max(0, bits - 1) * K * K * op
-    return (build + reads) * NH
+    return (tree_build(n, K, V, C, J, op) + reads) * NH
 
 
 def tree_bwd(n: int, NH: int, K: int, V: int, C: int, J: int, op: int, do_b: int = F32, readers: int = 16) -> int:
     """The backward as triton_gdn_tree.tree_backward runs it (summaries, pairs and the gradients of
     heights >= 1 in the operand type, float32 where several programs add up a node: 2^h > readers),
     a tile that one program or a program's adjacent column tiles load again counted once (L2), every
-    other load counted: the tree rebuilt as in the forward, all nodes stored; per chunk qw, do, lam,
+    other load counted: the tree rebuilt (:func:`tree_build`); per chunk qw, do, lam,
     per set bit a T carried (all but the last), qb and dqa stored, T^T and D read, dqw and dlam
     stored; per node of height >= 1 its gradient stored, the parent's gradient row and T_right (left)
     or M_left (right), and per reader chunk its qb, dqa, do and lam; per leaf the same but nothing
@@ -107,8 +112,7 @@ def tree_bwd(n: int, NH: int, K: int, V: int, C: int, J: int, op: int, do_b: int
     W = K + V
     sizes = [n >> h for h in range(J)]
     dm_b = [F32 if (1 << h) > readers else op for h in range(J)]
-    build = n * (2 * C * K * op + C * V * op + F32 + K * W * op)
-    build += sum(sizes[1:]) * (K * K * op + 2 * K * W * op + K * W * op)
+    build = tree_build(n, K, V, C, J, op)
     chunks = 0
     for i in range(n):
         p = bin(i & ((1 << J) - 1)).count("1")
@@ -194,7 +198,7 @@ def main() -> None:
     n = args.T // C
     tree = tree_fwd(n, H, d, d, C, (n - 1).bit_length(), op) / 1e9
     tree_b = tree_bwd(n, H, d, d, C, (n - 1).bit_length(), op, F32 if tg.LEVEL_DO_COPY else op) / 1e9
-    print(f"forward: {fwd:.1f} GB counted; a tree of block summaries would move {tree:.1f} GB")
+    print(f"forward: {fwd:.1f} GB counted; the tree's (triton_gdn_tree.tree_reads) {tree:.1f} GB")
     print(f"backward: {total - fwd:.1f} GB counted; the tree's (triton_gdn_tree.tree_backward) {tree_b:.1f} GB")
     if args.json:
         meta = {"T": args.T, "H": H, "d": d, "C": C, "operand_bytes": op, "config": args.config,
