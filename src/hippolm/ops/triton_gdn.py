@@ -672,7 +672,10 @@ def loglinear_gated_delta_rule(q, k, v, g, beta, lam, scale: float, output_final
 
     Intra-chunk (:class:`ChunkParts`, fused kernels): the chunk's delta-rule attention matrix
     ``attn @ mix`` times the level weights, and the WY factors of the level kernels.
-    Chunk level j (:class:`_LevelReads`): segments of 2^(j+1) chunks, each its own program;
+    Chunk levels (:class:`_LevelReads`): by default through a tree of block summaries
+    (:mod:`hippolm.ops.triton_gdn_tree`: per aligned block of 2^h chunks its transition and carried
+    writes; chunk i reads the blocks of its set bits), forward and backward. With LEVEL_TREE_FWD /
+    LEVEL_TREE_BWD = 0, level scans: level j in segments of 2^(j+1) chunks, each its own program;
     the first half writes a state from zero, the second half reads it, weighted by lam at level
     log2(C)+1+j, while it keeps evolving (u = 0): with v_new = -w S the read of chunk i is
     (q gamma - attn w) S, so no per-level state is ever stored in the forward. Final slots: one
