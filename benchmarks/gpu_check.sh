@@ -7,10 +7,7 @@ what=${1:-all}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-# Triton autotuning of FLA kernels takes minutes per new shape: reuse the autotune results
-# carried from a previous call (.gpu_cache, git-ignored) and hand the updated ones back in $OUT.
-if [ -f .gpu_cache/autotune.tgz ]; then mkdir -p ~/.triton && tar -xzf .gpu_cache/autotune.tgz -C ~/.triton; fi
-trap '(cd ~/.triton 2>/dev/null && find cache -name "*.autotune.json" | tar -czf "$OUT/autotune.tgz" -T -)' EXIT
+source benchmarks/triton_cache.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton, fla; print('torch', torch.__version__, 'triton', triton.__version__, 'fla', fla.__version__)"
 if [ "$what" = tests ] || [ "$what" = all ]; then

@@ -19,15 +19,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 # SRC: the package tree to run (default src; e.g. an older tree from `git archive REV src` for an A/B in one call)
 export PYTHONPATH=/tmp/site:${SRC:-$PWD/src}:$PWD/tests PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-# Reuse Triton's cache carried from an earlier call (.gpu_cache, git-ignored): FLA's autotune results
-# (autotune.tgz) and the compiled kernels (triton_cache.tgz: a cold start compiles for ~100 s; Triton's
-# cache keys hold the kernel source, so a changed kernel is compiled again). Both go back in $OUT,
-# the compiled ones only while under the 16 MiB a returned file may have.
-mkdir -p ~/.triton
-for f in autotune triton_cache; do [ -f .gpu_cache/$f.tgz ] && tar -xzf .gpu_cache/$f.tgz -C ~/.triton; done
-trap '(cd ~/.triton 2>/dev/null && find cache -name "*.autotune.json" | tar -czf "$OUT/autotune.tgz" -T - \
-  && tar -czf "$OUT/triton_cache.tgz" cache && [ $(stat -c %s "$OUT/triton_cache.tgz") -lt 16000000 ] \
-  || rm -f "$OUT/triton_cache.tgz")' EXIT
+source benchmarks/triton_cache.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 dev=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
