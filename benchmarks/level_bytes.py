@@ -79,25 +79,33 @@ def level_grads(n: int, NH: int, K: int, V: int, C: int, J: int, op: int, do_b: 
     return total * NH
 
 
-def tree_build(n: int, K: int, V: int, C: int, J: int, op: int) -> int:
+def tree_build(n: int, K: int, V: int, C: int, J: int, op: int, leaves: bool = True) -> int:
     """triton_gdn_tree.build_tree, per sequence-head: per leaf w, kd, u, ge read and its summary
     [K, K + V] stored (operand type); per merge T_right, the left node and D_right read and the node
-    stored (every node: the backward reads the odd ones' T too)."""
+    stored (every node: the backward reads the odd ones' T too). Without ``leaves``: no leaf stored,
+    each node of height 1 reads its two chunks' w, kd, u, ge instead."""
     W = K + V
     sizes = [n >> h for h in range(J)]
-    return n * (2 * C * K * op + C * V * op + F32 + K * W * op) + sum(sizes[1:]) * (K * K + 2 * K * W + K * W) * op
+    factors = 2 * C * K * op + C * V * op + F32
+    merges = sum(sizes[1:]) * (K * K + 2 * K * W + K * W) * op
+    if leaves:
+        return n * (factors + K * W * op) + merges
+    h1 = sizes[1] if J > 1 else 0
+    return merges + h1 * (2 * factors - (K * K + 2 * K * W) * op)
 
 
-def tree_fwd(n: int, NH: int, K: int, V: int, C: int, J: int, op: int) -> int:
+def tree_fwd(n: int, NH: int, K: int, V: int, C: int, J: int, op: int, leaves: bool = True) -> int:
     """The forward as triton_gdn_tree.tree_reads runs it: the tree built (:func:`tree_build`); chunk i
     reads qw, lam, o0 (float32), one D per set bit, one T per set bit but the last, and writes o
-    (operand type)."""
+    (operand type); without ``leaves`` level 0 reads chunk i - 1's kd and u (D) and w (T)."""
     reads = 0
     for i in range(n):
         bits = bin(i).count("1")
         reads += C * K * op + C * J * F32 + C * V * F32 + C * V * op + bits * K * V * op
         reads += max(0, bits - 1) * K * K * op
-    return (tree_build(n, K, V, C, J, op) + reads) * NH
+        if not leaves and i & 1:
+            reads += (C * K + C * V - K * V) * op + (F32 + (C * K - K * K) * op if bits > 1 else 0)
+    return (tree_build(n, K, V, C, J, op, leaves) + reads) * NH
 
 
 def tree_bwd(n: int, NH: int, K: int, V: int, C: int, J: int, op: int, do_b: int = F32, readers: int = 16) -> int:
@@ -198,14 +206,17 @@ def main() -> None:
     n = args.T // C
     tree = tree_fwd(n, H, d, d, C, (n - 1).bit_length(), op) / 1e9
     tree_b = tree_bwd(n, H, d, d, C, (n - 1).bit_length(), op, F32 if tg.LEVEL_DO_COPY else op) / 1e9
-    print(f"forward: {fwd:.1f} GB counted; the tree's (triton_gdn_tree.tree_reads) {tree:.1f} GB")
+    tree_nl = tree_fwd(n, H, d, d, C, (n - 1).bit_length(), op, leaves=False) / 1e9
+    print(f"forward: {fwd:.1f} GB counted; the tree's (triton_gdn_tree.tree_reads) {tree:.1f} GB, "
+          f"{tree_nl:.1f} without stored leaves (LEVEL_TREE_LEAVES = 0)")
     print(f"backward: {total - fwd:.1f} GB counted; the tree's (triton_gdn_tree.tree_backward) {tree_b:.1f} GB")
     if args.json:
         meta = {"T": args.T, "H": H, "d": d, "C": C, "operand_bytes": op, "config": args.config,
                 "timing": args.timing, "triton": triton.__version__, "peak_tb_s": args.peak_tb_s}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows, "total_GB": round(total, 2), "fwd_GB": round(fwd, 2),
-                       "tree_fwd_GB": round(tree, 2), "tree_bwd_GB": round(tree_b, 2)}, f, indent=1)
+                       "tree_fwd_GB": round(tree, 2),
+                       "tree_fwd_no_leaves_GB": round(tree_nl, 2), "tree_bwd_GB": round(tree_b, 2)}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -132,8 +132,12 @@ def tree_kernels_compiled(prec: str, major: int, warps: int | None = None) -> li
     return [("_tree_leaves", _compile(tt._tree_leaves, {"C": 64, "BK": 128, "BN": BN, "PREC": prec}, opts, major,
                                       operand, ptrs)),
             ("_tree_merge", _compile(tt._tree_merge, {"BK": 128, "BN": BN, "PREC": prec}, opts, major, operand, ptrs)),
-            ("_tree_read", _compile(tt._tree_read, {"C": 64, "BK": 128, "BV": BV, "PREC": prec}, opts, major,
-                                    operand, ptrs, {"offs_ptr": "i32", "out_ptr": operand})), *backward]
+            ("_tree_merge_leaves", _compile(tt._tree_merge_leaves, {"C": 64, "BK": 128, "BN": BN, "PREC": prec}, opts,
+                                            major, operand, ptrs)),
+            *((f"_tree_read leaves={leaves}",
+               _compile(tt._tree_read, {"C": 64, "BK": 128, "BV": BV, "LEAVES": leaves, "PREC": prec}, opts, major,
+                        operand, ptrs, {"offs_ptr": "i32", "out_ptr": operand}))
+              for leaves in (True, False)), *backward]
 
 
 @pytest.mark.parametrize("prec,major", [("tf32", 9), ("ieee", 8)])

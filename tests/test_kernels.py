@@ -479,15 +479,17 @@ def test_loglinear_gated_delta_rule_reads_do_in_place(bf16, device, monkeypatch)
     _assert_matches_reference(xs, run, torch.bfloat16 if bf16 else torch.float32, 2e-2 if bf16 else 1e-4)
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_loglinear_gated_delta_rule_tree_forward(bf16, device, monkeypatch):
+@pytest.mark.parametrize("bf16,leaves", [(False, 1), (True, 1), (False, 0), (True, 0)])
+def test_loglinear_gated_delta_rule_tree_forward(bf16, leaves, device, monkeypatch):
     """The forward through a tree of block summaries (LEVEL_TREE_FWD = 1; its backward is the level
     scans') == the float64 reference, outputs and gradients, with two packed sequences (one ending
-    inside a block, so an odd last node) and two heads; buffers uninitialised come filled with NaN."""
+    inside a block, so an odd last node) and two heads; buffers uninitialised come filled with NaN;
+    leaf summaries stored or made from the chunks' factors where read (LEVEL_TREE_LEAVES)."""
     from hippolm.ops import triton_gdn, triton_gdn_tree
 
     monkeypatch.setattr(triton_gdn, "LEVEL_TREE_FWD", 1)
     monkeypatch.setattr(triton_gdn, "LEVEL_TREE_BWD", 0)
+    monkeypatch.setattr(triton_gdn, "LEVEL_TREE_LEAVES", leaves)
     monkeypatch.setitem(triton_gdn_tree.TREE_TILES, "BV", 16)  # two V tiles per chunk (V = 32)
     _poison_empty(monkeypatch)
     xs, run = _level_case(500, seed=15, bf16=bf16, H=2, cu_seqlens=torch.tensor([0, 410, 500]))

@@ -429,6 +429,11 @@ LEVEL_TREE_BWD = 1
 # H = 16, d = 128, bf16), 0 (default: memory) rebuilds it there: fwd+bwd 28.54 -> 26.95 ms at 64k,
 # 26.17 -> 24.28 at 8k (flag_timing_h100_llgdn_tree_save.json).
 LEVEL_TREE_SAVE = 0
+# Tree forward, unless its tree is kept: 1 (default) stores every chunk's leaf summary; 0 stores none
+# (height 1 and the level-0 reads made from the chunks' factors: the forward's 11.6 GB counted by
+# level_bytes.py at 64k tokens, H = 16, d = 128, bf16, become 9.0, and its tree takes half the memory).
+# Not yet timed.
+LEVEL_TREE_LEAVES = 1
 
 
 def _level_launch(prec: str, major: int, backward: bool) -> dict:
@@ -529,8 +534,9 @@ class _LevelReads(torch.autograd.Function):
         ctx.prec = prec
         ctx.tree = None
         if LEVEL_TREE_FWD:
-            out, tree = tree_reads(o0, w, u, kd, ge, qw, lam, prec, out_dtype)
-            if LEVEL_TREE_BWD and LEVEL_TREE_SAVE:
+            keep = LEVEL_TREE_BWD and LEVEL_TREE_SAVE
+            out, tree = tree_reads(o0, w, u, kd, ge, qw, lam, prec, out_dtype, leaves=bool(keep or LEVEL_TREE_LEAVES))
+            if keep:
                 ctx.tree = tree  # a buffer of this call's, read once by its backward
             return out.view(N, n * C, H, V)
         opts = _level_launch(prec, _major(w.device), False)

@@ -49,26 +49,59 @@ def _tile_pid(ntile):
 
 
 @triton.jit
+def _leaf_tile(w_ptr, u_ptr, kd_ptr, ge_ptr, c, cols, K, V, C: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """Columns ``cols`` of chunk c's leaf summary [ge I - kd^T w | kd^T u], [BK, BN] float32 (c: the
+    chunk's index in w, u, kd [N * H * n, C, *] and ge [N * H * n])."""
+    kk = tl.arange(0, BK)
+    cc = tl.arange(0, C)
+    is_t = cols < K
+    kd = tl.load(kd_ptr + c * (C * K) + cc[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0)
+    w = tl.load(w_ptr + c * (C * K) + cc[:, None] * K + cols[None, :], mask=is_t[None, :], other=0)
+    u = tl.load(u_ptr + c * (C * V) + cc[:, None] * V + (cols - K)[None, :],
+                mask=(~is_t & (cols < K + V))[None, :], other=0)
+    rhs = tl.where(is_t[None, :], -w.to(tl.float32), u.to(tl.float32)).to(w_ptr.dtype.element_ty)  # [-w | u]
+    x = tl.dot(tl.trans(kd), rhs, input_precision=PREC)  # [BK, BN]
+    return x + tl.where(kk[:, None] == cols[None, :], tl.load(ge_ptr + c), 0.0)
+
+
+@triton.jit
 def _tree_leaves(w_ptr, u_ptr, kd_ptr, ge_ptr, m_ptr, n, NN, K, V, C: tl.constexpr, BK: tl.constexpr,
                  BN: tl.constexpr, PREC: tl.constexpr):
-    """One column tile of chunk i's leaf summary [ge I - kd^T w | kd^T u] (program: sequence-head * n +
-    chunk, its tiles adjacent), into node i of height 0."""
+    """One column tile of chunk i's leaf summary (program: sequence-head * n + chunk, its tiles
+    adjacent), into node i of height 0."""
     W = K + V
     pid, tile = _tile_pid((W + BN - 1) // BN)
     bh, i = pid // n, pid % n
     kk = tl.arange(0, BK)
+    cols = tile * BN + tl.arange(0, BN)
+    x = _leaf_tile(w_ptr, u_ptr, kd_ptr, ge_ptr, pid, cols, K, V, C, BK, PREC)
+    tl.store(m_ptr + (bh * NN + i) * (K * W) + kk[:, None] * W + cols[None, :], x.to(m_ptr.dtype.element_ty),
+             mask=(kk[:, None] < K) & (cols[None, :] < W))
+
+
+@triton.jit
+def _tree_merge_leaves(w_ptr, u_ptr, kd_ptr, ge_ptr, m_ptr, n, n_h, off_h, NN, K, V, C: tl.constexpr,
+                       BK: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """One column tile of node m of height 1 made from the factors of chunks 2m (left) and 2m + 1
+    (right), no leaf stored (program: sequence-head * n_h + m, its tiles adjacent):
+    T_right M_left + [0 | D_right] = ge_r M_left + kd_r^T ([0 | u_r] - w_r M_left)."""
+    W = K + V
+    pid, tile = _tile_pid((W + BN - 1) // BN)
+    bh, m = pid // n_h, pid % n_h
+    right = bh * n + 2 * m + 1
+    kk = tl.arange(0, BK)
     cc = tl.arange(0, C)
     cols = tile * BN + tl.arange(0, BN)
-    is_t = cols < K
     dt = w_ptr.dtype.element_ty
-    kd = tl.load(kd_ptr + pid * (C * K) + cc[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0)
-    w = tl.load(w_ptr + pid * (C * K) + cc[:, None] * K + cols[None, :], mask=is_t[None, :], other=0)
-    u = tl.load(u_ptr + pid * (C * V) + cc[:, None] * V + (cols - K)[None, :],
-                mask=(~is_t & (cols < W))[None, :], other=0)
-    rhs = tl.where(is_t[None, :], -w.to(tl.float32), u.to(tl.float32)).to(dt)  # [-w | u], negated in float32
-    x = tl.dot(tl.trans(kd), rhs, input_precision=PREC)  # [BK, BN]
-    x += tl.where(kk[:, None] == cols[None, :], tl.load(ge_ptr + pid), 0.0)
-    tl.store(m_ptr + (bh * NN + i) * (K * W) + kk[:, None] * W + cols[None, :], x.to(dt),
+    mk = kk[None, :] < K
+    m_left = _leaf_tile(w_ptr, u_ptr, kd_ptr, ge_ptr, right - 1, cols, K, V, C, BK, PREC)  # [BK, BN]
+    w_r = tl.load(w_ptr + right * (C * K) + cc[:, None] * K + kk[None, :], mask=mk, other=0)
+    u_r = tl.load(u_ptr + right * (C * V) + cc[:, None] * V + (cols - K)[None, :],
+                  mask=((cols >= K) & (cols < W))[None, :], other=0)
+    rhs = u_r.to(tl.float32) - tl.dot(w_r, m_left.to(dt), input_precision=PREC)  # [C, BN]
+    kd_r = tl.load(kd_ptr + right * (C * K) + cc[:, None] * K + kk[None, :], mask=mk, other=0)
+    x = tl.dot(tl.trans(kd_r), rhs.to(dt), m_left * tl.load(ge_ptr + right), input_precision=PREC)
+    tl.store(m_ptr + (bh * NN + off_h + m) * (K * W) + kk[:, None] * W + cols[None, :], x.to(m_ptr.dtype.element_ty),
              mask=(kk[:, None] < K) & (cols[None, :] < W))
 
 
@@ -99,10 +132,12 @@ def _read_node(m_ptr, offs_ptr, bh, i, j, NN, K, W):
 
 
 @triton.jit
-def _tree_read(qw_ptr, lam_ptr, o0_ptr, m_ptr, offs_ptr, out_ptr, n, NN, H, K, V, J, C: tl.constexpr,
-               BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def _tree_read(qw_ptr, lam_ptr, o0_ptr, m_ptr, offs_ptr, out_ptr, w_ptr, u_ptr, kd_ptr, ge_ptr, n, NN, H, K, V, J,
+               C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LEAVES: tl.constexpr, PREC: tl.constexpr):
     """One V tile of chunk i's reads of chunk levels 0..J-1 (program: sequence-head * n + chunk, its
-    tiles adjacent) added to o0, written to out [N, n * C, H, V] (out's type)."""
+    tiles adjacent) added to o0, written to out [N, n * C, H, V] (out's type). Without LEAVES (no
+    leaf stored) level 0 is read from chunk i - 1's factors: with P = q kd^T, q D = P u and
+    q T = ge q - P w."""
     pid, tile = _tile_pid((V + BV - 1) // BV)
     bh, i = pid // n, pid % n
     W = K + V
@@ -114,7 +149,18 @@ def _tree_read(qw_ptr, lam_ptr, o0_ptr, m_ptr, offs_ptr, out_ptr, n, NN, H, K, V
     q = tl.load(qw_ptr + pid * (C * K) + cc[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0)
     o = tl.load(o0_ptr + pid * (C * V) + cc[:, None] * V + vv[None, :], mask=mv, other=0)
     mk = kk < K
-    for j in range(J):
+    if not LEAVES:  # noqa: SIM102 (a compile-time branch around a run-time one)
+        if (i & 1) == 1:
+            prev = pid - 1
+            kd = tl.load(kd_ptr + prev * (C * K) + cc[:, None] * K + kk[None, :], mask=mk[None, :], other=0)
+            p = tl.dot(q, tl.trans(kd), input_precision=PREC).to(dt)  # [C, C]
+            u = tl.load(u_ptr + prev * (C * V) + cc[:, None] * V + vv[None, :], mask=mv, other=0)
+            lam = tl.load(lam_ptr + (pid * C + cc) * J)
+            o += lam[:, None] * tl.dot(p, u, input_precision=PREC)
+            if (i >> 1) != 0:  # a higher level reads
+                w = tl.load(w_ptr + prev * (C * K) + cc[:, None] * K + kk[None, :], mask=mk[None, :], other=0)
+                q = (tl.load(ge_ptr + prev) * q.to(tl.float32) - tl.dot(p, w, input_precision=PREC)).to(dt)
+    for j in range(1 - LEAVES, J):
         if ((i >> j) & 1) == 1:  # chunk i reads chunk level j
             node = _read_node(m_ptr, offs_ptr, bh, i, j, NN, K, W)
             d = tl.load(node + kk[:, None] * W + K + vv[None, :], mask=mk[:, None] & mv, other=0)
@@ -332,45 +378,57 @@ def _key_block(K: int) -> int:
     return max(16, triton.next_power_of_2(K))
 
 
-def _tree_shape(n: int, J: int) -> tuple[list[int], list[int]]:
+def _tree_shape(n: int, J: int, leaves: bool = True) -> tuple[list[int], list[int]]:
+    """(nodes per height, each height's first row in the stored tree: none for height 0 without leaves)."""
     sizes = [n >> h for h in range(max(J, 1))]  # nodes per height (a last odd one has no parent)
-    return sizes, [sum(sizes[:h]) for h in range(len(sizes))]
+    stored = [s if h or leaves else 0 for h, s in enumerate(sizes)]
+    return sizes, [sum(stored[:h]) for h in range(len(sizes))]
 
 
-def build_tree(w: torch.Tensor, u: torch.Tensor, kd: torch.Tensor, ge: torch.Tensor, J: int, prec: str) -> _Tree:
+def build_tree(w: torch.Tensor, u: torch.Tensor, kd: torch.Tensor, ge: torch.Tensor, J: int, prec: str,
+               leaves: bool = True) -> _Tree:
     """Every chunk's leaf summary and one merge launch per height up to J - 1 (w, u, kd [N, H, n,
-    C, *] contiguous in the operand type, the summaries' type too; ge [N, H, n])."""
+    C, *] contiguous in the operand type, the summaries' type too; ge [N, H, n]). Without ``leaves``
+    height 0 is not stored: height 1 is made from the chunks' factors (its readers read the factors)."""
     N, H, n, C, K = w.shape
     V = u.shape[-1]
     BK = _key_block(K)
     BN = min(TREE_TILES["BN"], max(16, triton.next_power_of_2(K + V)))
-    sizes, offs = _tree_shape(n, J)
-    NN = sum(sizes)
+    sizes, offs = _tree_shape(n, J, leaves)
+    NN = max(1, offs[-1] + sizes[-1] if len(sizes) > 1 or leaves else 0)
     m = w.new_empty(N * H, NN, K, K + V)
     opts = {"num_warps": TREE_TILES["num_warps"]}
     ncol = triton.cdiv(K + V, BN)
-    _tree_leaves[(N * H * n * ncol,)](w, u, kd, ge, m, n, NN, K, V, C=C, BK=BK, BN=BN, PREC=prec, **opts)
+    if leaves:
+        _tree_leaves[(N * H * n * ncol,)](w, u, kd, ge, m, n, NN, K, V, C=C, BK=BK, BN=BN, PREC=prec, **opts)
     for h in range(1, len(sizes)):
-        if sizes[h]:
+        if not sizes[h]:
+            continue
+        if h == 1 and not leaves:
+            _tree_merge_leaves[(N * H * sizes[h] * ncol,)](w, u, kd, ge, m, n, sizes[h], offs[h], NN, K, V, C=C,
+                                                          BK=BK, BN=BN, PREC=prec, **opts)
+        else:
             _tree_merge[(N * H * sizes[h] * ncol,)](m, sizes[h], offs[h - 1], offs[h], NN, K, V, BK=BK, BN=BN,
                                                   PREC=prec, **opts)
     return _Tree(m, sizes, offs, torch.tensor(offs, dtype=torch.int32, device=w.device))
 
 
 def tree_reads(o0: torch.Tensor, w: torch.Tensor, u: torch.Tensor, kd: torch.Tensor, ge: torch.Tensor,
-               qw: torch.Tensor, lam: torch.Tensor, prec: str, out_dtype: torch.dtype) -> tuple[torch.Tensor, _Tree]:
+               qw: torch.Tensor, lam: torch.Tensor, prec: str, out_dtype: torch.dtype,
+               leaves: bool = True) -> tuple[torch.Tensor, _Tree]:
     """o0 [N, H, n, C, V] float32 plus every chunk level's read -> ([N, n * C, H, V] in ``out_dtype``,
     the tree). w, u, kd, qw [N, H, n, C, *] contiguous in the operand type (the summaries' type too),
-    ge [N, H, n], lam [N, H, n, C, J] float32."""
+    ge [N, H, n], lam [N, H, n, C, J] float32. ``leaves``: store height 0 (the backward needs it),
+    else level 0 and height 1 are made from the factors."""
     N, H, n, C, K = w.shape
     V, J = u.shape[-1], lam.shape[-1]
-    tree = build_tree(w, u, kd, ge, J, prec)
+    tree = build_tree(w, u, kd, ge, J, prec, leaves)
     BK = _key_block(K)
     BV = min(TREE_TILES["BV"], max(16, triton.next_power_of_2(V)))
     out = w.new_empty(N, n * C, H, V, dtype=out_dtype)
-    _tree_read[(N * H * n * triton.cdiv(V, BV),)](qw, lam, o0, tree.m, tree.offsets, out, n, tree.m.shape[1], H, K,
-                                                V, J, C=C, BK=BK, BV=BV, PREC=prec,
-                                                num_warps=TREE_TILES["num_warps"])
+    _tree_read[(N * H * n * triton.cdiv(V, BV),)](qw, lam, o0, tree.m, tree.offsets, out, w, u, kd, ge, n,
+                                                tree.m.shape[1], H, K, V, J, C=C, BK=BK, BV=BV, LEAVES=leaves,
+                                                PREC=prec, num_warps=TREE_TILES["num_warps"])
     return out, tree
 
 
