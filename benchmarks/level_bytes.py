@@ -108,7 +108,8 @@ def tree_fwd(n: int, NH: int, K: int, V: int, C: int, J: int, op: int, leaves: b
     return (tree_build(n, K, V, C, J, op, leaves) + reads) * NH
 
 
-def tree_bwd(n: int, NH: int, K: int, V: int, C: int, J: int, op: int, do_b: int = F32, readers: int = 16) -> int:
+def tree_bwd(n: int, NH: int, K: int, V: int, C: int, J: int, op: int, do_b: int = F32, readers: int = 16,
+             leaves: bool = True) -> int:
     """The backward as triton_gdn_tree.tree_backward runs it (summaries, pairs and the gradients of
     heights >= 1 in the operand type, float32 where several programs add up a node: 2^h > readers),
     a tile that one program or a program's adjacent column tiles load again counted once (L2), every
@@ -116,16 +117,19 @@ def tree_bwd(n: int, NH: int, K: int, V: int, C: int, J: int, op: int, do_b: int
     per set bit a T carried (all but the last), qb and dqa stored, T^T and D read, dqw and dlam
     stored; per node of height >= 1 its gradient stored, the parent's gradient row and T_right (left)
     or M_left (right), and per reader chunk its qb, dqa, do and lam; per leaf the same but nothing
-    stored, then kd, w, u read and dw, dkd, du, dge stored."""
+    stored, then kd, w, u read and dw, dkd, du, dge stored. Without ``leaves`` (none stored): level 0's
+    T and D come as chunk i - 1's kd, w, u, and a leaf's sibling T_right / M_left as its kd, w / kd, w, u."""
     W = K + V
     sizes = [n >> h for h in range(J)]
     dm_b = [F32 if (1 << h) > readers else op for h in range(J)]
-    build = tree_build(n, K, V, C, J, op)
+    build = tree_build(n, K, V, C, J, op, leaves)
     chunks = 0
     for i in range(n):
         p = bin(i & ((1 << J) - 1)).count("1")
         chunks += C * K * op + C * V * do_b + C * J * F32 + max(0, p - 1) * K * K * op  # qw, do, lam, the carry
         chunks += p * (2 * C * K * op + K * K * op + K * V * op)  # qb, dqa stored; T^T, D
+        if not leaves and i & 1:  # level 0 from kd, w, u (the carry's and the read's loads alike, L2)
+            chunks += (2 * C * K + C * V - K * K - K * V) * op - (K * K * op if p > 1 else 0)
         chunks += C * K * op + C * J * F32  # dqw, dlam
     nodes = 0
     for h, n_h in enumerate(sizes):
@@ -133,7 +137,11 @@ def tree_bwd(n: int, NH: int, K: int, V: int, C: int, J: int, op: int, do_b: int
         for m in range(n_h):
             nodes += K * W * dm_b[h] if h else 0  # stored (or added); a leaf's is not
             if m < 2 * n_up:
-                nodes += K * W * dm_b[h + 1] + (K * K if m % 2 == 0 else K * W) * op
+                if h or leaves:  # T_right or M_left, else their factors
+                    sibling = K * K if m % 2 == 0 else K * W
+                else:
+                    sibling = 2 * C * K if m % 2 == 0 else 2 * C * K + C * V
+                nodes += K * W * dm_b[h + 1] + sibling * op
             if m % 2 == 0:
                 n_readers = max(0, min((m + 2) << h, n) - ((m + 1) << h))
                 nodes += n_readers * (2 * C * K * op + C * V * do_b + C * F32)
@@ -206,17 +214,20 @@ def main() -> None:
     n = args.T // C
     tree = tree_fwd(n, H, d, d, C, (n - 1).bit_length(), op) / 1e9
     tree_b = tree_bwd(n, H, d, d, C, (n - 1).bit_length(), op, F32 if tg.LEVEL_DO_COPY else op) / 1e9
+    tree_b_nl = tree_bwd(n, H, d, d, C, (n - 1).bit_length(), op, F32 if tg.LEVEL_DO_COPY else op, leaves=False) / 1e9
     tree_nl = tree_fwd(n, H, d, d, C, (n - 1).bit_length(), op, leaves=False) / 1e9
     print(f"forward: {fwd:.1f} GB counted; the tree's (triton_gdn_tree.tree_reads) {tree:.1f} GB, "
           f"{tree_nl:.1f} without stored leaves (LEVEL_TREE_LEAVES = 0)")
-    print(f"backward: {total - fwd:.1f} GB counted; the tree's (triton_gdn_tree.tree_backward) {tree_b:.1f} GB")
+    print(f"backward: {total - fwd:.1f} GB counted; the tree's (triton_gdn_tree.tree_backward) {tree_b:.1f} GB, "
+          f"{tree_b_nl:.1f} without stored leaves")
     if args.json:
         meta = {"T": args.T, "H": H, "d": d, "C": C, "operand_bytes": op, "config": args.config,
                 "timing": args.timing, "triton": triton.__version__, "peak_tb_s": args.peak_tb_s}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows, "total_GB": round(total, 2), "fwd_GB": round(fwd, 2),
                        "tree_fwd_GB": round(tree, 2),
-                       "tree_fwd_no_leaves_GB": round(tree_nl, 2), "tree_bwd_GB": round(tree_b, 2)}, f, indent=1)
+                       "tree_fwd_no_leaves_GB": round(tree_nl, 2), "tree_bwd_GB": round(tree_b, 2),
+                       "tree_bwd_no_leaves_GB": round(tree_b_nl, 2)}, f, indent=1)
 
 
 if __name__ == "__main__":

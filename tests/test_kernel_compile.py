@@ -117,18 +117,21 @@ def tree_kernels_compiled(prec: str, major: int, warps: int | None = None) -> li
     BVp, popts = bwd_opts("pairs", "pairs_BV")
     BNn, nopts = bwd_opts("node", "node_BN")
     BNl, lopts = bwd_opts("leaf", "leaf_BN")
-    backward = [("_tree_pairs", _compile(tt._tree_pairs,
-                                         {"C": 64, "K": 128, "BK": 128, "BV": BVp, "STRIDED": False, "PREC": prec},
-                                         popts, major, operand, ptrs, {"offs_ptr": "i32"})),
+    backward = [*((f"_tree_pairs leaves={leaves}",
+                   _compile(tt._tree_pairs, {"C": 64, "K": 128, "BK": 128, "BV": BVp, "STRIDED": False,
+                                             "LEAVES": leaves, "PREC": prec},
+                            popts, major, operand, ptrs, {"offs_ptr": "i32"}))
+                  for leaves in (True, False)),
                 *((f"_tree_node_grads atomic={atomic}",
                    _compile(tt._tree_node_grads, {"C": 64, "BK": 128, "BN": BNn, "ATOMIC": atomic, "STRIDED": False,
                                                     "PREC": prec},
                             nopts, major, operand, ptrs, {"offs_ptr": "i32"} | (
                                 {"dm_ptr": "fp32", "up_ptr": "fp32"} if atomic else {"dm_ptr": operand})))
                   for atomic in (False, True)),
-                ("_tree_leaf_grads", _compile(tt._tree_leaf_grads,
-                                              {"C": 64, "K": 128, "BK": 128, "BN": BNl, "STRIDED": False, "PREC": prec},
-                                              lopts, major, operand, ptrs))]
+                *((f"_tree_leaf_grads leaves={leaves}",
+                   _compile(tt._tree_leaf_grads, {"C": 64, "K": 128, "BK": 128, "BN": BNl, "STRIDED": False,
+                                                  "LEAVES": leaves, "PREC": prec}, lopts, major, operand, ptrs))
+                  for leaves in (True, False))]
     return [("_tree_leaves", _compile(tt._tree_leaves, {"C": 64, "BK": 128, "BN": BN, "PREC": prec}, opts, major,
                                       operand, ptrs)),
             ("_tree_merge", _compile(tt._tree_merge, {"BK": 128, "BN": BN, "PREC": prec}, opts, major, operand, ptrs)),

@@ -429,10 +429,11 @@ LEVEL_TREE_BWD = 1
 # H = 16, d = 128, bf16), 0 (default: memory) rebuilds it there: fwd+bwd 28.54 -> 26.95 ms at 64k,
 # 26.17 -> 24.28 at 8k (flag_timing_h100_llgdn_tree_save.json).
 LEVEL_TREE_SAVE = 0
-# Tree forward, unless its tree is kept: 1 (default) stores every chunk's leaf summary; 0 stores none
-# (height 1 and the level-0 reads made from the chunks' factors: the forward's 11.6 GB counted by
-# level_bytes.py at 64k tokens, H = 16, d = 128, bf16, become 9.0, and its tree takes half the memory).
-# Not yet timed.
+# The tree, unless the forward's is kept: 1 (default) stores every chunk's leaf summary; 0 stores none
+# (height 1, the level-0 reads and, in the backward, their pairs and the leaves' sibling terms made from
+# the chunks' factors: counted by level_bytes.py at 64k tokens, H = 16, d = 128, bf16, forward 11.6 ->
+# 9.0 GB, backward 29.0 -> 26.1; the tree takes half the memory). Not yet timed; on sm_90 the backward's
+# pairs and leaf gradients then spill 352 / 384 bytes (16 / 96 with leaves), the forward's kernels none.
 LEVEL_TREE_LEAVES = 1
 
 
@@ -569,7 +570,8 @@ class _LevelReads(torch.autograd.Function):
         do = do0.view(N, H, n * C, V) if LEVEL_DO_COPY else do.contiguous().permute(0, 2, 1, 3)
         if LEVEL_TREE_BWD:
             tree, ctx.tree = ctx.tree, None
-            return do0, *tree_backward(do, w, u, kd, ge, qw, lam, ctx.prec, tree), None, None, None
+            grads = tree_backward(do, w, u, kd, ge, qw, lam, ctx.prec, tree, leaves=bool(LEVEL_TREE_LEAVES))
+            return do0, *grads, None, None, None
         opts = _level_launch(ctx.prec, _major(w.device), True)
         do_strides = (H, *do.stride()[:3])
 

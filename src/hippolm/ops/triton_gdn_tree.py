@@ -190,14 +190,67 @@ def _pair_row(bh, j, i, n, J, C: tl.constexpr, K):
 
 
 @triton.jit
-def _tree_pairs(qw_ptr, lam_ptr, do_ptr, H, sB, sH, sT, m_ptr, offs_ptr, qb_ptr, dqa_ptr, dqw_ptr, dlam_ptr, n, NN,
-                K: tl.constexpr, V, J, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STRIDED: tl.constexpr,
-                PREC: tl.constexpr):
+def _pair_read_node(node, qb, dq, lam_ptr, pid, j, J, do_ptr, H, sB, sH, sT, bh, i, n, K: tl.constexpr, V,
+                    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STRIDED: tl.constexpr, PREC: tl.constexpr):
+    """(dq before the read, dlam of the read) of chunk pid's read of level j from a stored summary
+    ``node`` by query qb, from dq after it: dq T^T + g D^T and rowsum(do * (qb D)), g = lam_j do."""
+    W = K + V
+    kk = tl.arange(0, BK)
+    cc = tl.arange(0, C)
+    mk = kk < K
+    dt = qb.dtype
+    t_tr = tl.load(node + kk[None, :] * W + kk[:, None], mask=mk[:, None] & mk[None, :], other=0)  # T^T (transposed)
+    dq = tl.dot(dq.to(dt), t_tr, input_precision=PREC)
+    lam = tl.load(lam_ptr + (pid * C + cc) * J + j)
+    read = tl.zeros((C,), dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        vv = v0 + tl.arange(0, BV)
+        mv = vv < V
+        d = tl.load(node + kk[:, None] * W + K + vv[None, :], mask=mk[:, None] & mv[None, :], other=0)
+        do = _do_tile(do_ptr, H, sB, sH, sT, bh, i, n, V, vv, mv[None, :], C, STRIDED)
+        read += tl.sum(do * tl.dot(qb, d, input_precision=PREC), axis=1)
+        dq = tl.dot((lam[:, None] * do).to(dt), tl.trans(d), dq, input_precision=PREC)
+    return dq, read
+
+
+@triton.jit
+def _pair_read_leaf(w_ptr, u_ptr, kd_ptr, ge_ptr, qb, dq, lam_ptr, pid, J, do_ptr, H, sB, sH, sT, bh, i, n,
+                    K: tl.constexpr, V, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STRIDED: tl.constexpr,
+                    PREC: tl.constexpr):
+    """:func:`_pair_read_node` for level 0, its leaf not stored, from chunk prev = pid - 1's factors (T = ge I - kd^T w,
+    D = kd^T u): dq T^T = ge dq - (dq w^T) kd, g D^T = (g u^T) kd, qb D = (qb kd^T) u."""
+    kk = tl.arange(0, BK)
+    cc = tl.arange(0, C)
+    mk = kk[None, :] < K
+    dt = qb.dtype
+    prev = pid - 1
+    lam = tl.load(lam_ptr + (pid * C + cc) * J)
+    kd = tl.load(kd_ptr + prev * (C * K) + cc[:, None] * K + kk[None, :], mask=mk, other=0)
+    w = tl.load(w_ptr + prev * (C * K) + cc[:, None] * K + kk[None, :], mask=mk, other=0)
+    p = tl.dot(qb, tl.trans(kd), input_precision=PREC).to(dt)  # qb kd^T [C, C]
+    gu = -tl.dot(dq.to(dt), tl.trans(w), input_precision=PREC)  # [C, C]: -(dq w^T), then + g u^T
+    read = tl.zeros((C,), dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        vv = v0 + tl.arange(0, BV)
+        mv = vv < V
+        u = tl.load(u_ptr + prev * (C * V) + cc[:, None] * V + vv[None, :], mask=mv[None, :], other=0)
+        do = _do_tile(do_ptr, H, sB, sH, sT, bh, i, n, V, vv, mv[None, :], C, STRIDED)
+        read += tl.sum(do * tl.dot(p, u, input_precision=PREC), axis=1)
+        gu = tl.dot((lam[:, None] * do).to(dt), tl.trans(u), gu, input_precision=PREC)
+    dq = tl.dot(gu.to(dt), kd, dq * tl.load(ge_ptr + prev), input_precision=PREC)
+    return dq, read
+
+
+@triton.jit
+def _tree_pairs(qw_ptr, lam_ptr, do_ptr, H, sB, sH, sT, m_ptr, offs_ptr, qb_ptr, dqa_ptr, dqw_ptr, dlam_ptr, w_ptr,
+                u_ptr, kd_ptr, ge_ptr, n, NN, K: tl.constexpr, V, J, C: tl.constexpr, BK: tl.constexpr,
+                BV: tl.constexpr, STRIDED: tl.constexpr, LEAVES: tl.constexpr, PREC: tl.constexpr):
     """The reads' backward, per chunk (program axis 0: sequence-head * n + chunk i): the query carried
     up through the blocks chunk i reads as the forward carries it (q before each read stored in qb,
     rows by :func:`_pair_row`), then from the highest read down, with g = lam_j do: dlam_j = rowsum(do *
     (q D)), the gradient of the query after the block stored in dqa (qb's layout: the per-node phase
-    sums q^T [dq | g] over a node's readers), dq <- g D^T + dq T^T; dqw = dq after the lowest."""
+    sums q^T [dq | g] over a node's readers), dq <- g D^T + dq T^T; dqw = dq after the lowest. Without
+    LEAVES (no leaf stored) level 0 goes through chunk i - 1's factors."""
     pid, bh, i, kk, cc, mk = _chunk_program(n, K, BK, C)
     W = K + V
     mkk = mk[:, None] & mk[None, :]
@@ -208,9 +261,19 @@ def _tree_pairs(qw_ptr, lam_ptr, do_ptr, H, sB, sH, sT, m_ptr, offs_ptr, qb_ptr,
         if ((i >> j) & 1) == 1:
             tl.store(qb_ptr + _pair_row(bh, j, i, n, J, C, K) + tile_ck, q, mask=mk[None, :])
             if (i >> (j + 1)) != 0:
-                node = _read_node(m_ptr, offs_ptr, bh, i, j, NN, K, W)
-                q = tl.dot(q, tl.load(node + kk[:, None] * W + kk[None, :], mask=mkk, other=0),
-                           input_precision=PREC).to(dt)
+                if LEAVES:
+                    node = _read_node(m_ptr, offs_ptr, bh, i, j, NN, K, W)
+                    q = tl.dot(q, tl.load(node + kk[:, None] * W + kk[None, :], mask=mkk, other=0),
+                               input_precision=PREC).to(dt)
+                elif j == 0:  # q T = ge q - (q kd^T) w of chunk i - 1
+                    kd = tl.load(kd_ptr + (pid - 1) * (C * K) + tile_ck, mask=mk[None, :], other=0)
+                    w = tl.load(w_ptr + (pid - 1) * (C * K) + tile_ck, mask=mk[None, :], other=0)
+                    p = tl.dot(q, tl.trans(kd), input_precision=PREC).to(dt)
+                    q = (tl.load(ge_ptr + pid - 1) * q.to(tl.float32) - tl.dot(p, w, input_precision=PREC)).to(dt)
+                else:
+                    node = _read_node(m_ptr, offs_ptr, bh, i, j, NN, K, W)
+                    q = tl.dot(q, tl.load(node + kk[:, None] * W + kk[None, :], mask=mkk, other=0),
+                               input_precision=PREC).to(dt)
     dq = tl.zeros((C, BK), dtype=tl.float32)
     for jr in range(J):
         j = J - 1 - jr
@@ -219,17 +282,15 @@ def _tree_pairs(qw_ptr, lam_ptr, do_ptr, H, sB, sH, sT, m_ptr, offs_ptr, qb_ptr,
             row = _pair_row(bh, j, i, n, J, C, K)
             tl.store(dqa_ptr + row + tile_ck, dq.to(dt), mask=mk[None, :])
             qb = tl.load(qb_ptr + row + tile_ck, mask=mk[None, :], other=0)
-            t_tr = tl.load(node + kk[None, :] * W + kk[:, None], mask=mkk, other=0)  # T^T, loaded transposed
-            dq = tl.dot(dq.to(dt), t_tr, input_precision=PREC)
-            lam = tl.load(lam_ptr + (pid * C + cc) * J + j)
-            read = tl.zeros((C,), dtype=tl.float32)
-            for v0 in range(0, V, BV):
-                vv = v0 + tl.arange(0, BV)
-                mv = vv < V
-                d = tl.load(node + kk[:, None] * W + K + vv[None, :], mask=mk[:, None] & mv[None, :], other=0)
-                do = _do_tile(do_ptr, H, sB, sH, sT, bh, i, n, V, vv, mv[None, :], C, STRIDED)
-                read += tl.sum(do * tl.dot(qb, d, input_precision=PREC), axis=1)
-                dq = tl.dot((lam[:, None] * do).to(dt), tl.trans(d), dq, input_precision=PREC)
+            if LEAVES:
+                dq, read = _pair_read_node(node, qb, dq, lam_ptr, pid, j, J, do_ptr, H, sB, sH, sT, bh, i, n, K, V, C,
+                                           BK, BV, STRIDED, PREC)
+            elif j == 0:
+                dq, read = _pair_read_leaf(w_ptr, u_ptr, kd_ptr, ge_ptr, qb, dq, lam_ptr, pid, J, do_ptr, H, sB, sH,
+                                           sT, bh, i, n, K, V, C, BK, BV, STRIDED, PREC)
+            else:
+                dq, read = _pair_read_node(node, qb, dq, lam_ptr, pid, j, J, do_ptr, H, sB, sH, sT, bh, i, n, K, V, C,
+                                           BK, BV, STRIDED, PREC)
             tl.store(dlam_ptr + (pid * C + cc) * J + j, read)
         else:  # a level chunk i does not read
             tl.store(dlam_ptr + (pid * C + cc) * J + j, tl.zeros((C,), dtype=tl.float32))
@@ -237,14 +298,58 @@ def _tree_pairs(qw_ptr, lam_ptr, do_ptr, H, sB, sH, sT, m_ptr, offs_ptr, qb_ptr,
 
 
 @triton.jit
-def _dm_tile(m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr, bh, m, h, n_h, n_up, off_h, r0, r1, n,
-             NN, K, V, J, col0, PARENT, C: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, STRIDED: tl.constexpr,
-             PREC: tl.constexpr):
+def _dm_parent_leaf(parent, w_ptr, u_ptr, kd_ptr, ge_ptr, c, is_left, col0, K, V, C: tl.constexpr, BK: tl.constexpr,
+                    BN: tl.constexpr, PREC: tl.constexpr):
+    """:func:`_dm_tile`'s parent part for chunk c's leaf, not stored, its sibling's summary from the
+    sibling chunk's factors (T = ge I - kd^T w, M = [T | kd^T u]): a left leaf gets T_right^T dP =
+    ge_r dP - w_r^T (kd_r dP), a right leaf dP M_left^T = ge_l dP_T + (dP [-w | u]_l^T) kd_l in its T
+    columns and dP's D columns in its D columns ([BK, BN] float32)."""
+    W = K + V
+    kk = tl.arange(0, BK)
+    cc = tl.arange(0, C)
+    cols = col0 + tl.arange(0, BN)
+    mk = kk < K
+    tile = kk[:, None] * W + cols[None, :]
+    mt = mk[:, None] & (cols[None, :] < W)
+    dt = w_ptr.dtype.element_ty
+    if is_left:
+        c_r = c + 1
+        kd = tl.load(kd_ptr + c_r * (C * K) + cc[:, None] * K + kk[None, :], mask=mk[None, :], other=0)
+        w = tl.load(w_ptr + c_r * (C * K) + cc[:, None] * K + kk[None, :], mask=mk[None, :], other=0)
+        dp = tl.load(parent + tile, mask=mt, other=0).to(tl.float32)
+        x = tl.dot(kd, dp.to(dt), input_precision=PREC).to(dt)  # [C, BN]
+        acc = tl.load(ge_ptr + c_r) * dp - tl.dot(tl.trans(w), x, input_precision=PREC)
+    else:
+        c_l = c - 1
+        acc = tl.load(parent + tile, mask=mt & (cols[None, :] >= K), other=0).to(tl.float32)  # D columns
+        if col0 < K:
+            y = tl.zeros((BK, C), dtype=tl.float32)  # dP [-w | u]^T, the reduction over all of dP's columns
+            for p0 in range(0, W, BN):
+                pp = p0 + tl.arange(0, BN)
+                dp = tl.load(parent + kk[:, None] * W + pp[None, :], mask=mk[:, None] & (pp[None, :] < W), other=0)
+                is_t = pp < K
+                x_tr = tl.where(is_t[:, None],  # [-w | u][:, pp]^T, -w negated in float32
+                                -tl.load(w_ptr + c_l * (C * K) + cc[None, :] * K + pp[:, None], mask=is_t[:, None],
+                                         other=0).to(tl.float32),
+                                tl.load(u_ptr + c_l * (C * V) + cc[None, :] * V + (pp - K)[:, None],
+                                        mask=(~is_t & (pp < W))[:, None], other=0).to(tl.float32)).to(dt)
+                y = tl.dot(dp.to(dt), x_tr, y, input_precision=PREC)
+            kd = tl.load(kd_ptr + c_l * (C * K) + cc[:, None] * K + cols[None, :], mask=cols[None, :] < K, other=0)
+            dp_t = tl.load(parent + tile, mask=mt & (cols[None, :] < K), other=0).to(tl.float32)
+            acc = tl.dot(y.to(dt), kd, acc + tl.load(ge_ptr + c_l) * dp_t, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _dm_tile(m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr, w_ptr, u_ptr, kd_ptr, ge_ptr, bh, m, h,
+             n_h, n_up, off_h, r0, r1, n, NN, K, V, J, col0, PARENT, C: tl.constexpr, BK: tl.constexpr,
+             BN: tl.constexpr, STRIDED: tl.constexpr, LEAVES: tl.constexpr, PREC: tl.constexpr):
     """Columns col0 .. col0 + BN of the summary gradient dM = [dT | dD] of node m of height h (float32):
     from its parent P = T_right M_left + [0 | D_right] (if PARENT; up_ptr: the parent height's
     gradients [N * H, n_up, K, K + V]): a left node gets T_right^T dP, a right node dP M_left^T in its
     T columns and dP's D columns in its D columns; and, for a left node, from the chunks r0 .. r1 - 1
-    that read it: the sum of qb^T [dqa | lam_h do]."""
+    that read it: the sum of qb^T [dqa | lam_h do]. Without LEAVES (height 0, no leaf stored) the
+    sibling leaf's T_right / M_left come as the factors of chunk m + 1 / m - 1 (w, u, kd, ge)."""
     W = K + V
     kk = tl.arange(0, BK)
     cc = tl.arange(0, C)
@@ -256,21 +361,25 @@ def _dm_tile(m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr, bh,
     acc = tl.zeros((BK, BN), dtype=tl.float32)
     if PARENT:
         parent = up_ptr + (bh * n_up + m // 2) * (K * W)
-        if m % 2 == 0:
-            right = m_ptr + (bh * NN + off_h + m + 1) * (K * W)
-            t_tr = tl.load(right + kk[None, :] * W + kk[:, None], mask=mk[:, None] & mk[None, :], other=0)
-            acc = tl.dot(t_tr, tl.load(parent + tile, mask=mt, other=0).to(dt), acc, input_precision=PREC)
+        if LEAVES:
+            if m % 2 == 0:
+                right = m_ptr + (bh * NN + off_h + m + 1) * (K * W)
+                t_tr = tl.load(right + kk[None, :] * W + kk[:, None], mask=mk[:, None] & mk[None, :], other=0)
+                acc = tl.dot(t_tr, tl.load(parent + tile, mask=mt, other=0).to(dt), acc, input_precision=PREC)
+            else:
+                left = m_ptr + (bh * NN + off_h + m - 1) * (K * W)
+                if col0 < K:  # T columns: dP M_left^T, the reduction over all of dP's columns
+                    for p0 in range(0, W, BN):
+                        pp = p0 + tl.arange(0, BN)
+                        dp = tl.load(parent + kk[:, None] * W + pp[None, :], mask=mk[:, None] & (pp[None, :] < W),
+                                     other=0)
+                        lt = tl.load(left + cols[None, :] * W + pp[:, None],
+                                     mask=(pp[:, None] < W) & (cols[None, :] < K), other=0)  # M_left[cols, pp]^T
+                        acc = tl.dot(dp.to(dt), lt, acc, input_precision=PREC)
+                acc += tl.load(parent + tile, mask=mt & (cols[None, :] >= K), other=0).to(tl.float32)
         else:
-            left = m_ptr + (bh * NN + off_h + m - 1) * (K * W)
-            if col0 < K:  # T columns: dP M_left^T, the reduction over all of dP's columns
-                for p0 in range(0, W, BN):
-                    pp = p0 + tl.arange(0, BN)
-                    dp = tl.load(parent + kk[:, None] * W + pp[None, :], mask=mk[:, None] & (pp[None, :] < W),
-                                 other=0)
-                    lt = tl.load(left + cols[None, :] * W + pp[:, None], mask=(pp[:, None] < W) & (cols[None, :] < K),
-                                 other=0)  # M_left[cols, pp]^T
-                    acc = tl.dot(dp.to(dt), lt, acc, input_precision=PREC)
-            acc += tl.load(parent + tile, mask=mt & (cols[None, :] >= K), other=0).to(tl.float32)
+            acc = _dm_parent_leaf(parent, w_ptr, u_ptr, kd_ptr, ge_ptr, bh * n + m, m % 2 == 0, col0, K, V, C, BK, BN,
+                                  PREC)
     for i in range(r0, r1):
         row = _pair_row(bh, h, i, n, J, C, K)
         qb_tr = tl.load(qb_ptr + row + cc[None, :] * K + kk[:, None], mask=mk[:, None], other=0)  # [BK, C]
@@ -299,9 +408,9 @@ def _tree_node_grads(m_ptr, dm_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, 
     bh, m = (pid // SPLITS) // n_h, (pid // SPLITS) % n_h
     r0 = ((m + 1) << h) + s * R
     r1 = tl.where(m % 2 == 0, tl.minimum(tl.minimum(r0 + R, (m + 2) << h), n), r0)  # readers: left nodes only
-    acc = _dm_tile(m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr, bh, m, h, n_h, n_up, off_h, r0,
-                   r1, n, NN, K, V, J, col0, (s == 0) & (m < 2 * n_up), C=C, BK=BK, BN=BN, STRIDED=STRIDED,
-                   PREC=PREC)
+    acc = _dm_tile(m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr, m_ptr, m_ptr, m_ptr, m_ptr, bh, m,
+                   h, n_h, n_up, off_h, r0, r1, n, NN, K, V, J, col0, (s == 0) & (m < 2 * n_up), C=C, BK=BK, BN=BN,
+                   STRIDED=STRIDED, LEAVES=True, PREC=PREC)
     kk = tl.arange(0, BK)
     cols = col0 + tl.arange(0, BN)
     out = dm_ptr + (bh * n_h + m) * (K * W) + kk[:, None] * W + cols[None, :]
@@ -313,9 +422,10 @@ def _tree_node_grads(m_ptr, dm_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, 
 
 
 @triton.jit
-def _tree_leaf_grads(w_ptr, u_ptr, kd_ptr, m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr, du_ptr,
-                     dw_ptr, dkd_ptr, dge_ptr, n, n_up, NN, K: tl.constexpr, V, J, C: tl.constexpr, BK: tl.constexpr,
-                     BN: tl.constexpr, STRIDED: tl.constexpr, PREC: tl.constexpr):
+def _tree_leaf_grads(w_ptr, u_ptr, kd_ptr, ge_ptr, m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr,
+                     du_ptr, dw_ptr, dkd_ptr, dge_ptr, n, n_up, NN, K: tl.constexpr, V, J, C: tl.constexpr,
+                     BK: tl.constexpr, BN: tl.constexpr, STRIDED: tl.constexpr, LEAVES: tl.constexpr,
+                     PREC: tl.constexpr):
     """Chunk i's gradients (program axis 0: sequence-head * n + i) from its leaf's summary gradient
     [dT | dD] (leaf M = [ge I - kd^T w | kd^T u]), made here tile by tile (:func:`_dm_tile`, height
     0: one reader, chunk i + 1) and never stored: dge = trace(dT), dw = -kd dT, du = kd dD per tile,
@@ -328,8 +438,9 @@ def _tree_leaf_grads(w_ptr, u_ptr, kd_ptr, m_ptr, up_ptr, qb_ptr, dqa_ptr, do_pt
     trace = 0.0
     r1 = tl.where(i % 2 == 0, tl.minimum(i + 2, n), i + 1)  # a left leaf's reader: chunk i + 1
     for col0 in range(0, W, BN):
-        dm = _dm_tile(m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr, bh, i, 0, n, n_up, 0, i + 1,
-                      r1, n, NN, K, V, J, col0, i < 2 * n_up, C=C, BK=BK, BN=BN, STRIDED=STRIDED, PREC=PREC)
+        dm = _dm_tile(m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr, w_ptr, u_ptr, kd_ptr, ge_ptr, bh,
+                      i, 0, n, n_up, 0, i + 1, r1, n, NN, K, V, J, col0, i < 2 * n_up, C=C, BK=BK, BN=BN,
+                      STRIDED=STRIDED, LEAVES=LEAVES, PREC=PREC)
         cols = col0 + tl.arange(0, BN)
         is_t = cols < K
         x_tr = tl.where(is_t[:, None],  # [-w | u][:, cols]^T, -w negated in float32
@@ -372,6 +483,7 @@ class _Tree(NamedTuple):
     sizes: list[int]
     offs: list[int]
     offsets: torch.Tensor
+    leaves: bool  # height 0 stored (else made from the chunks' factors where needed)
 
 
 def _key_block(K: int) -> int:
@@ -410,7 +522,7 @@ def build_tree(w: torch.Tensor, u: torch.Tensor, kd: torch.Tensor, ge: torch.Ten
         else:
             _tree_merge[(N * H * sizes[h] * ncol,)](m, sizes[h], offs[h - 1], offs[h], NN, K, V, BK=BK, BN=BN,
                                                   PREC=prec, **opts)
-    return _Tree(m, sizes, offs, torch.tensor(offs, dtype=torch.int32, device=w.device))
+    return _Tree(m, sizes, offs, torch.tensor(offs, dtype=torch.int32, device=w.device), leaves)
 
 
 def tree_reads(o0: torch.Tensor, w: torch.Tensor, u: torch.Tensor, kd: torch.Tensor, ge: torch.Tensor,
@@ -433,17 +545,18 @@ def tree_reads(o0: torch.Tensor, w: torch.Tensor, u: torch.Tensor, kd: torch.Ten
 
 
 def tree_backward(do: torch.Tensor, w: torch.Tensor, u: torch.Tensor, kd: torch.Tensor, ge: torch.Tensor,
-                  qw: torch.Tensor, lam: torch.Tensor, prec: str,
-                  tree: _Tree | None = None) -> tuple[torch.Tensor, ...]:
+                  qw: torch.Tensor, lam: torch.Tensor, prec: str, tree: _Tree | None = None,
+                  leaves: bool = True) -> tuple[torch.Tensor, ...]:
     """Gradients (dw, du, dkd, dge, dqw, dlam) of sum(do * reads) for :func:`tree_reads`' reads (do
     an [N, H, n * C, V] view with unit last stride, any type: the float32 copy made for o0 or the
     output's gradient itself; the rest as tree_reads takes them). Four parallel phases,
     no sequential scan: the tree (the forward's, else rebuilt); per chunk its reads' query pairs and
     dqw, dlam; per height >= 1 top down each node's summary gradient (its readers' pairs and its
-    parent's, through the merge); per chunk its leaf's summary gradient and from it the chunk's."""
+    parent's, through the merge); per chunk its leaf's summary gradient and from it the chunk's.
+    ``leaves``: a rebuilt tree stores height 0, else the leaves are made from the factors where read."""
     N, H, n, C, K = w.shape
     V, J = u.shape[-1], lam.shape[-1]
-    tree = tree or build_tree(w, u, kd, ge, J, prec)
+    tree = tree or build_tree(w, u, kd, ge, J, prec, leaves)
     NN, W = tree.m.shape[1], K + V
     BK = _key_block(K)
     cfg = TREE_BWD_TILES
@@ -456,8 +569,9 @@ def tree_backward(do: torch.Tensor, w: torch.Tensor, u: torch.Tensor, kd: torch.
     dqw, dlam = torch.empty_like(qw), torch.empty_like(lam)
     dos = (do, H, *do.stride()[:3])
     strided = not do.is_contiguous()  # do itself (its [N, T, H, V] layout), not the [N, H, n * C, V] copy
-    _tree_pairs[(N * H * n,)](qw, lam, *dos, tree.m, tree.offsets, qb, dqa, dqw, dlam, n, NN, K, V, J, C=C, BK=BK,
-                              BV=BV, STRIDED=strided, PREC=prec, num_warps=cfg["pairs_warps"])
+    _tree_pairs[(N * H * n,)](qw, lam, *dos, tree.m, tree.offsets, qb, dqa, dqw, dlam, w, u, kd, ge, n, NN, K, V, J,
+                              C=C, BK=BK, BV=BV, STRIDED=strided, LEAVES=tree.leaves, PREC=prec,
+                              num_warps=cfg["pairs_warps"])
     BN = cols("node_BN")
     up = None  # the gradients of the height above: [N * H, n_h, K, W], 16-bit where no program adds atomically
     for h in reversed(range(1, len(tree.sizes))):
@@ -475,7 +589,7 @@ def tree_backward(do: torch.Tensor, w: torch.Tensor, u: torch.Tensor, kd: torch.
         up = dm
     du, dw, dkd, dge = torch.empty_like(u), torch.empty_like(w), torch.empty_like(kd), torch.empty_like(ge)
     n_up = 0 if up is None else up.shape[1]
-    _tree_leaf_grads[(N * H * n,)](w, u, kd, tree.m, kd if up is None else up, qb, dqa, *dos, lam, du, dw, dkd, dge, n,
-                                   n_up, NN, K, V, J, C=C, BK=BK, BN=cols("leaf_BN"), STRIDED=strided, PREC=prec,
-                                   num_warps=cfg["leaf_warps"])
+    _tree_leaf_grads[(N * H * n,)](w, u, kd, ge, tree.m, kd if up is None else up, qb, dqa, *dos, lam, du, dw, dkd,
+                                   dge, n, n_up, NN, K, V, J, C=C, BK=BK, BN=cols("leaf_BN"), STRIDED=strided,
+                                   LEAVES=tree.leaves, PREC=prec, num_warps=cfg["leaf_warps"])
     return dw, du, dkd, dge, dqw, dlam
