@@ -224,11 +224,12 @@ def _pair_read_leaf(w_ptr, u_ptr, kd_ptr, ge_ptr, qb, dq, lam_ptr, pid, J, do_pt
     mk = kk[None, :] < K
     dt = qb.dtype
     prev = pid - 1
-    lam = tl.load(lam_ptr + (pid * C + cc) * J)
     kd = tl.load(kd_ptr + prev * (C * K) + cc[:, None] * K + kk[None, :], mask=mk, other=0)
     w = tl.load(w_ptr + prev * (C * K) + cc[:, None] * K + kk[None, :], mask=mk, other=0)
+    dw = tl.dot(dq.to(dt), tl.trans(w), input_precision=PREC).to(dt)  # dq w^T [C, C]
+    dq = tl.load(ge_ptr + prev) * dq - tl.dot(dw, kd, input_precision=PREC)  # dq T^T
     p = tl.dot(qb, tl.trans(kd), input_precision=PREC).to(dt)  # qb kd^T [C, C]
-    gu = -tl.dot(dq.to(dt), tl.trans(w), input_precision=PREC)  # [C, C]: -(dq w^T), then + g u^T
+    lam = tl.load(lam_ptr + (pid * C + cc) * J)
     read = tl.zeros((C,), dtype=tl.float32)
     for v0 in range(0, V, BV):
         vv = v0 + tl.arange(0, BV)
@@ -236,8 +237,8 @@ def _pair_read_leaf(w_ptr, u_ptr, kd_ptr, ge_ptr, qb, dq, lam_ptr, pid, J, do_pt
         u = tl.load(u_ptr + prev * (C * V) + cc[:, None] * V + vv[None, :], mask=mv[None, :], other=0)
         do = _do_tile(do_ptr, H, sB, sH, sT, bh, i, n, V, vv, mv[None, :], C, STRIDED)
         read += tl.sum(do * tl.dot(p, u, input_precision=PREC), axis=1)
-        gu = tl.dot((lam[:, None] * do).to(dt), tl.trans(u), gu, input_precision=PREC)
-    dq = tl.dot(gu.to(dt), kd, dq * tl.load(ge_ptr + prev), input_precision=PREC)
+        gu = tl.dot((lam[:, None] * do).to(dt), tl.trans(u), input_precision=PREC).to(dt)  # g u^T, this tile's
+        dq = tl.dot(gu, kd, dq, input_precision=PREC)
     return dq, read
 
 
@@ -334,9 +335,10 @@ def _dm_parent_leaf(parent, w_ptr, u_ptr, kd_ptr, ge_ptr, c, is_left, col0, K, V
                                 tl.load(u_ptr + c_l * (C * V) + cc[None, :] * V + (pp - K)[:, None],
                                         mask=(~is_t & (pp < W))[:, None], other=0).to(tl.float32)).to(dt)
                 y = tl.dot(dp.to(dt), x_tr, y, input_precision=PREC)
+                if p0 == col0:  # these are the T columns this tile makes: ge_l dP_T
+                    acc += tl.load(ge_ptr + c_l) * tl.where(pp[None, :] < K, dp.to(tl.float32), 0.0)
             kd = tl.load(kd_ptr + c_l * (C * K) + cc[:, None] * K + cols[None, :], mask=cols[None, :] < K, other=0)
-            dp_t = tl.load(parent + tile, mask=mt & (cols[None, :] < K), other=0).to(tl.float32)
-            acc = tl.dot(y.to(dt), kd, acc + tl.load(ge_ptr + c_l) * dp_t, input_precision=PREC)
+            acc = tl.dot(y.to(dt), kd, acc, input_precision=PREC)
     return acc
 
 
