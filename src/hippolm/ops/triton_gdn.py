@@ -433,7 +433,7 @@ LEVEL_TREE_SAVE = 0
 # (height 1, the level-0 reads and, in the backward, their pairs and the leaves' sibling terms made from
 # the chunks' factors: counted by level_bytes.py at 64k tokens, H = 16, d = 128, bf16, forward 11.6 ->
 # 9.0 GB, backward 29.0 -> 26.1; the tree takes half the memory). Not yet timed; on sm_90 the backward's
-# pairs and leaf gradients then spill 224 / 360 bytes (16 / 96 with leaves), the forward's kernels none.
+# pairs and leaf gradients then spill 224 / 352 bytes (16 / 96 with leaves), the forward's kernels none.
 LEVEL_TREE_LEAVES = 1
 
 

@@ -299,19 +299,25 @@ def _tree_pairs(qw_ptr, lam_ptr, do_ptr, H, sB, sH, sT, m_ptr, offs_ptr, qb_ptr,
 
 
 @triton.jit
-def _dm_parent_leaf(parent, w_ptr, u_ptr, kd_ptr, ge_ptr, c, is_left, col0, K, V, C: tl.constexpr, BK: tl.constexpr,
-                    BN: tl.constexpr, PREC: tl.constexpr):
+def _factors_tr(w_ptr, u_ptr, c, cols, K, V, C: tl.constexpr):
+    """[-w | u][:, cols]^T of chunk c, [BN, C] in the operand type (-w negated in float32)."""
+    cc = tl.arange(0, C)
+    is_t = cols < K
+    return tl.where(is_t[:, None],
+                    -tl.load(w_ptr + c * (C * K) + cc[None, :] * K + cols[:, None], mask=is_t[:, None],
+                             other=0).to(tl.float32),
+                    tl.load(u_ptr + c * (C * V) + cc[None, :] * V + (cols - K)[:, None],
+                            mask=(~is_t & (cols < K + V))[:, None], other=0).to(tl.float32)).to(w_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _dm_parent_leaf(parent, w_ptr, u_ptr, kd_ptr, ge_ptr, c, is_left, col0, kk, cc, cols, mk, tile, mt, K, V,
+                    C: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     """:func:`_dm_tile`'s parent part for chunk c's leaf, not stored, its sibling's summary from the
     sibling chunk's factors (T = ge I - kd^T w, M = [T | kd^T u]): a left leaf gets T_right^T dP =
     ge_r dP - w_r^T (kd_r dP), a right leaf dP M_left^T = ge_l dP_T + (dP [-w | u]_l^T) kd_l in its T
-    columns and dP's D columns in its D columns ([BK, BN] float32)."""
+    columns and dP's D columns in its D columns ([BK, BN] float32; the tile's indices as _dm_tile's)."""
     W = K + V
-    kk = tl.arange(0, BK)
-    cc = tl.arange(0, C)
-    cols = col0 + tl.arange(0, BN)
-    mk = kk < K
-    tile = kk[:, None] * W + cols[None, :]
-    mt = mk[:, None] & (cols[None, :] < W)
     dt = w_ptr.dtype.element_ty
     if is_left:
         c_r = c + 1
@@ -328,13 +334,7 @@ def _dm_parent_leaf(parent, w_ptr, u_ptr, kd_ptr, ge_ptr, c, is_left, col0, K, V
             for p0 in range(0, W, BN):
                 pp = p0 + tl.arange(0, BN)
                 dp = tl.load(parent + kk[:, None] * W + pp[None, :], mask=mk[:, None] & (pp[None, :] < W), other=0)
-                is_t = pp < K
-                x_tr = tl.where(is_t[:, None],  # [-w | u][:, pp]^T, -w negated in float32
-                                -tl.load(w_ptr + c_l * (C * K) + cc[None, :] * K + pp[:, None], mask=is_t[:, None],
-                                         other=0).to(tl.float32),
-                                tl.load(u_ptr + c_l * (C * V) + cc[None, :] * V + (pp - K)[:, None],
-                                        mask=(~is_t & (pp < W))[:, None], other=0).to(tl.float32)).to(dt)
-                y = tl.dot(dp.to(dt), x_tr, y, input_precision=PREC)
+                y = tl.dot(dp.to(dt), _factors_tr(w_ptr, u_ptr, c_l, pp, K, V, C), y, input_precision=PREC)
                 if p0 == col0:  # these are the T columns this tile makes: ge_l dP_T
                     acc += tl.load(ge_ptr + c_l) * tl.where(pp[None, :] < K, dp.to(tl.float32), 0.0)
             kd = tl.load(kd_ptr + c_l * (C * K) + cc[:, None] * K + cols[None, :], mask=cols[None, :] < K, other=0)
@@ -380,8 +380,8 @@ def _dm_tile(m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr, w_p
                         acc = tl.dot(dp.to(dt), lt, acc, input_precision=PREC)
                 acc += tl.load(parent + tile, mask=mt & (cols[None, :] >= K), other=0).to(tl.float32)
         else:
-            acc = _dm_parent_leaf(parent, w_ptr, u_ptr, kd_ptr, ge_ptr, bh * n + m, m % 2 == 0, col0, K, V, C, BK, BN,
-                                  PREC)
+            acc = _dm_parent_leaf(parent, w_ptr, u_ptr, kd_ptr, ge_ptr, bh * n + m, m % 2 == 0, col0, kk, cc, cols, mk,
+                                  tile, mt, K, V, C, BK, BN, PREC)
     for i in range(r0, r1):
         row = _pair_row(bh, h, i, n, J, C, K)
         qb_tr = tl.load(qb_ptr + row + cc[None, :] * K + kk[:, None], mask=mk[:, None], other=0)  # [BK, C]
@@ -445,12 +445,7 @@ def _tree_leaf_grads(w_ptr, u_ptr, kd_ptr, ge_ptr, m_ptr, up_ptr, qb_ptr, dqa_pt
                       STRIDED=STRIDED, LEAVES=LEAVES, PREC=PREC)
         cols = col0 + tl.arange(0, BN)
         is_t = cols < K
-        x_tr = tl.where(is_t[:, None],  # [-w | u][:, cols]^T, -w negated in float32
-                        -tl.load(w_ptr + pid * (C * K) + cc[None, :] * K + cols[:, None], mask=is_t[:, None],
-                                 other=0).to(tl.float32),
-                        tl.load(u_ptr + pid * (C * V) + cc[None, :] * V + (cols - K)[:, None],
-                                mask=(~is_t & (cols < W))[:, None], other=0).to(tl.float32)).to(dt)
-        dkd_tr = tl.dot(dm.to(dt), x_tr, dkd_tr, input_precision=PREC)
+        dkd_tr = tl.dot(dm.to(dt), _factors_tr(w_ptr, u_ptr, pid, cols, K, V, C), dkd_tr, input_precision=PREC)
         kd = tl.load(kd_ptr + pid * (C * K) + cc[:, None] * K + kk[None, :], mask=mk[None, :], other=0)  # per tile (L2)
         grad = tl.dot(kd, dm.to(dt), input_precision=PREC)  # kd dM[:, tile]: -dw or du
         if col0 < K:
