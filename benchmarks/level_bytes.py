@@ -145,8 +145,8 @@ def tree_bwd(n: int, NH: int, K: int, V: int, C: int, J: int, op: int, do_b: int
             if m % 2 == 0:
                 n_readers = max(0, min((m + 2) << h, n) - ((m + 1) << h))
                 nodes += n_readers * (2 * C * K * op + C * V * do_b + C * F32)
-    leaves = n * (2 * C * K * op + C * V * op + 2 * C * K * op + C * V * op + F32)
-    return (build + chunks + nodes + leaves) * NH
+    leaf_grads = n * (2 * C * K * op + C * V * op + 2 * C * K * op + C * V * op + F32)
+    return (build + chunks + nodes + leaf_grads) * NH
 
 
 def count(T: int, H: int, d: int, C: int, op: int, prec: str) -> dict:
@@ -212,10 +212,9 @@ def main() -> None:
           "if nothing came from L2 and nothing overlapped")
     fwd = sum(r["GB"] for r in rows if r["kernel"] == "_level_fwd")
     n = args.T // C
-    tree = tree_fwd(n, H, d, d, C, (n - 1).bit_length(), op) / 1e9
-    tree_b = tree_bwd(n, H, d, d, C, (n - 1).bit_length(), op, F32 if tg.LEVEL_DO_COPY else op) / 1e9
-    tree_b_nl = tree_bwd(n, H, d, d, C, (n - 1).bit_length(), op, F32 if tg.LEVEL_DO_COPY else op, leaves=False) / 1e9
-    tree_nl = tree_fwd(n, H, d, d, C, (n - 1).bit_length(), op, leaves=False) / 1e9
+    J, do_b = (n - 1).bit_length(), F32 if tg.LEVEL_DO_COPY else op
+    tree, tree_nl = (tree_fwd(n, H, d, d, C, J, op, leaves=lv) / 1e9 for lv in (True, False))
+    tree_b, tree_b_nl = (tree_bwd(n, H, d, d, C, J, op, do_b, leaves=lv) / 1e9 for lv in (True, False))
     print(f"forward: {fwd:.1f} GB counted; the tree's (triton_gdn_tree.tree_reads) {tree:.1f} GB, "
           f"{tree_nl:.1f} without stored leaves (LEVEL_TREE_LEAVES = 0)")
     print(f"backward: {total - fwd:.1f} GB counted; the tree's (triton_gdn_tree.tree_backward) {tree_b:.1f} GB, "

@@ -132,6 +132,24 @@ def _read_node(m_ptr, offs_ptr, bh, i, j, NN, K, W):
 
 
 @triton.jit
+def _carry_node(q, node, K, W, BK: tl.constexpr, PREC: tl.constexpr):
+    """q T for the stored summary ``node`` (q's type)."""
+    kk = tl.arange(0, BK)
+    mk = kk < K
+    t = tl.load(node + kk[:, None] * W + kk[None, :], mask=mk[:, None] & mk[None, :], other=0)
+    return tl.dot(q, t, input_precision=PREC).to(q.dtype)
+
+
+@triton.jit
+def _carry_leaf(q, p, w_ptr, ge_ptr, c, K, C: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """q T for chunk c's leaf, not stored, from p = q kd_c^T: ge_c q - p w_c (q's type)."""
+    kk = tl.arange(0, BK)
+    cc = tl.arange(0, C)
+    w = tl.load(w_ptr + c * (C * K) + cc[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0)
+    return (tl.load(ge_ptr + c) * q.to(tl.float32) - tl.dot(p, w, input_precision=PREC)).to(q.dtype)
+
+
+@triton.jit
 def _tree_read(qw_ptr, lam_ptr, o0_ptr, m_ptr, offs_ptr, out_ptr, w_ptr, u_ptr, kd_ptr, ge_ptr, n, NN, H, K, V, J,
                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LEAVES: tl.constexpr, PREC: tl.constexpr):
     """One V tile of chunk i's reads of chunk levels 0..J-1 (program: sequence-head * n + chunk, its
@@ -158,8 +176,7 @@ def _tree_read(qw_ptr, lam_ptr, o0_ptr, m_ptr, offs_ptr, out_ptr, w_ptr, u_ptr, 
             lam = tl.load(lam_ptr + (pid * C + cc) * J)
             o += lam[:, None] * tl.dot(p, u, input_precision=PREC)
             if (i >> 1) != 0:  # a higher level reads
-                w = tl.load(w_ptr + prev * (C * K) + cc[:, None] * K + kk[None, :], mask=mk[None, :], other=0)
-                q = (tl.load(ge_ptr + prev) * q.to(tl.float32) - tl.dot(p, w, input_precision=PREC)).to(dt)
+                q = _carry_leaf(q, p, w_ptr, ge_ptr, prev, K, C, BK, PREC)
     for j in range(1 - LEAVES, J):
         if ((i >> j) & 1) == 1:  # chunk i reads chunk level j
             node = _read_node(m_ptr, offs_ptr, bh, i, j, NN, K, W)
@@ -167,8 +184,7 @@ def _tree_read(qw_ptr, lam_ptr, o0_ptr, m_ptr, offs_ptr, out_ptr, w_ptr, u_ptr, 
             lam = tl.load(lam_ptr + (pid * C + cc) * J + j)
             o += lam[:, None] * tl.dot(q, d, input_precision=PREC)
             if (i >> (j + 1)) != 0:  # a higher level reads: carry q through this block
-                t = tl.load(node + kk[:, None] * W + kk[None, :], mask=mk[:, None] & mk[None, :], other=0)
-                q = tl.dot(q, t, input_precision=PREC).to(dt)
+                q = _carry_node(q, node, K, W, BK, PREC)
     b, h = bh // H, bh % H
     rows = (b * n + i) * C + cc
     tl.store(out_ptr + (rows[:, None] * H + h) * V + vv[None, :], o.to(out_ptr.dtype.element_ty), mask=mv)
@@ -254,7 +270,6 @@ def _tree_pairs(qw_ptr, lam_ptr, do_ptr, H, sB, sH, sT, m_ptr, offs_ptr, qb_ptr,
     LEAVES (no leaf stored) level 0 goes through chunk i - 1's factors."""
     pid, bh, i, kk, cc, mk = _chunk_program(n, K, BK, C)
     W = K + V
-    mkk = mk[:, None] & mk[None, :]
     tile_ck = cc[:, None] * K + kk[None, :]
     dt = qw_ptr.dtype.element_ty
     q = tl.load(qw_ptr + pid * (C * K) + tile_ck, mask=mk[None, :], other=0)
@@ -263,18 +278,13 @@ def _tree_pairs(qw_ptr, lam_ptr, do_ptr, H, sB, sH, sT, m_ptr, offs_ptr, qb_ptr,
             tl.store(qb_ptr + _pair_row(bh, j, i, n, J, C, K) + tile_ck, q, mask=mk[None, :])
             if (i >> (j + 1)) != 0:
                 if LEAVES:
-                    node = _read_node(m_ptr, offs_ptr, bh, i, j, NN, K, W)
-                    q = tl.dot(q, tl.load(node + kk[:, None] * W + kk[None, :], mask=mkk, other=0),
-                               input_precision=PREC).to(dt)
-                elif j == 0:  # q T = ge q - (q kd^T) w of chunk i - 1
+                    q = _carry_node(q, _read_node(m_ptr, offs_ptr, bh, i, j, NN, K, W), K, W, BK, PREC)
+                elif j == 0:  # chunk i - 1's leaf, from its factors
                     kd = tl.load(kd_ptr + (pid - 1) * (C * K) + tile_ck, mask=mk[None, :], other=0)
-                    w = tl.load(w_ptr + (pid - 1) * (C * K) + tile_ck, mask=mk[None, :], other=0)
                     p = tl.dot(q, tl.trans(kd), input_precision=PREC).to(dt)
-                    q = (tl.load(ge_ptr + pid - 1) * q.to(tl.float32) - tl.dot(p, w, input_precision=PREC)).to(dt)
+                    q = _carry_leaf(q, p, w_ptr, ge_ptr, pid - 1, K, C, BK, PREC)
                 else:
-                    node = _read_node(m_ptr, offs_ptr, bh, i, j, NN, K, W)
-                    q = tl.dot(q, tl.load(node + kk[:, None] * W + kk[None, :], mask=mkk, other=0),
-                               input_precision=PREC).to(dt)
+                    q = _carry_node(q, _read_node(m_ptr, offs_ptr, bh, i, j, NN, K, W), K, W, BK, PREC)
     dq = tl.zeros((C, BK), dtype=tl.float32)
     for jr in range(J):
         j = J - 1 - jr
@@ -487,11 +497,12 @@ def _key_block(K: int) -> int:
     return max(16, triton.next_power_of_2(K))
 
 
-def _tree_shape(n: int, J: int, leaves: bool = True) -> tuple[list[int], list[int]]:
-    """(nodes per height, each height's first row in the stored tree: none for height 0 without leaves)."""
+def _tree_shape(n: int, J: int, leaves: bool = True) -> tuple[list[int], list[int], int]:
+    """(nodes per height, each height's first row in the stored tree, rows stored: none of height 0
+    without leaves)."""
     sizes = [n >> h for h in range(max(J, 1))]  # nodes per height (a last odd one has no parent)
     stored = [s if h or leaves else 0 for h, s in enumerate(sizes)]
-    return sizes, [sum(stored[:h]) for h in range(len(sizes))]
+    return sizes, [sum(stored[:h]) for h in range(len(sizes))], sum(stored)
 
 
 def build_tree(w: torch.Tensor, u: torch.Tensor, kd: torch.Tensor, ge: torch.Tensor, J: int, prec: str,
@@ -503,8 +514,8 @@ def build_tree(w: torch.Tensor, u: torch.Tensor, kd: torch.Tensor, ge: torch.Ten
     V = u.shape[-1]
     BK = _key_block(K)
     BN = min(TREE_TILES["BN"], max(16, triton.next_power_of_2(K + V)))
-    sizes, offs = _tree_shape(n, J, leaves)
-    NN = max(1, offs[-1] + sizes[-1] if len(sizes) > 1 or leaves else 0)
+    sizes, offs, NN = _tree_shape(n, J, leaves)
+    NN = max(1, NN)  # a buffer to point at when nothing is stored
     m = w.new_empty(N * H, NN, K, K + V)
     opts = {"num_warps": TREE_TILES["num_warps"]}
     ncol = triton.cdiv(K + V, BN)
