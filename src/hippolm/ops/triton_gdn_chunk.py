@@ -52,13 +52,22 @@ def _rows(pid, n, H, C: tl.constexpr):
 
 @triton.jit
 def _gates(g_ptr, b_ptr, tok, C: tl.constexpr):
-    """(gamma = exp(G), exp(G_C - G), G_C, beta, decay [C, C] (0 above the diagonal))."""
+    """(gamma = exp(G), exp(G_C - G), G_C, beta) with G the within-chunk cumulative log decay."""
     cc = tl.arange(0, C)
     G = tl.cumsum(tl.load(g_ptr + tok).to(tl.float32), axis=0)
     GL = tl.sum(tl.where(cc == C - 1, G, 0.0), axis=0)
+    return tl.exp(G), tl.exp(GL - G), GL, tl.load(b_ptr + tok).to(tl.float32)
+
+
+@triton.jit
+def _decay(g_ptr, tok, C: tl.constexpr):
+    """[C, C] exp(G_i - G_j) for i >= j, 0 above the diagonal. The backward makes it where used, from
+    g re-read (a load the compiler does not merge with the last one across the stores between):
+    cheaper than a [C, C] tile kept live, i.e. spilled, across the kernel."""
+    cc = tl.arange(0, C)
+    G = tl.cumsum(tl.load(g_ptr + tok).to(tl.float32), axis=0)
     lower = cc[:, None] >= cc[None, :]
-    decay = tl.where(lower, tl.exp(tl.where(lower, G[:, None] - G[None, :], 0.0)), 0.0)
-    return tl.exp(G), tl.exp(GL - G), GL, tl.load(b_ptr + tok).to(tl.float32), decay
+    return tl.where(lower, tl.exp(tl.where(lower, G[:, None] - G[None, :], 0.0)), 0.0)
 
 
 @triton.jit
@@ -77,18 +86,16 @@ def _levels(lam_ptr, tok, L, C: tl.constexpr, CB: tl.constexpr):
 
 
 @triton.jit
-def _products(q_ptr, k_ptr, tok, K, C: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """(k k^T, q k^T), [C, C] float32."""
-    KK = tl.zeros((C, C), dtype=tl.float32)
-    QK = tl.zeros((C, C), dtype=tl.float32)
+def _gram(a_ptr, b_ptr, tok, K, C: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """a b^T of the chunk's rows of two [*, K] inputs, [C, C] float32."""
+    out = tl.zeros((C, C), dtype=tl.float32)
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         m = kk[None, :] < K
-        kt = tl.load(k_ptr + tok[:, None] * K + kk[None, :], mask=m, other=0)
-        qt = tl.load(q_ptr + tok[:, None] * K + kk[None, :], mask=m, other=0)
-        KK = _dot(kt, tl.trans(kt), KK, DT, PREC)
-        QK = _dot(qt, tl.trans(kt), QK, DT, PREC)
-    return KK, QK
+        at = tl.load(a_ptr + tok[:, None] * K + kk[None, :], mask=m, other=0)
+        bt = tl.load(b_ptr + tok[:, None] * K + kk[None, :], mask=m, other=0)
+        out = _dot(at, tl.trans(bt), out, DT, PREC)
+    return out
 
 
 @triton.jit
@@ -138,13 +145,13 @@ def _chunk_fwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, w_ptr, u_ptr, 
     DT = q_ptr.dtype.element_ty
     cc = tl.arange(0, C)
     ri, cj = cc[:, None], cc[None, :]
-    gam, ekd, GL, beta, decay = _gates(g_ptr, b_ptr, tok, C)
-    KK, QK = _products(q_ptr, k_ptr, tok, K, C, BK, DT, PREC)
-    attn = QK * scale * decay
-    Lm = tl.where(ri > cj, beta[:, None] * KK * decay, 0.0)
+    gam, ekd, GL, beta = _gates(g_ptr, b_ptr, tok, C)
+    # A^-1 first, then q k^T: no [C, C] tile of the scores live through the solve (registers)
+    Lm = tl.where(ri > cj, beta[:, None] * _gram(k_ptr, k_ptr, tok, K, C, BK, DT, PREC) * _decay(g_ptr, tok, C), 0.0)
     Ainv = _inverse(Lm, a_ptr + pid * C * C, C, SOLVE, PREC)
     tl.store(a_ptr + pid * C * C + ri * C + cj, Ainv)
     mix = Ainv * beta[None, :]
+    attn = _gram(q_ptr, k_ptr, tok, K, C, BK, DT, PREC) * scale * _decay(g_ptr, tok, C)
     _, lam = _levels(lam_ptr, tok, L, C, CB)
     M = _dot(attn, mix, None, DT, PREC) * lam
     rows = pid * C + cc  # rows of [N * H * n * C, *]
@@ -182,29 +189,16 @@ def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr
     DT = q_ptr.dtype.element_ty
     cc = tl.arange(0, C)
     ri, cj = cc[:, None], cc[None, :]
-    gam, ekd, GL, beta, decay = _gates(g_ptr, b_ptr, tok, C)
+    gam, ekd, GL, beta = _gates(g_ptr, b_ptr, tok, C)
+    # Each [C, C] tile is made where it is first needed and dropped after its last use (A^-1 is
+    # re-read, K K^T recomputed at the end): fewer tiles live at once, fewer registers spilled.
     ap = a_ptr + pid * C * C
-    Ainv = tl.load(ap + ri * C + cj)
-    AinvT = tl.load(ap + cj * C + ri)
-    mix = Ainv * beta[None, :]
-    mixT = AinvT * beta[:, None]
     scr = scr_ptr + pid * C * C
     rows = pid * C + cc
-    KK, QK = _products(q_ptr, k_ptr, tok, K, C, BK, DT, PREC)
-    X = tl.zeros((C, C), dtype=tl.float32)
-    dgam = tl.zeros((C,), dtype=tl.float32)  # gradient of gamma
-    for k0 in range(0, K, BK):
-        kk = k0 + tl.arange(0, BK)
-        m = kk[None, :] < K
-        kt = tl.load(k_ptr + tok[:, None] * K + kk[None, :], mask=m, other=0).to(tl.float32)
-        qt = tl.load(q_ptr + tok[:, None] * K + kk[None, :], mask=m, other=0).to(tl.float32)
-        dqw = tl.load(dqw_ptr + rows[:, None] * K + kk[None, :], mask=m, other=0).to(tl.float32)
-        X = _dot(dqw, tl.trans(kt * gam[:, None]), X, DT, PREC)
-        dgam += tl.sum(dqw * qt, axis=1) * scale
-    attn = QK * scale * decay
-    lvl, lam = _levels(lam_ptr, tok, L, C, CB)
-    P = _dot(attn, mix, None, DT, PREC)
-    MT = _transposed(P * lam, scr, C)
+    attn = _gram(q_ptr, k_ptr, tok, K, C, BK, DT, PREC) * scale * _decay(g_ptr, tok, C)
+    _, lam = _levels(lam_ptr, tok, L, C, CB)
+    MT = _transposed(_dot(attn, tl.load(ap + ri * C + cj) * beta[None, :], None, DT, PREC) * lam, scr, C)
+    mixT = tl.load(ap + cj * C + ri) * beta[:, None]
     dM = tl.zeros((C, C), dtype=tl.float32)
     dmix = tl.load(dmix_ptr + pid * C * C + ri * C + cj) if HAS_DMIX else tl.zeros((C, C), dtype=tl.float32)
     for v0 in range(0, V, BV):
@@ -217,32 +211,47 @@ def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr
         dmix = _dot(du, tl.trans(vt), dmix, DT, PREC)
         dv = _dot(mixT, du, _dot(MT, do, None, DT, PREC), DT, PREC)
         tl.store(dv_ptr + tok[:, None] * V + vv[None, :], dv, mask=m)
-    dlam_in = dM * P
+    lvl, lam = _levels(lam_ptr, tok, L, C, CB)  # again, and attn mix: not kept through the loop above
+    dlam_in = dM * _dot(attn, tl.load(ap + ri * C + cj) * beta[None, :], None, DT, PREC)
     for lv in tl.static_range(CB + 1):
         tl.store(dlam_ptr + tok * L + lv, tl.sum(tl.where(lvl == lv, dlam_in, 0.0), axis=1), mask=(cc * 0 + lv) < L)
     dP = dM * lam
+    X = tl.zeros((C, C), dtype=tl.float32)
+    dgam = tl.zeros((C,), dtype=tl.float32)  # gradient of gamma
+    for k0 in range(0, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        m = kk[None, :] < K
+        kt = tl.load(k_ptr + tok[:, None] * K + kk[None, :], mask=m, other=0).to(tl.float32)
+        qt = tl.load(q_ptr + tok[:, None] * K + kk[None, :], mask=m, other=0).to(tl.float32)
+        dqw = tl.load(dqw_ptr + rows[:, None] * K + kk[None, :], mask=m, other=0).to(tl.float32)
+        X = _dot(dqw, tl.trans(kt * gam[:, None]), X, DT, PREC)
+        dgam += tl.sum(dqw * qt, axis=1) * scale
     dattn = _dot(dP - X, mixT, None, DT, PREC)
     attnT = _transposed(attn, scr, C)
     dmix = _dot(attnT, dP, dmix, DT, PREC)
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         m = kk[None, :] < K
-        kt = tl.load(k_ptr + tok[:, None] * K + kk[None, :], mask=m, other=0).to(tl.float32)
+        kt = tl.load(k_ptr + tok[:, None] * K + kk[None, :], mask=m, other=0)
         dw = tl.load(dw_ptr + rows[:, None] * K + kk[None, :], mask=m, other=0).to(tl.float32)
         dqw = tl.load(dqw_ptr + rows[:, None] * K + kk[None, :], mask=m, other=0)
         dw_total = dw - _dot(attnT, dqw, None, DT, PREC)
-        dmix = _dot(dw_total, tl.trans(kt * gam[:, None]), dmix, DT, PREC)
+        dmix = _dot(dw_total, tl.trans(kt.to(tl.float32) * gam[:, None]), dmix, DT, PREC)
     # through mix = A^-1 diag(beta) and A = I + strict_lower(beta_i KK_ij decay_ij)
-    db = tl.sum(dmix * Ainv, axis=0)
+    db = tl.sum(dmix * tl.load(ap + ri * C + cj), axis=0)
+    AinvT = tl.load(ap + cj * C + ri)
     dA = -tl.dot(tl.dot(AinvT, dmix * beta[None, :], input_precision=PREC), AinvT, input_precision=PREC)
-    KKd = tl.where(ri > cj, KK * decay, 0.0)
+    # mix^T again from the A^-1 just read: keeping the first one live to the loop below spills (sm_90:
+    # 392 bytes of stack instead of 216)
+    mixT = AinvT * beta[:, None]
+    KKd = tl.where(ri > cj, _gram(k_ptr, k_ptr, tok, K, C, BK, DT, PREC) * _decay(g_ptr, tok, C), 0.0)
     dL = tl.where(ri > cj, dA, 0.0)
     db += tl.sum(dL * KKd, axis=1)
     E = dL * KKd * beta[:, None] + dattn * attn  # d(G_i - G_j) of every decayed entry
     dG = tl.sum(E, axis=1) - tl.sum(E, axis=0)
-    dKK = dL * beta[:, None] * decay
+    dKK = dL * beta[:, None] * _decay(g_ptr, tok, C)
     dKK += _transposed(dKK, scr, C)
-    dS = dattn * decay
+    dS = dattn * _decay(g_ptr, tok, C)
     dST = _transposed(dS, scr, C)
     dGL = tl.sum(dG * 0.0, axis=0)
     for k0 in range(0, K, BK):

@@ -347,10 +347,16 @@ def _bwd_kv(q_ptr, k_ptr, v_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, dir_ptr, doff
     lam_t = _level_weights(lam_ptr + (b * T * H + h) * L, (t * (H * L))[None, :], tm[None, :],
                            r[:, None] ^ r[None, :], L, CB)
     m_t = tl.where(causal_t, tl.exp(gl[None, :] - gl[:, None]) * lam_t * scale, 0.0)
+    # The intra block's part of dk first (its v . do over every piece of V), so the mask is not
+    # live through the loop below (registers).
+    dp_t = tl.zeros((C, C), dtype=tl.float32)
+    for p in tl.static_range(NP):
+        vv = p * BV + tl.arange(0, BV)
+        vx = _rows(vb, t, T, H * V, vv, V)
+        dp_t += tl.dot(vx, tl.trans(_rows(dob, t, T, H * V, vv, V).to(vx.dtype)), input_precision=PREC)
+    dk = _mm(dp_t * m_t, qx, False, GM, PREC)
     sm_t = tl.dot(kx, tl.trans(qx), input_precision=PREC) * m_t
 
-    dk = tl.zeros((C, BK), dtype=tl.float32)
-    dp_t = tl.zeros((C, C), dtype=tl.float32)
     for p in tl.static_range(NP):
         vv = p * BV + tl.arange(0, BV)
         tile = kk[:, None] * V + vv[None, :]
@@ -366,10 +372,8 @@ def _bwd_kv(q_ptr, k_ptr, v_ptr, do_ptr, gl_ptr, lam_ptr, gch_ptr, dir_ptr, doff
         dox = _rows(dob, t, T, H * V, vv, V).to(vx.dtype)
         dk += w[:, None] * _mm(vx, tl.trans(state), True, GM, PREC)
         dv = w[:, None] * _mm(kx, state, True, GM, PREC) + _mm(sm_t, dox, False, GM, PREC)
-        dp_t += tl.dot(vx, tl.trans(dox), input_precision=PREC)
         tl.store(dv_ptr + (b * T * H + h) * V + t[:, None] * (H * V) + vv[None, :], dv.to(dv_ptr.dtype.element_ty),
                  mask=tm[:, None] & (vv[None, :] < V))
-    dk += _mm(dp_t * m_t, qx, False, GM, PREC)
     tl.store(dk_ptr + (b * T * H + h) * K + t[:, None] * (H * K) + kk[None, :], dk.to(dk_ptr.dtype.element_ty),
              mask=tm[:, None] & (kk[None, :] < K))
     tl.store(dgk_ptr + bh * Tp + t, tl.sum(kx.to(tl.float32) * dk, axis=1))
