@@ -430,12 +430,16 @@ LEVEL_TREE_BWD = 1
 # H = 16, d = 128, bf16), 0 (default: memory) rebuilds it there: fwd+bwd 28.54 -> 26.95 ms at 64k,
 # 26.17 -> 24.28 at 8k (flag_timing_h100_llgdn_tree_save.json).
 LEVEL_TREE_SAVE = 0
-# The tree, unless the forward's is kept: 1 (default) stores every chunk's leaf summary; 0 stores none
-# (height 1, the level-0 reads and, in the backward, their pairs and the leaves' sibling terms made from
-# the chunks' factors: counted by level_bytes.py at 64k tokens, H = 16, d = 128, bf16, forward 11.6 ->
-# 9.0 GB, backward 29.0 -> 26.1; the tree takes half the memory). Not yet timed; on sm_90 the backward's
-# pairs and leaf gradients then spill 224 / 352 bytes (16 / 96 with leaves), the forward's kernels none.
-LEVEL_TREE_LEAVES = 1
+# Leaf summaries of the tree (the forward's unless it is kept for the backward, and the backward's rebuilt
+# one): 1 stores every chunk's; 0 stores none (height 1, the level-0 reads and, in the backward, their
+# pairs and the leaves' sibling terms made from the chunks' factors: counted by level_bytes.py at 64k
+# tokens, H = 16, d = 128, bf16, forward 11.6 -> 9.0 GB, backward 29.0 -> 26.1; half the tree's memory).
+# H100 (flag_timing_h100_llgdn_tree_leaves.json, both passes at once): forward 7.84 -> 7.11 ms at 64k,
+# 7.51 -> 6.80 at 8k, but fwd+bwd 26.66 -> 26.86 and 23.82 -> 24.23: the backward's pairs and leaf
+# gradients spill without leaves on sm_90 (224 / 352 bytes instead of 16 / 96). So none in the forward,
+# all in the backward.
+LEVEL_TREE_LEAVES_FWD = 0
+LEVEL_TREE_LEAVES_BWD = 1
 
 
 def _level_launch(prec: str, major: int, backward: bool) -> dict:
@@ -537,7 +541,8 @@ class _LevelReads(torch.autograd.Function):
         ctx.tree = None
         if LEVEL_TREE_FWD:
             keep = LEVEL_TREE_BWD and LEVEL_TREE_SAVE
-            out, tree = tree_reads(o0, w, u, kd, ge, qw, lam, prec, out_dtype, leaves=bool(keep or LEVEL_TREE_LEAVES))
+            leaves = LEVEL_TREE_LEAVES_BWD if keep else LEVEL_TREE_LEAVES_FWD
+            out, tree = tree_reads(o0, w, u, kd, ge, qw, lam, prec, out_dtype, leaves=bool(leaves))
             if keep:
                 ctx.tree = tree  # a buffer of this call's, read once by its backward
             return out.view(N, n * C, H, V)
@@ -571,7 +576,7 @@ class _LevelReads(torch.autograd.Function):
         do = do0.view(N, H, n * C, V) if LEVEL_DO_COPY else do.contiguous().permute(0, 2, 1, 3)
         if LEVEL_TREE_BWD:
             tree, ctx.tree = ctx.tree, None
-            grads = tree_backward(do, w, u, kd, ge, qw, lam, ctx.prec, tree, leaves=bool(LEVEL_TREE_LEAVES))
+            grads = tree_backward(do, w, u, kd, ge, qw, lam, ctx.prec, tree, leaves=bool(LEVEL_TREE_LEAVES_BWD))
             return do0, *grads, None, None, None
         opts = _level_launch(ctx.prec, _major(w.device), True)
         do_strides = (H, *do.stride()[:3])
