@@ -273,38 +273,42 @@ def _tree_pairs(qw_ptr, lam_ptr, do_ptr, H, sB, sH, sT, m_ptr, offs_ptr, qb_ptr,
     tile_ck = cc[:, None] * K + kk[None, :]
     dt = qw_ptr.dtype.element_ty
     q = tl.load(qw_ptr + pid * (C * K) + tile_ck, mask=mk[None, :], other=0)
-    for j in range(J):
+    # Level 0 without LEAVES outside the loops (first up, last down): a branch per level inside them
+    # would keep both arms' tiles live (sm_90 spills)
+    if not LEAVES:  # noqa: SIM102 (a compile-time branch around a run-time one)
+        if (i & 1) == 1:
+            tl.store(qb_ptr + _pair_row(bh, 0, i, n, J, C, K) + tile_ck, q, mask=mk[None, :])
+            if (i >> 1) != 0:  # chunk i - 1's leaf, from its factors
+                kd = tl.load(kd_ptr + (pid - 1) * (C * K) + tile_ck, mask=mk[None, :], other=0)
+                p = tl.dot(q, tl.trans(kd), input_precision=PREC).to(dt)
+                q = _carry_leaf(q, p, w_ptr, ge_ptr, pid - 1, K, C, BK, PREC)
+    for j in range(1 - LEAVES, J):
         if ((i >> j) & 1) == 1:
             tl.store(qb_ptr + _pair_row(bh, j, i, n, J, C, K) + tile_ck, q, mask=mk[None, :])
             if (i >> (j + 1)) != 0:
-                if LEAVES:
-                    q = _carry_node(q, _read_node(m_ptr, offs_ptr, bh, i, j, NN, K, W), K, W, BK, PREC)
-                elif j == 0:  # chunk i - 1's leaf, from its factors
-                    kd = tl.load(kd_ptr + (pid - 1) * (C * K) + tile_ck, mask=mk[None, :], other=0)
-                    p = tl.dot(q, tl.trans(kd), input_precision=PREC).to(dt)
-                    q = _carry_leaf(q, p, w_ptr, ge_ptr, pid - 1, K, C, BK, PREC)
-                else:
-                    q = _carry_node(q, _read_node(m_ptr, offs_ptr, bh, i, j, NN, K, W), K, W, BK, PREC)
+                q = _carry_node(q, _read_node(m_ptr, offs_ptr, bh, i, j, NN, K, W), K, W, BK, PREC)
     dq = tl.zeros((C, BK), dtype=tl.float32)
-    for jr in range(J):
+    for jr in range(J - 1 + LEAVES):
         j = J - 1 - jr
         if ((i >> j) & 1) == 1:
             node = _read_node(m_ptr, offs_ptr, bh, i, j, NN, K, W)
             row = _pair_row(bh, j, i, n, J, C, K)
             tl.store(dqa_ptr + row + tile_ck, dq.to(dt), mask=mk[None, :])
             qb = tl.load(qb_ptr + row + tile_ck, mask=mk[None, :], other=0)
-            if LEAVES:
-                dq, read = _pair_read_node(node, qb, dq, lam_ptr, pid, j, J, do_ptr, H, sB, sH, sT, bh, i, n, K, V, C,
-                                           BK, BV, STRIDED, PREC)
-            elif j == 0:
-                dq, read = _pair_read_leaf(w_ptr, u_ptr, kd_ptr, ge_ptr, qb, dq, lam_ptr, pid, J, do_ptr, H, sB, sH,
-                                           sT, bh, i, n, K, V, C, BK, BV, STRIDED, PREC)
-            else:
-                dq, read = _pair_read_node(node, qb, dq, lam_ptr, pid, j, J, do_ptr, H, sB, sH, sT, bh, i, n, K, V, C,
-                                           BK, BV, STRIDED, PREC)
+            dq, read = _pair_read_node(node, qb, dq, lam_ptr, pid, j, J, do_ptr, H, sB, sH, sT, bh, i, n, K, V, C,
+                                       BK, BV, STRIDED, PREC)
             tl.store(dlam_ptr + (pid * C + cc) * J + j, read)
         else:  # a level chunk i does not read
             tl.store(dlam_ptr + (pid * C + cc) * J + j, tl.zeros((C,), dtype=tl.float32))
+    if not LEAVES:
+        read = tl.zeros((C,), dtype=tl.float32)
+        if (i & 1) == 1:
+            row = _pair_row(bh, 0, i, n, J, C, K)
+            tl.store(dqa_ptr + row + tile_ck, dq.to(dt), mask=mk[None, :])
+            qb = tl.load(qb_ptr + row + tile_ck, mask=mk[None, :], other=0)
+            dq, read = _pair_read_leaf(w_ptr, u_ptr, kd_ptr, ge_ptr, qb, dq, lam_ptr, pid, J, do_ptr, H, sB, sH, sT,
+                                       bh, i, n, K, V, C, BK, BV, STRIDED, PREC)
+        tl.store(dlam_ptr + pid * C * J + cc * J, read)
     tl.store(dqw_ptr + pid * (C * K) + tile_ck, dq, mask=mk[None, :])
 
 
