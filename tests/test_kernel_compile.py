@@ -128,10 +128,11 @@ def tree_kernels_compiled(prec: str, major: int, warps: int | None = None) -> li
                             nopts, major, operand, ptrs, {"offs_ptr": "i32"} | (
                                 {"dm_ptr": "fp32", "up_ptr": "fp32"} if atomic else {"dm_ptr": operand})))
                   for atomic in (False, True)),
-                *((f"_tree_leaf_grads leaves={leaves}",
+                *((f"_tree_leaf_grads leaves={leaves}" + (" split sides" if split else ""),
                    _compile(tt._tree_leaf_grads, {"C": 64, "K": 128, "BK": 128, "BN": BNl, "STRIDED": False,
-                                                  "LEAVES": leaves, "PREC": prec}, lopts, major, operand, ptrs))
-                  for leaves in (True, False))]
+                                                  "LEAVES": leaves, "SPLIT_SIDES": split, "PREC": prec},
+                            lopts, major, operand, ptrs))
+                  for leaves in (True, False) for split in ((False, True) if prec == "tf32" else (False,)))]
     return [("_tree_leaves", _compile(tt._tree_leaves, {"C": 64, "BK": 128, "BN": BN, "PREC": prec}, opts, major,
                                       operand, ptrs)),
             ("_tree_merge", _compile(tt._tree_merge, {"BK": 128, "BN": BN, "PREC": prec}, opts, major, operand, ptrs)),

@@ -496,9 +496,11 @@ def test_loglinear_gated_delta_rule_tree_forward(bf16, leaves, device, monkeypat
     _assert_matches_reference(xs, run, torch.bfloat16 if bf16 else torch.float32, 2e-2 if bf16 else 1e-4)
 
 
-@pytest.mark.parametrize("bf16,save,do_copy,leaves_fwd,leaves_bwd",
-                         [(False, 1, 1, 0, 1), (True, 0, 0, 0, 1), (False, 0, 1, 1, 0), (True, 0, 0, 0, 0)])
-def test_loglinear_gated_delta_rule_tree_backward(bf16, save, do_copy, leaves_fwd, leaves_bwd, device, monkeypatch):
+@pytest.mark.parametrize("bf16,save,do_copy,leaves_fwd,leaves_bwd,sides",
+                         [(False, 1, 1, 0, 1, 0), (True, 0, 0, 0, 1, 1), (False, 0, 1, 1, 0, 0), (True, 0, 0, 0, 0, 0),
+                          (True, 0, 0, 1, 0, 1)])
+def test_loglinear_gated_delta_rule_tree_backward(bf16, save, do_copy, leaves_fwd, leaves_bwd, sides, device,
+                                                  monkeypatch):
     """Forward and backward through the tree of block summaries (LEVEL_TREE_FWD = LEVEL_TREE_BWD = 1)
     == the float64 reference, outputs and every gradient: two packed sequences (one ending inside a
     block: odd last nodes), two heads, 32 chunks (heights 0..4, so the top heights' readers are
@@ -507,7 +509,8 @@ def test_loglinear_gated_delta_rule_tree_backward(bf16, save, do_copy, leaves_fw
     (LEVEL_TREE_SAVE) or rebuilt, do read from its float32 copy or in place (LEVEL_DO_COPY: bf16,
     rows H * V apart, a stride mixed up reads another head's or sequence's rows), leaf summaries
     stored or made from the chunks' factors where read, in the forward's tree and in the backward's
-    (LEVEL_TREE_LEAVES_FWD / _BWD; a kept tree is built as the backward's)."""
+    (LEVEL_TREE_LEAVES_FWD / _BWD; a kept tree is built as the backward's), the leaf gradients compiled
+    per leaf side or once (TREE_BWD_TILES["leaf_sides"], 16-bit operands)."""
     from hippolm.ops import triton_gdn, triton_gdn_tree
 
     monkeypatch.setattr(triton_gdn, "LEVEL_TREE_FWD", 1)
@@ -517,6 +520,7 @@ def test_loglinear_gated_delta_rule_tree_backward(bf16, save, do_copy, leaves_fw
     monkeypatch.setattr(triton_gdn, "LEVEL_TREE_LEAVES_FWD", leaves_fwd)
     monkeypatch.setattr(triton_gdn, "LEVEL_TREE_LEAVES_BWD", leaves_bwd)
     monkeypatch.setitem(triton_gdn_tree.TREE_BWD_TILES, "readers", 4)
+    monkeypatch.setitem(triton_gdn_tree.TREE_BWD_TILES, "leaf_sides", sides)
     _poison_empty(monkeypatch)
     xs, run = _level_case(500, seed=17, bf16=bf16, H=2, K=8 if bf16 else 40, cu_seqlens=torch.tensor([0, 410, 500]))
     _assert_matches_reference(xs, run, torch.bfloat16 if bf16 else torch.float32, 2e-2 if bf16 else 1e-4)

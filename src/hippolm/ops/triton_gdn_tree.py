@@ -359,13 +359,15 @@ def _dm_parent_leaf(parent, w_ptr, u_ptr, kd_ptr, ge_ptr, c, is_left, col0, kk, 
 @triton.jit
 def _dm_tile(m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr, w_ptr, u_ptr, kd_ptr, ge_ptr, bh, m, h,
              n_h, n_up, off_h, r0, r1, n, NN, K, V, J, col0, PARENT, C: tl.constexpr, BK: tl.constexpr,
-             BN: tl.constexpr, STRIDED: tl.constexpr, LEAVES: tl.constexpr, PREC: tl.constexpr):
+             BN: tl.constexpr, STRIDED: tl.constexpr, LEAVES: tl.constexpr, SIDE: tl.constexpr, PREC: tl.constexpr):
     """Columns col0 .. col0 + BN of the summary gradient dM = [dT | dD] of node m of height h (float32):
     from its parent P = T_right M_left + [0 | D_right] (if PARENT; up_ptr: the parent height's
     gradients [N * H, n_up, K, K + V]): a left node gets T_right^T dP, a right node dP M_left^T in its
     T columns and dP's D columns in its D columns; and, for a left node, from the chunks r0 .. r1 - 1
     that read it: the sum of qb^T [dqa | lam_h do]. Without LEAVES (height 0, no leaf stored) the
-    sibling leaf's T_right / M_left come as the factors of chunk m + 1 / m - 1 (w, u, kd, ge)."""
+    sibling leaf's T_right / M_left come as the factors of chunk m + 1 / m - 1 (w, u, kd, ge). SIDE:
+    node m a left (1) or right (2) node, known when compiled (one arm's tiles live, no readers for a
+    right node), or 0: from m's parity at run time."""
     W = K + V
     kk = tl.arange(0, BK)
     cc = tl.arange(0, C)
@@ -377,8 +379,9 @@ def _dm_tile(m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr, w_p
     acc = tl.zeros((BK, BN), dtype=tl.float32)
     if PARENT:
         parent = up_ptr + (bh * n_up + m // 2) * (K * W)
+        is_left = m % 2 == 0 if SIDE == 0 else SIDE == 1
         if LEAVES:
-            if m % 2 == 0:
+            if is_left:
                 right = m_ptr + (bh * NN + off_h + m + 1) * (K * W)
                 t_tr = tl.load(right + kk[None, :] * W + kk[:, None], mask=mk[:, None] & mk[None, :], other=0)
                 acc = tl.dot(t_tr, tl.load(parent + tile, mask=mt, other=0).to(dt), acc, input_precision=PREC)
@@ -394,9 +397,9 @@ def _dm_tile(m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr, w_p
                         acc = tl.dot(dp.to(dt), lt, acc, input_precision=PREC)
                 acc += tl.load(parent + tile, mask=mt & (cols[None, :] >= K), other=0).to(tl.float32)
         else:
-            acc = _dm_parent_leaf(parent, w_ptr, u_ptr, kd_ptr, ge_ptr, bh * n + m, m % 2 == 0, col0, kk, cc, cols, mk,
+            acc = _dm_parent_leaf(parent, w_ptr, u_ptr, kd_ptr, ge_ptr, bh * n + m, is_left, col0, kk, cc, cols, mk,
                                   tile, mt, K, V, C, BK, BN, PREC)
-    for i in range(r0, r1):
+    for i in range(r0, r1 if SIDE != 2 else r0):
         row = _pair_row(bh, h, i, n, J, C, K)
         qb_tr = tl.load(qb_ptr + row + cc[None, :] * K + kk[:, None], mask=mk[:, None], other=0)  # [BK, C]
         dqa = tl.load(dqa_ptr + row + cc[:, None] * K + cols[None, :], mask=cols[None, :] < K, other=0)
@@ -426,7 +429,7 @@ def _tree_node_grads(m_ptr, dm_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, 
     r1 = tl.where(m % 2 == 0, tl.minimum(tl.minimum(r0 + R, (m + 2) << h), n), r0)  # readers: left nodes only
     acc = _dm_tile(m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr, m_ptr, m_ptr, m_ptr, m_ptr, bh, m,
                    h, n_h, n_up, off_h, r0, r1, n, NN, K, V, J, col0, (s == 0) & (m < 2 * n_up), C=C, BK=BK, BN=BN,
-                   STRIDED=STRIDED, LEAVES=True, PREC=PREC)
+                   STRIDED=STRIDED, LEAVES=True, SIDE=0, PREC=PREC)
     kk = tl.arange(0, BK)
     cols = col0 + tl.arange(0, BN)
     out = dm_ptr + (bh * n_h + m) * (K * W) + kk[:, None] * W + cols[None, :]
@@ -441,13 +444,37 @@ def _tree_node_grads(m_ptr, dm_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, 
 def _tree_leaf_grads(w_ptr, u_ptr, kd_ptr, ge_ptr, m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr,
                      du_ptr, dw_ptr, dkd_ptr, dge_ptr, n, n_up, NN, K: tl.constexpr, V, J, C: tl.constexpr,
                      BK: tl.constexpr, BN: tl.constexpr, STRIDED: tl.constexpr, LEAVES: tl.constexpr,
-                     PREC: tl.constexpr):
+                     SPLIT_SIDES: tl.constexpr, PREC: tl.constexpr):
     """Chunk i's gradients (program axis 0: sequence-head * n + i) from its leaf's summary gradient
     [dT | dD] (leaf M = [ge I - kd^T w | kd^T u]), made here tile by tile (:func:`_dm_tile`, height
     0: one reader, chunk i + 1) and never stored: dge = trace(dT), dw = -kd dT, du = kd dD per tile,
     and dkd^T = sum over tiles of dM[:, tile] [-w | u][:, tile]^T (the [-w | u] tile loaded
-    transposed), stored through transposed offsets."""
-    pid, bh, i, kk, cc, mk = _chunk_program(n, K, BK, C)
+    transposed), stored through transposed offsets. SPLIT_SIDES: the column loop compiled once for a
+    left and once for a right leaf (fewer tiles live, more shared memory), else once for both."""
+    pid, bh, i, _, _, _ = _chunk_program(n, K, BK, C)
+    if not SPLIT_SIDES:
+        _leaf_grads(w_ptr, u_ptr, kd_ptr, ge_ptr, m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr,
+                    du_ptr, dw_ptr, dkd_ptr, dge_ptr, n, n_up, NN, K, V, J, pid, bh, i, C, BK, BN, STRIDED, LEAVES, 0,
+                    PREC)
+    elif i % 2 == 0:  # each side compiled on its own: one arm's tiles live through the column loop
+        _leaf_grads(w_ptr, u_ptr, kd_ptr, ge_ptr, m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr,
+                    du_ptr, dw_ptr, dkd_ptr, dge_ptr, n, n_up, NN, K, V, J, pid, bh, i, C, BK, BN, STRIDED, LEAVES, 1,
+                    PREC)
+    else:
+        _leaf_grads(w_ptr, u_ptr, kd_ptr, ge_ptr, m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr,
+                    du_ptr, dw_ptr, dkd_ptr, dge_ptr, n, n_up, NN, K, V, J, pid, bh, i, C, BK, BN, STRIDED, LEAVES, 2,
+                    PREC)
+
+
+@triton.jit
+def _leaf_grads(w_ptr, u_ptr, kd_ptr, ge_ptr, m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr, du_ptr,
+                dw_ptr, dkd_ptr, dge_ptr, n, n_up, NN, K: tl.constexpr, V, J, pid, bh, i, C: tl.constexpr,
+                BK: tl.constexpr, BN: tl.constexpr, STRIDED: tl.constexpr, LEAVES: tl.constexpr, SIDE: tl.constexpr,
+                PREC: tl.constexpr):
+    """:func:`_tree_leaf_grads` for chunk i, a left (SIDE 1) or right (2) leaf or either (0)."""
+    kk = tl.arange(0, BK)
+    cc = tl.arange(0, C)
+    mk = kk < K
     W = K + V
     dt = w_ptr.dtype.element_ty
     dkd_tr = tl.zeros((BK, C), dtype=tl.float32)
@@ -456,7 +483,7 @@ def _tree_leaf_grads(w_ptr, u_ptr, kd_ptr, ge_ptr, m_ptr, up_ptr, qb_ptr, dqa_pt
     for col0 in range(0, W, BN):
         dm = _dm_tile(m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr, w_ptr, u_ptr, kd_ptr, ge_ptr, bh,
                       i, 0, n, n_up, 0, i + 1, r1, n, NN, K, V, J, col0, i < 2 * n_up, C=C, BK=BK, BN=BN,
-                      STRIDED=STRIDED, LEAVES=LEAVES, PREC=PREC)
+                      STRIDED=STRIDED, LEAVES=LEAVES, SIDE=SIDE, PREC=PREC)
         cols = col0 + tl.arange(0, BN)
         is_t = cols < K
         dkd_tr = tl.dot(dm.to(dt), _factors_tr(w_ptr, u_ptr, pid, cols, K, V, C), dkd_tr, input_precision=PREC)
@@ -481,9 +508,12 @@ TREE_TILES = {"BN": 64, "BV": 64, "num_warps": 4}
 # x 4, 107 KB). Timed on the H100 (fwd+bwd at 64k / 8k): leaf gradients 64 columns 27.39 / 24.47 ms
 # vs 32: 28.94 / 26.42 (flag_timing_h100_llgdn_tree_leaf_bn_32_64.json), vs 128: 27.56 / 24.85; node
 # gradients 4 warps 27.21 / 24.37 vs 8: 27.64 / 25.24 (..._leaf_bn_64_128, ..._node_warps.json).
-# Float32 operands: 32 columns (an A100's shared memory).
+# Float32 operands: 32 columns (an A100's shared memory). leaf_sides = 1: the leaf gradients' column
+# loop compiled per side (left / right leaf): sm_90 spill 96 -> 24 bytes (leaf-less 352 -> 176), shared
+# memory 107 -> 156 KB (one program per SM either way: 8 warps x 255 registers); untimed. 16-bit
+# operands only (float32 ones would not fit an A100's shared memory).
 TREE_BWD_TILES = {"pairs_BV": 32, "pairs_warps": 4, "node_BN": 64, "node_warps": 4, "leaf_BN": 64,
-                  "leaf_warps": 8, "fp32_BN": 32, "readers": 16}
+                  "leaf_warps": 8, "fp32_BN": 32, "readers": 16, "leaf_sides": 0}
 
 
 class _Tree(NamedTuple):
@@ -603,5 +633,7 @@ def tree_backward(do: torch.Tensor, w: torch.Tensor, u: torch.Tensor, kd: torch.
     n_up = 0 if up is None else up.shape[1]
     _tree_leaf_grads[(N * H * n,)](w, u, kd, ge, tree.m, kd if up is None else up, qb, dqa, *dos, lam, du, dw, dkd,
                                    dge, n, n_up, NN, K, V, J, C=C, BK=BK, BN=cols("leaf_BN"), STRIDED=strided,
-                                   LEAVES=tree.leaves, PREC=prec, num_warps=cfg["leaf_warps"])
+                                   LEAVES=tree.leaves, SPLIT_SIDES=bool(cfg["leaf_sides"]) and w.element_size() < 4,
+                                   PREC=prec,
+                                   num_warps=cfg["leaf_warps"])
     return dw, du, dkd, dge, dqw, dlam
