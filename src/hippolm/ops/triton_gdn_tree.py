@@ -308,7 +308,7 @@ def _tree_pairs(qw_ptr, lam_ptr, do_ptr, H, sB, sH, sT, m_ptr, offs_ptr, qb_ptr,
             qb = tl.load(qb_ptr + row + tile_ck, mask=mk[None, :], other=0)
             dq, read = _pair_read_leaf(w_ptr, u_ptr, kd_ptr, ge_ptr, qb, dq, lam_ptr, pid, J, do_ptr, H, sB, sH, sT,
                                        bh, i, n, K, V, C, BK, BV, STRIDED, PREC)
-        tl.store(dlam_ptr + pid * C * J + cc * J, read)
+        tl.store(dlam_ptr + (pid * C + cc) * J, read)  # level 0's column
     tl.store(dqw_ptr + pid * (C * K) + tile_ck, dq, mask=mk[None, :])
 
 
@@ -634,6 +634,5 @@ def tree_backward(do: torch.Tensor, w: torch.Tensor, u: torch.Tensor, kd: torch.
     _tree_leaf_grads[(N * H * n,)](w, u, kd, ge, tree.m, kd if up is None else up, qb, dqa, *dos, lam, du, dw, dkd,
                                    dge, n, n_up, NN, K, V, J, C=C, BK=BK, BN=cols("leaf_BN"), STRIDED=strided,
                                    LEAVES=tree.leaves, SPLIT_SIDES=bool(cfg["leaf_sides"]) and w.element_size() < 4,
-                                   PREC=prec,
-                                   num_warps=cfg["leaf_warps"])
+                                   PREC=prec, num_warps=cfg["leaf_warps"])
     return dw, du, dkd, dge, dqw, dlam
