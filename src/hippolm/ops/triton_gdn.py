@@ -436,8 +436,12 @@ LEVEL_TREE_SAVE = 0
 # tokens, H = 16, d = 128, bf16, forward 11.6 -> 9.0 GB, backward 29.0 -> 26.1; half the tree's memory).
 # H100 (flag_timing_h100_llgdn_tree_leaves.json, both passes at once): forward 7.84 -> 7.11 ms at 64k,
 # 7.51 -> 6.80 at 8k, but fwd+bwd 26.66 -> 26.86 and 23.82 -> 24.23: the backward's pairs and leaf
-# gradients spilled without leaves on sm_90 (224 / 352 bytes then, 16 / 96 with leaves; 32 / 176 since,
-# untimed, with TREE_BWD_TILES["leaf_sides"] = 1). So none in the forward, all in the backward.
+# gradients spilled without leaves on sm_90 (224 / 352 bytes then, 16 / 96 with leaves). So none in the
+# forward, all in the backward. Since (pairs 32 bytes, TREE_BWD_TILES["leaf_sides"] = 1: leaf gradients 176),
+# a backward without leaves takes the same time and half the rebuilt tree's memory: fwd+bwd 25.01 vs
+# 24.95 ms at 64k, 22.44 vs 22.33 at 8k (flag_timing_h100_llgdn_tree_leaves_bwd_split_sides.json). The
+# backward's stays 1, as benchmarked next to flash attention (kernels_h100_llgdn_leaf_sides.json); set 0
+# to save that memory.
 LEVEL_TREE_LEAVES_FWD = 0
 LEVEL_TREE_LEAVES_BWD = 1
 

@@ -510,10 +510,11 @@ TREE_TILES = {"BN": 64, "BV": 64, "num_warps": 4}
 # gradients 4 warps 27.21 / 24.37 vs 8: 27.64 / 25.24 (..._leaf_bn_64_128, ..._node_warps.json).
 # Float32 operands: 32 columns (an A100's shared memory). leaf_sides = 1: the leaf gradients' column
 # loop compiled per side (left / right leaf): sm_90 spill 96 -> 24 bytes (leaf-less 352 -> 176), shared
-# memory 107 -> 156 KB (one program per SM either way: 8 warps x 255 registers); untimed. 16-bit
-# operands only (float32 ones would not fit an A100's shared memory).
+# memory 107 -> 156 KB (one program per SM either way: 8 warps x 255 registers); fwd+bwd 26.08 -> 25.58
+# ms at 64k, 23.43 -> 23.02 at 8k (flag_timing_h100_llgdn_tree_leaf_sides.json). 16-bit operands only
+# (float32 ones would not fit an A100's shared memory).
 TREE_BWD_TILES = {"pairs_BV": 32, "pairs_warps": 4, "node_BN": 64, "node_warps": 4, "leaf_BN": 64,
-                  "leaf_warps": 8, "fp32_BN": 32, "readers": 16, "leaf_sides": 0}
+                  "leaf_warps": 8, "fp32_BN": 32, "readers": 16, "leaf_sides": 1}
 
 
 class _Tree(NamedTuple):
