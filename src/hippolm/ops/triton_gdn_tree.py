@@ -49,18 +49,33 @@ def _tile_pid(ntile):
 
 
 @triton.jit
+def _factors(w_ptr, u_ptr, c, cols, K, V, C: tl.constexpr, TR: tl.constexpr):
+    """[-w | u][:, cols] of chunk c, [C, BN] in the operand type (-w negated in float32), or its
+    transpose [BN, C] loaded through transposed offsets if TR (c: the chunk's index in w, u [N * H * n,
+    C, *])."""
+    cc = tl.arange(0, C)
+    is_t = cols < K
+    if TR:
+        w = tl.load(w_ptr + c * (C * K) + cc[None, :] * K + cols[:, None], mask=is_t[:, None], other=0)
+        u = tl.load(u_ptr + c * (C * V) + cc[None, :] * V + (cols - K)[:, None],
+                    mask=(~is_t & (cols < K + V))[:, None], other=0)
+        x = tl.where(is_t[:, None], -w.to(tl.float32), u.to(tl.float32))
+    else:
+        w = tl.load(w_ptr + c * (C * K) + cc[:, None] * K + cols[None, :], mask=is_t[None, :], other=0)
+        u = tl.load(u_ptr + c * (C * V) + cc[:, None] * V + (cols - K)[None, :],
+                    mask=(~is_t & (cols < K + V))[None, :], other=0)
+        x = tl.where(is_t[None, :], -w.to(tl.float32), u.to(tl.float32))
+    return x.to(w_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _leaf_tile(w_ptr, u_ptr, kd_ptr, ge_ptr, c, cols, K, V, C: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     """Columns ``cols`` of chunk c's leaf summary [ge I - kd^T w | kd^T u], [BK, BN] float32 (c: the
     chunk's index in w, u, kd [N * H * n, C, *] and ge [N * H * n])."""
     kk = tl.arange(0, BK)
     cc = tl.arange(0, C)
-    is_t = cols < K
     kd = tl.load(kd_ptr + c * (C * K) + cc[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0)
-    w = tl.load(w_ptr + c * (C * K) + cc[:, None] * K + cols[None, :], mask=is_t[None, :], other=0)
-    u = tl.load(u_ptr + c * (C * V) + cc[:, None] * V + (cols - K)[None, :],
-                mask=(~is_t & (cols < K + V))[None, :], other=0)
-    rhs = tl.where(is_t[None, :], -w.to(tl.float32), u.to(tl.float32)).to(w_ptr.dtype.element_ty)  # [-w | u]
-    x = tl.dot(tl.trans(kd), rhs, input_precision=PREC)  # [BK, BN]
+    x = tl.dot(tl.trans(kd), _factors(w_ptr, u_ptr, c, cols, K, V, C, False), input_precision=PREC)  # [BK, BN]
     return x + tl.where(kk[:, None] == cols[None, :], tl.load(ge_ptr + c), 0.0)
 
 
@@ -313,18 +328,6 @@ def _tree_pairs(qw_ptr, lam_ptr, do_ptr, H, sB, sH, sT, m_ptr, offs_ptr, qb_ptr,
 
 
 @triton.jit
-def _factors_tr(w_ptr, u_ptr, c, cols, K, V, C: tl.constexpr):
-    """[-w | u][:, cols]^T of chunk c, [BN, C] in the operand type (-w negated in float32)."""
-    cc = tl.arange(0, C)
-    is_t = cols < K
-    return tl.where(is_t[:, None],
-                    -tl.load(w_ptr + c * (C * K) + cc[None, :] * K + cols[:, None], mask=is_t[:, None],
-                             other=0).to(tl.float32),
-                    tl.load(u_ptr + c * (C * V) + cc[None, :] * V + (cols - K)[:, None],
-                            mask=(~is_t & (cols < K + V))[:, None], other=0).to(tl.float32)).to(w_ptr.dtype.element_ty)
-
-
-@triton.jit
 def _dm_parent_leaf(parent, w_ptr, u_ptr, kd_ptr, ge_ptr, c, is_left, col0, kk, cc, cols, mk, tile, mt, K, V,
                     C: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     """:func:`_dm_tile`'s parent part for chunk c's leaf, not stored, its sibling's summary from the
@@ -348,7 +351,7 @@ def _dm_parent_leaf(parent, w_ptr, u_ptr, kd_ptr, ge_ptr, c, is_left, col0, kk, 
             for p0 in range(0, W, BN):
                 pp = p0 + tl.arange(0, BN)
                 dp = tl.load(parent + kk[:, None] * W + pp[None, :], mask=mk[:, None] & (pp[None, :] < W), other=0)
-                y = tl.dot(dp.to(dt), _factors_tr(w_ptr, u_ptr, c_l, pp, K, V, C), y, input_precision=PREC)
+                y = tl.dot(dp.to(dt), _factors(w_ptr, u_ptr, c_l, pp, K, V, C, True), y, input_precision=PREC)
                 if p0 == col0:  # these are the T columns this tile makes: ge_l dP_T
                     acc += tl.load(ge_ptr + c_l) * tl.where(pp[None, :] < K, dp.to(tl.float32), 0.0)
             kd = tl.load(kd_ptr + c_l * (C * K) + cc[:, None] * K + cols[None, :], mask=cols[None, :] < K, other=0)
@@ -486,7 +489,7 @@ def _leaf_grads(w_ptr, u_ptr, kd_ptr, ge_ptr, m_ptr, up_ptr, qb_ptr, dqa_ptr, do
                       STRIDED=STRIDED, LEAVES=LEAVES, SIDE=SIDE, PREC=PREC)
         cols = col0 + tl.arange(0, BN)
         is_t = cols < K
-        dkd_tr = tl.dot(dm.to(dt), _factors_tr(w_ptr, u_ptr, pid, cols, K, V, C), dkd_tr, input_precision=PREC)
+        dkd_tr = tl.dot(dm.to(dt), _factors(w_ptr, u_ptr, pid, cols, K, V, C, True), dkd_tr, input_precision=PREC)
         kd = tl.load(kd_ptr + pid * (C * K) + cc[:, None] * K + kk[None, :], mask=mk[None, :], other=0)  # per tile (L2)
         grad = tl.dot(kd, dm.to(dt), input_precision=PREC)  # kd dM[:, tile]: -dw or du
         if col0 < K:
