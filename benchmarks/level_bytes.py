@@ -216,9 +216,9 @@ def main() -> None:
     tree, tree_nl = (tree_fwd(n, H, d, d, C, J, op, leaves=lv) / 1e9 for lv in (True, False))
     tree_b, tree_b_nl = (tree_bwd(n, H, d, d, C, J, op, do_b, leaves=lv) / 1e9 for lv in (True, False))
     print(f"forward: {fwd:.1f} GB counted; the tree's (triton_gdn_tree.tree_reads) {tree:.1f} GB, "
-          f"{tree_nl:.1f} without stored leaves (LEVEL_TREE_LEAVES_FWD / _BWD = 0)")
+          f"{tree_nl:.1f} without stored leaves (LEVEL_TREE_LEAVES_FWD = 0)")
     print(f"backward: {total - fwd:.1f} GB counted; the tree's (triton_gdn_tree.tree_backward) {tree_b:.1f} GB, "
-          f"{tree_b_nl:.1f} without stored leaves")
+          f"{tree_b_nl:.1f} without stored leaves (LEVEL_TREE_LEAVES_BWD = 0)")
     if args.json:
         meta = {"T": args.T, "H": H, "d": d, "C": C, "operand_bytes": op, "config": args.config,
                 "timing": args.timing, "triton": triton.__version__, "peak_tb_s": args.peak_tb_s}
