@@ -10,6 +10,7 @@ runs the cases directly. bf16 only on CUDA.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
 import os
 import subprocess
@@ -365,6 +366,68 @@ def test_loglinear_gated_delta_rule_scans(batch, lengths, heads, device):
         assert s.position.tolist() == s_ref.position.tolist()
         for a, b in zip(grads, g_ref, strict=True):
             assert rel_err(a.cpu(), b) < gtol
+
+
+@pytest.mark.parametrize("lengths,starts,packed", CONTINUATIONS)
+def test_loglinear_gated_delta_rule_continues_from_a_state(lengths, starts, packed, device):
+    """Log-linear Gated DeltaNet continued from a LogLinearState at positions > 0 (chunked prefill):
+    outputs, final slots and gradients of every input including the initial slots == the reference."""
+    from conftest import make_inputs
+
+    from hippolm.ops.loglinear import _slot_occupied
+
+    T = sum(lengths) if packed else lengths[0]
+    L = ops.num_levels(max(p + n for p, n in zip(starts, lengths, strict=True)))
+    B, H = (1 if packed else len(lengths)), 2
+    xs = make_inputs("gated_delta_rule", B, T, H, D, D, seed=22)
+    xs.append(torch.rand(B, T, H, L, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.25)
+    slots = torch.randn(len(lengths), H, L, D, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for n, p in enumerate(starts):  # slots a real prefix could not have filled stay zero
+        for lvl in range(L):
+            if not bool(_slot_occupied(torch.tensor([p - 1]), lvl)):
+                slots[n, :, lvl] = 0
+    pos = torch.tensor(starts)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()]) if packed else None
+
+    def run(leaves, backend, dev):
+        kw = {} if cu is None else {"cu_seqlens": cu.to(dev)}
+        o, s = ops.loglinear_gated_delta_rule(*leaves[:6], initial_state=ops.LogLinearState(leaves[6], pos.to(dev)),
+                                              output_final_state=True, backend=backend, chunk_size=C, **kw)
+        w = torch.randn(o.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dev)
+        loss = (o.double() * w).sum() + (s.slots.double() * 0.1).sum()
+        return o, s, torch.autograd.grad(loss, leaves)
+
+    o_ref, s_ref, g_ref = _cpu(run([x.to(REF_DEV).requires_grad_() for x in [*xs, slots]], "torch", REF_DEV))
+    for dtype in (torch.float32, torch.bfloat16) if CUDA else (torch.float32,):
+        tol, gtol = (1e-3, 5e-3) if dtype == torch.float32 else (2e-2, 2e-2)
+        leaves = [x.to(device=device, dtype=dtype if i < 3 else torch.float32).requires_grad_()
+                  for i, x in enumerate([*xs, slots])]
+        o, s, grads = run(leaves, "triton", device)
+        assert rel_err(o.cpu(), o_ref) < tol and rel_err(s.slots.cpu(), s_ref.slots) < tol
+        assert s.position.tolist() == s_ref.position.tolist()
+        for name, a, b in zip(("q", "k", "v", "g", "beta", "lam", "slots"), grads, g_ref, strict=True):
+            assert rel_err(a.cpu(), b) < gtol, name
+
+
+def test_loglinear_gated_delta_rule_prefill_in_pieces(device):
+    """A sequence fed in pieces, each continuing the last one's state, == the same sequence in one call:
+    outputs and final slots (the states a real prefix leaves, on the Triton path throughout)."""
+    from conftest import make_inputs
+
+    T, H = (3 * C + 5 if CUDA else 100), 2
+    xs = make_inputs("gated_delta_rule", 1, T, H, D, D, seed=23)
+    xs.append(torch.rand(1, T, H, ops.num_levels(T), generator=torch.Generator().manual_seed(3),
+                         dtype=torch.float64) + 0.25)
+    xs = [x.to(device=device, dtype=torch.float32) for x in xs]
+    o_one, s_one = ops.loglinear_gated_delta_rule(*xs, output_final_state=True, backend="triton", chunk_size=C)
+    cuts = [0, 37, 38, C + 40, T]
+    outs, state = [], None
+    for a, b in itertools.pairwise(cuts):
+        o, state = ops.loglinear_gated_delta_rule(*(x[:, a:b] for x in xs), initial_state=state,
+                                                  output_final_state=True, backend="triton", chunk_size=C)
+        outs.append(o)
+    assert rel_err(torch.cat(outs, 1).cpu(), o_one.cpu()) < 1e-4
+    assert rel_err(state.slots.cpu(), s_one.slots.cpu()) < 1e-4 and state.position.tolist() == [T]
 
 
 def _level_case(T: int, seed: int, bf16: bool, H: int = 1, K: int = 8, chunk: int = 16, cu_seqlens=None):

@@ -410,7 +410,8 @@ def _run(q, k, v, g, beta, lam, scale, initial_state, output_final_state, cu_seq
         ok, why = triton_backend.plan_loglinear(op, q, v, initial_state, mode, explicit=backend == "triton")
         if ok and beta is not None:
             o, slots, lengths = triton_backend.run_loglinear_delta(
-                q, k, v, g, beta, lam, resolve_scale(scale, q.shape[-1]), output_final_state, cu_seqlens, chunk_size)
+                q, k, v, g, beta, lam, resolve_scale(scale, q.shape[-1]), output_final_state, cu_seqlens, chunk_size,
+                initial_state)
             if slots is None:
                 return o, None
             return o, LogLinearState(slots, torch.tensor(lengths, dtype=torch.long, device=q.device))

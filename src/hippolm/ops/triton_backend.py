@@ -12,6 +12,7 @@ import functools
 import importlib.util
 import itertools
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -110,8 +111,6 @@ def plan_loglinear(op: str, q: torch.Tensor, v: torch.Tensor, initial_state, mod
                    explicit: bool = False) -> tuple[bool, str]:
     """(run on our Triton kernels?, reason) for a log-linear op call. ``backend="auto"`` picks them
     on CUDA only; the CPU interpreter runs them only when asked for (``explicit``, tests)."""
-    if op != "ssd" and initial_state is not None and bool((initial_state.position != 0).any()):
-        return False, "log-linear Gated DeltaNet on the Triton scan starts at position 0 only"
     if mode != "chunk":
         return False, f"mode={mode!r} runs the reference"
     if not explicit and q.device.type != "cuda":
@@ -167,23 +166,31 @@ def _bits(x: int) -> int:
     return x.bit_length()
 
 
-def _run_from_positions(q, k, v, g, lam, scale, output_final_state, cu_seqlens, C, state):
-    """Sequences continuing from ``state`` (a LogLinearState at positions p_n > 0).
+class _Virtual(NamedTuple):
+    """Sequences continuing at positions p_n > 0 laid out for kernels that start at position 0."""
 
-    New tokens: levels depend on absolute positions. With F = p // C the first absolute chunk and
+    index: torch.Tensor  # [N, width] flat (batch * T) index of the token at each virtual position
+    valid: torch.Tensor  # [N, width] a real token there (else zero padding)
+    colmap: torch.Tensor  # [N, Lv] lam column of each virtual level
+    colok: torch.Tensor  # [N, Lv] that column exists
+    real_pos: torch.Tensor  # [N, width] absolute position of each virtual position (pads too)
+    bounds: list  # (batch row, start, end) per sequence
+
+
+def _virtual_layout(q: torch.Tensor, cu_seqlens, C: int, L: int, starts: list[int]) -> _Virtual:
+    """The layout of sequences continuing from positions ``starts`` on kernels that start at 0.
+
+    New tokens' levels depend on absolute positions. With F = p // C the first absolute chunk and
     n chunks spanned, m = bit_length(n - 1) and R = F mod 2^m, the chunk indices R.. in a virtual
     sequence have the low m bits of the absolute ones; pairs that straddle the 2^m boundary all
     differ highest at bit m virtually and at bit m + bit_length(A ^ (A + 1)) - 1 (A = F >> m) really,
-    so the kernel runs on the virtual layout (R chunks + p mod C tokens of zero padding in front)
-    with that one lam column remapped. The old slots' reads and the final-state routing are plain
-    (differentiable) torch, as in the reference.
+    so the kernel runs on the virtual layout (R chunks + p mod C tokens of zero padding in front:
+    no writes, no decay, identity transitions) with that one lam column remapped.
     """
-    B, T, H = q.shape[:3]
-    L = lam.shape[-1]
+    B, T = q.shape[:2]
     CB = C.bit_length() - 1
     bounds = ([(b, 0, T) for b in range(B)] if cu_seqlens is None
               else [(0, s, e) for s, e in itertools.pairwise(cu_seqlens.tolist())])
-    starts = state.position.tolist()
     layout = []  # (prefix length, lam column map) per sequence
     for (_, s, e), p in zip(bounds, starts, strict=True):
         first, off = divmod(p, C)
@@ -201,14 +208,30 @@ def _run_from_positions(q, k, v, g, lam, scale, output_final_state, cu_seqlens, 
     valid = torch.zeros(N, width, dtype=torch.bool, device=q.device)
     colmap = torch.zeros(N, Lv, dtype=torch.long, device=q.device)
     colok = torch.zeros(N, Lv, dtype=torch.bool, device=q.device)
-    for n, ((pre, cols), (b, s, e)) in enumerate(zip(layout, bounds, strict=True)):
+    real_pos = torch.zeros(N, width, dtype=torch.long, device=q.device)
+    for n, ((pre, cols), (b, s, e), p) in enumerate(zip(layout, bounds, starts, strict=True)):
         index[n, pre : pre + e - s] = b * T + torch.arange(s, e, device=q.device)
         valid[n, pre : pre + e - s] = True
         colmap[n, : len(cols)] = torch.tensor(cols, device=q.device)
         colok[n, : len(cols)] = True
+        real_pos[n] = p - pre + torch.arange(width, device=q.device)
+    return _Virtual(index, valid, colmap, colok, real_pos, bounds)
+
+
+def _run_from_positions(q, k, v, g, lam, scale, output_final_state, cu_seqlens, C, state):
+    """Log-linear Mamba-2 of sequences continuing from ``state`` (a LogLinearState at positions
+    p_n > 0): the new tokens on the kernels in the virtual layout (:func:`_virtual_layout`); the old
+    slots' reads and the final-state routing in plain (differentiable) torch, as in the reference.
+    """
+    B, T, H = q.shape[:3]
+    L = lam.shape[-1]
+    starts = state.position.tolist()
+    lay = _virtual_layout(q, cu_seqlens, C, L, starts)
+    bounds, valid, N, width = lay.bounds, lay.valid, len(lay.bounds), lay.valid.shape[1]
     flat = [x.reshape(B * T, *x.shape[2:]) for x in (q, k, v, g, lam)]
-    qd, kd, vd, gd, lamd = (_pack(x[None], index, valid) for x in flat)
-    lamd = lamd.gather(-1, colmap[:, None, None, :].expand(N, width, H, Lv)) * colok[:, None, None, :]
+    qd, kd, vd, gd, lamd = (_pack(x[None], lay.index, valid) for x in flat)
+    Lv = lay.colmap.shape[1]
+    lamd = lamd.gather(-1, lay.colmap[:, None, None, :].expand(N, width, H, Lv)) * lay.colok[:, None, None, :]
     od = kernels().loglinear_ssd(qd, kd, vd, gd, lamd, scale, C)
     o_new = od[valid]  # [total, H, V] in sequence order
     # Old slots: slot l is the block of the last old query at level l; for a new query t its keys all
@@ -385,11 +408,55 @@ def run_delta(q, k, v, g, beta, scale: float, initial_state, output_final_state:
 
 @_kernel_entry
 def run_loglinear_delta(q, k, v, g, beta, lam, scale: float, output_final_state: bool, cu_seqlens,
-                        chunk_size: int):
-    """Log-linear Gated DeltaNet from position 0: torch chunk parts + the Triton level kernels."""
+                        chunk_size: int, initial_state=None):
+    """Log-linear Gated DeltaNet: torch chunk parts + the Triton level kernels.
+
+    Returns (o, final slots [N, H, L, K, V] or None, final positions [N])."""
     if interpreting():
         _patch_interpreter()
     from . import triton_gdn
 
-    return triton_gdn.loglinear_gated_delta_rule(q, k, v, g, beta, lam, scale, output_final_state, cu_seqlens,
-                                                 chunk_size)
+    if initial_state is None or not bool((initial_state.position != 0).any()):
+        o, slots, lengths = triton_gdn.loglinear_gated_delta_rule(q, k, v, g, beta, lam, scale, output_final_state,
+                                                                  cu_seqlens, chunk_size)
+        return o, slots, lengths
+    return _run_delta_from_positions(q, k, v, g, beta, lam, scale, output_final_state, cu_seqlens,
+                                     chunk_size if chunk_size in (16, 32, 64) else 64, initial_state)
+
+
+def _run_delta_from_positions(q, k, v, g, beta, lam, scale, output_final_state, cu_seqlens, C, state):
+    """Log-linear Gated DeltaNet of sequences continuing from ``state`` (positions p_n >= 0): the new
+    tokens in the virtual layout (:func:`_virtual_layout`); every old slot is one aligned block, whose
+    keys sit at level bit_length(t ^ block start) for each new query t: its read weights per position,
+    and the level it takes in the final slots, go to the kernels' path as a ``triton_gdn.Carry``."""
+    from . import triton_gdn
+    from .loglinear import _slot_occupied, bit_length, block_start
+
+    B, T, H = q.shape[:3]
+    L = lam.shape[-1]
+    lay = _virtual_layout(q, cu_seqlens, C, L, state.position.tolist())
+    N, width = lay.valid.shape
+    flat = [x.reshape(B * T, *x.shape[2:]) for x in (q, k, v, g, beta, lam)]
+    qd, kd, vd, gd, bd, lam_real = (_pack(x[None], lay.index, lay.valid) for x in flat)
+    Lv = lay.colmap.shape[1]
+    lamd = lam_real.gather(-1, lay.colmap[:, None, None, :].expand(N, width, H, Lv)) * lay.colok[:, None, None, :]
+    last_old = state.position.to(q.device) - 1  # [N]; -1: nothing seen
+    lengths = lay.valid.sum(1)
+    last = last_old + lengths  # each sequence's last query (its last old one when no token is new)
+    pos = torch.where(lay.valid, lay.real_pos, 0)
+    old = [lv for lv in range(L) if bool(_slot_occupied(last_old, lv).any())]
+    starts = torch.stack([block_start(last_old, lv).clamp_min(0) for lv in old], 1)  # [N, G]
+    occupied = torch.stack([_slot_occupied(last_old, lv) for lv in old], 1)
+    read_level = bit_length(pos[..., None] ^ starts[:, None], L).clamp_max(L - 1)  # [N, width, G]
+    coef = lam_real.gather(-1, read_level[:, :, None].expand(N, width, H, len(old)))
+    coef = coef * occupied[:, None, None].to(coef.dtype)  # lam_real is 0 at the padding
+    key_level = torch.where(lay.valid, bit_length(last[:, None] ^ pos, L), -1)
+    route = torch.nn.functional.one_hot(bit_length(last[:, None] ^ starts, L).clamp_max(L - 1), L)
+    route = route * occupied[..., None]
+    slots = state.slots[:, :, old] * occupied[:, None, :, None, None].to(state.slots.dtype)
+    carry = triton_gdn.Carry(slots, coef, key_level, route)
+    od, final, _ = triton_gdn.loglinear_gated_delta_rule(qd, kd, vd, gd, bd, lamd, scale, output_final_state, None,
+                                                         C, carry)
+    o = od[lay.valid]  # [total, H, V] in sequence order
+    o = o[None] if cu_seqlens is not None else o.reshape(B, T, *o.shape[1:])
+    return o, final, (last + 1).tolist()

@@ -683,10 +683,21 @@ def gated_delta_rule(q, k, v, g, beta, scale: float, initial_state, output_final
     return o.to(q.dtype), (final if output_final_state else None)
 
 
+class Carry(NamedTuple):
+    """The old slots of sequences that continue (built by triton_backend from a LogLinearState): each
+    is one aligned block whose keys sit at one level for every later query."""
+
+    slots: torch.Tensor  # [N, H, G, K, V] the blocks' states at the continuation's start
+    coef: torch.Tensor  # [N, length, H, G] each position's read weight of each block (lam at its level; 0: none)
+    key_level: torch.Tensor  # [N, length] each position's key level seen from the last query (-1: none)
+    route: torch.Tensor  # [N, G, L] one-hot: the level each block takes in the final slots (0: empty)
+
+
 def loglinear_gated_delta_rule(q, k, v, g, beta, lam, scale: float, output_final_state: bool, cu_seqlens,
-                               chunk_size: int = 64):
-    """Log-linear Gated DeltaNet, sequences starting at position 0; arguments as
-    :func:`hippolm.ops.loglinear_gated_delta_rule`. Returns (o, final slots [N, H, L, K, V] or None, ends).
+                               chunk_size: int = 64, carry: Carry | None = None):
+    """Log-linear Gated DeltaNet, sequences starting at position 0 (with ``carry``: dense sequences laid
+    out by triton_backend to continue old slots); arguments as :func:`hippolm.ops.loglinear_gated_delta_rule`.
+    Returns (o, final slots [N, H, L, K, V] or None, ends).
 
     Intra-chunk (:class:`ChunkParts`, fused kernels): the chunk's delta-rule attention matrix
     ``attn @ mix`` times the level weights, and the WY factors of the level kernels.
@@ -698,12 +709,16 @@ def loglinear_gated_delta_rule(q, k, v, g, beta, lam, scale: float, output_final
     log2(C)+1+j, while it keeps evolving (u = 0): with v_new = -w S the read of chunk i is
     (q gamma - attn w) S, so no per-level state is ever stored in the forward. Final slots: one
     scan of the values masked by their level as seen from the last token (all levels side by side).
+    Old slots (``carry``): a block S is read by query t as lam q_t^T A S, A the new tokens' transitions
+    up to t; with P_c the product of the transitions before chunk c (one scan from the identity, u = 0)
+    that is lam (qw P_c) S, one query per position for every block; the final slots add P S, routed.
     """
     B, T, H, K = q.shape
     V, L = v.shape[-1], lam.shape[-1]
     C = chunk_size if chunk_size in (16, 32, 64) else 64
     CB = C.bit_length() - 1
-    bounds, length, (qs, ks, vs, gs, bs, ls) = _padded([q, k, v, g, beta, lam], T, cu_seqlens, B, C)
+    coef = None if carry is None else carry.coef
+    bounds, length, (qs, ks, vs, gs, bs, ls, coef) = _padded([q, k, v, g, beta, lam, coef], T, cu_seqlens, B, C)
     lengths = [e - s for _, s, e in bounds]
     op = _operands(q.dtype)
     prec = _precision(q.dtype)
@@ -716,17 +731,32 @@ def loglinear_gated_delta_rule(q, k, v, g, beta, lam, scale: float, output_final
         o = _LevelReads.apply(o, w, u, kd, ge, qw, lamb, prec, op, q.dtype)  # [N, n * C, H, V]
     else:
         o = o.permute(0, 2, 3, 1, 4).reshape(N, n * C, H, V).to(q.dtype)
+    if carry is not None:
+        P, _, P_end = _Scan.apply(w.float(), torch.zeros_like(w, dtype=torch.float32), kd.float(), ge,
+                                  torch.eye(K, device=q.device).expand(N, H, K, K), prec)
+        x = (qw.float() @ P).reshape(N, H, n * C, K)  # each query carried back to the continuation's start
+        wts = coef.float().permute(0, 2, 1, 3)  # [N, H, n * C, G]
+        olds = carry.slots.float()
+        o_old = sum((x * wts[..., i, None]) @ olds[:, :, i] for i in range(olds.shape[2]))
+        o = (o.float() + o_old.transpose(1, 2)).to(q.dtype)
     o = torch.cat([o[i, :ln] for i, ln in enumerate(lengths)])[None] if cu_seqlens is not None else o[:, :T]
     if not output_final_state:
         return o, None, lengths
     # Values masked by their level seen from each sequence's last token, all levels side by side.
-    pos = torch.arange(length, device=q.device)
-    last = torch.tensor(lengths, device=q.device)[:, None] - 1
-    key_level = bit_length((last ^ pos[None]).clamp_min(0), max(length, 1).bit_length())
-    key_level = torch.where(pos[None] <= last, key_level, -1)  # [N, length]
+    if carry is None:
+        pos = torch.arange(length, device=q.device)
+        last = torch.tensor(lengths, device=q.device)[:, None] - 1
+        key_level = bit_length((last ^ pos[None]).clamp_min(0), max(length, 1).bit_length())
+        key_level = torch.where(pos[None] <= last, key_level, -1)  # [N, length]
+    else:
+        L = carry.route.shape[-1]
+        key_level = torch.nn.functional.pad(carry.key_level, (0, length - carry.key_level.shape[1]), value=-1)
     masks = (key_level[..., None] == torch.arange(L, device=q.device)).float()  # [N, length, L]
     vm = (vs.float()[..., None, :] * masks[:, :, None, :, None]).reshape(N, length, H, L * V)
     # float32 factors: the scan's dots take float32 values and states (TF32 for 16-bit inputs)
     _, _, final = _Scan.apply(w.float(), _mm(mix, reference.to_blocks(vm, C), op), kd.float(), ge, None, prec)
-    slots = final.reshape(N, H, K, L, V).permute(0, 1, 3, 2, 4).contiguous()
-    return o, slots, lengths
+    slots = final.reshape(N, H, K, L, V).permute(0, 1, 3, 2, 4)
+    if carry is not None:  # the old blocks carried through every new token, each to its level
+        carried = torch.einsum("nhjk,nhgkv->nhgjv", P_end, olds)
+        slots = slots + torch.einsum("nhgkv,ngl->nhlkv", carried, carry.route.to(carried.dtype))
+    return o, slots.contiguous(), lengths
