@@ -683,6 +683,38 @@ def gated_delta_rule(q, k, v, g, beta, scale: float, initial_state, output_final
     return o.to(q.dtype), (final if output_final_state else None)
 
 
+def _final_slots(w, u, kd, ge, mix, vs, key_level, L: int, prec: str) -> torch.Tensor:
+    """Final slots [N, H, L, K, V]: slot l holds the writes of the keys at level l seen from each
+    sequence's last token, carried to it (factors [N, H, n, C, *] of the padded sequences, vs [N, n * C,
+    H, V], key_level [N, n * C], -1 where no key).
+
+    Q_c, the transitions of the chunks after chunk c, come from one scan from the identity over the
+    chunks in reverse with w and kd swapped (it multiplies by ge I - w^T kd, the transposed transition);
+    chunk c's writes reach the end as (kd_c Q_c^T)^T u_c. Every chunk before a sequence's last lies
+    in one level; the last chunk's keys (levels 0..log2 C) are split by level through its masked values.
+    Work and memory of a [K, K] state scan, not of one [K, V] scan per level."""
+    N, H, n, C, K = w.shape
+    V = u.shape[-1]
+    eye = torch.eye(K, device=w.device).expand(N, H, K, K)
+    qt, _, _ = _Scan.apply(kd.float().flip(2), torch.zeros_like(w, dtype=torch.float32), w.float().flip(2),
+                           ge.flip(2), eye, prec)
+    kq = kd.float() @ qt.flip(2)  # [N, H, n, C, K]: chunk c's keys carried to the end
+    levels = key_level.view(N, n, C)
+    has_last = (levels == 0).any(2)  # [N, n]: the chunk holding the sequence's last token
+    whole = levels.amax(2)  # [N, n]: the level of a chunk before the last (-1: no key)
+    onehot = torch.nn.functional.one_hot(whole.clamp(0, L - 1), L) * ((whole >= 0) & ~has_last)[..., None]
+    slots = torch.einsum("nhckv,ncl->nhlkv", kq.transpose(-1, -2) @ u.float(), onehot.float())
+    idx = has_last.float().argmax(1)  # [N] (0 for an empty sequence: its keys are all masked out)
+    rows = torch.arange(N, device=w.device)
+    lo = min(L, C.bit_length())  # the last chunk's levels
+    mask = (levels[rows, idx][..., None] == torch.arange(lo, device=w.device)).float()  # [N, C, lo]
+    vl = reference.to_blocks(vs.float(), C)[rows, :, idx]  # [N, H, C, V]
+    vm = (vl[..., None, :] * mask[:, None, :, :, None]).reshape(N, H, C, lo * V)
+    ends = kq[rows, :, idx].transpose(-1, -2) @ (mix[rows, :, idx] @ vm)  # [N, H, K, lo * V]
+    return slots + torch.nn.functional.pad(ends.view(N, H, K, lo, V).permute(0, 1, 3, 2, 4),
+                                           (0, 0, 0, 0, 0, L - lo))
+
+
 class Carry(NamedTuple):
     """The old slots of sequences that continue (built by triton_backend from a LogLinearState): each
     is one aligned block whose keys sit at one level for every later query."""
@@ -707,8 +739,8 @@ def loglinear_gated_delta_rule(q, k, v, g, beta, lam, scale: float, output_final
     LEVEL_TREE_BWD = 0, level scans: level j in segments of 2^(j+1) chunks, each its own program;
     the first half writes a state from zero, the second half reads it, weighted by lam at level
     log2(C)+1+j, while it keeps evolving (u = 0): with v_new = -w S the read of chunk i is
-    (q gamma - attn w) S, so no per-level state is ever stored in the forward. Final slots: one
-    scan of the values masked by their level as seen from the last token (all levels side by side).
+    (q gamma - attn w) S, so no per-level state is ever stored in the forward. Final slots: see
+    :func:`_final_slots`.
     Old slots (``carry``): a block S is read by query t as lam q_t^T A S, A the new tokens' transitions
     up to t; with P_c the product of the transitions before chunk c (one scan from the identity, u = 0)
     that is lam (qw P_c) S, one query per position for every block; the final slots add P S, routed.
@@ -742,8 +774,7 @@ def loglinear_gated_delta_rule(q, k, v, g, beta, lam, scale: float, output_final
     o = torch.cat([o[i, :ln] for i, ln in enumerate(lengths)])[None] if cu_seqlens is not None else o[:, :T]
     if not output_final_state:
         return o, None, lengths
-    # Values masked by their level seen from each sequence's last token, all levels side by side.
-    if carry is None:
+    if carry is None:  # each key's level seen from its sequence's last token (-1: none)
         pos = torch.arange(length, device=q.device)
         last = torch.tensor(lengths, device=q.device)[:, None] - 1
         key_level = bit_length((last ^ pos[None]).clamp_min(0), max(length, 1).bit_length())
@@ -751,11 +782,7 @@ def loglinear_gated_delta_rule(q, k, v, g, beta, lam, scale: float, output_final
     else:
         L = carry.route.shape[-1]
         key_level = torch.nn.functional.pad(carry.key_level, (0, length - carry.key_level.shape[1]), value=-1)
-    masks = (key_level[..., None] == torch.arange(L, device=q.device)).float()  # [N, length, L]
-    vm = (vs.float()[..., None, :] * masks[:, :, None, :, None]).reshape(N, length, H, L * V)
-    # float32 factors: the scan's dots take float32 values and states (TF32 for 16-bit inputs)
-    _, _, final = _Scan.apply(w.float(), _mm(mix, reference.to_blocks(vm, C), op), kd.float(), ge, None, prec)
-    slots = final.reshape(N, H, K, L, V).permute(0, 1, 3, 2, 4)
+    slots = _final_slots(w, u, kd, ge, mix, vs, key_level, L, prec)
     if carry is not None:  # the old blocks carried through every new token, each to its level
         carried = torch.einsum("nhjk,nhgkv->nhgjv", P_end, olds)
         slots = slots + torch.einsum("nhgkv,ngl->nhlkv", carried, carry.route.to(carried.dtype))
