@@ -315,9 +315,11 @@ def run_loglinear_ssd(q, k, v, g, lam, scale: float, output_final_state: bool, c
     C = chunk_size if chunk_size in (16, 32, 64) else 64
     B, T = q.shape[:2]
     if initial_state is not None and bool((initial_state.position != 0).any()):
-        o, slots, _, ends = _run_from_positions(q, k, v, g, lam, scale, output_final_state, cu_seqlens, C,
-                                                initial_state)
-        return o, slots, ends
+        def run(xs, cu, state, final):
+            o, slots, _, ends = _run_from_positions(*xs, scale, final, cu, C, state)
+            return o, slots, ends
+
+        return _continue(run, [q, k, v, g, lam], output_final_state, cu_seqlens, C, initial_state)
     if cu_seqlens is None:
         lengths = [T] * B
         o = kernels().loglinear_ssd(q, k, v, g, lam, scale, C)
@@ -420,8 +422,45 @@ def run_loglinear_delta(q, k, v, g, beta, lam, scale: float, output_final_state:
         o, slots, lengths = triton_gdn.loglinear_gated_delta_rule(q, k, v, g, beta, lam, scale, output_final_state,
                                                                   cu_seqlens, chunk_size)
         return o, slots, lengths
-    return _run_delta_from_positions(q, k, v, g, beta, lam, scale, output_final_state, cu_seqlens,
-                                     chunk_size if chunk_size in (16, 32, 64) else 64, initial_state)
+    C = chunk_size if chunk_size in (16, 32, 64) else 64
+    return _continue(lambda xs, cu, state, final: _run_delta_from_positions(*xs, scale, final, cu, C, state),
+                     [q, k, v, g, beta, lam], output_final_state, cu_seqlens, C, initial_state)
+
+
+def _aligned_cuts(p: int, T: int, C: int) -> list[int]:
+    """Cut points of T new tokens from position p into pieces that each start aligned to their size:
+    the rest of p's chunk, then 2^tz(F) chunks at each chunk F (tz: trailing zero bits), so the
+    pieces grow geometrically (O(log T) of them) and the last takes all that remains once it can."""
+    cuts = [0] if T else [0, 0]
+    while cuts[-1] < T:
+        pos = p + cuts[-1]
+        first = pos // C
+        step = C - pos % C if pos % C else ((first & -first) * C if first else T)
+        cuts.append(min(T, cuts[-1] + step))
+    return cuts
+
+
+def _continue(run, xs, output_final_state: bool, cu_seqlens, C: int, state):
+    """A log-linear op continuing from ``state`` (positions > 0), ``run(xs, cu_seqlens, state, final) ->
+    (o, slots, ends)`` on the virtual layout. Sequences that all continue from one position run in
+    aligned pieces (:func:`_aligned_cuts`), each from the last one's state: the virtual layout of a
+    whole call puts F mod 2^m chunks of padding in front (F: the first chunk, 2^m >= the chunks
+    spanned), up to as many as the new tokens, and every old slot is read over all of them."""
+    from .loglinear import LogLinearState
+
+    T = xs[0].shape[1]
+    starts = state.position.unique()
+    one_start = starts.numel() == 1 and (cu_seqlens is None or cu_seqlens.numel() == 2)
+    cuts = _aligned_cuts(int(starts[0]), T, C) if one_start else [0, T]
+    outs = []
+    for a, b in itertools.pairwise(cuts):
+        final = output_final_state or b < T
+        cu = None if cu_seqlens is None else torch.tensor([0, b - a], device=cu_seqlens.device)
+        o, slots, ends = run([x[:, a:b] for x in xs], cu if len(cuts) > 2 else cu_seqlens, state, final)
+        outs.append(o)
+        if b < T:
+            state = LogLinearState(slots, torch.tensor(ends, dtype=torch.long, device=slots.device))
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)), slots, ends
 
 
 def _run_delta_from_positions(q, k, v, g, beta, lam, scale, output_final_state, cu_seqlens, C, state):
