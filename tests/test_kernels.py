@@ -227,7 +227,7 @@ def test_dispatch_routes_and_refuses_clearly(device):
     assert rel_err(o_auto.cpu(), o_ref.cpu()) < 1e-3
 
 
-# packed: fresh, mid-chunk, empty, aligned; one sequence mid-chunk (in aligned pieces: 13, 32, 25 tokens)
+# packed: fresh, mid-chunk, empty, aligned; one sequence mid-chunk (two pieces: 45 and 25 tokens)
 CONTINUATIONS = [([50, 1, 0, 33], [0, 17, 5, 64], True), ([70], [16 * 5 + 3], False)]
 if CUDA:
     CONTINUATIONS += [([400, 400], [1000, 77], False), ([300], [64 * 7 + 3], False)]

@@ -428,24 +428,24 @@ def run_loglinear_delta(q, k, v, g, beta, lam, scale: float, output_final_state:
 
 
 def _aligned_cuts(p: int, T: int, C: int) -> list[int]:
-    """Cut points of T new tokens from position p into pieces that each start aligned to their size:
-    the rest of p's chunk, then 2^tz(F) chunks at each chunk F (tz: trailing zero bits), so the
-    pieces grow geometrically (O(log T) of them) and the last takes all that remains once it can."""
-    cuts = [0] if T else [0, 0]
-    while cuts[-1] < T:
-        pos = p + cuts[-1]
-        first = pos // C
-        step = C - pos % C if pos % C else ((first & -first) * C if first else T)
-        cuts.append(min(T, cuts[-1] + step))
-    return cuts
+    """Cut points of T new tokens from position p (chunk F, n chunks spanned, 2^m >= n) into at most two
+    pieces whose virtual layouts need few chunks of padding: a call's layout takes F mod 2^m of them
+    (up to as many as the new tokens). Cut at E, the next multiple of 2^m after F: the piece from E
+    needs none, the piece before it (n1 = E - F chunks) fewer than n1 / 2 (F = E - n1, E a multiple of
+    its own 2^m1 >= n1)."""
+    first, off = divmod(p, C)
+    n = max(1, -(-(off + T) // C))
+    span = 1 << (n - 1).bit_length()
+    if first % span == 0:
+        return [0, T]
+    cut = (first // span + 1) * span * C - p
+    return [0, T] if cut >= T else [0, cut, T]
 
 
 def _continue(run, xs, output_final_state: bool, cu_seqlens, C: int, state):
     """A log-linear op continuing from ``state`` (positions > 0), ``run(xs, cu_seqlens, state, final) ->
     (o, slots, ends)`` on the virtual layout. Sequences that all continue from one position run in
-    aligned pieces (:func:`_aligned_cuts`), each from the last one's state: the virtual layout of a
-    whole call puts F mod 2^m chunks of padding in front (F: the first chunk, 2^m >= the chunks
-    spanned), up to as many as the new tokens, and every old slot is read over all of them."""
+    up to two pieces (:func:`_aligned_cuts`), the second from the first one's state."""
     from .loglinear import LogLinearState
 
     T = xs[0].shape[1]
