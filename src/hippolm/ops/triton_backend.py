@@ -314,12 +314,11 @@ def run_loglinear_ssd(q, k, v, g, lam, scale: float, output_final_state: bool, c
     Returns (o, final slots [N, H, L, K, V] or None, final positions [N])."""
     C = chunk_size if chunk_size in (16, 32, 64) else 64
     B, T = q.shape[:2]
-    if initial_state is not None and bool((initial_state.position != 0).any()):
-        def run(xs, cu, state, final):
-            o, slots, _, ends = _run_from_positions(*xs, scale, final, cu, C, state)
-            return o, slots, ends
-
-        return _continue(run, [q, k, v, g, lam], output_final_state, cu_seqlens, C, initial_state)
+    if initial_state is not None and bool((initial_state.position != 0).any()):  # one layout: its torch
+        # parts cost more per piece than _continue's pieces save (H100, 16k tokens: 19.4 vs 39.5 ms)
+        o, slots, _, ends = _run_from_positions(q, k, v, g, lam, scale, output_final_state, cu_seqlens, C,
+                                                initial_state)
+        return o, slots, ends
     if cu_seqlens is None:
         lengths = [T] * B
         o = kernels().loglinear_ssd(q, k, v, g, lam, scale, C)
@@ -443,9 +442,10 @@ def _aligned_cuts(p: int, T: int, C: int) -> list[int]:
 
 
 def _continue(run, xs, output_final_state: bool, cu_seqlens, C: int, state):
-    """A log-linear op continuing from ``state`` (positions > 0), ``run(xs, cu_seqlens, state, final) ->
-    (o, slots, ends)`` on the virtual layout. Sequences that all continue from one position run in
-    up to two pieces (:func:`_aligned_cuts`), the second from the first one's state."""
+    """Log-linear Gated DeltaNet continuing from ``state`` (positions > 0), ``run(xs, cu_seqlens, state,
+    final) -> (o, slots, ends)`` on the virtual layout. Sequences that all continue from one position
+    run in up to two pieces (:func:`_aligned_cuts`), the second from the first one's state (H100, 16k
+    tokens from position 57347: 23.5 ms vs 30.6 in one layout; continuation_timing_h100*.json)."""
     from .loglinear import LogLinearState
 
     T = xs[0].shape[1]
