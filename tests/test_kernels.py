@@ -214,8 +214,8 @@ def test_dispatch_routes_and_refuses_clearly(device):
     q, k, v, g, lam = (x.to(device=device, dtype=torch.float32) for x in _inputs(1, 20, 1, D, D))
     with pytest.raises(ValueError, match="mode"):
         ops.loglinear_ssd(q, k, v, g, lam, mode="recurrent", backend="triton")
-    state = ops.LogLinearState(torch.zeros(1, 1, lam.shape[-1], D, D, device=device), torch.tensor([4]))
-    with pytest.raises(ValueError, match="position 0"):
+    state = ops.LogLinearState(torch.zeros(1, 1, lam.shape[-1] - 1, D, D, device=device), torch.tensor([4]))
+    with pytest.raises(ValueError, match=r"initial_state\.slots must have shape"):
         ops.loglinear_gated_delta_rule(q, k, v, g, torch.rand_like(g), lam, initial_state=state, backend="triton")
     with pytest.raises(ValueError, match="backend"):
         ops.loglinear_ssd(q, k, v, g, lam, backend="cuda")
@@ -225,6 +225,37 @@ def test_dispatch_routes_and_refuses_clearly(device):
     o_auto, _ = ops.loglinear_ssd(q, k, v, g, lam, chunk_size=C)
     o_ref, _ = ops.loglinear_ssd(q.double(), k.double(), v.double(), g.double(), lam.double(), backend="torch")
     assert rel_err(o_auto.cpu(), o_ref.cpu()) < 1e-3
+
+
+def _continuation_sizes(lengths, starts, packed) -> tuple[int, int]:
+    """(T of the inputs, levels that cover every sequence's end) of a continuation case."""
+    T = sum(lengths) if packed else lengths[0]
+    return T, ops.num_levels(max(p + n for p, n in zip(starts, lengths, strict=True)))
+
+
+def _continuation(op, lengths, starts, packed, H, L):
+    """(initial slots [N, H, L, D, D] float64, random where a real prefix of each start fills them,
+    run(leaves, backend, dev) -> (o, state, gradients of a weighted sum of o and 0.1 x the final slots)):
+    ``op`` continued from those slots; ``leaves``: its inputs, then the slots."""
+    from hippolm.ops.loglinear import _slot_occupied
+
+    slots = torch.randn(len(lengths), H, L, D, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for n, p in enumerate(starts):  # slots a real prefix could not have filled stay zero
+        for lvl in range(L):
+            if not bool(_slot_occupied(torch.tensor([p - 1]), lvl)):
+                slots[n, :, lvl] = 0
+    pos = torch.tensor(starts)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()]) if packed else None
+
+    def run(leaves, backend, dev):
+        kw = {} if cu is None else {"cu_seqlens": cu.to(dev)}
+        o, s = op(*leaves[:-1], initial_state=ops.LogLinearState(leaves[-1], pos.to(dev)), output_final_state=True,
+                  backend=backend, chunk_size=C, **kw)
+        w = torch.randn(o.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dev)
+        loss = (o.double() * w).sum() + (s.slots.double() * 0.1).sum()
+        return o, s, torch.autograd.grad(loss, leaves)
+
+    return slots, run
 
 
 # packed: fresh, mid-chunk, empty, aligned; one sequence mid-chunk (two pieces: 45 and 25 tokens)
@@ -237,27 +268,9 @@ if CUDA:
 def test_loglinear_ssd_continues_from_a_state(lengths, starts, packed, device):
     """Prefill continued from a LogLinearState at positions > 0: outputs, final state and gradients of
     every input including the initial slots == the reference."""
-    from hippolm.ops.loglinear import _slot_occupied
-
-    T = sum(lengths) if packed else lengths[0]
-    L = ops.num_levels(max(p + n for p, n in zip(starts, lengths, strict=True)))
+    T, L = _continuation_sizes(lengths, starts, packed)
     xs = _inputs(1 if packed else len(lengths), T, 1, D, D, L=L, seed=6)
-    slots = torch.randn(len(lengths), 1, L, D, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    for n, p in enumerate(starts):  # slots a real prefix could not have filled stay zero
-        for lvl in range(L):
-            if not bool(_slot_occupied(torch.tensor([p - 1]), lvl)):
-                slots[n, :, lvl] = 0
-    pos = torch.tensor(starts)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()]) if packed else None
-
-    def run(leaves, backend, dev):
-        kw = {} if cu is None else {"cu_seqlens": cu.to(dev)}
-        o, s = ops.loglinear_ssd(*leaves[:5], initial_state=ops.LogLinearState(leaves[5], pos.to(dev)),
-                                 output_final_state=True, backend=backend, chunk_size=C, **kw)
-        w = torch.randn(o.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dev)
-        loss = (o.double() * w).sum() + (s.slots.double() * 0.1).sum()
-        return o, s, torch.autograd.grad(loss, leaves)
-
+    slots, run = _continuation(ops.loglinear_ssd, lengths, starts, packed, 1, L)
     o_ref, s_ref, g_ref = _cpu(run([x.to(REF_DEV).requires_grad_() for x in [*xs, slots]], "torch", REF_DEV))
     o, s, grads = run([x.to(device=device, dtype=torch.float32).requires_grad_() for x in [*xs, slots]],
                       "triton", device)
@@ -375,29 +388,11 @@ def test_loglinear_gated_delta_rule_continues_from_a_state(lengths, starts, pack
     outputs, final slots and gradients of every input including the initial slots == the reference."""
     from conftest import make_inputs
 
-    from hippolm.ops.loglinear import _slot_occupied
-
-    T = sum(lengths) if packed else lengths[0]
-    L = ops.num_levels(max(p + n for p, n in zip(starts, lengths, strict=True)))
+    T, L = _continuation_sizes(lengths, starts, packed)
     B, H = (1 if packed else len(lengths)), 2
     xs = make_inputs("gated_delta_rule", B, T, H, D, D, seed=22)
     xs.append(torch.rand(B, T, H, L, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.25)
-    slots = torch.randn(len(lengths), H, L, D, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    for n, p in enumerate(starts):  # slots a real prefix could not have filled stay zero
-        for lvl in range(L):
-            if not bool(_slot_occupied(torch.tensor([p - 1]), lvl)):
-                slots[n, :, lvl] = 0
-    pos = torch.tensor(starts)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()]) if packed else None
-
-    def run(leaves, backend, dev):
-        kw = {} if cu is None else {"cu_seqlens": cu.to(dev)}
-        o, s = ops.loglinear_gated_delta_rule(*leaves[:6], initial_state=ops.LogLinearState(leaves[6], pos.to(dev)),
-                                              output_final_state=True, backend=backend, chunk_size=C, **kw)
-        w = torch.randn(o.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dev)
-        loss = (o.double() * w).sum() + (s.slots.double() * 0.1).sum()
-        return o, s, torch.autograd.grad(loss, leaves)
-
+    slots, run = _continuation(ops.loglinear_gated_delta_rule, lengths, starts, packed, H, L)
     o_ref, s_ref, g_ref = _cpu(run([x.to(REF_DEV).requires_grad_() for x in [*xs, slots]], "torch", REF_DEV))
     for dtype in (torch.float32, torch.bfloat16) if CUDA else (torch.float32,):
         tol, gtol = (1e-3, 5e-3) if dtype == torch.float32 else (2e-2, 2e-2)
