@@ -57,7 +57,7 @@ def test_under_interpreter():
     here = Path(__file__).parent
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))],
-                         cwd=here.parent, env=env, capture_output=True, text=True, timeout=600)
+                         cwd=here.parent, env=env, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
 
 
