@@ -57,17 +57,11 @@ def num_levels(max_len: int) -> int:
     return (max_len - 1).bit_length() + 1
 
 
-def bit_length(x: torch.Tensor, bits: int | None = None) -> torch.Tensor:
-    """Integer bit length of a non-negative int64 tensor (no float log2: exact at every power of two).
-
-    ``bits``: an upper bound on the result, known to the caller; it saves reading ``x.max()`` (a
-    device sync, which a CUDA graph cannot hold)."""
-    out = torch.zeros_like(x)
-    if bits is None:
-        bits = max(int(x.max()), 0).bit_length() if x.numel() else 0
-    for b in range(bits):
-        out += (x >> b) > 0
-    return out
+def bit_length(x: torch.Tensor) -> torch.Tensor:
+    """Integer bit length of a non-negative int64 tensor: the float64 exponent of its exact conversion
+    (positions are far below 2^53), so exact at every power of two, unlike a float log2; one op, and
+    no read of ``x.max()`` (a device sync, which a CUDA graph cannot hold)."""
+    return torch.frexp(x.double()).exponent.to(x.dtype)
 
 
 def block_start(last: torch.Tensor, level: int) -> torch.Tensor:
@@ -147,7 +141,7 @@ def step_unchecked(q, k, v, g, beta, lam, state: LogLinearState | None, scale, c
         raise ValueError(f"a sequence reached position {int(pos.max())}, beyond the {1 << (L - 1)} tokens that "
                          f"{L} levels cover; configure more levels.")
     # Carry: going from query t-1 to t, slots 0..z merge into slot z+1 = level(t, t-1).
-    target = bit_length(pos ^ (pos - 1).clamp_min(0), L)  # [N], <= L as pos < 2^(L-1); unused where pos == 0
+    target = bit_length(pos ^ (pos - 1).clamp_min(0))  # [N], <= L as pos < 2^(L-1); unused where pos == 0
     levels = torch.arange(L, device=q.device)
     merging = (levels[None] < target[:, None]) & (pos[:, None] > 0)  # [N, L]
     merged = (slots * merging[:, None, :, None, None]).sum(2)

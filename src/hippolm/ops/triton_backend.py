@@ -430,7 +430,7 @@ def _aligned_cuts(p: int, T: int, C: int) -> list[int]:
     """Cut points of T new tokens from position p (chunk F, n chunks spanned, 2^m >= n) into at most two
     pieces whose virtual layouts need few chunks of padding: a call's layout takes F mod 2^m of them
     (up to as many as the new tokens). Cut at E, the next multiple of 2^m after F: the piece from E
-    needs none, the piece before it (n1 = E - F chunks) fewer than n1 / 2 (F = E - n1, E a multiple of
+    needs none, the piece before it (n1 = E - F chunks) 2^m1 - n1 < n1 (F = E - n1, E a multiple of
     its own 2^m1 >= n1)."""
     first, off = divmod(p, C)
     n = max(1, -(-(off + T) // C))
@@ -473,24 +473,24 @@ def _run_delta_from_positions(q, k, v, g, beta, lam, scale, output_final_state, 
 
     B, T, H = q.shape[:3]
     L = lam.shape[-1]
-    lay = _virtual_layout(q, cu_seqlens, C, L, state.position.tolist())
+    positions = state.position.tolist()
+    lay = _virtual_layout(q, cu_seqlens, C, L, positions)
     N, width = lay.valid.shape
     flat = [x.reshape(B * T, *x.shape[2:]) for x in (q, k, v, g, beta, lam)]
     qd, kd, vd, gd, bd, lam_real = (_pack(x[None], lay.index, lay.valid) for x in flat)
     Lv = lay.colmap.shape[1]
     lamd = lam_real.gather(-1, lay.colmap[:, None, None, :].expand(N, width, H, Lv)) * lay.colok[:, None, None, :]
-    last_old = state.position.to(q.device) - 1  # [N]; -1: nothing seen
-    lengths = lay.valid.sum(1)
-    last = last_old + lengths  # each sequence's last query (its last old one when no token is new)
+    # The old blocks, on the host (positions are known there): no device sync per level.
+    old = [lv for lv in range(L) if any(_slot_occupied(p - 1, lv) for p in positions)]
+    starts = torch.tensor([[max(block_start(p - 1, lv), 0) for lv in old] for p in positions], device=q.device)
+    occupied = torch.tensor([[bool(_slot_occupied(p - 1, lv)) for lv in old] for p in positions], device=q.device)
+    last = torch.tensor(positions, device=q.device) - 1 + lay.valid.sum(1)  # each sequence's last query
     pos = torch.where(lay.valid, lay.real_pos, 0)
-    old = [lv for lv in range(L) if bool(_slot_occupied(last_old, lv).any())]
-    starts = torch.stack([block_start(last_old, lv).clamp_min(0) for lv in old], 1)  # [N, G]
-    occupied = torch.stack([_slot_occupied(last_old, lv) for lv in old], 1)
-    read_level = bit_length(pos[..., None] ^ starts[:, None], L).clamp_max(L - 1)  # [N, width, G]
+    read_level = bit_length(pos[..., None] ^ starts[:, None]).clamp_max(L - 1)  # [N, width, G]
     coef = lam_real.gather(-1, read_level[:, :, None].expand(N, width, H, len(old)))
     coef = coef * occupied[:, None, None].to(coef.dtype)  # lam_real is 0 at the padding
-    key_level = torch.where(lay.valid, bit_length(last[:, None] ^ pos, L), -1)
-    route = torch.nn.functional.one_hot(bit_length(last[:, None] ^ starts, L).clamp_max(L - 1), L)
+    key_level = torch.where(lay.valid, bit_length(last[:, None] ^ pos), -1)
+    route = torch.nn.functional.one_hot(bit_length(last[:, None] ^ starts).clamp_max(L - 1), L)
     route = route * occupied[..., None]
     slots = state.slots[:, :, old] * occupied[:, None, :, None, None].to(state.slots.dtype)
     carry = triton_gdn.Carry(slots, coef, key_level, route)

@@ -777,7 +777,7 @@ def loglinear_gated_delta_rule(q, k, v, g, beta, lam, scale: float, output_final
     if carry is None:  # each key's level seen from its sequence's last token (-1: none)
         pos = torch.arange(length, device=q.device)
         last = torch.tensor(lengths, device=q.device)[:, None] - 1
-        key_level = bit_length((last ^ pos[None]).clamp_min(0), max(length, 1).bit_length())
+        key_level = bit_length((last ^ pos[None]).clamp_min(0))
         key_level = torch.where(pos[None] <= last, key_level, -1)  # [N, length]
     else:
         L = carry.route.shape[-1]
