@@ -25,6 +25,8 @@ from hippolm import ops
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="2048,64;8192,64;4096,128", help="T,d pairs (B=1, H=4, chunk 64)")
+    parser.add_argument("--start", type=int, default=0,
+                        help="continue from slots at this position (chunked prefill), e.g. 24581")
     parser.add_argument("--label", default=None, help="a name for this run (default: the commit)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -43,19 +45,25 @@ def main() -> None:
             k = torch.nn.functional.normalize(torch.randn(1, T, H, d), dim=-1)
             g = torch.nn.functional.logsigmoid(torch.randn(1, T, H) + 3)
             beta = torch.rand(1, T, H)
-            lam = torch.rand(1, T, H, ops.num_levels(T)) + 0.25
+            L = ops.num_levels(args.start + T)
+            lam = torch.rand(1, T, H, L) + 0.25
             leaves = [q, k, v, g, *([beta] if "delta" in op else []), lam]
             leaves = [x.requires_grad_() for x in leaves]
+            state = None
+            if args.start:  # random slots where a prefix of that length fills them
+                full = [lv == 0 or ((args.start - 1) >> (lv - 1)) & 1 for lv in range(L)]
+                slots = torch.randn(1, H, L, d, d) * torch.tensor(full, dtype=torch.float32)[:, None, None]
+                state = ops.LogLinearState(slots, torch.tensor([args.start]))
 
-            def fwd(leaves=leaves, fn=fn):
+            def fwd(leaves=leaves, fn=fn, state=state):
                 with torch.no_grad():
-                    fn(*leaves, backend="torch", chunk_size=64)
+                    fn(*leaves, initial_state=state, backend="torch", chunk_size=64)
 
-            def fwd_bwd(leaves=leaves, fn=fn):
-                o, _ = fn(*leaves, backend="torch", chunk_size=64)
+            def fwd_bwd(leaves=leaves, fn=fn, state=state):
+                o, _ = fn(*leaves, initial_state=state, backend="torch", chunk_size=64)
                 torch.autograd.grad(o.sum(), leaves)
 
-            row = {"op": op, "T": T, "d": d, "fwd_s": round(best_time(fwd), 4),
+            row = {"op": op, "T": T, "d": d, "start": args.start, "fwd_s": round(best_time(fwd), 4),
                    "fwd_bwd_s": round(best_time(fwd_bwd), 4)}
             print(row, flush=True)
             rows.append(row)

@@ -169,6 +169,28 @@ def test_gradients_of_chunk_equal_autograd_of_naive(ll_op):
         assert rel_err(a, b) < 1e-10
 
 
+def test_gradients_of_a_continuation_equal_autograd_of_naive(ll_op):
+    """Chunk form continuing from slots at positions > 0 (mid-chunk, aligned, far): gradients of every
+    input and of the slots == autograd of the naive form."""
+    fn = LOGLINEAR[ll_op]
+    starts = [37, 64, 1000]
+    (q, k, v, *gates), lam = _inputs(ll_op, 3, 40, 2, 4, 4, L=ops.num_levels(1040), seed=7)
+    slots = torch.randn(3, 2, lam.shape[-1], 4, 4, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    for n, p in enumerate(starts):  # slots a real prefix could not have filled stay zero
+        for lv in range(lam.shape[-1]):
+            if not (lv == 0 or ((p - 1) >> (lv - 1)) & 1):
+                slots[n, :, lv] = 0
+    grads = {}
+    for mode in ("naive", "chunk"):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, *gates, lam, slots)]
+        state = ops.LogLinearState(leaves[-1], torch.tensor(starts))
+        o, _ = fn(*leaves[:-1], initial_state=state, mode=mode, chunk_size=16)
+        w = torch.randn(o.shape, generator=torch.Generator().manual_seed(0), dtype=o.dtype)
+        grads[mode] = torch.autograd.grad((o * w).sum(), leaves)
+    for a, b in zip(grads["chunk"], grads["naive"], strict=True):
+        assert rel_err(a, b) < 1e-10
+
+
 def test_too_long_sequence_is_an_error(ll_op):
     fn, step = LOGLINEAR[ll_op], STEPS[ll_op]
     (q, k, v, *gates), lam = _inputs(ll_op, 1, 20, 1, 4, 4, L=5)  # 5 levels cover 16 tokens

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -284,6 +285,58 @@ def _tree_reads(f: reference.ChunkFactors, u: torch.Tensor, lamb: torch.Tensor, 
     return out
 
 
+class _Virtual(NamedTuple):
+    """Sequences continuing at positions p_n > 0 laid out for kernels that start at position 0."""
+
+    index: torch.Tensor  # [N, width] flat (batch * T) index of the token at each virtual position
+    valid: torch.Tensor  # [N, width] a real token there (else zero padding)
+    colmap: torch.Tensor  # [N, Lv] lam column of each virtual level
+    colok: torch.Tensor  # [N, Lv] that column exists
+    real_pos: torch.Tensor  # [N, width] absolute position of each virtual position (pads too)
+    bounds: list  # (batch row, start, end) per sequence
+
+
+def _virtual_layout(q: torch.Tensor, cu_seqlens, C: int, L: int, starts: list[int]) -> _Virtual:
+    """The layout of sequences continuing from positions ``starts`` on kernels that start at 0.
+
+    New tokens' levels depend on absolute positions. With F = p // C the first absolute chunk and
+    n chunks spanned, m = bit_length(n - 1) and R = F mod 2^m, the chunk indices R.. in a virtual
+    sequence have the low m bits of the absolute ones; pairs that straddle the 2^m boundary all
+    differ highest at bit m virtually and at bit m + bit_length(A ^ (A + 1)) - 1 (A = F >> m) really,
+    so the kernel runs on the virtual layout (R chunks + p mod C tokens of zero padding in front:
+    no writes, no decay, identity transitions) with that one lam column remapped.
+    """
+    B, T = q.shape[:2]
+    CB = C.bit_length() - 1
+    bounds = ([(b, 0, T) for b in range(B)] if cu_seqlens is None
+              else [(0, s, e) for s, e in itertools.pairwise(cu_seqlens.tolist())])
+    layout = []  # (prefix length, lam column map) per sequence
+    for (_, s, e), p in zip(bounds, starts, strict=True):
+        first, off = divmod(p, C)
+        n = max(1, -(-(off + e - s) // C))
+        m = (n - 1).bit_length()
+        high = first >> m
+        cols = list(range(CB + 2 + m))
+        cols[CB + 1 + m] = CB + 1 + m + (high ^ (high + 1)).bit_length() - 1  # the straddling pairs' real level
+        cols = [min(c, L - 1) for c in cols]  # columns past L are never reached by real pairs
+        layout.append(((first % (1 << m)) * C + off, cols))
+    width = max(1, *(pre + e - s for (pre, _), (_, s, e) in zip(layout, bounds, strict=True)))
+    Lv = max(len(cols) for _, cols in layout)
+    N = len(bounds)
+    index = torch.zeros(N, width, dtype=torch.long, device=q.device)
+    valid = torch.zeros(N, width, dtype=torch.bool, device=q.device)
+    colmap = torch.zeros(N, Lv, dtype=torch.long, device=q.device)
+    colok = torch.zeros(N, Lv, dtype=torch.bool, device=q.device)
+    real_pos = torch.zeros(N, width, dtype=torch.long, device=q.device)
+    for n, ((pre, cols), (b, s, e), p) in enumerate(zip(layout, bounds, starts, strict=True)):
+        index[n, pre : pre + e - s] = b * T + torch.arange(s, e, device=q.device)
+        valid[n, pre : pre + e - s] = True
+        colmap[n, : len(cols)] = torch.tensor(cols, device=q.device)
+        colok[n, : len(cols)] = True
+        real_pos[n] = p - pre + torch.arange(width, device=q.device)
+    return _Virtual(index, valid, colmap, colok, real_pos, bounds)
+
+
 def _chunk(q, k, v, g, beta, lam, scale, initial_state, output_final_state, cu_seqlens, start, C):
     if C & (C - 1):
         raise ValueError(f"chunk_size must be a power of two for log-linear ops, got {C}.")
@@ -292,29 +345,30 @@ def _chunk(q, k, v, g, beta, lam, scale, initial_state, output_final_state, cu_s
     cd = compute_dtype(q.dtype)
     scale = resolve_scale(scale, K)
     dev = q.device
-    bounds = reference._sequence_bounds(T, cu_seqlens, B)
-    N = len(bounds)
-    # Align chunks to absolute positions: sequence n is placed after start_n mod C dummy tokens
-    # (zero keys/values, no decay, beta 0: they neither write nor transition).
-    left = start % C
-    lengths = torch.tensor([e - s for _, s, e in bounds], device=dev)
-    span = int((left + lengths).max())
-    n_chunks = max(1, -(-span // C))
+    # Align chunks to absolute positions in the virtual layout (zero tokens in front: no writes, no
+    # decay, identity transitions; one level column remapped), so every sequence starts at chunk 0
+    # and the chunk levels are the tree's reads; the old slots are read at their real levels.
+    lay = _virtual_layout(q, cu_seqlens, C, L, start.tolist())
+    N, width = lay.valid.shape
+    n_chunks = max(1, -(-width // C))
     Tp = n_chunks * C
-    first_chunk = start // C  # absolute chunk index of padded chunk 0, [N]
-    # Enough level columns for every padded position (real pairs never exceed L - 1).
-    L_pad = max(L, int(bit_length((first_chunk * C + Tp - 1).max().reshape(1))) + 1)
+    index, valid = (F.pad(x, (0, Tp - width)) for x in (lay.index, lay.valid))
+    real_pos = lay.real_pos[:, :1] + torch.arange(Tp, device=dev)  # [N, Tp] absolute positions
 
-    def place(x):
+    def place(x):  # [B, T, ...] -> [N, Tp, ...] in the layout, zeros elsewhere
         if x is None:
             return None
-        buf = x.new_zeros(N, Tp, *x.shape[2:])
-        for idx, (b, s, e) in enumerate(bounds):
-            buf[idx, int(left[idx]) : int(left[idx]) + e - s] = x[b, s:e]
-        return buf
+        out = x.new_zeros(N, Tp, *x.shape[2:])
+        out[valid] = x.reshape(B * T, *x.shape[2:])[index[valid]]
+        return out
 
     qp, kp, vp, gp, bp = (place(x) for x in (q, k, v, g, beta))
-    lamp = F.pad(place(lam).to(cd), (0, L_pad - L))
+    lam_real = place(lam).to(cd)  # [N, Tp, H, L] at real levels (0 at the padding)
+    Lv = lay.colmap.shape[1]
+    lamv = lam_real.gather(-1, lay.colmap[:, None, None, :].expand(N, Tp, H, Lv)) * lay.colok[:, None, None, :]
+    # Enough level columns for every chunk level of the virtual layout (real pairs never exceed L - 1).
+    L_pad = max(L, Lv, C.bit_length() + (n_chunks - 1).bit_length())
+    lamp = F.pad(lamv, (0, L_pad - Lv))
     f = reference.chunk_factors(qp.to(cd) * scale, kp.to(cd), None if gp is None else gp.to(cd),
                                 None if bp is None else bp.to(cd), C)
     vb = to_blocks(vp.to(cd), C)  # [N, H, n, C, V]
@@ -329,24 +383,9 @@ def _chunk(q, k, v, g, beta, lam, scale, initial_state, output_final_state, cu_s
     attn_full = f.attn if f.mix is None else f.attn @ f.mix
     o = (attn_full * lam_in) @ vb  # [N, H, n, C, V]
 
-    # Inter-chunk: chunk level j (at level log2(C) + 1 + j) restarts every 2^(j+1) chunks; chunks
-    # with bit j clear write into it, chunks with bit j set read it.
-    from_zero = bool((first_chunk == 0).all())
-    if from_zero:
-        o = o + _tree_reads(f, u, lamb, c_bits)
-    outs = list(o.unbind(2))
-    if not from_zero:  # a continuation (chunks past 0): one state per chunk level, carried through every chunk
-        for j in range(int((first_chunk + n_chunks - 1).max()).bit_length()):
-            S = q.new_zeros(N, H, K, V, dtype=cd)
-            lvl = c_bits + 1 + j
-            for i in range(n_chunks):
-                ci = first_chunk + i
-                S = S * (ci % (1 << (j + 1)) != 0).view(N, 1, 1, 1)
-                reads = ((ci >> j) & 1).bool().view(N, 1, 1, 1)
-                outs[i] = outs[i] + reads * lamb[:, :, i, :, lvl, None] * (f.q_eff[:, :, i] @ S)
-                S = f.carry(S, i) + ~reads * f.write(u[:, :, i], i)
-
-    pos = first_chunk[:, None] * C + torch.arange(Tp, device=dev)[None]  # absolute positions [N, Tp]
+    # Inter-chunk: every chunk level through the tree of block summaries (virtual chunk 0 at position 0).
+    outs = list((o + _tree_reads(f, u, lamb, c_bits)).unbind(2))
+    pos = real_pos
     carried = None
     if initial_state is not None:
         # Every slot of the initial state is one aligned block; blocks only merge later, so all
@@ -358,20 +397,20 @@ def _chunk(q, k, v, g, beta, lam, scale, initial_state, output_final_state, cu_s
         S = S.reshape(N, H, K, L * V)
         lvl_all = bit_length(pos[:, :, None] ^ starts.clamp_min(0)[:, None, :])  # [N, Tp, L]
         lvl_b = to_blocks(lvl_all[:, :, None].expand(N, Tp, H, L), C)  # [N, H, n, C, L]
+        lam_rb = to_blocks(lam_real, C)  # the old slots' levels are real ones
         for i in range(n_chunks):
             read = (f.q_eff[:, :, i] @ S).reshape(N, H, C, L, V)
-            outs[i] = outs[i] + (read * lamb[:, :, i].gather(-1, lvl_b[:, :, i])[..., None]).sum(3)
+            outs[i] = outs[i] + (read * lam_rb[:, :, i].gather(-1, lvl_b[:, :, i].clamp_max(L - 1))[..., None]).sum(3)
             S = f.carry(S, i)
         carried = (S.reshape(N, H, K, L, V), starts, occupied)
 
-    o = torch.stack(outs, 2).permute(0, 2, 3, 1, 4).reshape(N, Tp, H, V)
-    o = torch.cat([o[idx, int(left[idx]) : int(left[idx]) + e - s] for idx, (_, s, e) in enumerate(bounds)])
+    o = torch.stack(outs, 2).permute(0, 2, 3, 1, 4).reshape(N, Tp, H, V)[valid]  # [total, H, V] in order
     o = o[None] if cu_seqlens is not None else o.reshape(B, T, H, V)
     if not output_final_state:
         return o.to(q.dtype), None
 
     # Final slots: bucket the new keys by their level to the last query, in one stacked pass.
-    end = start + lengths
+    end = start + lay.valid.sum(1)
     last_q = (end - 1)[:, None]
     real = (pos >= start[:, None]) & (pos < end[:, None])
     key_level = torch.where(real, bit_length((last_q ^ pos).clamp_min(0)), -1)  # [N, Tp]

@@ -12,7 +12,6 @@ import functools
 import importlib.util
 import itertools
 import os
-from typing import NamedTuple
 
 import torch
 
@@ -162,67 +161,13 @@ def _final_slots(k, v, g, lengths: list[int], L: int) -> torch.Tensor:
     return slots[torch.tensor(order, device=k.device).argsort()] if order != sorted(order) else slots
 
 
-def _bits(x: int) -> int:
-    return x.bit_length()
-
-
-class _Virtual(NamedTuple):
-    """Sequences continuing at positions p_n > 0 laid out for kernels that start at position 0."""
-
-    index: torch.Tensor  # [N, width] flat (batch * T) index of the token at each virtual position
-    valid: torch.Tensor  # [N, width] a real token there (else zero padding)
-    colmap: torch.Tensor  # [N, Lv] lam column of each virtual level
-    colok: torch.Tensor  # [N, Lv] that column exists
-    real_pos: torch.Tensor  # [N, width] absolute position of each virtual position (pads too)
-    bounds: list  # (batch row, start, end) per sequence
-
-
-def _virtual_layout(q: torch.Tensor, cu_seqlens, C: int, L: int, starts: list[int]) -> _Virtual:
-    """The layout of sequences continuing from positions ``starts`` on kernels that start at 0.
-
-    New tokens' levels depend on absolute positions. With F = p // C the first absolute chunk and
-    n chunks spanned, m = bit_length(n - 1) and R = F mod 2^m, the chunk indices R.. in a virtual
-    sequence have the low m bits of the absolute ones; pairs that straddle the 2^m boundary all
-    differ highest at bit m virtually and at bit m + bit_length(A ^ (A + 1)) - 1 (A = F >> m) really,
-    so the kernel runs on the virtual layout (R chunks + p mod C tokens of zero padding in front:
-    no writes, no decay, identity transitions) with that one lam column remapped.
-    """
-    B, T = q.shape[:2]
-    CB = C.bit_length() - 1
-    bounds = ([(b, 0, T) for b in range(B)] if cu_seqlens is None
-              else [(0, s, e) for s, e in itertools.pairwise(cu_seqlens.tolist())])
-    layout = []  # (prefix length, lam column map) per sequence
-    for (_, s, e), p in zip(bounds, starts, strict=True):
-        first, off = divmod(p, C)
-        n = max(1, -(-(off + e - s) // C))
-        m = _bits(n - 1)
-        high = first >> m
-        cols = list(range(CB + 2 + m))
-        cols[CB + 1 + m] = CB + 1 + m + _bits(high ^ (high + 1)) - 1  # the straddling pairs' real level
-        cols = [min(c, L - 1) for c in cols]  # columns past L are never reached by real pairs
-        layout.append(((first % (1 << m)) * C + off, cols))
-    width = max(1, *(pre + e - s for (pre, _), (_, s, e) in zip(layout, bounds, strict=True)))
-    Lv = max(len(cols) for _, cols in layout)
-    N = len(bounds)
-    index = torch.zeros(N, width, dtype=torch.long, device=q.device)
-    valid = torch.zeros(N, width, dtype=torch.bool, device=q.device)
-    colmap = torch.zeros(N, Lv, dtype=torch.long, device=q.device)
-    colok = torch.zeros(N, Lv, dtype=torch.bool, device=q.device)
-    real_pos = torch.zeros(N, width, dtype=torch.long, device=q.device)
-    for n, ((pre, cols), (b, s, e), p) in enumerate(zip(layout, bounds, starts, strict=True)):
-        index[n, pre : pre + e - s] = b * T + torch.arange(s, e, device=q.device)
-        valid[n, pre : pre + e - s] = True
-        colmap[n, : len(cols)] = torch.tensor(cols, device=q.device)
-        colok[n, : len(cols)] = True
-        real_pos[n] = p - pre + torch.arange(width, device=q.device)
-    return _Virtual(index, valid, colmap, colok, real_pos, bounds)
-
-
 def _run_from_positions(q, k, v, g, lam, scale, output_final_state, cu_seqlens, C, state):
     """Log-linear Mamba-2 of sequences continuing from ``state`` (a LogLinearState at positions
     p_n > 0): the new tokens on the kernels in the virtual layout (:func:`_virtual_layout`); the old
     slots' reads and the final-state routing in plain (differentiable) torch, as in the reference.
     """
+    from .loglinear import _virtual_layout
+
     B, T, H = q.shape[:3]
     L = lam.shape[-1]
     starts = state.position.tolist()
@@ -469,7 +414,7 @@ def _run_delta_from_positions(q, k, v, g, beta, lam, scale, output_final_state, 
     keys sit at level bit_length(t ^ block start) for each new query t: its read weights per position,
     and the level it takes in the final slots, go to the kernels' path as a ``triton_gdn.Carry``."""
     from . import triton_gdn
-    from .loglinear import _slot_occupied, bit_length, block_start
+    from .loglinear import _slot_occupied, _virtual_layout, bit_length, block_start
 
     B, T, H = q.shape[:3]
     L = lam.shape[-1]
