@@ -384,27 +384,32 @@ def _chunk(q, k, v, g, beta, lam, scale, initial_state, output_final_state, cu_s
     o = (attn_full * lam_in) @ vb  # [N, H, n, C, V]
 
     # Inter-chunk: every chunk level through the tree of block summaries (virtual chunk 0 at position 0).
-    outs = list((o + _tree_reads(f, u, lamb, c_bits)).unbind(2))
+    o = o + _tree_reads(f, u, lamb, c_bits)
     pos = real_pos
     carried = None
     if initial_state is not None:
-        # Every slot of the initial state is one aligned block; blocks only merge later, so all
-        # its keys share one level for every later query. All slots move together, stacked.
+        # Every slot of the initial state is one aligned block; blocks only merge later, so all its
+        # keys share one level for every later query: query t reads slot S as lam q_t^T A S, A the
+        # new tokens' transitions up to t. P_c (the transitions before chunk c) is carried from the
+        # identity, [K, K] whatever the number of slots, and every slot is read by the query q_eff P_c.
         last = start - 1
         starts = torch.stack([block_start(last, lv) for lv in range(L)], 1)  # [N, L]
         occupied = torch.stack([_slot_occupied(last, lv) for lv in range(L)], 1)
-        S = (initial_state.slots.to(cd) * occupied[:, None, :, None, None]).permute(0, 1, 3, 2, 4)
-        S = S.reshape(N, H, K, L * V)
-        lvl_all = bit_length(pos[:, :, None] ^ starts.clamp_min(0)[:, None, :])  # [N, Tp, L]
-        lvl_b = to_blocks(lvl_all[:, :, None].expand(N, Tp, H, L), C)  # [N, H, n, C, L]
-        lam_rb = to_blocks(lam_real, C)  # the old slots' levels are real ones
+        S = initial_state.slots.to(cd) * occupied[:, None, :, None, None]  # [N, H, L, K, V]
+        P = torch.eye(K, dtype=cd, device=dev).expand(N, H, K, K)
+        xs = []
         for i in range(n_chunks):
-            read = (f.q_eff[:, :, i] @ S).reshape(N, H, C, L, V)
-            outs[i] = outs[i] + (read * lam_rb[:, :, i].gather(-1, lvl_b[:, :, i].clamp_max(L - 1))[..., None]).sum(3)
-            S = f.carry(S, i)
-        carried = (S.reshape(N, H, K, L, V), starts, occupied)
+            xs.append(f.q_eff[:, :, i] @ P)
+            P = f.carry(P, i)
+        x = torch.stack(xs, 2)  # [N, H, n, C, K]
+        lvl = bit_length(pos[:, :, None] ^ starts.clamp_min(0)[:, None, :])  # [N, Tp, L]
+        lvl = to_blocks(lvl[:, :, None].expand(N, Tp, H, L), C)
+        coef = to_blocks(lam_real, C).gather(-1, lvl.clamp_max(L - 1))  # [N, H, n, C, L] at the real levels
+        for lv in range(L):
+            o = o + coef[..., lv, None] * (x @ S[:, :, lv, None])
+        carried = (P[:, :, None] @ S, starts, occupied)
 
-    o = torch.stack(outs, 2).permute(0, 2, 3, 1, 4).reshape(N, Tp, H, V)[valid]  # [total, H, V] in order
+    o = o.permute(0, 2, 3, 1, 4).reshape(N, Tp, H, V)[valid]  # [total, H, V] in order
     o = o[None] if cu_seqlens is not None else o.reshape(B, T, H, V)
     if not output_final_state:
         return o.to(q.dtype), None
@@ -425,7 +430,7 @@ def _chunk(q, k, v, g, beta, lam, scale, initial_state, output_final_state, cu_s
         S_old, starts, occupied = carried
         old_level = bit_length((last_q ^ starts.clamp_min(0)).clamp_min(0))  # [N, L]
         route = F.one_hot(old_level.clamp_max(L - 1), L).to(cd) * occupied[..., None]  # [N, from, to]
-        slots = slots + torch.einsum("nhklv,nlm->nhmkv", S_old, route)
+        slots = slots + torch.einsum("nhlkv,nlm->nhmkv", S_old, route)
     return o.to(q.dtype), LogLinearState(slots, end)
 
 
