@@ -295,9 +295,22 @@ class _Virtual(NamedTuple):
     real_pos: torch.Tensor  # [N, width] absolute position of each virtual position (pads too)
     bounds: list  # (batch row, start, end) per sequence
 
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, ...] (or [1, T, ...] packed) -> [N, width, ...] in this layout, zeros elsewhere."""
+        out = x.new_zeros(*self.valid.shape, *x.shape[2:])
+        out[self.valid] = x.reshape(-1, *x.shape[2:])[self.index[self.valid]]
+        return out
 
-def _virtual_layout(q: torch.Tensor, cu_seqlens, C: int, L: int, starts: list[int]) -> _Virtual:
-    """The layout of sequences continuing from positions ``starts`` on kernels that start at 0.
+    def levels(self, lam: torch.Tensor) -> torch.Tensor:
+        """Packed level weights [N, width, H, L] -> the virtual layout's columns [N, width, H, Lv]."""
+        N, width, H = lam.shape[:3]
+        Lv = self.colmap.shape[1]
+        return lam.gather(-1, self.colmap[:, None, None, :].expand(N, width, H, Lv)) * self.colok[:, None, None, :]
+
+
+def _virtual_layout(q: torch.Tensor, cu_seqlens, C: int, L: int, starts: list[int], multiple: int = 1) -> _Virtual:
+    """The layout of sequences continuing from positions ``starts`` on kernels that start at 0
+    (``multiple``: its width rounded up to a multiple of it).
 
     New tokens' levels depend on absolute positions. With F = p // C the first absolute chunk and
     n chunks spanned, m = bit_length(n - 1) and R = F mod 2^m, the chunk indices R.. in a virtual
@@ -321,6 +334,7 @@ def _virtual_layout(q: torch.Tensor, cu_seqlens, C: int, L: int, starts: list[in
         cols = [min(c, L - 1) for c in cols]  # columns past L are never reached by real pairs
         layout.append(((first % (1 << m)) * C + off, cols))
     width = max(1, *(pre + e - s for (pre, _), (_, s, e) in zip(layout, bounds, strict=True)))
+    width = -(-width // multiple) * multiple
     Lv = max(len(cols) for _, cols in layout)
     N = len(bounds)
     index = torch.zeros(N, width, dtype=torch.long, device=q.device)
@@ -348,27 +362,16 @@ def _chunk(q, k, v, g, beta, lam, scale, initial_state, output_final_state, cu_s
     # Align chunks to absolute positions in the virtual layout (zero tokens in front: no writes, no
     # decay, identity transitions; one level column remapped), so every sequence starts at chunk 0
     # and the chunk levels are the tree's reads; the old slots are read at their real levels.
-    lay = _virtual_layout(q, cu_seqlens, C, L, start.tolist())
-    N, width = lay.valid.shape
-    n_chunks = max(1, -(-width // C))
-    Tp = n_chunks * C
-    index, valid = (F.pad(x, (0, Tp - width)) for x in (lay.index, lay.valid))
-    real_pos = lay.real_pos[:, :1] + torch.arange(Tp, device=dev)  # [N, Tp] absolute positions
-
-    def place(x):  # [B, T, ...] -> [N, Tp, ...] in the layout, zeros elsewhere
-        if x is None:
-            return None
-        out = x.new_zeros(N, Tp, *x.shape[2:])
-        out[valid] = x.reshape(B * T, *x.shape[2:])[index[valid]]
-        return out
-
-    qp, kp, vp, gp, bp = (place(x) for x in (q, k, v, g, beta))
-    lam_real = place(lam).to(cd)  # [N, Tp, H, L] at real levels (0 at the padding)
-    Lv = lay.colmap.shape[1]
-    lamv = lam_real.gather(-1, lay.colmap[:, None, None, :].expand(N, Tp, H, Lv)) * lay.colok[:, None, None, :]
+    lay = _virtual_layout(q, cu_seqlens, C, L, start.tolist(), multiple=C)
+    N, Tp = lay.valid.shape
+    n_chunks = Tp // C
+    pos = lay.real_pos  # [N, Tp] absolute positions
+    qp, kp, vp, gp, bp = (None if x is None else lay.pack(x) for x in (q, k, v, g, beta))
+    lam_real = lay.pack(lam).to(cd)  # [N, Tp, H, L] at real levels (0 at the padding)
+    lamv = lay.levels(lam_real)
     # Enough level columns for every chunk level of the virtual layout (real pairs never exceed L - 1).
-    L_pad = max(L, Lv, C.bit_length() + (n_chunks - 1).bit_length())
-    lamp = F.pad(lamv, (0, L_pad - Lv))
+    L_pad = max(L, lamv.shape[-1], C.bit_length() + (n_chunks - 1).bit_length())
+    lamp = F.pad(lamv, (0, L_pad - lamv.shape[-1]))
     f = reference.chunk_factors(qp.to(cd) * scale, kp.to(cd), None if gp is None else gp.to(cd),
                                 None if bp is None else bp.to(cd), C)
     vb = to_blocks(vp.to(cd), C)  # [N, H, n, C, V]
@@ -385,7 +388,6 @@ def _chunk(q, k, v, g, beta, lam, scale, initial_state, output_final_state, cu_s
 
     # Inter-chunk: every chunk level through the tree of block summaries (virtual chunk 0 at position 0).
     o = o + _tree_reads(f, u, lamb, c_bits)
-    pos = real_pos
     carried = None
     if initial_state is not None:
         # Every slot of the initial state is one aligned block; blocks only merge later, so all its
@@ -409,7 +411,7 @@ def _chunk(q, k, v, g, beta, lam, scale, initial_state, output_final_state, cu_s
             o = o + coef[..., lv, None] * (x @ S[:, :, lv, None])
         carried = (P[:, :, None] @ S, starts, occupied)
 
-    o = o.permute(0, 2, 3, 1, 4).reshape(N, Tp, H, V)[valid]  # [total, H, V] in order
+    o = o.permute(0, 2, 3, 1, 4).reshape(N, Tp, H, V)[lay.valid]  # [total, H, V] in order
     o = o[None] if cu_seqlens is not None else o.reshape(B, T, H, V)
     if not output_final_state:
         return o.to(q.dtype), None

@@ -117,12 +117,6 @@ def plan_loglinear(op: str, q: torch.Tensor, v: torch.Tensor, initial_state, mod
     return _kernels_take(q, v)
 
 
-def _pack(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """[1, T, ...] packed sequences -> [N, max_len, ...] dense, zero past each sequence's end."""
-    out = x[0][index]
-    return out * valid.view(*valid.shape, *([1] * (out.ndim - 2))).to(out.dtype)
-
-
 def _level_block(last: int, lvl: int) -> tuple[int, int]:
     """[a, b): positions of the keys in query ``last``'s level-``lvl`` Fenwick block; (0, 0) when
     that level is empty."""
@@ -166,22 +160,17 @@ def _run_from_positions(q, k, v, g, lam, scale, output_final_state, cu_seqlens, 
     p_n > 0): the new tokens on the kernels in the virtual layout (:func:`_virtual_layout`); the old
     slots' reads and the final-state routing in plain (differentiable) torch, as in the reference.
     """
-    from .loglinear import _virtual_layout
+    from .loglinear import _slot_occupied, _virtual_layout, bit_length, block_start
 
-    B, T, H = q.shape[:3]
-    L = lam.shape[-1]
+    H, L = q.shape[2], lam.shape[-1]
     starts = state.position.tolist()
     lay = _virtual_layout(q, cu_seqlens, C, L, starts)
-    bounds, valid, N, width = lay.bounds, lay.valid, len(lay.bounds), lay.valid.shape[1]
-    flat = [x.reshape(B * T, *x.shape[2:]) for x in (q, k, v, g, lam)]
-    qd, kd, vd, gd, lamd = (_pack(x[None], lay.index, valid) for x in flat)
-    Lv = lay.colmap.shape[1]
-    lamd = lamd.gather(-1, lay.colmap[:, None, None, :].expand(N, width, H, Lv)) * lay.colok[:, None, None, :]
-    od = kernels().loglinear_ssd(qd, kd, vd, gd, lamd, scale, C)
-    o_new = od[valid]  # [total, H, V] in sequence order
+    bounds = lay.bounds
+    qd, kd, vd, gd, lamd = (lay.pack(x) for x in (q, k, v, g, lam))
+    od = kernels().loglinear_ssd(qd, kd, vd, gd, lay.levels(lamd), scale, C)
+    o_new = od[lay.valid]  # [total, H, V] in sequence order
     # Old slots: slot l is the block of the last old query at level l; for a new query t its keys all
     # sit at level bit_length(t ^ block start), decayed by the new tokens' cumulative decay.
-    from .loglinear import _slot_occupied, bit_length, block_start
 
     outs, finals = [], []
     for n, ((b, s, e), p) in enumerate(zip(bounds, starts, strict=True)):
@@ -269,16 +258,13 @@ def run_loglinear_ssd(q, k, v, g, lam, scale: float, output_final_state: bool, c
         o = kernels().loglinear_ssd(q, k, v, g, lam, scale, C)
         dense = (k, v, g)
     else:
-        offsets = cu_seqlens.tolist()
-        lengths = [e - s for s, e in itertools.pairwise(offsets)]
-        width = max(max(lengths), 1)
-        starts = torch.tensor(offsets[:-1], device=q.device)
-        pos = torch.arange(width, device=q.device)
-        valid = pos[None] < torch.tensor(lengths, device=q.device)[:, None]  # [N, width]
-        index = torch.where(valid, starts[:, None] + pos[None], 0)
-        qd, kd, vd, gd, lamd = (_pack(x, index, valid) for x in (q, k, v, g, lam))
+        from .loglinear import _virtual_layout
+
+        lengths = cu_seqlens.diff().tolist()
+        lay = _virtual_layout(q, cu_seqlens, C, lam.shape[-1], [0] * len(lengths))  # every start 0: dense
+        qd, kd, vd, gd, lamd = (lay.pack(x) for x in (q, k, v, g, lam))
         od = kernels().loglinear_ssd(qd, kd, vd, gd, lamd, scale, C)
-        o = od[valid][None]
+        o = od[lay.valid][None]
         dense = (kd, vd, gd)
     slots = _final_slots(*dense, lengths, lam.shape[-1]) if output_final_state else None
     return o, slots, lengths
@@ -421,10 +407,8 @@ def _run_delta_from_positions(q, k, v, g, beta, lam, scale, output_final_state, 
     positions = state.position.tolist()
     lay = _virtual_layout(q, cu_seqlens, C, L, positions)
     N, width = lay.valid.shape
-    flat = [x.reshape(B * T, *x.shape[2:]) for x in (q, k, v, g, beta, lam)]
-    qd, kd, vd, gd, bd, lam_real = (_pack(x[None], lay.index, lay.valid) for x in flat)
-    Lv = lay.colmap.shape[1]
-    lamd = lam_real.gather(-1, lay.colmap[:, None, None, :].expand(N, width, H, Lv)) * lay.colok[:, None, None, :]
+    qd, kd, vd, gd, bd, lam_real = (lay.pack(x) for x in (q, k, v, g, beta, lam))
+    lamd = lay.levels(lam_real)
     # The old blocks, on the host (positions are known there): no device sync per level.
     old = [lv for lv in range(L) if any(_slot_occupied(p - 1, lv) for p in positions)]
     starts = torch.tensor([[max(block_start(p - 1, lv), 0) for lv in old] for p in positions], device=q.device)
