@@ -99,17 +99,41 @@ def _gram(a_ptr, b_ptr, tok, K, C: tl.constexpr, BK: tl.constexpr, DT: tl.conste
 
 
 @triton.jit
+def _merge_pairs(ap, C: tl.constexpr, S: tl.constexpr, P: tl.constexpr):
+    """In the [C, C] scratch ``ap`` of a unit lower triangular A whose S x S diagonal blocks already
+    hold their inverses (the blocks below them: A's own entries), make the 2S x 2S diagonal blocks'
+    inverses: each pair's lower-left block becomes -A22^-1 A21 A11^-1."""
+    ss = tl.arange(0, S)
+    r, c = ss[:, None], ss[None, :]
+    for p in tl.static_range(C // (2 * S)):
+        o = 2 * p * S  # the pair's first row and column
+        a11 = tl.load(ap + (o + r) * C + o + c)
+        a21 = tl.load(ap + (o + S + r) * C + o + c)
+        a22 = tl.load(ap + (o + S + r) * C + o + S + c)
+        x = -tl.dot(tl.dot(a22, a21, input_precision=P), a11, input_precision=P)
+        tl.debug_barrier()  # every thread has read a21 before it is overwritten
+        tl.store(ap + (o + S + r) * C + o + c, x)
+    tl.debug_barrier()
+
+
+@triton.jit
 def _inverse(Lm, ap, C: tl.constexpr, SOLVE: tl.constexpr, PREC: tl.constexpr):
     """(I + Lm)^-1 of a strictly lower [C, C] Lm (``ap``: this program's [C, C] scratch).
 
     "rows": forward substitution, T = A^-1 - I row by row, T_r = -L_r - sum_{j<r} L_rj T_j (C - 1
-    dependent steps). "blocks": the same within the 16 x 16 diagonal blocks, all blocks at once (15
-    steps, a masked [C, C] product each), then A^-1 = (I - N + N^2 - N^3) D^-1 with D the block
-    diagonal and N = D^-1 (A - D) (strictly block-lower: N^4 = 0); the products in 3xTF32 (or IEEE)
-    where PREC is TF32: the powers cancel, so their error must stay near float32's."""
+    dependent steps). Otherwise the same within the 16 x 16 diagonal blocks, all blocks at once (15
+    steps), then across them. "blocks" takes each step as a masked [C, C] product (3xTF32: 45 products
+    of C^3 for the blocks alone), "diag" and "merge" as vector work on the [C / 16, 16, 16] stack of
+    diagonal blocks. Across blocks, "blocks" and "diag": A^-1 = (I - N)(I + N^2) D^-1 (= (I - N + N^2 -
+    N^3) D^-1) with D the block diagonal and N = D^-1 (A - D) (strictly block-lower: N^4 = 0);
+    "merge": pairs of blocks merged 16 -> 32 -> 64 (:func:`_merge_pairs`: two S^3 products per pair).
+    Products in 3xTF32 (or IEEE) where PREC is TF32: the series' powers cancel, so their error must
+    stay near float32's."""
     cc = tl.arange(0, C)
     ri, cj = cc[:, None], cc[None, :]
     eye = (ri == cj).to(tl.float32)
+    diag = (ri // 16) == (cj // 16)
+    P: tl.constexpr = "tf32x3" if PREC == "tf32" else PREC
     if SOLVE == "rows":
         tl.store(ap + ri * C + cj, Lm)
         tl.debug_barrier()
@@ -120,18 +144,43 @@ def _inverse(Lm, ap, C: tl.constexpr, SOLVE: tl.constexpr, PREC: tl.constexpr):
             T = tl.where(ri == r, a[None, :], T)
         tl.debug_barrier()  # the scratch is read; the caller may overwrite it
         return T + eye
-    else:
-        P: tl.constexpr = "tf32x3" if PREC == "tf32" else PREC
-        diag = (ri // 16) == (cj // 16)
+    if SOLVE == "blocks":
         T = tl.zeros((C, C), dtype=tl.float32)
         for r in range(1, 16):
             a = tl.where(((ri % 16) == r) & diag, -Lm, 0.0)  # row r of every diagonal block
             T = tl.where((ri % 16) == r, a + tl.dot(a, T, input_precision=P), T)
         Dinv = T + eye
-        N = tl.dot(Dinv, tl.where(diag, 0.0, Lm), input_precision=P)
-        N2 = tl.dot(N, N, input_precision=P)
-        S = eye - N + N2 - tl.dot(N2, N, input_precision=P)
-        return tl.dot(S, Dinv, input_precision=P)
+    else:
+        NB: tl.constexpr = C // 16
+        bb = tl.arange(0, NB)[:, None, None]
+        ii = tl.arange(0, 16)[None, :, None]
+        jj = tl.arange(0, 16)[None, None, :]
+        blk = ap + (bb * 16 + ii) * C + bb * 16 + jj  # the diagonal blocks of the scratch, [NB, 16, 16]
+        tl.debug_barrier()  # earlier reads of the scratch are done
+        tl.store(ap + ri * C + cj, Lm)
+        tl.debug_barrier()
+        Lb = tl.load(blk)
+        Tb = tl.zeros((NB, 16, 16), dtype=tl.float32)
+        for r in tl.static_range(1, 16):
+            a = -tl.sum(tl.where(ii == r, Lb, 0.0), axis=1)  # row r of every block (zero from column r on)
+            a += tl.sum(a[:, :, None] * Tb, axis=1)
+            Tb = tl.where(ii == r, a[:, None, :], Tb)
+        tl.debug_barrier()
+        tl.store(blk, Tb + (ii == jj).to(tl.float32))
+        tl.debug_barrier()
+        if SOLVE == "merge":
+            if C >= 32:
+                _merge_pairs(ap, C, 16, P)
+            if C >= 64:
+                _merge_pairs(ap, C, 32, P)
+            out = tl.load(ap + ri * C + cj)  # above the diagonal: Lm's zeros
+            tl.debug_barrier()  # the scratch is read; the caller may overwrite it
+            return out
+        Dinv = tl.where(diag, tl.load(ap + ri * C + cj), 0.0)
+        tl.debug_barrier()
+    N = tl.dot(Dinv, tl.where(diag, 0.0, Lm), input_precision=P)
+    S = tl.dot(eye - N, eye + tl.dot(N, N, input_precision=P), input_precision=P)
+    return tl.dot(S, Dinv, input_precision=P)
 
 
 @triton.jit
@@ -285,7 +334,7 @@ def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr
 # 32-column steps compute wrong results there (Triton 3.6; the backward always, the forward with
 # "blocks") and 16 columns an illegal address, while the interpreter agrees with the reference:
 # _blocks keeps steps at 64 columns (K, V below 64 are masked).
-CHUNK_TILES = {"fwd": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 1, "solve": "blocks"},
+CHUNK_TILES = {"fwd": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 1, "solve": "merge"},
                "bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 1}}
 
 
