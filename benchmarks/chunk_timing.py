@@ -4,10 +4,10 @@ forward and backward kernel time (the backward with random gradients of every ou
 compared with the first configuration's, output by output (a difference beyond rounding is a broken
 configuration: start with one whose errors kernel_errors.py has measured). Writes JSON (--json).
 
-A configuration: tokens joined by ':', e.g. ``blocks:w8:k64:v64`` (the forward's solve, warps, K
+A configuration: tokens joined by ':', e.g. ``merge:w8:k64:v64`` (the forward's solve, warps, K
 and V columns per step, for both kernels; CHUNK_TILES), or ``default`` (the tables as they are).
 
-    python benchmarks/chunk_timing.py --configs "default;rows:w8;blocks:w4" --json $OUT/chunk_timing_h100.json
+    python benchmarks/chunk_timing.py --configs "default;rows:w8;merge:w8" --json $OUT/chunk_timing_h100.json
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def configure(cfg: str) -> None:
     if cfg == "default":
         return
     for tok in cfg.split(":"):
-        if tok in ("rows", "blocks", "diag", "merge"):
+        if tok in ("rows", "merge"):
             tc.CHUNK_TILES["fwd"]["solve"] = tok
         else:
             key = {"w": "num_warps", "k": "BK", "v": "BV", "s": "num_stages"}[tok[0]]
@@ -39,7 +39,7 @@ def configure(cfg: str) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--T", type=int, default=65536)
-    ap.add_argument("--configs", default="default;rows;blocks:w4;blocks:k128:v128;blocks:k32:v32")
+    ap.add_argument("--configs", default="default;rows;merge:w8;merge:k128:v128")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     N, H, C, d, L = 1, 16, 64, 128, (args.T - 1).bit_length() + 1

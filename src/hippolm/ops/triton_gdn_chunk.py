@@ -11,8 +11,8 @@ Per chunk (C tokens, G the within-chunk cumulative log decay, gamma = exp(G), qb
     attn = (qb k^T) * decay                  qw = qb gamma - attn w
     o = ((attn mix) * lam_in) v              lam_in_ij = lam_i[bit_length(i xor j)]
 
-A^-1 (:func:`_inverse`): forward substitution inside the 16 x 16 diagonal blocks, then a three-term
-series across them (no long products of powers of the nilpotent part: those overflow float32's
+A^-1 (:func:`_inverse`): forward substitution inside the 16 x 16 diagonal blocks, then pairs of
+blocks merged (no long products of powers of the nilpotent part: those overflow float32's
 precision when keys are alike). Only loaded tiles are transposed inside a dot (Triton miscompiles
 the transpose of a dot's result on Hopper, FLA #640); computed matrices go through a scratch.
 """
@@ -121,19 +121,13 @@ def _inverse(Lm, ap, C: tl.constexpr, SOLVE: tl.constexpr, PREC: tl.constexpr):
     """(I + Lm)^-1 of a strictly lower [C, C] Lm (``ap``: this program's [C, C] scratch).
 
     "rows": forward substitution, T = A^-1 - I row by row, T_r = -L_r - sum_{j<r} L_rj T_j (C - 1
-    dependent steps). Otherwise the same within the 16 x 16 diagonal blocks, all blocks at once (15
-    steps), then across them. "blocks" takes each step as a masked [C, C] product (3xTF32: 45 products
-    of C^3 for the blocks alone), "diag" and "merge" as vector work on the [C / 16, 16, 16] stack of
-    diagonal blocks. Across blocks, "blocks" and "diag": A^-1 = (I - N)(I + N^2) D^-1 (= (I - N + N^2 -
-    N^3) D^-1) with D the block diagonal and N = D^-1 (A - D) (strictly block-lower: N^4 = 0);
-    "merge": pairs of blocks merged 16 -> 32 -> 64 (:func:`_merge_pairs`: two S^3 products per pair).
-    Products in 3xTF32 (or IEEE) where PREC is TF32: the series' powers cancel, so their error must
-    stay near float32's."""
+    dependent steps). "merge": the same inside the 16 x 16 diagonal blocks, all at once as vector work
+    on their [C / 16, 16, 16] stack (15 steps), then pairs of blocks merged 16 -> 32 -> 64
+    (:func:`_merge_pairs`: two S^3 products per pair, 3xTF32 where PREC is TF32). An earlier way took
+    each step as a masked [C, C] product and crossed blocks by the series (I - N + N^2 - N^3) D^-1:
+    48 3xTF32 products of C^3 in all (forward 3.38 vs 2.29 ms on the H100, chunk_timing_h100_merge.json)."""
     cc = tl.arange(0, C)
     ri, cj = cc[:, None], cc[None, :]
-    eye = (ri == cj).to(tl.float32)
-    diag = (ri // 16) == (cj // 16)
-    P: tl.constexpr = "tf32x3" if PREC == "tf32" else PREC
     if SOLVE == "rows":
         tl.store(ap + ri * C + cj, Lm)
         tl.debug_barrier()
@@ -143,44 +137,32 @@ def _inverse(Lm, ap, C: tl.constexpr, SOLVE: tl.constexpr, PREC: tl.constexpr):
             a += tl.sum(a[:, None] * T, axis=0)
             T = tl.where(ri == r, a[None, :], T)
         tl.debug_barrier()  # the scratch is read; the caller may overwrite it
-        return T + eye
-    if SOLVE == "blocks":
-        T = tl.zeros((C, C), dtype=tl.float32)
-        for r in range(1, 16):
-            a = tl.where(((ri % 16) == r) & diag, -Lm, 0.0)  # row r of every diagonal block
-            T = tl.where((ri % 16) == r, a + tl.dot(a, T, input_precision=P), T)
-        Dinv = T + eye
-    else:
-        NB: tl.constexpr = C // 16
-        bb = tl.arange(0, NB)[:, None, None]
-        ii = tl.arange(0, 16)[None, :, None]
-        jj = tl.arange(0, 16)[None, None, :]
-        blk = ap + (bb * 16 + ii) * C + bb * 16 + jj  # the diagonal blocks of the scratch, [NB, 16, 16]
-        tl.debug_barrier()  # earlier reads of the scratch are done
-        tl.store(ap + ri * C + cj, Lm)
-        tl.debug_barrier()
-        Lb = tl.load(blk)
-        Tb = tl.zeros((NB, 16, 16), dtype=tl.float32)
-        for r in tl.static_range(1, 16):
-            a = -tl.sum(tl.where(ii == r, Lb, 0.0), axis=1)  # row r of every block (zero from column r on)
-            a += tl.sum(a[:, :, None] * Tb, axis=1)
-            Tb = tl.where(ii == r, a[:, None, :], Tb)
-        tl.debug_barrier()
-        tl.store(blk, Tb + (ii == jj).to(tl.float32))
-        tl.debug_barrier()
-        if SOLVE == "merge":
-            if C >= 32:
-                _merge_pairs(ap, C, 16, P)
-            if C >= 64:
-                _merge_pairs(ap, C, 32, P)
-            out = tl.load(ap + ri * C + cj)  # above the diagonal: Lm's zeros
-            tl.debug_barrier()  # the scratch is read; the caller may overwrite it
-            return out
-        Dinv = tl.where(diag, tl.load(ap + ri * C + cj), 0.0)
-        tl.debug_barrier()
-    N = tl.dot(Dinv, tl.where(diag, 0.0, Lm), input_precision=P)
-    S = tl.dot(eye - N, eye + tl.dot(N, N, input_precision=P), input_precision=P)
-    return tl.dot(S, Dinv, input_precision=P)
+        return T + (ri == cj).to(tl.float32)
+    P: tl.constexpr = "tf32x3" if PREC == "tf32" else PREC
+    NB: tl.constexpr = C // 16
+    bb = tl.arange(0, NB)[:, None, None]
+    ii = tl.arange(0, 16)[None, :, None]
+    jj = tl.arange(0, 16)[None, None, :]
+    blk = ap + (bb * 16 + ii) * C + bb * 16 + jj  # the diagonal blocks of the scratch, [NB, 16, 16]
+    tl.debug_barrier()  # earlier reads of the scratch are done
+    tl.store(ap + ri * C + cj, Lm)
+    tl.debug_barrier()
+    Lb = tl.load(blk)
+    Tb = tl.zeros((NB, 16, 16), dtype=tl.float32)
+    for r in tl.static_range(1, 16):
+        a = -tl.sum(tl.where(ii == r, Lb, 0.0), axis=1)  # row r of every block (zero from column r on)
+        a += tl.sum(a[:, :, None] * Tb, axis=1)
+        Tb = tl.where(ii == r, a[:, None, :], Tb)
+    tl.debug_barrier()
+    tl.store(blk, Tb + (ii == jj).to(tl.float32))
+    tl.debug_barrier()
+    if C >= 32:
+        _merge_pairs(ap, C, 16, P)
+    if C >= 64:
+        _merge_pairs(ap, C, 32, P)
+    out = tl.load(ap + ri * C + cj)  # above the diagonal: Lm's zeros
+    tl.debug_barrier()  # the scratch is read; the caller may overwrite it
+    return out
 
 
 @triton.jit
@@ -330,7 +312,8 @@ def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr
 
 # Per kernel: K and V columns per step of its loops, warps, stages, and (forward) the solve for A^-1.
 # H200, bf16, 64k tokens, 16 heads (benchmarks/chunk_timing.py, chunk_timing_h200.json): forward
-# "blocks" with 4 warps 3.4 ms (8 warps 7.0, "rows" 3.9 / 4.8), backward 8 warps 8.1 ms (4 warps 9.3).
+# (the old block solve) with 4 warps 3.4 ms (8 warps 7.0, "rows" 3.9 / 4.8), backward 8 warps 8.1 ms
+# (4 warps 9.3). H100 (chunk_timing_h100_merge.json): forward "merge" 2.29 ms, "rows" 4.15.
 # 32-column steps compute wrong results there (Triton 3.6; the backward always, the forward with
 # "blocks") and 16 columns an illegal address, while the interpreter agrees with the reference:
 # _blocks keeps steps at 64 columns (K, V below 64 are masked).
