@@ -1,13 +1,12 @@
-"""Where the time goes inside a kernel: Nsight Compute's warp-stall samples per source line.
+"""Where the time goes inside a kernel: Nsight Compute's stall reasons and warp-stall samples.
 
 Runs a command under ``ncu`` (clocks left alone), profiling the first ``--count`` launches whose
-kernel name matches ``--kernels``, then writes for each profiled kernel its stall reasons (the
-WarpStateStats section) and the source lines with the most stall samples (SourceCounters; Triton
-kernels carry their Python lines) to JSON, and prints the top lines; the per-line CSV page
-(Python lines) is kept next to the JSON, the report in /tmp. One kernel per run (the source page
-is per kernel). For the first forward launch of the log-linear GDN chunk kernels:
+kernel name matches ``--kernels``; writes each profiled kernel's stall reasons (cycles per issued
+instruction, from the raw page) and its SASS instructions with the most stall samples
+(SourceCounters) to JSON and prints them; keeps the raw page (every metric) and each kernel's SASS
+page as CSV next to the JSON, the report in /tmp. The chunk kernels' first forward and backward:
 
-    python benchmarks/ncu_lines.py --kernels '^_chunk_fwd$' --json $OUT/ncu_chunk_fwd_h100.json -- \\
+    python benchmarks/ncu_lines.py --kernels '^_chunk_(fwd|bwd)$' --count 2 --json $OUT/ncu_chunk_h100.json -- \\
         python benchmarks/chunk_timing.py --configs default
 """
 
@@ -28,41 +27,45 @@ def ncu(*args: str) -> str:
 
 
 def rows_of(text: str) -> list[dict]:
-    """The CSV rows of an ncu page (its non-CSV preamble lines dropped)."""
+    """The CSV rows of an ncu page (its non-CSV preamble lines dropped; a page that repeats its
+    header per kernel gives those headers as rows, which the readers below skip)."""
     lines = [ln for ln in text.splitlines() if ln.startswith('"')]
-    return list(csv.DictReader(io.StringIO("\n".join(lines))))
+    return [{k: v for k, v in r.items() if k is not None} for r in csv.DictReader(io.StringIO("\n".join(lines)))]
 
 
-def stall_reasons(details: list[dict]) -> dict[str, dict[str, float]]:
-    """Kernel -> {stall metric name: value} of the WarpStateStats section."""
-    out: dict[str, dict[str, float]] = {}
-    for r in details:
-        if r.get("Section Name") != "Warp State Statistics":
-            continue
-        name = f"{r.get('ID', '')}:{r.get('Kernel Name', '')[:60]}"
-        try:
-            out.setdefault(name, {})[r["Metric Name"]] = float(r["Metric Value"].replace(",", ""))
-        except (KeyError, ValueError):
-            continue
+def number(x: str | None) -> float | None:
+    try:
+        return float((x or "").replace(",", ""))
+    except ValueError:
+        return None
+
+
+def stall_reasons(raw: list[dict]) -> dict[str, dict[str, float]]:
+    """Kernel -> {stall reason: cycles per issued instruction} from the raw page (the
+    smsp__average_warps_issue_stalled_<reason>_per_issue_active metrics), largest first."""
+    out = {}
+    for r in raw:
+        name = r.get("Kernel Name", "")
+        stalls = {}
+        for k, v in r.items():
+            if k.startswith("smsp__average_warps_issue_stalled_") and k.endswith("_per_issue_active.ratio"):
+                val = number(v)
+                if val:
+                    stalls[k[len("smsp__average_warps_issue_stalled_"): -len("_per_issue_active.ratio")]] = val
+        if stalls:
+            out[f"{r.get('ID', '')}:{name[:60]}"] = dict(sorted(stalls.items(), key=lambda kv: -kv[1]))
     return out
 
 
 def hot_lines(source: list[dict], top: int) -> list[dict]:
-    """The ``top`` source lines by warp-stall samples (all samples), with every sampled column."""
-    key = next((k for k in (source[0] if source else {}) if "Warp Stall Sampling (All" in k), None)
+    """The ``top`` rows of a source page by warp-stall samples (all samples)."""
+    key = next((k for r in source[:1] for k in r if "Stall Sampling (All" in k), None)
     if key is None:
-        return []
-
-    def samples(r: dict) -> float:
-        try:
-            return float(r[key].replace(",", "") or 0)
-        except ValueError:
-            return 0.0
-
-    total = sum(samples(r) for r in source) or 1.0
-    ranked = sorted(source, key=samples, reverse=True)[:top]
-    return [{"share": round(samples(r) / total, 4), "line": r.get("#", r.get("Line", "")),
-             "source": (r.get("Source") or "").strip()[:160]} for r in ranked]
+        return [{"columns": list(source[0]) if source else []}]
+    total = sum(number(r.get(key)) or 0 for r in source) or 1.0
+    ranked = sorted(source, key=lambda r: number(r.get(key)) or 0, reverse=True)[:top]
+    return [{"share": round((number(r.get(key)) or 0) / total, 4),
+             **{k: v for k, v in r.items() if k in ("#", "Line No", "Address", "Source")}} for r in ranked]
 
 
 def main() -> None:
@@ -81,29 +84,27 @@ def main() -> None:
         "--section", "LaunchStats", "--section", "Occupancy", "--import-source", "yes", "--export", str(rep),
         "--force-overwrite", *command)
     report = f"{rep}.ncu-rep"
-    details = ncu("--import", report, "--page", "details", "--csv")
+    raw = ncu("--import", report, "--page", "raw", "--csv")
+    out.with_name(out.stem + "_raw.csv").write_text(raw)
+    raw_rows = rows_of(raw)
     result = {"meta": {"date": datetime.date.today().isoformat(), "command": command, "kernels": args.kernels},
-              "stalls": stall_reasons(rows_of(details)), "launch": {}, "lines": {}}
-    for r in rows_of(details):
-        if r.get("Section Name") in ("Launch Statistics", "Occupancy"):
-            result["launch"].setdefault(f"{r.get('ID', '')}:{r.get('Kernel Name', '')[:60]}", {})[
-                r["Metric Name"]] = r["Metric Value"]
-    for view in ("cuda", "sass"):
-        try:
-            text = ncu("--import", report, "--page", "source", "--csv", "--print-source", view)
+              "stalls": stall_reasons(raw_rows), "lines": {}}
+    for name in dict.fromkeys(r.get("Kernel Name", "") for r in raw_rows if r.get("ID", "").isdigit()):
+        try:  # per kernel: the SASS with its stall samples (Triton's line info maps it to the .py lines)
+            text = ncu("--import", report, "--kernel-name", name, "--page", "source", "--csv", "--print-source",
+                       "sass")
         except subprocess.CalledProcessError as err:
-            result["lines"][view] = f"ncu failed: {err.stderr[-300:]}"
+            result["lines"][name] = f"ncu failed: {err.stderr[-300:]}"
             continue
-        if view == "cuda":
-            out.with_name(f"{out.stem}_lines.csv").write_text(text)
-        result["lines"][view] = hot_lines(rows_of(text), args.top)
+        out.with_name(f"{out.stem}_{name.strip('_')}_sass.csv").write_text(text)
+        result["lines"][name] = hot_lines(rows_of(text), args.top)
     out.write_text(json.dumps(result, indent=1))
-    for view, lines in result["lines"].items():
-        print(f"--- {view}")
+    for name, lines in result["lines"].items():
+        print(f"--- {name}")
         for ln in lines if isinstance(lines, list) else [lines]:
             print(ln)
     for name, stalls in result["stalls"].items():
-        print(name, {k: v for k, v in stalls.items() if v})
+        print(name, dict(list(stalls.items())[:12]))
 
 
 if __name__ == "__main__":
