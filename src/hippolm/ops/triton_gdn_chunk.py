@@ -125,7 +125,7 @@ def _inverse(Lm, ap, C: tl.constexpr, SOLVE: tl.constexpr, PREC: tl.constexpr):
     on their [C / 16, 16, 16] stack (15 steps), then pairs of blocks merged 16 -> 32 -> 64
     (:func:`_merge_pairs`: two S^3 products per pair, 3xTF32 where PREC is TF32). An earlier way took
     each step as a masked [C, C] product and crossed blocks by the series (I - N + N^2 - N^3) D^-1:
-    48 3xTF32 products of C^3 in all (forward 3.38 vs 2.29 ms on the H100, chunk_timing_h100_merge.json)."""
+    19 3xTF32 products of C^3 (forward 3.38 vs 2.29 ms on the H100, chunk_timing_h100_merge.json)."""
     cc = tl.arange(0, C)
     ri, cj = cc[:, None], cc[None, :]
     if SOLVE == "rows":
@@ -315,7 +315,7 @@ def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr
 # (the old block solve) with 4 warps 3.4 ms (8 warps 7.0, "rows" 3.9 / 4.8), backward 8 warps 8.1 ms
 # (4 warps 9.3). H100 (chunk_timing_h100_merge.json): forward "merge" 2.29 ms, "rows" 4.15.
 # 32-column steps compute wrong results there (Triton 3.6; the backward always, the forward with
-# "blocks") and 16 columns an illegal address, while the interpreter agrees with the reference:
+# the old block solve) and 16 columns an illegal address, while the interpreter agrees with the reference:
 # _blocks keeps steps at 64 columns (K, V below 64 are masked).
 CHUNK_TILES = {"fwd": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 1, "solve": "merge"},
                "bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 1}}
