@@ -437,8 +437,8 @@ def _tree_node_grads(m_ptr, dm_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, 
     cols = col0 + tl.arange(0, BN)
     out = dm_ptr + (bh * n_h + m) * (K * W) + kk[:, None] * W + cols[None, :]
     mt = (kk[:, None] < K) & (cols[None, :] < W)
-    if ATOMIC:
-        tl.atomic_add(out, acc, mask=mt)
+    if ATOMIC:  # relaxed: only later launches read dm (acq_rel fenced every add: ncu_tree_node_grads_h100.json)
+        tl.atomic_add(out, acc, mask=mt, sem="relaxed")
     else:
         tl.store(out, acc.to(dm_ptr.dtype.element_ty), mask=mt)
 
