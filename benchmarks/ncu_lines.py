@@ -4,7 +4,7 @@ Runs a command under ``ncu`` (clocks left alone), profiling the first ``--count`
 kernel name matches ``--kernels``; writes each profiled kernel's stall reasons (cycles per issued
 instruction, from the raw page) and its SASS instructions with the most stall samples
 (SourceCounters) to JSON and prints them; keeps the raw page (every metric) and each kernel's SASS
-page as CSV next to the JSON, the report in /tmp. The chunk kernels' first forward and backward:
+page as CSV (gzip) next to the JSON, the report in /tmp. The chunk kernels' first forward and backward:
 
     python benchmarks/ncu_lines.py --kernels '^_chunk_(fwd|bwd)$' --count 2 --json $OUT/ncu_chunk_h100.json -- \\
         python benchmarks/chunk_timing.py --configs default
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import gzip
 import io
 import json
 import subprocess
@@ -30,6 +31,8 @@ def rows_of(text: str) -> list[dict]:
     """The CSV rows of an ncu page (its non-CSV preamble lines dropped; a page that repeats its
     header per kernel gives those headers as rows, which the readers below skip)."""
     lines = [ln for ln in text.splitlines() if ln.startswith('"')]
+    if lines and lines[0].startswith(('"Kernel Name"', '"File Name"')):  # the source page's title line
+        lines = lines[1:]
     return [{k: v for k, v in r.items() if k is not None} for r in csv.DictReader(io.StringIO("\n".join(lines)))]
 
 
@@ -68,6 +71,28 @@ def hot_lines(source: list[dict], top: int) -> list[dict]:
              **{k: v for k, v in r.items() if k in ("#", "Line No", "Address", "Source")}} for r in ranked]
 
 
+def by_opcode(source: list[dict]) -> dict[str, float]:
+    """Share of the warp-stall samples per SASS opcode (predicate and modifiers dropped)."""
+    key = next((k for r in source[:1] for k in r if "Stall Sampling (All" in k), None)
+    if key is None:
+        return {}
+    sums: dict[str, float] = {}
+    for r in source:
+        words = (r.get("Source") or "").split()
+        words = words[1:] if words[:1] and words[0].startswith("@") else words
+        op = words[0].split(".")[0] if words else ""
+        sums[op] = sums.get(op, 0.0) + (number(r.get(key)) or 0)
+    total = sum(sums.values()) or 1.0
+    return {k: round(v / total, 4) for k, v in sorted(sums.items(), key=lambda kv: -kv[1])[:20]}
+
+
+def summarise(raw_rows: list[dict], pages: dict[str, str], top: int) -> dict:
+    """Stall reasons per kernel, and per kernel page its hottest instructions and opcodes."""
+    return {"stalls": stall_reasons(raw_rows),
+            "opcodes": {name: by_opcode(rows_of(text)) for name, text in pages.items()},
+            "lines": {name: hot_lines(rows_of(text), top) for name, text in pages.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernels", required=True, help="regex of the kernel names to profile")
@@ -87,17 +112,15 @@ def main() -> None:
     raw = ncu("--import", report, "--page", "raw", "--csv")
     out.with_name(out.stem + "_raw.csv").write_text(raw)
     raw_rows = rows_of(raw)
-    result = {"meta": {"date": datetime.date.today().isoformat(), "command": command, "kernels": args.kernels},
-              "stalls": stall_reasons(raw_rows), "lines": {}}
+    pages = {}
     for name in dict.fromkeys(r.get("Kernel Name", "") for r in raw_rows if r.get("ID", "").isdigit()):
-        try:  # per kernel: the SASS with its stall samples (Triton's line info maps it to the .py lines)
-            text = ncu("--import", report, "--kernel-name", name, "--page", "source", "--csv", "--print-source",
-                       "sass")
-        except subprocess.CalledProcessError as err:
-            result["lines"][name] = f"ncu failed: {err.stderr[-300:]}"
-            continue
-        out.with_name(f"{out.stem}_{name.strip('_')}_sass.csv").write_text(text)
-        result["lines"][name] = hot_lines(rows_of(text), args.top)
+        # per kernel: the SASS with its stall samples
+        pages[name] = ncu("--import", report, "--kernel-name", name, "--page", "source", "--csv", "--print-source",
+                          "sass")
+        with gzip.open(out.with_name(f"{out.stem}_{name.strip('_')}_sass.csv.gz"), "wt") as f:
+            f.write(pages[name])
+    result = {"meta": {"date": datetime.date.today().isoformat(), "command": command, "kernels": args.kernels},
+              **summarise(raw_rows, pages, args.top)}
     out.write_text(json.dumps(result, indent=1))
     for name, lines in result["lines"].items():
         print(f"--- {name}")
