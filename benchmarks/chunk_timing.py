@@ -28,7 +28,7 @@ def configure(cfg: str) -> None:
     if cfg == "default":
         return
     for tok in cfg.split(":"):
-        if tok in ("rows", "merge"):
+        if tok in ("rows", "merge", "merge_loads"):
             tc.CHUNK_TILES["fwd"]["solve"] = tok
         else:
             key = {"w": "num_warps", "k": "BK", "v": "BV", "s": "num_stages"}[tok[0]]

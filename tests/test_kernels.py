@@ -497,7 +497,7 @@ def test_loglinear_gated_delta_rule_level_groups(fwd, bwd, block_store, uniform,
 
 
 @pytest.mark.skipif(CUDA, reason="CUDA runs the default solve and chunk 64 (each other one is a compilation)")
-@pytest.mark.parametrize("solve", ["rows", "merge"])
+@pytest.mark.parametrize("solve", ["rows", "merge", "merge_loads"])
 @pytest.mark.parametrize("chunk", [16, 32, 64])
 def test_loglinear_gated_delta_rule_chunk_solves(solve, chunk, device, monkeypatch):
     """The fused chunk kernels' two ways to A^-1 with one, two and four 16 x 16 diagonal blocks

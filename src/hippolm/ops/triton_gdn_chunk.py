@@ -123,7 +123,10 @@ def _inverse(Lm, ap, C: tl.constexpr, SOLVE: tl.constexpr, PREC: tl.constexpr):
     "rows": forward substitution, T = A^-1 - I row by row, T_r = -L_r - sum_{j<r} L_rj T_j (C - 1
     dependent steps). "merge": the same inside the 16 x 16 diagonal blocks, all at once as vector work
     on their [C / 16, 16, 16] stack (15 steps), then pairs of blocks merged 16 -> 32 -> 64
-    (:func:`_merge_pairs`: two S^3 products per pair, 3xTF32 where PREC is TF32). An earlier way took
+    (:func:`_merge_pairs`: two S^3 products per pair, 3xTF32 where PREC is TF32). "merge_loads": the
+    same, each step's row of L loaded from the scratch and the blocks held transposed as a [C, 16] tile
+    so the step's one sum stays within a warp (sm_90: 84 barriers instead of 202, 5592 instructions
+    instead of 6720; not yet timed on a GPU, so not the default). An earlier way took
     each step as a masked [C, C] product and crossed blocks by the series (I - N + N^2 - N^3) D^-1:
     19 3xTF32 products of C^3 (forward 3.38 vs 2.29 ms on the H100, chunk_timing_h100_merge.json)."""
     cc = tl.arange(0, C)
@@ -140,21 +143,35 @@ def _inverse(Lm, ap, C: tl.constexpr, SOLVE: tl.constexpr, PREC: tl.constexpr):
         return T + (ri == cj).to(tl.float32)
     P: tl.constexpr = "tf32x3" if PREC == "tf32" else PREC
     NB: tl.constexpr = C // 16
-    bb = tl.arange(0, NB)[:, None, None]
-    ii = tl.arange(0, 16)[None, :, None]
-    jj = tl.arange(0, 16)[None, None, :]
-    blk = ap + (bb * 16 + ii) * C + bb * 16 + jj  # the diagonal blocks of the scratch, [NB, 16, 16]
     tl.debug_barrier()  # earlier reads of the scratch are done
     tl.store(ap + ri * C + cj, Lm)
     tl.debug_barrier()
-    Lb = tl.load(blk)
-    Tb = tl.zeros((NB, 16, 16), dtype=tl.float32)
-    for r in tl.static_range(1, 16):
-        a = -tl.sum(tl.where(ii == r, Lb, 0.0), axis=1)  # row r of every block (zero from column r on)
-        a += tl.sum(a[:, :, None] * Tb, axis=1)
-        Tb = tl.where(ii == r, a[:, None, :], Tb)
-    tl.debug_barrier()
-    tl.store(blk, Tb + (ii == jj).to(tl.float32))
+    if SOLVE == "merge_loads":
+        # T^T of every block as rows (b, col) of a [C, 16] tile, T^T[(b, col), j] = T_b[j, col]: each step
+        # reduces along the tile's rows (within a warp), and row r of L comes from the scratch, loaded
+        # in the layout each use needs (the [NB, 16, 16] stack's reductions crossed warps: ncu_chunk_h100.json)
+        b0 = (cc // 16) * 16  # the block's first row and column, per tile row
+        jv = tl.arange(0, 16)
+        TT = tl.zeros((C, 16), dtype=tl.float32)
+        for r in tl.static_range(1, 16):
+            row = ap + (b0 + r) * C + b0  # row r of the tile row's block of L (zero from column r on)
+            s = tl.sum(tl.load(row[:, None] + jv[None, :]) * TT, axis=1)  # sum_j L_rj T_j[col]
+            TT = tl.where(jv[None, :] == r, -(tl.load(row + cc % 16) + s)[:, None], TT)
+        tl.debug_barrier()
+        tl.store(ap + (b0[:, None] + jv[None, :]) * C + cc[:, None], TT + ((cc % 16)[:, None] == jv[None, :]))
+    else:
+        bb = tl.arange(0, NB)[:, None, None]
+        ii = tl.arange(0, 16)[None, :, None]
+        jj = tl.arange(0, 16)[None, None, :]
+        blk = ap + (bb * 16 + ii) * C + bb * 16 + jj  # the diagonal blocks of the scratch, [NB, 16, 16]
+        Lb = tl.load(blk)
+        Tb = tl.zeros((NB, 16, 16), dtype=tl.float32)
+        for r in tl.static_range(1, 16):
+            a = -tl.sum(tl.where(ii == r, Lb, 0.0), axis=1)  # row r of every block (zero from column r on)
+            a += tl.sum(a[:, :, None] * Tb, axis=1)
+            Tb = tl.where(ii == r, a[:, None, :], Tb)
+        tl.debug_barrier()
+        tl.store(blk, Tb + (ii == jj).to(tl.float32))
     tl.debug_barrier()
     if C >= 32:
         _merge_pairs(ap, C, 16, P)
@@ -313,7 +330,9 @@ def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr
 # Per kernel: K and V columns per step of its loops, warps, stages, and (forward) the solve for A^-1.
 # H200, bf16, 64k tokens, 16 heads (benchmarks/chunk_timing.py, chunk_timing_h200.json): forward
 # (the old block solve) with 4 warps 3.4 ms (8 warps 7.0, "rows" 3.9 / 4.8), backward 8 warps 8.1 ms
-# (4 warps 9.3). H100 (chunk_timing_h100_merge.json): forward "merge" 2.29 ms, "rows" 4.15.
+# (4 warps 9.3). H100 (chunk_timing_h100_merge.json): forward "merge" 2.29 ms, "rows" 4.15; there
+# (ncu_chunk_h100.json) the 15 substitution steps' cross-warp sums were ~30% of the forward's stall
+# samples, which "merge_loads" avoids (to be timed against "merge").
 # 32-column steps compute wrong results there (Triton 3.6; the backward always, the forward with
 # the old block solve) and 16 columns an illegal address, while the interpreter agrees with the reference:
 # _blocks keeps steps at 64 columns (K, V below 64 are masked).
