@@ -174,6 +174,16 @@ def test_chunk_kernels_compile_and_fit_shared_memory(which, prec, major):
     assert 0 < kernel.metadata.shared <= SHARED[major], kernel.metadata.shared
 
 
+@pytest.mark.parametrize("prec,major", [("tf32", 9), ("ieee", 8)])
+def test_chunk_forward_solve_merge_loads_compiles(prec, major, monkeypatch):
+    """The A^-1 variant awaiting its GPU timing compiles and fits too."""
+    from hippolm.ops import triton_gdn_chunk as tc
+
+    monkeypatch.setitem(tc.CHUNK_TILES["fwd"], "solve", "merge_loads")
+    kernel = chunk_kernel_compiled("fwd", prec, major)
+    assert 0 < kernel.metadata.shared <= SHARED[major], kernel.metadata.shared
+
+
 def loglinear_mamba2_compiled(major: int, warps: int | None = None) -> list[tuple[str, object]]:
     """(name, compiled kernel) of every log-linear Mamba-2 kernel with bf16 inputs at head dim 128, with
     the host's tiles, warps and module options (shared with benchmarks/kernel_spills.py)."""

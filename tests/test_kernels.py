@@ -500,7 +500,7 @@ def test_loglinear_gated_delta_rule_level_groups(fwd, bwd, block_store, uniform,
 @pytest.mark.parametrize("solve", ["rows", "merge", "merge_loads"])
 @pytest.mark.parametrize("chunk", [16, 32, 64])
 def test_loglinear_gated_delta_rule_chunk_solves(solve, chunk, device, monkeypatch):
-    """The fused chunk kernels' two ways to A^-1 with one, two and four 16 x 16 diagonal blocks
+    """The fused chunk kernels' three ways to A^-1 with one, two and four 16 x 16 diagonal blocks
     (merged once and twice): outputs and every gradient == the float64 reference, packed sequences
     with a partial chunk."""
     from hippolm.ops import triton_gdn_chunk
