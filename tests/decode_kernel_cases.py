@@ -146,7 +146,8 @@ def cache_cases(device: str) -> list[str]:
 
 def loglinear_cases(device: str) -> list[str]:
     """The in-place log-linear step (Fenwick carry, decay, delta rule, level read) against
-    step_unchecked in float64, sequences at different positions (0, mid-block, a power of two)."""
+    step_unchecked in float64, sequences at different positions (0, mid-block, a power of two); with
+    a ``valid`` mask, the sequences where it is False keep their slots and position and read 0."""
     from hippolm.ops import LogLinearState
     from hippolm.ops.loglinear import step_unchecked
 
@@ -165,13 +166,19 @@ def loglinear_cases(device: str) -> list[str]:
             ro, rs = step_unchecked(*(d64(x) for x in (q, k, v, g, beta, lam)),
                                     LogLinearState(slots.double(), pos), 0.3, check_levels=False)
             dev = lambda x: None if x is None else x.to(device)  # noqa: E731
-            state = LogLinearState(slots.to(device), pos.to(device))
-            ptr = state.slots.data_ptr()
-            o = dc.loglinear_step_(*(dev(x) for x in (q, k, v, g, beta, lam)), state, 0.3)
-            if (rel(o, ro) > 1e-4 or rel(state.slots, rs.slots) > 1e-4 or state.slots.data_ptr() != ptr
-                    or state.position.tolist() != rs.position.tolist()):
-                failures.append(f"loglinear step {name} N{N} H{H} D{D} L{L}: out {rel(o, ro):.2e} "
-                                f"slots {rel(state.slots, rs.slots):.2e}")
+            for valid in (None, torch.tensor([True, False, True][:N])):
+                state = LogLinearState(slots.clone().to(device), pos.clone().to(device))  # the step is in place
+                ptr = state.slots.data_ptr()
+                o = dc.loglinear_step_(*(dev(x) for x in (q, k, v, g, beta, lam)), state, 0.3, valid=dev(valid))
+                want_o, want_s, want_p = ro, rs.slots, rs.position
+                if valid is not None:  # no step where not valid
+                    want_o = ro * valid[:, None, None]
+                    want_s = torch.where(valid[:, None, None, None, None], rs.slots, slots.double())
+                    want_p = torch.where(valid, rs.position, pos)
+                if (rel(o, want_o) > 1e-4 or rel(state.slots, want_s) > 1e-4 or state.slots.data_ptr() != ptr
+                        or state.position.tolist() != want_p.tolist()):
+                    failures.append(f"loglinear step {name} N{N} H{H} D{D} L{L} valid={valid}: out "
+                                    f"{rel(o, want_o):.2e} slots {rel(state.slots, want_s):.2e}")
     return failures
 
 

@@ -60,7 +60,14 @@ def test_cpu_loglinear_step_updates_state_in_place_like_step_unchecked():
     g, beta, lam = -torch.rand(3, 2, generator=gen), torch.rand(3, 2, generator=gen), torch.rand(3, 2, 5, generator=gen)
     slots, pos = torch.randn(3, 2, 5, 8, 8, generator=gen), torch.tensor([0, 3, 8])
     want_o, want = step_unchecked(q, k, v, g, beta, lam, LogLinearState(slots.clone(), pos.clone()), 0.5)
-    state = LogLinearState(slots, pos)
+    state = LogLinearState(slots.clone(), pos.clone())
+    kept = state.slots
     o = dc.loglinear_step_(q, k, v, g, beta, lam, state, 0.5)
-    assert state.slots is slots and torch.allclose(slots, want.slots) and torch.allclose(o, want_o)
+    assert state.slots is kept and torch.allclose(kept, want.slots) and torch.allclose(o, want_o)
     assert state.position.tolist() == [1, 4, 9]
+    # where nothing leaves an AHN window (valid False) no step: slots and position kept, read 0
+    state = LogLinearState(slots.clone(), pos.clone())
+    o = dc.loglinear_step_(q, k, v, g, beta, lam, state, 0.5, valid=torch.tensor([True, False, True]))
+    assert torch.allclose(state.slots[[0, 2]], want.slots[[0, 2]]) and torch.equal(state.slots[1], slots[1])
+    assert torch.allclose(o[[0, 2]], want_o[[0, 2]]) and (o[1] == 0).all()
+    assert state.position.tolist() == [1, 3, 9]

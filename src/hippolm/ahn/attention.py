@@ -95,9 +95,7 @@ class AHNAttentionMixin:
 
         write_gates, out_gate, lam = self.ahn.gates_from(raw_gates, k.dtype)
         real = kwargs.get("ahn_attention_mask")
-        if persistent and T == 1 and cache.stream_len > 0 and not self.ahn.levels:
-            # (a log-linear memory's step would advance its Fenwick position where nothing leaves:
-            # it takes the masked path below)
+        if persistent and T == 1 and cache.stream_len > 0:
             pos = None if real is None else torch.where(real[:, -1].to(q.device, torch.bool), cache.real_seen, -1)
             return self.o_proj(self._ahn_fused_decode(q, k, v, write_gates, out_gate, lam, cache, pos)), None
 
@@ -138,11 +136,13 @@ class AHNAttentionMixin:
 
         While the window fills, the slot taken holds zeros or a token stored with zero write gates
         (padding, sinks: see cache_write) wherever no real token leaves, so the step leaves the state
-        as it is there and the still empty memory reads zero; the attention reads only the filled
-        slots, visible by their positions."""
+        as it is there and the still empty memory reads zero (a log-linear memory, whose Fenwick
+        position must not advance, takes no step there: the slot's position says so); the attention
+        reads only the filled slots, visible by their positions."""
         B = q.shape[0]
         mem = self.ahn.decode_step(q[:, :, 0], cache.keys, cache.values, cache.ring_gates, cache.cursor, cache.sinks,
-                                   cache.window, out_gate[:, 0], None if lam is None else lam[:, 0], cache.memory)
+                                   cache.window, out_gate[:, 0], None if lam is None else lam[:, 0], cache.memory,
+                                   cache.slot_pos)
         full = cache.all_visible  # before the write: a write that fills the window checks it on the host
         cache.decode_write(k[:, :, 0], v[:, :, 0], write_gates[:, 0], pos)
         if full:

@@ -191,18 +191,22 @@ class MemoryModule(nn.Module):
         return torch.einsum("...hd,hde->...he", normed.to(self.o_proj.dtype), self.o_proj).to(dtype)
 
     def decode_step(self, q, keys, values, ring_gates, cursor, sinks: int, window: int, gate, lam,
-                    state: State) -> torch.Tensor:
+                    state: State, slot_pos: torch.Tensor | None = None) -> torch.Tensor:
         """Decode: write the token leaving the window of an AHN cache (read from its ring slot at stream
         index ``cursor`` [B]) and read with q [B, H, d], updating ``state`` in place; returns the
         per-head contribution [B, H, d] (float32 for the linear memories). gate [B, H], lam: the reading
         token's :meth:`read_gates`. On CUDA one fused kernel for the linear memories
-        (:func:`hippolm.ops.decode.memory_step_from_cache`: cache read, step, read-out) and one for
-        the log-linear step (:func:`hippolm.ops.decode.loglinear_step_`)."""
+        (:func:`hippolm.ops.decode.memory_step_from_cache`: cache read, step, read-out; where nothing
+        leaves, the slot's zero write gates make the step a no-op) and one for the log-linear step
+        (:func:`hippolm.ops.decode.loglinear_step_`), which ``slot_pos`` (the cache's slot positions)
+        tells where nothing leaves (no real token past the sinks in the slot): there it takes no step,
+        as its Fenwick position must not advance."""
         if self.levels:
-            k, v, wg, _ = evicted_entry(keys, values, ring_gates, cursor, sinks, window)
+            k, v, wg, slot = evicted_entry(keys, values, ring_gates, cursor, sinks, window)
+            valid = None if slot_pos is None else slot_pos.gather(1, slot[:, None])[:, 0] >= sinks
             rep = q.shape[1] // keys.shape[1]
             k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-            o = loglinear_step_(*self._step_args(q, k, v, wg), lam, state)
+            o = loglinear_step_(*self._step_args(q, k, v, wg), lam, state, valid=valid)
             return self.readout(o, gate)
         g_idx = -1 if self.base_kind == "deltanet" else 0
         beta_idx = 0 if self.base_kind == "deltanet" else 1

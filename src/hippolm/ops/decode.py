@@ -480,12 +480,17 @@ def memory_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
 if triton is not None:
 
     @triton.jit
-    def _loglinear_step_kernel(Q, K, V, G_, BETA, LAM, SLOTS, POS, OUT, H, L, scale,
-                               KD: tl.constexpr, VD: tl.constexpr, HAS_G: tl.constexpr, HAS_BETA: tl.constexpr):
+    def _loglinear_step_kernel(Q, K, V, G_, BETA, LAM, SLOTS, POS, VALID, OUT, H, L, scale,
+                               KD: tl.constexpr, VD: tl.constexpr, HAS_G: tl.constexpr, HAS_BETA: tl.constexpr,
+                               HAS_VALID: tl.constexpr):
         """One (sequence, head): Fenwick carry, decay, delta rule, the new token into level 0 and the
-        level-weighted read, one pass over the level slots (each loaded and stored once)."""
+        level-weighted read, one pass over the level slots (each loaded and stored once). Where
+        VALID[n] is 0 no token is written: the slots stay as they are and the read is 0."""
         pid = tl.program_id(0)  # n * H + h
         n = pid // H
+        ok = True
+        if HAS_VALID:
+            ok = tl.load(VALID + n) != 0
         kk, vv = tl.arange(0, KD), tl.arange(0, VD)
         q = tl.load(Q + pid * KD + kk).to(tl.float32)
         k = tl.load(K + pid * KD + kk).to(tl.float32)
@@ -515,18 +520,22 @@ if triton is not None:
             if HAS_BETA:
                 S = S - beta * k[:, None] * tl.sum(S * k[:, None], 0)[None, :]
             S = tl.where(lvl == 0, k[:, None] * (beta * v)[None, :], S)
+            if HAS_VALID:  # (only while the memory is still empty: the where costs nothing then)
+                S = tl.where(ok, S, tl.load(base + lvl * KD * VD + tile))
             tl.store(base + lvl * KD * VD + tile, S)
             o += tl.load(LAM + pid * L + lvl).to(tl.float32) * tl.sum(S * q[:, None], 0)
-        tl.store(OUT + pid * VD + vv, o * scale)
+        tl.store(OUT + pid * VD + vv, tl.where(ok, o * scale, 0.0))
 
 
 def loglinear_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
-                    beta: torch.Tensor | None, lam: torch.Tensor, state, scale: float | None = None) -> torch.Tensor:
+                    beta: torch.Tensor | None, lam: torch.Tensor, state, scale: float | None = None,
+                    valid: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`hippolm.ops.loglinear.step_unchecked` updating ``state`` (a LogLinearState: float32
     slots [N, H, L, K, V], positions [N]) in place, so a decode step replays from a CUDA graph; one
     kernel per layer on CUDA (the Fenwick carry, decay, delta rule, write and level-weighted read
-    over each level slot once). q, k [N, H, K], v [N, H, V], g/beta [N, H] or None, lam [N, H, L].
-    Returns o [N, H, V] in q's dtype."""
+    over each level slot once). q, k [N, H, K], v [N, H, V], g/beta [N, H] or None, lam [N, H, L];
+    ``valid`` [N] bool or None (all): sequences where it is False take no step (slots and position
+    unchanged, o = 0), as where nothing leaves an AHN cache's window. Returns o [N, H, V] in q's dtype."""
     N, H, K = q.shape
     V, L = v.shape[-1], lam.shape[-1]
     scale = K**-0.5 if scale is None else float(scale)
@@ -541,11 +550,15 @@ def loglinear_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.
         c = lambda x: x.contiguous()  # noqa: E731
         _loglinear_step_kernel[(N * H,)](
             c(q), c(k), c(v), slots if g is None else c(g.float()), slots if beta is None else c(beta.float()),
-            c(lam.float()), slots, state.position, out, H, L, scale, KD=K, VD=V, HAS_G=g is not None,
-            HAS_BETA=beta is not None, num_warps=8)
-        state.position.add_(1)
+            c(lam.float()), slots, state.position, out if valid is None else valid.to(torch.int32), out, H, L, scale,
+            KD=K, VD=V, HAS_G=g is not None, HAS_BETA=beta is not None, HAS_VALID=valid is not None, num_warps=8)
+        state.position.add_(1 if valid is None else valid.to(state.position.dtype))
         return out.to(q.dtype)
     o, new = step_unchecked(q, k, v, g, beta, lam, state, scale, check_levels=False)
+    if valid is not None:
+        new = type(state)(torch.where(valid[:, None, None, None, None], new.slots, state.slots.to(new.slots.dtype)),
+                          torch.where(valid, new.position, state.position))
+        o = o * valid[:, None, None]
     state.copy_(new)
     return o
 
