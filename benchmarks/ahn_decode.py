@@ -166,8 +166,8 @@ def compile_memory(model: AHNForCausalLM) -> None:
             setattr(mem, name, torch.compile(getattr(mem, name), dynamic=False))
 
 
-def ahn_model(base, window: int, sinks: int) -> AHNForCausalLM:
-    return AHNForCausalLM.from_base(base, "gdn", window=window, sinks=sinks)
+def ahn_model(base, window: int, sinks: int, memory: str = "gdn") -> AHNForCausalLM:
+    return AHNForCausalLM.from_base(base, memory, window=window, sinks=sinks)
 
 
 def ahn_decode(model: AHNForCausalLM, B: int, L: int, n: int, use_graph: bool,
@@ -179,7 +179,9 @@ def ahn_decode(model: AHNForCausalLM, B: int, L: int, n: int, use_graph: bool,
     for layer in cache.layers:  # pretend L tokens went through: buffers full, memory non-empty
         layer.keys.normal_()
         layer.values.normal_()
-        layer.memory.normal_(0, 0.01)
+        getattr(layer.memory, "slots", layer.memory).normal_(0, 0.01)  # a log-linear memory: its level slots
+        if hasattr(layer.memory, "position"):  # the tokens written so far
+            layer.memory.position.fill_(max(0, L - W - S))
         ring = torch.arange(L - W, L, device=DEV) if L >= W else torch.arange(L, device=DEV)
         layer.slot_pos[:, :S] = torch.arange(S, device=DEV)
         layer.slot_pos[:, S + ring % W] = ring.to(layer.slot_pos.dtype)
@@ -211,6 +213,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=32640)
     parser.add_argument("--sinks", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--memory", default="gdn", help="the AHN memory (gdn, loglinear_gdn, ...)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU, to check the script")
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs")
@@ -260,13 +263,14 @@ def main() -> None:
             if kernels:
                 rows[-1]["kernel_ms_per_step"] = kernels
             save()
-        model = ahn_model(base, args.window, args.sinks)
+        model = ahn_model(base, args.window, args.sinks, args.memory)
         if args.compile:
             compile_memory(model)
         for L in contexts:
             ms, cb, read, kernels = ahn_decode(model, args.batch, L, args.steps, use_graph, L in profiled)
-            rows.append({"context": L, "model": "ahn_gdn", "ms_per_step": ms, "tokens_per_s": args.batch / ms * 1e3,
-                         "cache_bytes": cb, "bytes_per_s": (weight_bytes + read) / ms * 1e3})
+            rows.append({"context": L, "model": f"ahn_{args.memory}", "ms_per_step": ms,
+                         "tokens_per_s": args.batch / ms * 1e3, "cache_bytes": cb,
+                         "bytes_per_s": (weight_bytes + read) / ms * 1e3})
             if kernels:
                 rows[-1]["kernel_ms_per_step"] = kernels
             save()
