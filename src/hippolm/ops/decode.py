@@ -520,7 +520,7 @@ if triton is not None:
             if HAS_BETA:
                 S = S - beta * k[:, None] * tl.sum(S * k[:, None], 0)[None, :]
             S = tl.where(lvl == 0, k[:, None] * (beta * v)[None, :], S)
-            if HAS_VALID:  # (only while the memory is still empty: the where costs nothing then)
+            if HAS_VALID:  # the slot as it was, read again (no second tile live through the level)
                 S = tl.where(ok, S, tl.load(base + lvl * KD * VD + tile))
             tl.store(base + lvl * KD * VD + tile, S)
             o += tl.load(LAM + pid * L + lvl).to(tl.float32) * tl.sum(S * q[:, None], 0)
