@@ -17,17 +17,9 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..hf_compat import pick_cache
-from ..ops.decode import cache_attention, decode_attention, evicted_entry
+from ..ops.decode import cache_attention, decode_attention
 from .cache import AHNCache, AHNLayerCache
 from .config import validate_window
-
-
-def _merge_state(valid: torch.Tensor, new, old):
-    """Keep ``old`` for sequences that did not step."""
-    if isinstance(new, ops.LogLinearState):
-        return ops.LogLinearState(torch.where(valid[:, None, None, None, None], new.slots, old.slots),
-                                  torch.where(valid, new.position, old.position))
-    return torch.where(valid[:, None, None, None], new, old)
 
 
 def _select_state(state, idx: torch.Tensor):
@@ -109,21 +101,16 @@ class AHNAttentionMixin:
         pos = torch.where(real, seen[:, None] + real.long().cumsum(1) - 1, -1)  # real positions, -1: padding
         has_past = persistent and cache.stream_len > 0
 
-        decode = persistent and T == 1 and has_past
         out = self._ahn_long_term(q, k, v, write_gates, pos, (out_gate, lam), cache, has_past, persistent, window,
                                   sinks)
-        if decode:  # write first, then attend to the cache buffer in place (no copies)
-            cache.append(k, v, write_gates, pos)
-            out = out + self._ahn_decode_attention(q, pos, cache)
+        if not has_past and not padded and window >= T:  # plain causal attention (e.g. the teacher)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling,
+                                               enable_gqa=q.shape[1] != k.shape[1])
+            out = out + o.transpose(1, 2)
         else:
-            if not has_past and not padded and window >= T:  # plain causal attention (e.g. the teacher)
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling,
-                                                   enable_gqa=q.shape[1] != k.shape[1])
-                out = out + o.transpose(1, 2)
-            else:
-                out = out + self._ahn_short_term(q, k, v, pos, cache if has_past else None, window, sinks)
-            if persistent:
-                cache.append(k, v, write_gates, pos)
+            out = out + self._ahn_short_term(q, k, v, pos, cache if has_past else None, window, sinks)
+        if persistent:
+            cache.append(k, v, write_gates, pos)
         return self.o_proj(out.reshape(B, T, -1)), None
 
     def _ahn_fused_decode(self, q, k, v, write_gates, out_gate, lam, cache: AHNLayerCache,
@@ -178,15 +165,13 @@ class AHNAttentionMixin:
         return o.transpose(1, 2)  # [B, T, H, d]
 
     def _ahn_long_term(self, q, k, v, write_gates, pos, read_gates, cache, has_past, persistent, window, sinks):
-        """Write each token leaving the window into the memory, then read it with the query."""
+        """Write each token leaving the window into the memory, then read it with the query (a
+        decode step with a past takes :meth:`_ahn_fused_decode` instead)."""
         B, H, T, _ = q.shape
-        if has_past and T == 1:  # the token leaving now sits in the slot the new one will take
-            # Indexed by the device cursor, not the host stream length, so the step is a fixed
-            # sequence of kernels (CUDA-graph capturable before the window fills too).
-            ek, ev, eg, slot = evicted_entry(cache.keys, cache.values, cache.ring_gates, cache.cursor, sinks, window)
-            src, src_gates = [ek[:, :, None], ev[:, :, None]], eg[:, None]
-            src_pos = cache.slot_pos[torch.arange(B, device=q.device), slot][:, None].long()
-        elif has_past:
+        zero = torch.zeros_like(q).transpose(1, 2)
+        if T == 1 and not has_past:  # one token and nothing before it: nothing leaves the window yet
+            return zero
+        if has_past:
             rk, rv, rg, rpos = cache.ring_in_stream_order()
             src = [torch.cat([a, b], 2)[:, :, :T] for a, b in ((rk, k), (rv, v))]
             src_gates = torch.cat([rg, write_gates], 1)[:, :T]
@@ -196,42 +181,31 @@ class AHNAttentionMixin:
             src_gates = F.pad(write_gates, (0, 0) * (write_gates.ndim - 2) + (window, 0))[:, :T]
             src_pos = F.pad(pos, (window, 0), value=-1)[:, :T]
         valid = src_pos >= sinks  # [B, T]: a real, non-sink token leaves the window here
-        zero = torch.zeros_like(q).transpose(1, 2)
-        if T > 1:  # host checks only in prefill: a decode step (T = 1) stays free of device syncs
-            if not bool(valid.any()):
-                return zero
-            n_valid = valid.sum(1)
-            if not bool((valid == (torch.arange(T, device=q.device)[None] >= (T - n_valid)[:, None])).all()):
-                raise ValueError("AHN models take left padding only: attention_mask must be 0s then 1s per "
-                                 "sequence.")
+        if not bool(valid.any()):
+            return zero
+        n_valid = valid.sum(1)
+        if not bool((valid == (torch.arange(T, device=q.device)[None] >= (T - n_valid)[:, None])).all()):
+            raise ValueError("AHN models take left padding only: attention_mask must be 0s then 1s per sequence.")
         rep = H // src[0].shape[1]
         km, vm = (a.repeat_interleave(rep, 1).transpose(1, 2) for a in src)  # GQA-expanded [B, T, H, d]
         qm = q.transpose(1, 2)
         out_gate, lam = read_gates
         state = cache.memory if persistent else self.ahn.empty_state(B, q.device)
-        if T == 1:  # rows where nothing leaves step on the (zero-initialised) slot and are masked out
-            o, new = self.ahn.step(qm[:, 0], km[:, 0], vm[:, 0], src_gates[:, 0], None if lam is None else lam[:, 0],
-                                   state)
-            o = (o * valid[:, 0, None, None]).unsqueeze(1)
-            state = _merge_state(valid[:, 0], new, state)
-        else:
-            first = T - n_valid
-            if bool((first == first[0]).all()):
-                f = int(first[0])
-                o_part, state = self.ahn.sequence(qm[:, f:], km[:, f:], vm[:, f:], src_gates[:, f:],
-                                                  None if lam is None else lam[:, f:], state)
-                o = torch.cat([zero[:, :f], o_part], 1)
-            else:  # pack each sequence's stepping suffix; sequences that do not step keep their state
-                idx = (n_valid > 0).nonzero().squeeze(1)
-                flat = lambda a: a[valid].unsqueeze(0)  # noqa: E731
-                cu = F.pad(n_valid[idx].cumsum(0), (1, 0))
-                o_part, part = self.ahn.sequence(flat(qm), flat(km), flat(vm), flat(src_gates),
-                                                 None if lam is None else flat(lam), _select_state(state, idx), cu)
-                o = zero.clone()
-                o[valid] = o_part[0]
-                state = _scatter_state(state, idx, part)
-        if persistent and T == 1:
-            cache.memory.copy_(state)  # in place: a captured decode step keeps updating one buffer
-        elif persistent:
+        first = T - n_valid
+        if bool((first == first[0]).all()):
+            f = int(first[0])
+            o_part, state = self.ahn.sequence(qm[:, f:], km[:, f:], vm[:, f:], src_gates[:, f:],
+                                              None if lam is None else lam[:, f:], state)
+            o = torch.cat([zero[:, :f], o_part], 1)
+        else:  # pack each sequence's stepping suffix; sequences that do not step keep their state
+            idx = (n_valid > 0).nonzero().squeeze(1)
+            flat = lambda a: a[valid].unsqueeze(0)  # noqa: E731
+            cu = F.pad(n_valid[idx].cumsum(0), (1, 0))
+            o_part, part = self.ahn.sequence(flat(qm), flat(km), flat(vm), flat(src_gates),
+                                             None if lam is None else flat(lam), _select_state(state, idx), cu)
+            o = zero.clone()
+            o[valid] = o_part[0]
+            state = _scatter_state(state, idx, part)
+        if persistent:
             cache.memory = state
         return self.ahn.readout(o, out_gate)  # exactly 0 where nothing was read (Norm(0) = 0)

@@ -191,7 +191,7 @@ class MemoryModule(nn.Module):
         return torch.einsum("...hd,hde->...he", normed.to(self.o_proj.dtype), self.o_proj).to(dtype)
 
     def decode_step(self, q, keys, values, ring_gates, cursor, sinks: int, window: int, gate, lam,
-                    state: State, slot_pos: torch.Tensor | None = None) -> torch.Tensor:
+                    state: State, slot_pos: torch.Tensor) -> torch.Tensor:
         """Decode: write the token leaving the window of an AHN cache (read from its ring slot at stream
         index ``cursor`` [B]) and read with q [B, H, d], updating ``state`` in place; returns the
         per-head contribution [B, H, d] (float32 for the linear memories). gate [B, H], lam: the reading
@@ -203,7 +203,7 @@ class MemoryModule(nn.Module):
         as its Fenwick position must not advance."""
         if self.levels:
             k, v, wg, slot = evicted_entry(keys, values, ring_gates, cursor, sinks, window)
-            valid = None if slot_pos is None else slot_pos.gather(1, slot[:, None])[:, 0] >= sinks
+            valid = slot_pos.gather(1, slot[:, None])[:, 0] >= sinks
             rep = q.shape[1] // keys.shape[1]
             k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
             o = loglinear_step_(*self._step_args(q, k, v, wg), lam, state, valid=valid)
