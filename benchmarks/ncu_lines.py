@@ -60,9 +60,14 @@ def stall_reasons(raw: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
+def samples_column(source: list[dict]) -> str | None:
+    """The source page's column of warp-stall samples (all samples), None if it has none."""
+    return next((k for r in source[:1] for k in r if "Stall Sampling (All" in k), None)
+
+
 def hot_lines(source: list[dict], top: int) -> list[dict]:
     """The ``top`` rows of a source page by warp-stall samples (all samples)."""
-    key = next((k for r in source[:1] for k in r if "Stall Sampling (All" in k), None)
+    key = samples_column(source)
     if key is None:
         return [{"columns": list(source[0]) if source else []}]
     total = sum(number(r.get(key)) or 0 for r in source) or 1.0
@@ -73,7 +78,7 @@ def hot_lines(source: list[dict], top: int) -> list[dict]:
 
 def by_opcode(source: list[dict]) -> dict[str, float]:
     """Share of the warp-stall samples per SASS opcode (predicate and modifiers dropped)."""
-    key = next((k for r in source[:1] for k in r if "Stall Sampling (All" in k), None)
+    key = samples_column(source)
     if key is None:
         return {}
     sums: dict[str, float] = {}

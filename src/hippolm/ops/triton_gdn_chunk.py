@@ -142,7 +142,6 @@ def _inverse(Lm, ap, C: tl.constexpr, SOLVE: tl.constexpr, PREC: tl.constexpr):
         tl.debug_barrier()  # the scratch is read; the caller may overwrite it
         return T + (ri == cj).to(tl.float32)
     P: tl.constexpr = "tf32x3" if PREC == "tf32" else PREC
-    NB: tl.constexpr = C // 16
     tl.debug_barrier()  # earlier reads of the scratch are done
     tl.store(ap + ri * C + cj, Lm)
     tl.debug_barrier()
@@ -160,6 +159,7 @@ def _inverse(Lm, ap, C: tl.constexpr, SOLVE: tl.constexpr, PREC: tl.constexpr):
         tl.debug_barrier()
         tl.store(ap + (b0[:, None] + jv[None, :]) * C + cc[:, None], TT + ((cc % 16)[:, None] == jv[None, :]))
     else:
+        NB: tl.constexpr = C // 16
         bb = tl.arange(0, NB)[:, None, None]
         ii = tl.arange(0, 16)[None, :, None]
         jj = tl.arange(0, 16)[None, None, :]
