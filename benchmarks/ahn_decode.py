@@ -23,6 +23,7 @@ from transformers import AttentionInterface, Qwen2Config, Qwen2ForCausalLM, Stat
 
 from hippolm import AHNForCausalLM
 from hippolm.ops.decode import decode_attention
+from hippolm.ops.loglinear import occupied_levels
 
 QWEN25_3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                  num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=131072 + 512,
@@ -199,11 +200,19 @@ def ahn_decode(model: AHNForCausalLM, B: int, L: int, n: int, use_graph: bool,
             p = cache.layers[0].real_seen[:, None]
             model(ids, past_key_values=cache, position_ids=p, logits_to_keep=1)
 
+    memory = cache.layers[0].memory
+    first = int(memory.position[0]) if hasattr(memory, "position") else None
     ms = time_steps(step, n)
     # bytes a step reads: while the window fills, the attention reads only the filled slots
     kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     read = cache.nbytes() - kv + kv * (S + min(L, W)) / (S + W)
-    return ms, cache.nbytes(), read, kernel_table(step) if profiled else None
+    levels = None
+    if first is not None:  # a log-linear step reads only the occupied level slots of the positions it ran at
+        visited = torch.arange(first, int(memory.position[0]))
+        levels = float(occupied_levels(visited, memory.slots.shape[2]).sum(-1).double().mean())
+        slot_bytes = sum(layer.memory.slots.numel() * layer.memory.slots.element_size() for layer in cache.layers)
+        read -= slot_bytes * (1 - levels / memory.slots.shape[2])
+    return ms, cache.nbytes(), read, levels, kernel_table(step) if profiled else None
 
 
 def main() -> None:
@@ -267,10 +276,12 @@ def main() -> None:
         if args.compile:
             compile_memory(model)
         for L in contexts:
-            ms, cb, read, kernels = ahn_decode(model, args.batch, L, args.steps, use_graph, L in profiled)
+            ms, cb, read, levels, kernels = ahn_decode(model, args.batch, L, args.steps, use_graph, L in profiled)
             rows.append({"context": L, "model": f"ahn_{args.memory}", "ms_per_step": ms,
                          "tokens_per_s": args.batch / ms * 1e3, "cache_bytes": cb,
                          "bytes_per_s": (weight_bytes + read) / ms * 1e3})
+            if levels is not None:  # the mean number of level slots read per step (log-linear memories)
+                rows[-1]["levels_read"] = levels
             if kernels:
                 rows[-1]["kernel_ms_per_step"] = kernels
             save()
@@ -278,7 +289,8 @@ def main() -> None:
     print(f"{'context':>8} {'model':<16}{'ms/step':>9}{'tok/s':>9}{'cache GB':>10}{'TB/s':>7}")
     for r in rows:
         print(f"{r['context']:>8} {r['model']:<16}{r['ms_per_step']:>9.2f}{r['tokens_per_s']:>9.0f}"
-              f"{r['cache_bytes'] / 1e9:>10.2f}{r['bytes_per_s'] / 1e12:>7.2f}")
+              f"{r['cache_bytes'] / 1e9:>10.2f}{r['bytes_per_s'] / 1e12:>7.2f}"
+              + (f"  levels read {r['levels_read']:.1f}" if "levels_read" in r else ""))
     for r in rows:
         for name, t in r.get("kernel_ms_per_step", {}).items():
             print(f"{r['model']:<16}{t:>8.3f} ms  {name}")

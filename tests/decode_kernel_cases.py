@@ -3,6 +3,7 @@ and the Triton-interpreter test. Run directly: ``python tests/decode_kernel_case
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -11,7 +12,9 @@ from hippolm.ops import decode as dc
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm())
+    """Relative error; inf where it is not finite (a NaN must fail every `rel(...) > tol` check)."""
+    err = float((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm())
+    return err if math.isfinite(err) else math.inf
 
 
 def attention_cases(device: str, dtypes=(torch.float32,)) -> list[str]:
@@ -146,10 +149,12 @@ def cache_cases(device: str) -> list[str]:
 
 def loglinear_cases(device: str) -> list[str]:
     """The in-place log-linear step (Fenwick carry, decay, delta rule, level read) against
-    step_unchecked in float64, sequences at different positions (0, mid-block, a power of two); with
-    a ``valid`` mask, the sequences where it is False keep their slots and position and read 0."""
+    step_unchecked in float64, sequences at different positions (0, mid-block, a power of two: the
+    carry over every level, the last one the levels hold); with a ``valid`` mask, the sequences where it is False
+    keep their slots and position and read 0. Slots no state at that position can occupy hold
+    garbage (NaN) that the step must neither read nor overwrite."""
     from hippolm.ops import LogLinearState
-    from hippolm.ops.loglinear import step_unchecked
+    from hippolm.ops.loglinear import occupied_levels, step_unchecked
 
     failures = []
     for name, has_g, has_beta in [("gdn", True, True), ("mamba2", True, False), ("deltanet", False, True)]:
@@ -160,22 +165,29 @@ def loglinear_cases(device: str) -> list[str]:
             g = -torch.rand(N, H, generator=gen) if has_g else None
             beta = torch.rand(N, H, generator=gen) if has_beta else None
             lam = torch.rand(N, H, L, generator=gen) + 0.5
-            slots = torch.randn(N, H, L, D, D, generator=gen) * 0.1
-            pos = torch.tensor([0, 5, 8][:N])
+            pos = torch.tensor([0, 5, 8][:N] if N == 3 else [1 << (L - 2), (1 << (L - 1)) - 1])
+            occupied = occupied_levels(pos, L)[:, None, :, None, None]
+            clean = torch.randn(N, H, L, D, D, generator=gen) * 0.1 * occupied
+            slots = torch.where(occupied, clean, float("nan"))
             d64 = lambda x: None if x is None else x.double()  # noqa: E731
             ro, rs = step_unchecked(*(d64(x) for x in (q, k, v, g, beta, lam)),
-                                    LogLinearState(slots.double(), pos), 0.3, check_levels=False)
+                                    LogLinearState(clean.double(), pos), 0.3, check_levels=False)
+            after = occupied_levels(rs.position, L)[:, None, :, None, None]
             dev = lambda x: None if x is None else x.to(device)  # noqa: E731
             for valid in (None, torch.tensor([True, False, True][:N])):
                 state = LogLinearState(slots.clone().to(device), pos.clone().to(device))  # the step is in place
                 ptr = state.slots.data_ptr()
                 o = dc.loglinear_step_(*(dev(x) for x in (q, k, v, g, beta, lam)), state, 0.3, valid=dev(valid))
                 want_o, want_s, want_p = ro, rs.slots, rs.position
+                stepped = torch.ones(N, dtype=torch.bool) if valid is None else valid
+                garbage = ~(occupied | (after & stepped[:, None, None, None, None])).expand_as(slots)
                 if valid is not None:  # no step where not valid
                     want_o = ro * valid[:, None, None]
-                    want_s = torch.where(valid[:, None, None, None, None], rs.slots, slots.double())
+                    want_s = torch.where(valid[:, None, None, None, None], rs.slots, clean.double())
                     want_p = torch.where(valid, rs.position, pos)
-                if (rel(o, want_o) > 1e-4 or rel(state.slots, want_s) > 1e-4 or state.slots.data_ptr() != ptr
+                got_s = state.slots.cpu()
+                if (rel(o, want_o) > 1e-4 or rel(torch.where(garbage, 0.0, got_s), want_s) > 1e-4
+                        or not got_s[garbage].isnan().all() or state.slots.data_ptr() != ptr
                         or state.position.tolist() != want_p.tolist()):
                     failures.append(f"loglinear step {name} N{N} H{H} D{D} L{L} valid={valid}: out "
                                     f"{rel(o, want_o):.2e} slots {rel(state.slots, want_s):.2e}")

@@ -9,7 +9,7 @@ import torch
 from conftest import make_inputs, rel_err
 
 from hippolm import ops
-from hippolm.ops.loglinear import bit_length
+from hippolm.ops.loglinear import bit_length, occupied_levels
 
 LOGLINEAR = {"ssd": ops.loglinear_ssd, "gated_delta_rule": ops.loglinear_gated_delta_rule}
 STEPS = {"ssd": ops.loglinear_ssd_step, "gated_delta_rule": ops.loglinear_gated_delta_rule_step}
@@ -77,11 +77,7 @@ def test_packed_sequences_with_different_lengths_and_positions(ll_op):
     init = ops.LogLinearState(torch.randn(4, H, L, K, V, generator=gen, dtype=torch.float64),
                               torch.tensor(starts))
     # Slots a real prefix could not have filled stay zero (positions decide occupancy).
-    for n, p in enumerate(starts):
-        for lv in range(L):
-            full = p > 0 and (lv == 0 or ((p - 1) >> (lv - 1)) & 1)
-            if not full:
-                init.slots[n, :, lv] = 0
+    init.slots.mul_(occupied_levels(init.position, L)[:, None, :, None, None])
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
     o_c, s_c = fn(q, k, v, *gates, lam, cu_seqlens=cu, initial_state=init, output_final_state=True, chunk_size=16)
     o_r, s_r = fn(q, k, v, *gates, lam, cu_seqlens=cu, initial_state=init, output_final_state=True,
@@ -90,6 +86,9 @@ def test_packed_sequences_with_different_lengths_and_positions(ll_op):
     assert rel_err(o_c, o_n) < 1e-10 and rel_err(o_r, o_n) < 1e-10
     assert rel_err(s_c.slots, s_r.slots) < 1e-10
     assert s_c.position.tolist() == [s + n for s, n in zip(starts, lengths, strict=True)]
+    # ... and every op leaves them zero: the fused decode step reads only the occupied ones.
+    empty = ~occupied_levels(s_c.position, L)
+    assert empty.any() and all((s.slots.transpose(1, 2)[empty] == 0).all() for s in (s_c, s_r))
     # Each packed sequence alone gives the same.
     for n, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)):
         if b == a:

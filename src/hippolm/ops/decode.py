@@ -477,29 +477,36 @@ def memory_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
 
 
 # --- the log-linear memory step -------------------------------------------------------------------
+# Value columns and warps per program of the log-linear step: [K, BV] tiles, so a batch of 8 x 16
+# heads runs 4 programs per (sequence, head) and more than one per SM keeps loads in flight.
+LOGLINEAR_STEP_BV = 32
+LOGLINEAR_STEP_WARPS = 4
 if triton is not None:
 
     @triton.jit
     def _loglinear_step_kernel(Q, K, V, G_, BETA, LAM, SLOTS, POS, VALID, OUT, H, L, scale,
-                               KD: tl.constexpr, VD: tl.constexpr, HAS_G: tl.constexpr, HAS_BETA: tl.constexpr,
-                               HAS_VALID: tl.constexpr):
-        """One (sequence, head): Fenwick carry, decay, delta rule, the new token into level 0 and the
-        level-weighted read, one pass over the level slots (each loaded and stored once). Where
-        VALID[n] is 0 no token is written: the slots stay as they are and the read is 0."""
+                               KD: tl.constexpr, VD: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr,
+                               HAS_BETA: tl.constexpr, HAS_VALID: tl.constexpr):
+        """One (sequence, head, block of BV value columns; the columns are independent): Fenwick
+        carry, decay, delta rule, the new token into level 0 and the level-weighted read, one pass
+        over the level slots. Only occupied slots are loaded and only changed ones stored: at
+        position p, level 0 holds token p-1 and level l >= 1 is non-empty iff bit l-1 of p-1 is set
+        (the Fenwick partition; every op leaves the other slots zero), so a step moves about half of
+        the log2(p) + 1 live levels, not all L. Where VALID[n] is 0 nothing is stored and the read is 0."""
         pid = tl.program_id(0)  # n * H + h
         n = pid // H
         ok = True
         if HAS_VALID:
             ok = tl.load(VALID + n) != 0
-        kk, vv = tl.arange(0, KD), tl.arange(0, VD)
+        kk, vv = tl.arange(0, KD), tl.program_id(1) * BV + tl.arange(0, BV)
         q = tl.load(Q + pid * KD + kk).to(tl.float32)
         k = tl.load(K + pid * KD + kk).to(tl.float32)
         v = tl.load(V + pid * VD + vv).to(tl.float32)
         pos = tl.load(POS + n)
+        prev = tl.maximum(pos - 1, 0)
         # Going from position pos-1 to pos, slots 0..target-1 merge into slot target = bit_length(pos ^ (pos-1)).
         # pos ^ (pos-1) = 2^target - 1, so target = log2 of it plus one: exact in float32, rounded.
-        x = pos ^ tl.maximum(pos - 1, 0)
-        target = (tl.log2((x + 1).to(tl.float32)) + 0.5).to(tl.int32)
+        target = (tl.log2(((pos ^ prev) + 1).to(tl.float32)) + 0.5).to(tl.int32)
         carry = pos > 0
         decay = 1.0
         beta = 1.0
@@ -509,10 +516,12 @@ if triton is not None:
             beta = tl.load(BETA + pid).to(tl.float32)
         tile = kk[:, None] * VD + vv[None, :]
         base = SLOTS + pid.to(tl.int64) * L * KD * VD
-        merged = tl.zeros((KD, VD), dtype=tl.float32)
-        o = tl.zeros((VD,), dtype=tl.float32)
+        merged = tl.zeros((KD, BV), dtype=tl.float32)
+        o = tl.zeros((BV,), dtype=tl.float32)
         for lvl in range(L):
-            S = tl.load(base + lvl * KD * VD + tile)
+            bit = tl.maximum(lvl - 1, 0)
+            held = carry & ((lvl == 0) | (((prev >> bit) & 1) == 1))  # occupied before the step
+            S = tl.load(base + lvl * KD * VD + tile, mask=held, other=0.0)
             merging = carry & (lvl < target)
             merged += tl.where(merging, S, 0.0)  # levels below target come first: complete at lvl == target
             S = tl.where(merging, 0.0, S) + tl.where(carry & (lvl == target), merged, 0.0)
@@ -520,9 +529,8 @@ if triton is not None:
             if HAS_BETA:
                 S = S - beta * k[:, None] * tl.sum(S * k[:, None], 0)[None, :]
             S = tl.where(lvl == 0, k[:, None] * (beta * v)[None, :], S)
-            if HAS_VALID:  # the slot as it was, read again (no second tile live through the level)
-                S = tl.where(ok, S, tl.load(base + lvl * KD * VD + tile))
-            tl.store(base + lvl * KD * VD + tile, S)
+            after = (lvl == 0) | (((pos >> bit) & 1) == 1)  # occupied after it; merged-away slots become 0
+            tl.store(base + lvl * KD * VD + tile, S, mask=ok & (after | merging))
             o += tl.load(LAM + pid * L + lvl).to(tl.float32) * tl.sum(S * q[:, None], 0)
         tl.store(OUT + pid * VD + vv, tl.where(ok, o * scale, 0.0))
 
@@ -548,10 +556,12 @@ def loglinear_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.
             _patch_interpreter()
         out = torch.empty(N, H, V, device=q.device, dtype=torch.float32)
         c = lambda x: x.contiguous()  # noqa: E731
-        _loglinear_step_kernel[(N * H,)](
+        bv = min(V, LOGLINEAR_STEP_BV)
+        _loglinear_step_kernel[(N * H, V // bv)](
             c(q), c(k), c(v), slots if g is None else c(g.float()), slots if beta is None else c(beta.float()),
             c(lam.float()), slots, state.position, out if valid is None else valid.to(torch.int32), out, H, L, scale,
-            KD=K, VD=V, HAS_G=g is not None, HAS_BETA=beta is not None, HAS_VALID=valid is not None, num_warps=8)
+            KD=K, VD=V, BV=bv, HAS_G=g is not None, HAS_BETA=beta is not None, HAS_VALID=valid is not None,
+            num_warps=LOGLINEAR_STEP_WARPS)
         state.position.add_(1 if valid is None else valid.to(state.position.dtype))
         return out.to(q.dtype)
     o, new = step_unchecked(q, k, v, g, beta, lam, state, scale, check_levels=False)

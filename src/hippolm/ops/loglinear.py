@@ -80,6 +80,15 @@ def _slot_occupied(last: torch.Tensor, level: int) -> torch.Tensor:
     return (last >= 0) & (((last >> (level - 1)) & 1) == 1)
 
 
+def occupied_levels(position: torch.Tensor, levels: int) -> torch.Tensor:
+    """Which level slots [N, levels] of a state at ``position`` [N] (tokens written) can be non-empty:
+    level 0 holds the last token, level l >= 1 the block of bit l-1 of position-1 (the Fenwick
+    partition of the tokens before it). Every op leaves the other slots zero, and the fused decode
+    step (:func:`hippolm.ops.decode.loglinear_step_`) neither reads nor writes them."""
+    last = position.long() - 1
+    return torch.stack([_slot_occupied(last, lvl) for lvl in range(levels)], -1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation
 
