@@ -5,7 +5,8 @@
 set -uo pipefail
 what=${1:-all}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
+# SRC: the package tree to run (default src; e.g. one with an older kernel, for an A/B in one call)
+export PYTHONPATH=/tmp/site:${SRC:-$PWD/src} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 source benchmarks/triton_cache.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
