@@ -492,7 +492,8 @@ if triton is not None:
         over the level slots. Only occupied slots are loaded and only changed ones stored: at
         position p, level 0 holds token p-1 and level l >= 1 is non-empty iff bit l-1 of p-1 is set
         (the Fenwick partition; every op leaves the other slots zero), so a step moves about half of
-        the log2(p) + 1 live levels, not all L. Where VALID[n] is 0 nothing is stored and the read is 0."""
+        the log2(p) + 1 live levels, not all L, and the loop stops above them. Where VALID[n] is 0
+        nothing is stored and the read is 0."""
         pid = tl.program_id(0)  # n * H + h
         n = pid // H
         ok = True
@@ -518,7 +519,10 @@ if triton is not None:
         base = SLOTS + pid.to(tl.int64) * L * KD * VD
         merged = tl.zeros((KD, BV), dtype=tl.float32)
         o = tl.zeros((BV,), dtype=tl.float32)
-        for lvl in range(L):
+        # levels above bit_length(pos) are empty before and after the step; the float log2 may round
+        # either way, so take one level more than needed (+2: the loop ends past bit_length(pos))
+        top = tl.minimum((tl.log2((pos + 1).to(tl.float32)) + 2.0).to(tl.int32), L)
+        for lvl in range(top):
             bit = tl.maximum(lvl - 1, 0)
             held = carry & ((lvl == 0) | (((prev >> bit) & 1) == 1))  # occupied before the step
             S = tl.load(base + lvl * KD * VD + tile, mask=held, other=0.0)
