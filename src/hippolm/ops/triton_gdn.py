@@ -574,14 +574,10 @@ class _LevelReads(torch.autograd.Function):
         w, u, kd, ge, qw, lam = ctx.saved_tensors
         N, H, n, C, K = w.shape
         V, J = u.shape[-1], lam.shape[-1]
-        # o0's gradient: do as float32 in do's own [N, n * C, H, V] layout (one contiguous cast; a copy
-        # into o0's layout was a strided pass at twice the time), viewed as o0's [N, H, n, C, V]: the
-        # chunk backward reads it by token. The level / tree kernels read that cast or do itself
-        # (LEVEL_DO_COPY), as the [N, H, n * C, V] view of the [N, n * C, H, V] layout.
-        do = do.contiguous()
-        cast = do.float()
-        do0 = cast.view(N, n, C, H, V).permute(0, 3, 1, 2, 4)
-        do = (cast if LEVEL_DO_COPY else do).permute(0, 2, 1, 3)
+        # o0's gradient: do in o0's [N, H, n, C, V] layout, float32 (one pass); the level / tree kernels
+        # read that copy or do itself (LEVEL_DO_COPY), as the [N, H, n * C, V] view of its [N, n * C, H, V]
+        do0 = torch.empty(N, H, n, C, V, device=do.device).copy_(do.reshape(N, n, C, H, V).permute(0, 3, 1, 2, 4))
+        do = do0.view(N, H, n * C, V) if LEVEL_DO_COPY else do.contiguous().permute(0, 2, 1, 3)
         if LEVEL_TREE_BWD:
             tree, ctx.tree = ctx.tree, None
             grads = tree_backward(do, w, u, kd, ge, qw, lam, ctx.prec, tree, leaves=bool(LEVEL_TREE_LEAVES_BWD))

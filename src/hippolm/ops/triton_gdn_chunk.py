@@ -228,7 +228,7 @@ def _chunk_fwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, w_ptr, u_ptr, 
 def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr, du_ptr, dkd_ptr, dqw_ptr,
                dge_ptr, dmix_ptr, scr_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, db_ptr, dlam_ptr,
                scale, n, H, K, V, L, C: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-               HAS_DMIX: tl.constexpr, DO_BY_TOKEN: tl.constexpr, PREC: tl.constexpr):
+               HAS_DMIX: tl.constexpr, PREC: tl.constexpr):
     """Gradients of :func:`_chunk_fwd` for one chunk and head, from those of o, w, u, kd, qw, ge and
     (HAS_DMIX) mix. With X = dqw (gamma k)^T: dattn = (dP - X) mix^T, dw_total = dw - attn^T dqw,
     dmix = du v^T + attn^T dP + dw_total (gamma k)^T, dA = -A^-T (dmix diag(beta)) A^-T."""
@@ -253,7 +253,7 @@ def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr
         vv = v0 + tl.arange(0, BV)
         m = vv[None, :] < V
         vt = tl.load(v_ptr + tok[:, None] * V + vv[None, :], mask=m, other=0)
-        do = tl.load(do_ptr + (tok if DO_BY_TOKEN else rows)[:, None] * V + vv[None, :], mask=m, other=0)
+        do = tl.load(do_ptr + rows[:, None] * V + vv[None, :], mask=m, other=0)
         du = tl.load(du_ptr + rows[:, None] * V + vv[None, :], mask=m, other=0)
         dM = _dot(do, tl.trans(vt), dM, DT, PREC)
         dmix = _dot(du, tl.trans(vt), dmix, DT, PREC)
@@ -370,11 +370,7 @@ class ChunkParts(torch.autograd.Function):
         N, _, H, K = q.shape
         V, L = v.shape[-1], lam.shape[-1]
         n, C = ainv.shape[2], ainv.shape[-1]
-        # do in the tokens' [N, n * C, H, V] layout (a permuted view, as the level backward returns it)
-        # is read by token; any other layout as o's own contiguous [N, H, n, C, V]
-        by_token = do.permute(0, 2, 3, 1, 4).is_contiguous()
-        dw, du, dkd, dqw, dge = (x.contiguous() for x in (dw, du, dkd, dqw, dge))
-        do = do if by_token else do.contiguous()
+        dw, du, dkd, dqw, dge, do = (x.contiguous() for x in (dw, du, dkd, dqw, dge, do))
         has_dmix = dmix.numel() > 0
         dq, dk, dv, dg, db = (torch.empty_like(x) for x in (q, k, v, g, beta))
         dlam = torch.zeros_like(lam)  # the chunk levels' columns come from the level kernels
@@ -383,7 +379,7 @@ class ChunkParts(torch.autograd.Function):
         _chunk_bwd[(N * H * n,)](q, k, v, g, beta, lam, ainv, do, dw, du, dkd, dqw, dge,
                                  dmix.contiguous() if has_dmix else ainv, scratch, dq, dk, dv, dg, db, dlam,
                                  ctx.scale, n, H, K, V, L, C=C, CB=C.bit_length() - 1, BK=BK, BV=BV,
-                                 HAS_DMIX=has_dmix, DO_BY_TOKEN=by_token, PREC=ctx.prec, **_launch("bwd"))
+                                 HAS_DMIX=has_dmix, PREC=ctx.prec, **_launch("bwd"))
         return dq, dk, dv, dg, db, dlam, None, None, None, None
 
 
