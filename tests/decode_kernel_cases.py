@@ -194,10 +194,52 @@ def loglinear_cases(device: str) -> list[str]:
     return failures
 
 
+def loglinear_cache_cases(device: str) -> list[str]:
+    """The log-linear step reading the evicted token from an AHN cache (GQA, Hkv=3) against its
+    float64 reference: one sequence whose slot holds a sink's copy takes no step; NaN in the level
+    slots no state at that position occupies must be neither read nor overwritten."""
+    from hippolm.ops import LogLinearState
+    from hippolm.ops.loglinear import occupied_levels
+
+    failures = []
+    B, H, Hkv, D, S, W, L = 3, 6, 3, 32, 2, 5, 6
+    cursor, pos = torch.tensor([7, 9, 13]), torch.tensor([8, 5, 3])
+    slot = S + cursor % W
+    for name, g_idx, beta_idx, kscale_idx, G in [("gdn", 0, 1, -1, 2), ("mamba2", 0, -1, 1, 2),
+                                                 ("deltanet", -1, 0, -1, 1)]:
+        gen = torch.Generator().manual_seed(G + 10 * (kscale_idx + 1))
+        keys, values = torch.randn(B, Hkv, S + W, D, generator=gen), torch.randn(B, Hkv, S + W, D, generator=gen)
+        ring = torch.rand(B, W, H, G, generator=gen)
+        if g_idx >= 0:
+            ring[..., g_idx] = -ring[..., g_idx]
+        slot_pos = torch.randint(0, 50, (B, S + W), generator=gen)
+        slot_pos[torch.arange(B), slot] = torch.tensor([10, 1, 7])  # 1 < S: a sink's ring copy, no step
+        q, lam = torch.randn(B, H, D, generator=gen), torch.rand(B, H, L, generator=gen) + 0.5
+        occupied = occupied_levels(pos, L)[:, None, :, None, None]
+        clean = torch.randn(B, H, L, D, D, generator=gen) * 0.1 * occupied
+        ref = LogLinearState(clean.double(), pos.clone())
+        ro = dc.loglinear_step_from_cache_reference(q.double(), keys.double(), values.double(), ring.double(),
+                                                    slot_pos, cursor, S, W, g_idx, beta_idx, kscale_idx,
+                                                    lam.double(), ref, 0.3)
+        stepped = torch.tensor([True, False, True])
+        garbage = ~(occupied | (occupied_levels(ref.position, L)[:, None, :, None, None]
+                                & stepped[:, None, None, None, None])).expand_as(clean)
+        state = LogLinearState(torch.where(occupied, clean, float("nan")).to(device), pos.clone().to(device))
+        o = dc.loglinear_step_from_cache_(*(x.to(device) for x in (q, keys, values, ring, slot_pos, cursor)), S, W,
+                                          g_idx, beta_idx, kscale_idx, lam.to(device), state, 0.3)
+        got = state.slots.cpu()
+        if (rel(o, ro) > 1e-4 or rel(torch.where(garbage, 0.0, got), ref.slots) > 1e-4
+                or not got[garbage].isnan().all() or state.position.tolist() != [9, 5, 4]
+                or ref.position.tolist() != [9, 5, 4] or (ro[1] != 0).any()):
+            failures.append(f"loglinear step from cache {name}: out {rel(o, ro):.2e} slots "
+                            f"{rel(torch.where(garbage, 0.0, got), ref.slots):.2e} positions {state.position.tolist()}")
+    return failures
+
+
 if __name__ == "__main__":
     device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
     dtypes = (torch.float32, torch.bfloat16) if device == "cuda" else (torch.float32,)
     failures = (attention_cases(device, dtypes) + cache_attention_cases(device, dtypes) + memory_cases(device)
-                + cache_cases(device) + loglinear_cases(device))
+                + cache_cases(device) + loglinear_cases(device) + loglinear_cache_cases(device))
     print("\n".join(failures) or "all decode kernel cases pass")
     sys.exit(1 if failures else 0)

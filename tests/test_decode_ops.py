@@ -19,11 +19,12 @@ HERE = Path(__file__).parent
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_decode_kernels_on_cuda():
-    from decode_kernel_cases import attention_cases, cache_attention_cases, cache_cases, loglinear_cases, memory_cases
+    import decode_kernel_cases as cases
 
     dtypes = (torch.float32, torch.bfloat16)
-    assert (attention_cases("cuda", dtypes) + cache_attention_cases("cuda", dtypes) + memory_cases("cuda")
-            + cache_cases("cuda") + loglinear_cases("cuda")) == []
+    assert (cases.attention_cases("cuda", dtypes) + cases.cache_attention_cases("cuda", dtypes)
+            + cases.memory_cases("cuda") + cases.cache_cases("cuda") + cases.loglinear_cases("cuda")
+            + cases.loglinear_cache_cases("cuda")) == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or importlib.util.find_spec("triton") is None,

@@ -19,7 +19,7 @@ from torch import nn
 from .. import ops
 from ..layers.common import decay_init
 from ..ops import reference
-from ..ops.decode import evicted_entry, loglinear_step_, memory_step_from_cache
+from ..ops.decode import loglinear_step_from_cache_, memory_step_from_cache
 from ..ops.loglinear import step_unchecked as loglinear_step
 from .config import MEMORY_TYPES
 
@@ -194,22 +194,21 @@ class MemoryModule(nn.Module):
                     state: State, slot_pos: torch.Tensor) -> torch.Tensor:
         """Decode: write the token leaving the window of an AHN cache (read from its ring slot at stream
         index ``cursor`` [B]) and read with q [B, H, d], updating ``state`` in place; returns the
-        per-head contribution [B, H, d] (float32 for the linear memories). gate [B, H], lam: the reading
-        token's :meth:`read_gates`. On CUDA one fused kernel for the linear memories
+        per-head contribution [B, H, d] (float32). gate [B, H], lam: the reading token's
+        :meth:`read_gates`. On CUDA one fused kernel for the linear memories
         (:func:`hippolm.ops.decode.memory_step_from_cache`: cache read, step, read-out; where nothing
         leaves, the slot's zero write gates make the step a no-op) and one for the log-linear step
-        (:func:`hippolm.ops.decode.loglinear_step_`), which ``slot_pos`` (the cache's slot positions)
-        tells where nothing leaves (no real token past the sinks in the slot): there it takes no step,
-        as its Fenwick position must not advance."""
-        if self.levels:
-            k, v, wg, slot = evicted_entry(keys, values, ring_gates, cursor, sinks, window)
-            valid = slot_pos.gather(1, slot[:, None])[:, 0] >= sinks
-            rep = q.shape[1] // keys.shape[1]
-            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-            o = loglinear_step_(*self._step_args(q, k, v, wg), lam, state, valid=valid)
-            return self.readout(o, gate)
+        (:func:`hippolm.ops.decode.loglinear_step_from_cache_`: cache read and step; the read-out is
+        torch), which ``slot_pos`` (the cache's slot positions) tells where nothing leaves (no real
+        token past the sinks in the slot): there it takes no step, as its Fenwick position must not
+        advance."""
         g_idx = -1 if self.base_kind == "deltanet" else 0
         beta_idx = 0 if self.base_kind == "deltanet" else 1
+        if self.levels:
+            o = loglinear_step_from_cache_(q, keys, values, ring_gates, slot_pos, cursor, sinks, window, g_idx,
+                                           -1 if self.base_kind == "mamba2" else beta_idx,
+                                           1 if self.base_kind == "mamba2" else -1, lam, state)
+            return self.readout(o, gate)
         return memory_step_from_cache(q, keys, values, ring_gates, cursor, sinks, window, g_idx, beta_idx,
                                       self.base_kind != "mamba2", state, self.norm_weight, gate, self.eps,
                                       o_proj=self.o_proj)

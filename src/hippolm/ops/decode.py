@@ -484,37 +484,21 @@ LOGLINEAR_STEP_WARPS = 4
 if triton is not None:
 
     @triton.jit
-    def _loglinear_step_kernel(Q, K, V, G_, BETA, LAM, SLOTS, POS, VALID, OUT, H, L, scale,
-                               KD: tl.constexpr, VD: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr,
-                               HAS_BETA: tl.constexpr, HAS_VALID: tl.constexpr):
-        """One (sequence, head, block of BV value columns; the columns are independent): Fenwick
-        carry, decay, delta rule, the new token into level 0 and the level-weighted read, one pass
-        over the level slots. Only occupied slots are loaded and only changed ones stored: at
-        position p, level 0 holds token p-1 and level l >= 1 is non-empty iff bit l-1 of p-1 is set
-        (the Fenwick partition; every op leaves the other slots zero), so a step moves about half of
-        the log2(p) + 1 live levels, not all L, and the loop stops above them. Where VALID[n] is 0
-        nothing is stored and the read is 0."""
-        pid = tl.program_id(0)  # n * H + h
-        n = pid // H
-        ok = True
-        if HAS_VALID:
-            ok = tl.load(VALID + n) != 0
-        kk, vv = tl.arange(0, KD), tl.program_id(1) * BV + tl.arange(0, BV)
-        q = tl.load(Q + pid * KD + kk).to(tl.float32)
-        k = tl.load(K + pid * KD + kk).to(tl.float32)
-        v = tl.load(V + pid * VD + vv).to(tl.float32)
-        pos = tl.load(POS + n)
+    def _loglinear_levels(q, k, v, decay, beta, ok, pos, LAM, SLOTS, pid, vv, L, scale, KD: tl.constexpr,
+                          VD: tl.constexpr, BV: tl.constexpr, HAS_BETA: tl.constexpr):
+        """The step of program ``pid`` = n * H + h on its BV value columns ``vv`` (the columns are
+        independent): Fenwick carry, decay, delta rule, the new token into level 0 and the
+        level-weighted read, one pass over the level slots; returns the read [BV] (0 where not ``ok``).
+        Only occupied slots are loaded and only changed ones stored: at position p, level 0 holds
+        token p-1 and level l >= 1 is non-empty iff bit l-1 of p-1 is set (the Fenwick partition;
+        every op leaves the other slots zero), so a step moves about half of the log2(p) + 1 live
+        levels, not all L, and the loop stops above them. Where not ``ok`` nothing is stored."""
+        kk = tl.arange(0, KD)
         prev = tl.maximum(pos - 1, 0)
         # Going from position pos-1 to pos, slots 0..target-1 merge into slot target = bit_length(pos ^ (pos-1)).
         # pos ^ (pos-1) = 2^target - 1, so target = log2 of it plus one: exact in float32, rounded.
         target = (tl.log2(((pos ^ prev) + 1).to(tl.float32)) + 0.5).to(tl.int32)
         carry = pos > 0
-        decay = 1.0
-        beta = 1.0
-        if HAS_G:
-            decay = tl.exp(tl.load(G_ + pid).to(tl.float32))
-        if HAS_BETA:
-            beta = tl.load(BETA + pid).to(tl.float32)
         tile = kk[:, None] * VD + vv[None, :]
         base = SLOTS + pid.to(tl.int64) * L * KD * VD
         merged = tl.zeros((KD, BV), dtype=tl.float32)
@@ -536,7 +520,67 @@ if triton is not None:
             after = (lvl == 0) | (((pos >> bit) & 1) == 1)  # occupied after it; merged-away slots become 0
             tl.store(base + lvl * KD * VD + tile, S, mask=ok & (after | merging))
             o += tl.load(LAM + pid * L + lvl).to(tl.float32) * tl.sum(S * q[:, None], 0)
-        tl.store(OUT + pid * VD + vv, tl.where(ok, o * scale, 0.0))
+        return tl.where(ok, o * scale, 0.0)
+
+    @triton.jit
+    def _loglinear_step_kernel(Q, K, V, G_, BETA, LAM, SLOTS, POS, VALID, OUT, H, L, scale,
+                               KD: tl.constexpr, VD: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr,
+                               HAS_BETA: tl.constexpr, HAS_VALID: tl.constexpr):
+        """:func:`_loglinear_levels` of one (sequence, head, block of value columns) on given
+        (q, k, v, g, beta); where VALID[n] is 0 no step."""
+        pid = tl.program_id(0)  # n * H + h
+        n = pid // H
+        ok = True
+        if HAS_VALID:
+            ok = tl.load(VALID + n) != 0
+        kk, vv = tl.arange(0, KD), tl.program_id(1) * BV + tl.arange(0, BV)
+        q = tl.load(Q + pid * KD + kk).to(tl.float32)
+        k = tl.load(K + pid * KD + kk).to(tl.float32)
+        v = tl.load(V + pid * VD + vv).to(tl.float32)
+        decay = 1.0
+        beta = 1.0
+        if HAS_G:
+            decay = tl.exp(tl.load(G_ + pid).to(tl.float32))
+        if HAS_BETA:
+            beta = tl.load(BETA + pid).to(tl.float32)
+        o = _loglinear_levels(q, k, v, decay, beta, ok, tl.load(POS + n), LAM, SLOTS, pid, vv, L, scale, KD, VD, BV,
+                              HAS_BETA)
+        tl.store(OUT + pid * VD + vv, o)
+
+    @triton.jit
+    def _loglinear_step_cache_kernel(Q, KEYS, VALUES, RING_G, SLOT_POS, CURSOR, LAM, SLOTS, POS, OUT, STEPPED, H,
+                                     n_kv_heads, L, sinks, window, scale, sqb, sqh, skb, skh, sks, svb, svh, svs,
+                                     sgb, sgw, sgh, spb, KD: tl.constexpr, VD: tl.constexpr, BV: tl.constexpr,
+                                     G_IDX: tl.constexpr, BETA_IDX: tl.constexpr, KSCALE_IDX: tl.constexpr):
+        """:func:`_loglinear_levels` for the token leaving an AHN cache's window, read from its ring
+        slot: key and value of its GQA group, L2-normalised q and k, write gates at their indices
+        (-1: none; KSCALE_IDX scales k, Mamba-2's write strength); no step where the slot holds no
+        real token past the sinks (its position < sinks)."""
+        pid = tl.program_id(0)  # b * H + h
+        b, h = pid // H, pid % H
+        hk = h // (H // n_kv_heads)
+        slot = sinks + tl.load(CURSOR + b) % window
+        ok = tl.load(SLOT_POS + b * spb + slot) >= sinks
+        kk, vv = tl.arange(0, KD), tl.program_id(1) * BV + tl.arange(0, BV)
+        q = tl.load(Q + b * sqb + h * sqh + kk).to(tl.float32)
+        k = tl.load(KEYS + b * skb + hk * skh + slot * sks + kk).to(tl.float32)
+        v = tl.load(VALUES + b * svb + hk * svh + slot * svs + vv).to(tl.float32)
+        gates = RING_G + b * sgb + (slot - sinks) * sgw + h * sgh
+        q = q / tl.maximum(tl.sqrt(tl.sum(q * q, 0)), 1e-12)  # F.normalize
+        k = k / tl.maximum(tl.sqrt(tl.sum(k * k, 0)), 1e-12)
+        decay = 1.0
+        beta = 1.0
+        if G_IDX >= 0:
+            decay = tl.exp(tl.load(gates + G_IDX).to(tl.float32))
+        if BETA_IDX >= 0:
+            beta = tl.load(gates + BETA_IDX).to(tl.float32)
+        if KSCALE_IDX >= 0:
+            k = k * tl.load(gates + KSCALE_IDX).to(tl.float32)
+        o = _loglinear_levels(q, k, v, decay, beta, ok, tl.load(POS + b), LAM, SLOTS, pid, vv, L, scale, KD, VD, BV,
+                              BETA_IDX >= 0)
+        tl.store(OUT + pid * VD + vv, o)
+        # the position advances after the launch (here another program may still read it)
+        tl.store(STEPPED + b, ok.to(tl.int64), mask=(h == 0) & (tl.program_id(1) == 0))
 
 
 def loglinear_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
@@ -568,6 +612,11 @@ def loglinear_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.
             num_warps=LOGLINEAR_STEP_WARPS)
         state.position.add_(1 if valid is None else valid.to(state.position.dtype))
         return out.to(q.dtype)
+    return loglinear_step_reference_(q, k, v, g, beta, lam, state, scale, valid)
+
+
+def loglinear_step_reference_(q, k, v, g, beta, lam, state, scale, valid=None) -> torch.Tensor:
+    """:func:`loglinear_step_` in torch (step_unchecked, then where ``valid`` and an in-place copy)."""
     o, new = step_unchecked(q, k, v, g, beta, lam, state, scale, check_levels=False)
     if valid is not None:
         new = type(state)(torch.where(valid[:, None, None, None, None], new.slots, state.slots.to(new.slots.dtype)),
@@ -577,6 +626,62 @@ def loglinear_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.
     return o
 
 
+def loglinear_step_from_cache_reference(q, keys, values, ring_gates, slot_pos, cursor, sinks, window, g_idx,
+                                        beta_idx, kscale_idx, lam, state, scale=None):
+    k, v, wg, slot = evicted_entry(keys, values, ring_gates, cursor, sinks, window)
+    valid = slot_pos.gather(1, slot[:, None])[:, 0] >= sinks
+    rep = q.shape[1] // keys.shape[1]
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q = F.normalize(q.to(cd), dim=-1)
+    k = F.normalize(k.repeat_interleave(rep, 1).to(cd), dim=-1)
+    v, wg = v.repeat_interleave(rep, 1).to(cd), wg.to(cd)
+    if kscale_idx >= 0:
+        k = k * wg[..., kscale_idx, None]
+    g = wg[..., g_idx] if g_idx >= 0 else None
+    beta = wg[..., beta_idx] if beta_idx >= 0 else None
+    return loglinear_step_reference_(q, k, v, g, beta, lam.to(cd), state, scale, valid)
+
+
+def loglinear_step_from_cache_(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ring_gates: torch.Tensor,
+                               slot_pos: torch.Tensor, cursor: torch.Tensor, sinks: int, window: int, g_idx: int,
+                               beta_idx: int, kscale_idx: int, lam: torch.Tensor, state,
+                               scale: float | None = None) -> torch.Tensor:
+    """:func:`loglinear_step_` for the token leaving an AHN cache's window at stream index ``cursor``
+    [B], read from its ring slot as :func:`memory_step_from_cache` does (keys/values [B, Hkv, sinks +
+    window, d] shared by the query heads of a GQA group, write gates ``ring_gates`` [B, window, H, G]:
+    log decay at ``g_idx``, delta-rule strength at ``beta_idx``, a scale of k at ``kscale_idx``; -1:
+    none), with q [B, H, K] and that key L2-normalised. Where the slot holds no real token past the
+    sinks (``slot_pos`` [B, sinks + window] < sinks: filling, padding, a sink's ring copy) no step:
+    slots and position kept, read 0. One kernel on CUDA (plus the position's add); returns the read
+    [B, H, V] float32 (float64 for float64 inputs)."""
+    B, H, K = q.shape
+    V, L = values.shape[-1], lam.shape[-1]
+    scale = K**-0.5 if scale is None else float(scale)
+    slots = state.slots
+    if (_triton_ok(q, keys, values, slots) and slots.dtype == torch.float32 and slots.is_contiguous()
+            and K in (16, 32, 64, 128) and V in (16, 32, 64, 128) and H % keys.shape[1] == 0
+            and q.stride(-1) == keys.stride(-1) == values.stride(-1) == 1 and ring_gates.stride(-1) == 1
+            and slot_pos.stride(-1) == 1):
+        if _INTERPRET:  # its loop over a runtime level count needs the interpreter fix
+            from .triton_backend import _patch_interpreter
+
+            _patch_interpreter()
+        out = torch.empty(B, H, V, device=q.device, dtype=torch.float32)
+        stepped = torch.empty(B, device=q.device, dtype=torch.long)
+        bv = min(V, LOGLINEAR_STEP_BV)
+        _loglinear_step_cache_kernel[(B * H, V // bv)](
+            q, keys, values, ring_gates, slot_pos, cursor, lam.float().contiguous(), slots, state.position, out,
+            stepped, H, keys.shape[1], L, sinks, window, scale, q.stride(0), q.stride(1), keys.stride(0),
+            keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2), ring_gates.stride(0),
+            ring_gates.stride(1), ring_gates.stride(2), slot_pos.stride(0), KD=K, VD=V, BV=bv, G_IDX=g_idx,
+            BETA_IDX=beta_idx, KSCALE_IDX=kscale_idx, num_warps=LOGLINEAR_STEP_WARPS)
+        state.position.add_(stepped)
+        return out
+    return loglinear_step_from_cache_reference(q, keys, values, ring_gates, slot_pos, cursor, sinks, window, g_idx,
+                                               beta_idx, kscale_idx, lam, state, scale)
+
+
 __all__ = ["cache_attention", "cache_visible", "cache_write", "cache_write_reference", "decode_attention",
-           "decode_attention_reference", "evicted_entry", "evicted_slot", "loglinear_step_", "memory_step",
-           "memory_step_from_cache", "memory_step_from_cache_reference", "memory_step_reference"]
+           "decode_attention_reference", "evicted_entry", "evicted_slot", "loglinear_step_",
+           "loglinear_step_from_cache_", "loglinear_step_from_cache_reference", "loglinear_step_reference_",
+           "memory_step", "memory_step_from_cache", "memory_step_from_cache_reference", "memory_step_reference"]
