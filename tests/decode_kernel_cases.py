@@ -236,10 +236,55 @@ def loglinear_cache_cases(device: str) -> list[str]:
     return failures
 
 
+def step_cases(device: str) -> list[str]:
+    """The out-of-place decode steps behind ops.*_step against their float64 references: the
+    linear ones (SSD, delta rule, GDN) and the log-linear one, with and without a state; the old
+    state is left as it is, and a log-linear state's empty slots (NaN) are neither read nor kept."""
+    from hippolm.ops import LogLinearState, reference
+    from hippolm.ops.loglinear import occupied_levels, step_unchecked
+
+    failures = []
+    for name, has_g, has_beta in [("ssd", True, False), ("delta_rule", False, True), ("gdn", True, True)]:
+        for B, H, D, L in [(2, 3, 32, 5), (1, 2, 128, 7)]:
+            gen = torch.Generator().manual_seed(D + L + has_g)
+            q, k = (torch.nn.functional.normalize(torch.randn(B, H, D, generator=gen), dim=-1) for _ in range(2))
+            v = torch.randn(B, H, D, generator=gen)
+            g = -torch.rand(B, H, generator=gen) if has_g else None
+            beta = torch.rand(B, H, generator=gen) if has_beta else None
+            d64 = lambda x: None if x is None else x.double()  # noqa: E731
+            dev = lambda x: None if x is None else x.to(device)  # noqa: E731
+            state = torch.randn(B, H, D, D, generator=gen) * 0.1
+            for s in (None, state):
+                ro, rs = reference.step(*(d64(x) for x in (q, k, v, g, beta, s)), 0.3)
+                kept = None if s is None else s.clone().to(device)
+                o, new = dc.recurrent_step(*(dev(x) for x in (q, k, v, g, beta)), kept, 0.3)
+                if (rel(o, ro) > 1e-4 or rel(new, rs) > 1e-4
+                        or (kept is not None and not torch.equal(kept.cpu(), s))):
+                    failures.append(f"step {name} D{D} state={s is not None}: out {rel(o, ro):.2e} "
+                                    f"state {rel(new, rs):.2e}")
+            pos = torch.tensor([1 << (L - 2), 6][:B])
+            occupied = occupied_levels(pos, L)[:, None, :, None, None]
+            clean = torch.randn(B, H, L, D, D, generator=gen) * 0.1 * occupied
+            slots = torch.where(occupied, clean, float("nan"))
+            lam = torch.rand(B, H, L, generator=gen) + 0.5
+            for st in (None, LogLinearState(clean, pos)):
+                ro, rs = step_unchecked(*(d64(x) for x in (q, k, v, g, beta, lam)),
+                                        None if st is None else LogLinearState(clean.double(), pos), 0.3)
+                given = None if st is None else LogLinearState(slots.clone().to(device), pos.clone().to(device))
+                o, new = dc.loglinear_step(*(dev(x) for x in (q, k, v, g, beta, lam)), given, 0.3)
+                untouched = given is None or (given.slots.cpu().nan_to_num(7.0).equal(slots.nan_to_num(7.0))
+                                              and given.position.tolist() == pos.tolist())
+                if (rel(o, ro) > 1e-4 or rel(new.slots, rs.slots) > 1e-4
+                        or new.position.tolist() != rs.position.tolist() or not untouched):
+                    failures.append(f"loglinear step {name} D{D} L{L} state={st is not None}: out {rel(o, ro):.2e} "
+                                    f"slots {rel(new.slots, rs.slots):.2e}")
+    return failures
+
+
 if __name__ == "__main__":
     device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
     dtypes = (torch.float32, torch.bfloat16) if device == "cuda" else (torch.float32,)
     failures = (attention_cases(device, dtypes) + cache_attention_cases(device, dtypes) + memory_cases(device)
-                + cache_cases(device) + loglinear_cases(device) + loglinear_cache_cases(device))
+                + cache_cases(device) + loglinear_cases(device) + loglinear_cache_cases(device) + step_cases(device))
     print("\n".join(failures) or "all decode kernel cases pass")
     sys.exit(1 if failures else 0)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from .loglinear import step_unchecked
+from .loglinear import LogLinearState, step_unchecked
 
 try:  # triton is optional: CPU installs and CI do without it
     import triton
@@ -476,6 +476,58 @@ def memory_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
     return out
 
 
+_STEP_DIMS = (16, 32, 64, 128)  # head dims the step kernels take
+
+
+# --- the linear recurrences' decode step (ops.ssd_step, delta_rule_step, gated_delta_rule_step) -------
+if triton is not None:
+
+    @triton.jit
+    def _recurrent_step_kernel(Q, K, V, G_, BETA, S_IN, S_OUT, OUT, scale, KD: tl.constexpr, VD: tl.constexpr,
+                               BV: tl.constexpr, HAS_STATE: tl.constexpr, HAS_G: tl.constexpr,
+                               HAS_BETA: tl.constexpr):
+        """One (sequence, head, block of BV value columns): S' = a S + k u^T with u = v, or the delta
+        rule's u = beta (v - S^T k) (a = exp(g)); o = S'^T q * scale. The new state goes to S_OUT."""
+        pid = tl.program_id(0)  # b * H + h
+        kk, vv = tl.arange(0, KD), tl.program_id(1) * BV + tl.arange(0, BV)
+        q = tl.load(Q + pid * KD + kk).to(tl.float32)
+        k = tl.load(K + pid * KD + kk).to(tl.float32)
+        v = tl.load(V + pid * VD + vv).to(tl.float32)
+        tile = pid.to(tl.int64) * KD * VD + kk[:, None] * VD + vv[None, :]
+        S = tl.zeros((KD, BV), dtype=tl.float32)
+        if HAS_STATE:
+            S = tl.load(S_IN + tile).to(tl.float32)
+        if HAS_G:
+            S = S * tl.exp(tl.load(G_ + pid).to(tl.float32))
+        if HAS_BETA:
+            v = tl.load(BETA + pid).to(tl.float32) * (v - tl.sum(S * k[:, None], 0))
+        S = S + k[:, None] * v[None, :]
+        tl.store(S_OUT + tile, S)
+        tl.store(OUT + pid * VD + vv, tl.sum(S * q[:, None], 0) * scale)
+
+
+def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+                   beta: torch.Tensor | None, state: torch.Tensor | None,
+                   scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`hippolm.ops.reference.step` (one token of SSD / the delta rule / GDN) into a new float32
+    state, one kernel on CUDA. Returns (o [B, H, V] in q's dtype, new state [B, H, K, V])."""
+    B, H, K = q.shape
+    V = v.shape[-1]
+    scale = K**-0.5 if scale is None else float(scale)
+    if (_triton_ok(q, k, v, *([] if state is None else [state])) and q.dtype != torch.float64
+            and K in _STEP_DIMS and V in _STEP_DIMS and (state is None or state.dtype == torch.float32)):
+        new = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
+        out = torch.empty(B, H, V, device=q.device, dtype=torch.float32)
+        c = lambda x: x.contiguous()  # noqa: E731
+        bv = min(V, LOGLINEAR_STEP_BV)
+        _recurrent_step_kernel[(B * H, V // bv)](
+            c(q), c(k), c(v), new if g is None else c(g.float()), new if beta is None else c(beta.float()),
+            new if state is None else c(state), new, out, scale, KD=K, VD=V, BV=bv, HAS_STATE=state is not None,
+            HAS_G=g is not None, HAS_BETA=beta is not None, num_warps=LOGLINEAR_STEP_WARPS)
+        return out.to(q.dtype), new
+    return reference.step(q, k, v, g, beta, state, scale)
+
+
 # --- the log-linear memory step -------------------------------------------------------------------
 # Value columns and warps per program of the log-linear step: [K, BV] tiles, so a batch of 8 x 16
 # heads runs 4 programs per (sequence, head) and more than one per SM keeps loads in flight.
@@ -484,15 +536,17 @@ LOGLINEAR_STEP_WARPS = 4
 if triton is not None:
 
     @triton.jit
-    def _loglinear_levels(q, k, v, decay, beta, ok, pos, LAM, SLOTS, pid, vv, L, scale, KD: tl.constexpr,
-                          VD: tl.constexpr, BV: tl.constexpr, HAS_BETA: tl.constexpr):
+    def _loglinear_levels(q, k, v, decay, beta, ok, pos, LAM, SLOTS, DST, pid, vv, L, scale, KD: tl.constexpr,
+                          VD: tl.constexpr, BV: tl.constexpr, HAS_BETA: tl.constexpr, ALL_LEVELS: tl.constexpr):
         """The step of program ``pid`` = n * H + h on its BV value columns ``vv`` (the columns are
         independent): Fenwick carry, decay, delta rule, the new token into level 0 and the
         level-weighted read, one pass over the level slots; returns the read [BV] (0 where not ``ok``).
         Only occupied slots are loaded and only changed ones stored: at position p, level 0 holds
         token p-1 and level l >= 1 is non-empty iff bit l-1 of p-1 is set (the Fenwick partition;
         every op leaves the other slots zero), so a step moves about half of the log2(p) + 1 live
-        levels, not all L, and the loop stops above them. Where not ``ok`` nothing is stored."""
+        levels, not all L, and the loop stops above them. Where not ``ok`` nothing is stored.
+        DST: where the new slots go, SLOTS itself (in place) or, with ALL_LEVELS, a new state whose
+        every slot is written (zeros where empty)."""
         kk = tl.arange(0, KD)
         prev = tl.maximum(pos - 1, 0)
         # Going from position pos-1 to pos, slots 0..target-1 merge into slot target = bit_length(pos ^ (pos-1)).
@@ -501,11 +555,14 @@ if triton is not None:
         carry = pos > 0
         tile = kk[:, None] * VD + vv[None, :]
         base = SLOTS + pid.to(tl.int64) * L * KD * VD
+        dst = DST + pid.to(tl.int64) * L * KD * VD
         merged = tl.zeros((KD, BV), dtype=tl.float32)
         o = tl.zeros((BV,), dtype=tl.float32)
         # levels above bit_length(pos) are empty before and after the step; the float log2 may round
         # either way, so take one level more than needed (+2: the loop ends past bit_length(pos))
         top = tl.minimum((tl.log2((pos + 1).to(tl.float32)) + 2.0).to(tl.int32), L)
+        if ALL_LEVELS:
+            top = L
         for lvl in range(top):
             bit = tl.maximum(lvl - 1, 0)
             held = carry & ((lvl == 0) | (((prev >> bit) & 1) == 1))  # occupied before the step
@@ -518,14 +575,14 @@ if triton is not None:
                 S = S - beta * k[:, None] * tl.sum(S * k[:, None], 0)[None, :]
             S = tl.where(lvl == 0, k[:, None] * (beta * v)[None, :], S)
             after = (lvl == 0) | (((pos >> bit) & 1) == 1)  # occupied after it; merged-away slots become 0
-            tl.store(base + lvl * KD * VD + tile, S, mask=ok & (after | merging))
+            tl.store(dst + lvl * KD * VD + tile, S, mask=ALL_LEVELS | (ok & (after | merging)))
             o += tl.load(LAM + pid * L + lvl).to(tl.float32) * tl.sum(S * q[:, None], 0)
         return tl.where(ok, o * scale, 0.0)
 
     @triton.jit
-    def _loglinear_step_kernel(Q, K, V, G_, BETA, LAM, SLOTS, POS, VALID, OUT, H, L, scale,
+    def _loglinear_step_kernel(Q, K, V, G_, BETA, LAM, SLOTS, DST, POS, VALID, OUT, H, L, scale,
                                KD: tl.constexpr, VD: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr,
-                               HAS_BETA: tl.constexpr, HAS_VALID: tl.constexpr):
+                               HAS_BETA: tl.constexpr, HAS_VALID: tl.constexpr, ALL_LEVELS: tl.constexpr):
         """:func:`_loglinear_levels` of one (sequence, head, block of value columns) on given
         (q, k, v, g, beta); where VALID[n] is 0 no step."""
         pid = tl.program_id(0)  # n * H + h
@@ -543,8 +600,8 @@ if triton is not None:
             decay = tl.exp(tl.load(G_ + pid).to(tl.float32))
         if HAS_BETA:
             beta = tl.load(BETA + pid).to(tl.float32)
-        o = _loglinear_levels(q, k, v, decay, beta, ok, tl.load(POS + n), LAM, SLOTS, pid, vv, L, scale, KD, VD, BV,
-                              HAS_BETA)
+        o = _loglinear_levels(q, k, v, decay, beta, ok, tl.load(POS + n), LAM, SLOTS, DST, pid, vv, L, scale, KD, VD,
+                              BV, HAS_BETA, ALL_LEVELS)
         tl.store(OUT + pid * VD + vv, o)
 
     @triton.jit
@@ -576,11 +633,39 @@ if triton is not None:
             beta = tl.load(gates + BETA_IDX).to(tl.float32)
         if KSCALE_IDX >= 0:
             k = k * tl.load(gates + KSCALE_IDX).to(tl.float32)
-        o = _loglinear_levels(q, k, v, decay, beta, ok, tl.load(POS + b), LAM, SLOTS, pid, vv, L, scale, KD, VD, BV,
-                              BETA_IDX >= 0)
+        o = _loglinear_levels(q, k, v, decay, beta, ok, tl.load(POS + b), LAM, SLOTS, SLOTS, pid, vv, L, scale, KD,
+                              VD, BV, BETA_IDX >= 0, False)
         tl.store(OUT + pid * VD + vv, o)
         # the position advances after the launch (here another program may still read it)
         tl.store(STEPPED + b, ok.to(tl.int64), mask=(h == 0) & (tl.program_id(1) == 0))
+
+
+def _loglinear_step_fits(q, v, slots) -> bool:
+    """Whether the step kernel takes these inputs (``slots``: the state's, or None for none)."""
+    return (_triton_ok(q, v, *([] if slots is None else [slots])) and q.dtype != torch.float64
+            and (slots is None or (slots.dtype == torch.float32 and slots.is_contiguous()))
+            and q.shape[-1] in _STEP_DIMS and v.shape[-1] in _STEP_DIMS)
+
+
+def _loglinear_step_launch(q, k, v, g, beta, lam, slots, dst, position, valid, scale,
+                           all_levels: bool) -> torch.Tensor:
+    """The step kernel from ``slots`` into ``dst`` (the same tensor: in place; with ``all_levels``
+    every level of ``dst`` is written); returns o [N, H, V] float32."""
+    if _INTERPRET:  # its loop over a runtime level count needs the interpreter fix
+        from .triton_backend import _patch_interpreter
+
+        _patch_interpreter()
+    N, H, K = q.shape
+    V, L = v.shape[-1], lam.shape[-1]
+    out = torch.empty(N, H, V, device=q.device, dtype=torch.float32)
+    c = lambda x: x.contiguous()  # noqa: E731
+    bv = min(V, LOGLINEAR_STEP_BV)
+    _loglinear_step_kernel[(N * H, V // bv)](
+        c(q), c(k), c(v), slots if g is None else c(g.float()), slots if beta is None else c(beta.float()),
+        c(lam.float()), slots, dst, position, out if valid is None else valid.to(torch.int32), out, H, L, scale,
+        KD=K, VD=V, BV=bv, HAS_G=g is not None, HAS_BETA=beta is not None, HAS_VALID=valid is not None,
+        ALL_LEVELS=all_levels, num_warps=LOGLINEAR_STEP_WARPS)
+    return out
 
 
 def loglinear_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
@@ -589,30 +674,34 @@ def loglinear_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.
     """:func:`hippolm.ops.loglinear.step_unchecked` updating ``state`` (a LogLinearState: float32
     slots [N, H, L, K, V], positions [N]) in place, so a decode step replays from a CUDA graph; one
     kernel per layer on CUDA (the Fenwick carry, decay, delta rule, write and level-weighted read
-    over each level slot once). q, k [N, H, K], v [N, H, V], g/beta [N, H] or None, lam [N, H, L];
-    ``valid`` [N] bool or None (all): sequences where it is False take no step (slots and position
-    unchanged, o = 0), as where nothing leaves an AHN cache's window. Returns o [N, H, V] in q's dtype."""
-    N, H, K = q.shape
-    V, L = v.shape[-1], lam.shape[-1]
-    scale = K**-0.5 if scale is None else float(scale)
-    slots = state.slots
-    if (_triton_ok(q, k, v, slots) and slots.dtype == torch.float32 and slots.is_contiguous()
-            and K in (16, 32, 64, 128) and V in (16, 32, 64, 128)):
-        if _INTERPRET:  # its loop over a runtime level count needs the interpreter fix
-            from .triton_backend import _patch_interpreter
-
-            _patch_interpreter()
-        out = torch.empty(N, H, V, device=q.device, dtype=torch.float32)
-        c = lambda x: x.contiguous()  # noqa: E731
-        bv = min(V, LOGLINEAR_STEP_BV)
-        _loglinear_step_kernel[(N * H, V // bv)](
-            c(q), c(k), c(v), slots if g is None else c(g.float()), slots if beta is None else c(beta.float()),
-            c(lam.float()), slots, state.position, out if valid is None else valid.to(torch.int32), out, H, L, scale,
-            KD=K, VD=V, BV=bv, HAS_G=g is not None, HAS_BETA=beta is not None, HAS_VALID=valid is not None,
-            num_warps=LOGLINEAR_STEP_WARPS)
+    over each occupied level slot once). q, k [N, H, K], v [N, H, V], g/beta [N, H] or None, lam
+    [N, H, L]; ``valid`` [N] bool or None (all): sequences where it is False take no step (slots and
+    position unchanged, o = 0), as where nothing leaves an AHN cache's window. Returns o [N, H, V] in
+    q's dtype."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if _loglinear_step_fits(q, v, state.slots):
+        out = _loglinear_step_launch(q, k, v, g, beta, lam, state.slots, state.slots, state.position, valid, scale,
+                                     False)
         state.position.add_(1 if valid is None else valid.to(state.position.dtype))
         return out.to(q.dtype)
     return loglinear_step_reference_(q, k, v, g, beta, lam, state, scale, valid)
+
+
+def loglinear_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
+                   beta: torch.Tensor | None, lam: torch.Tensor, state, scale: float | None = None):
+    """:func:`hippolm.ops.loglinear.step_unchecked` as a new state (the input one is left as it is),
+    one kernel on CUDA: every level slot of the new state is written once (zeros where empty), only
+    the occupied ones of the old are read. Returns (o [N, H, V] in q's dtype, new LogLinearState)."""
+    N, H, K = q.shape
+    V, L = v.shape[-1], lam.shape[-1]
+    scale = K**-0.5 if scale is None else float(scale)
+    if _loglinear_step_fits(q, v, None if state is None else state.slots):
+        new = torch.empty(N, H, L, K, V, device=q.device, dtype=torch.float32)
+        pos = torch.zeros(N, dtype=torch.long, device=q.device) if state is None else state.position.to(q.device)
+        old = new if state is None else state.slots  # position 0: nothing is read
+        out = _loglinear_step_launch(q, k, v, g, beta, lam, old, new, pos, None, scale, True)
+        return out.to(q.dtype), LogLinearState(new, pos + 1)
+    return step_unchecked(q, k, v, g, beta, lam, state, scale, check_levels=False)
 
 
 def loglinear_step_reference_(q, k, v, g, beta, lam, state, scale, valid=None) -> torch.Tensor:
@@ -682,6 +771,7 @@ def loglinear_step_from_cache_(q: torch.Tensor, keys: torch.Tensor, values: torc
 
 
 __all__ = ["cache_attention", "cache_visible", "cache_write", "cache_write_reference", "decode_attention",
-           "decode_attention_reference", "evicted_entry", "evicted_slot", "loglinear_step_",
+           "decode_attention_reference", "evicted_entry", "evicted_slot", "loglinear_step", "loglinear_step_",
            "loglinear_step_from_cache_", "loglinear_step_from_cache_reference", "loglinear_step_reference_",
-           "memory_step", "memory_step_from_cache", "memory_step_from_cache_reference", "memory_step_reference"]
+           "memory_step", "memory_step_from_cache", "memory_step_from_cache_reference", "memory_step_reference",
+           "recurrent_step"]

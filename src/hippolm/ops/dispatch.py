@@ -14,6 +14,7 @@ import torch
 
 from . import fla_backend, reference, triton_backend
 from ._checks import check_sequence_inputs, check_step_inputs
+from .decode import recurrent_step
 
 Mode = Literal["chunk", "recurrent"]
 Backend = Literal["auto", "torch", "fla", "triton"]
@@ -156,7 +157,7 @@ def gated_delta_rule(
 
 def _step(op, q, k, v, g, beta, state, scale):
     check_step_inputs(q, k, v, {"g": g, "beta": beta}, state)
-    return reference.step(q, k, v, g, beta, state, scale)
+    return recurrent_step(q, k, v, g, beta, state, scale)  # one kernel on CUDA
 
 
 def ssd_step(

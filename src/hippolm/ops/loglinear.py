@@ -135,6 +135,23 @@ def _check(q, k, v, g, beta, lam, initial_state, cu_seqlens, scale) -> tuple[int
 # Step and recurrent forms
 
 
+def _check_levels(pos: torch.Tensor, L: int) -> None:
+    """A step at ``pos`` [N] needs pos < 2^(L-1) (a device sync)."""
+    if pos.numel() and int(pos.max()) >= 1 << (L - 1):
+        raise ValueError(f"a sequence reached position {int(pos.max())}, beyond the {1 << (L - 1)} tokens that "
+                         f"{L} levels cover; configure more levels.")
+
+
+def _step(q, k, v, g, beta, lam, state, scale):
+    """The checked decode step: one kernel on CUDA (:func:`hippolm.ops.decode.loglinear_step`)."""
+    from .decode import loglinear_step  # decode builds on this module
+
+    _check_step(q, k, v, g, beta, lam, state)
+    if state is not None:
+        _check_levels(state.position, lam.shape[-1])
+    return loglinear_step(q, k, v, g, beta, lam, state, scale)
+
+
 def step_unchecked(q, k, v, g, beta, lam, state: LogLinearState | None, scale, check_levels: bool = True):
     """One step without argument checks. ``check_levels=False`` also skips the level-overflow check
     (a device sync): for callers that track positions on the host (the AHN cache)."""
@@ -147,9 +164,8 @@ def step_unchecked(q, k, v, g, beta, lam, state: LogLinearState | None, scale, c
         pos = torch.zeros(N, dtype=torch.long, device=q.device)
     else:
         slots, pos = state.slots.to(cd), state.position.to(q.device)
-    if check_levels and int(pos.max()) >= 1 << (L - 1):
-        raise ValueError(f"a sequence reached position {int(pos.max())}, beyond the {1 << (L - 1)} tokens that "
-                         f"{L} levels cover; configure more levels.")
+    if check_levels:
+        _check_levels(pos, L)
     # Carry: going from query t-1 to t, slots 0..z merge into slot z+1 = level(t, t-1).
     target = bit_length(pos ^ (pos - 1).clamp_min(0))  # [N], <= L as pos < 2^(L-1); unused where pos == 0
     levels = torch.arange(L, device=q.device)
@@ -554,8 +570,7 @@ def loglinear_ssd_step(
     """One decode step, O(log T): q, k [B, H, K], v [B, H, V], g [B, H], lam [B, H, L].
 
     Sequences in the batch may be at different positions (``state.position``)."""
-    _check_step(q, k, v, g, None, lam, state)
-    return step_unchecked(q, k, v, g, None, lam, state, scale)
+    return _step(q, k, v, g, None, lam, state, scale)
 
 
 def loglinear_gated_delta_rule_step(
@@ -563,5 +578,4 @@ def loglinear_gated_delta_rule_step(
     state: LogLinearState | None, scale: float | None = None,
 ) -> tuple[torch.Tensor, LogLinearState]:
     """One decode step of :func:`loglinear_gated_delta_rule` (shapes as :func:`loglinear_ssd_step`)."""
-    _check_step(q, k, v, g, beta, lam, state)
-    return step_unchecked(q, k, v, g, beta, lam, state, scale)
+    return _step(q, k, v, g, beta, lam, state, scale)
