@@ -281,10 +281,50 @@ def step_cases(device: str) -> list[str]:
     return failures
 
 
+def standalone_decode_case(device: str) -> list[str]:
+    """A float32 standalone LM with every mixer: prefill then token-by-token decode equals one full
+    forward, and the decode steps of its recurrent mixers run the step kernels (launches counted)."""
+    from hippolm.models.standalone import MIXER_TYPES, HippoCache, HippoConfig, HippoForCausalLM
+
+    launches = {}
+
+    class Counted:  # kernel[grid](...) with a count per kernel
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(dc, name)
+
+        def __getitem__(self, grid):
+            launches[self.name] = launches.get(self.name, 0) + 1
+            return self.kernel[grid]
+
+    names = ("_recurrent_step_kernel", "_loglinear_step_kernel")
+    cfg = HippoConfig(vocab_size=64, hidden_size=64, num_hidden_layers=len(MIXER_TYPES), num_attention_heads=2,
+                      mixer=list(MIXER_TYPES), window=5, max_position=64)
+    torch.manual_seed(0)
+    model = HippoForCausalLM(cfg).to(device).eval()
+    x = torch.randint(0, 64, (2, 12), device=device)
+    try:
+        for name in names:
+            setattr(dc, name, Counted(name))
+        with torch.no_grad():
+            full = model(x).logits
+            cache = HippoCache(cfg.num_hidden_layers)  # updated in place by each call
+            model(x[:, :9], cache=cache, use_cache=True)
+            steps = [model(x[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(9, 12)]
+    finally:
+        for name in names:
+            setattr(dc, name, getattr(dc, name).kernel)
+    err = rel(torch.cat(steps, 1), full[:, 9:])
+    # 3 steps x (mamba2, gdn) and x (loglinear_mamba2, loglinear_gdn)
+    if err > 1e-4 or [launches.get(n) for n in names] != [6, 6]:
+        return [f"standalone decode: logits {err:.2e} from the full forward, step launches {launches}"]
+    return []
+
+
 if __name__ == "__main__":
     device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
     dtypes = (torch.float32, torch.bfloat16) if device == "cuda" else (torch.float32,)
     failures = (attention_cases(device, dtypes) + cache_attention_cases(device, dtypes) + memory_cases(device)
-                + cache_cases(device) + loglinear_cases(device) + loglinear_cache_cases(device) + step_cases(device))
+                + cache_cases(device) + loglinear_cases(device) + loglinear_cache_cases(device) + step_cases(device)
+                + standalone_decode_case(device))
     print("\n".join(failures) or "all decode kernel cases pass")
     sys.exit(1 if failures else 0)

@@ -24,7 +24,8 @@ def test_decode_kernels_on_cuda():
     dtypes = (torch.float32, torch.bfloat16)
     assert (cases.attention_cases("cuda", dtypes) + cases.cache_attention_cases("cuda", dtypes)
             + cases.memory_cases("cuda") + cases.cache_cases("cuda") + cases.loglinear_cases("cuda")
-            + cases.loglinear_cache_cases("cuda") + cases.step_cases("cuda")) == []
+            + cases.loglinear_cache_cases("cuda") + cases.step_cases("cuda")
+            + cases.standalone_decode_case("cuda")) == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
