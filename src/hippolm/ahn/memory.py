@@ -20,7 +20,7 @@ from .. import ops
 from ..layers.common import decay_init
 from ..ops import reference
 from ..ops.decode import loglinear_step_from_cache_, memory_step_from_cache
-from ..ops.loglinear import step_unchecked as loglinear_step
+from ..ops.loglinear import step_unchecked
 from .config import MEMORY_TYPES
 
 State = torch.Tensor | ops.LogLinearState
@@ -178,7 +178,7 @@ class MemoryModule(nn.Module):
         args = self._step_args(q, k, v, wg)
         # Unchecked step forms: inputs are ours, and each check would cost a device sync per token.
         if self.levels:
-            return loglinear_step(*args, lam, state, None, check_levels=False)
+            return step_unchecked(*args, lam, state, None, check_levels=False)
         return reference.step(*args, state)
 
     def readout(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

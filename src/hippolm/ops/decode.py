@@ -476,7 +476,12 @@ def memory_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
     return out
 
 
-_STEP_DIMS = (16, 32, 64, 128)  # head dims the step kernels take
+# The decode step kernels: the head dims they take, and value columns / warps per program ([K, BV]
+# tiles, so a batch of 8 x 16 heads runs 4 programs per (sequence, head) and more than one per SM
+# keeps loads in flight).
+_STEP_DIMS = (16, 32, 64, 128)
+STEP_BV = 32
+STEP_WARPS = 4
 
 
 # --- the linear recurrences' decode step (ops.ssd_step, delta_rule_step, gated_delta_rule_step) -------
@@ -519,20 +524,16 @@ def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
         new = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
         out = torch.empty(B, H, V, device=q.device, dtype=torch.float32)
         c = lambda x: x.contiguous()  # noqa: E731
-        bv = min(V, LOGLINEAR_STEP_BV)
+        bv = min(V, STEP_BV)
         _recurrent_step_kernel[(B * H, V // bv)](
             c(q), c(k), c(v), new if g is None else c(g.float()), new if beta is None else c(beta.float()),
             new if state is None else c(state), new, out, scale, KD=K, VD=V, BV=bv, HAS_STATE=state is not None,
-            HAS_G=g is not None, HAS_BETA=beta is not None, num_warps=LOGLINEAR_STEP_WARPS)
+            HAS_G=g is not None, HAS_BETA=beta is not None, num_warps=STEP_WARPS)
         return out.to(q.dtype), new
     return reference.step(q, k, v, g, beta, state, scale)
 
 
 # --- the log-linear memory step -------------------------------------------------------------------
-# Value columns and warps per program of the log-linear step: [K, BV] tiles, so a batch of 8 x 16
-# heads runs 4 programs per (sequence, head) and more than one per SM keeps loads in flight.
-LOGLINEAR_STEP_BV = 32
-LOGLINEAR_STEP_WARPS = 4
 if triton is not None:
 
     @triton.jit
@@ -659,12 +660,12 @@ def _loglinear_step_launch(q, k, v, g, beta, lam, slots, dst, position, valid, s
     V, L = v.shape[-1], lam.shape[-1]
     out = torch.empty(N, H, V, device=q.device, dtype=torch.float32)
     c = lambda x: x.contiguous()  # noqa: E731
-    bv = min(V, LOGLINEAR_STEP_BV)
+    bv = min(V, STEP_BV)
     _loglinear_step_kernel[(N * H, V // bv)](
         c(q), c(k), c(v), slots if g is None else c(g.float()), slots if beta is None else c(beta.float()),
         c(lam.float()), slots, dst, position, out if valid is None else valid.to(torch.int32), out, H, L, scale,
         KD=K, VD=V, BV=bv, HAS_G=g is not None, HAS_BETA=beta is not None, HAS_VALID=valid is not None,
-        ALL_LEVELS=all_levels, num_warps=LOGLINEAR_STEP_WARPS)
+        ALL_LEVELS=all_levels, num_warps=STEP_WARPS)
     return out
 
 
@@ -757,13 +758,13 @@ def loglinear_step_from_cache_(q: torch.Tensor, keys: torch.Tensor, values: torc
             _patch_interpreter()
         out = torch.empty(B, H, V, device=q.device, dtype=torch.float32)
         stepped = torch.empty(B, device=q.device, dtype=torch.long)
-        bv = min(V, LOGLINEAR_STEP_BV)
+        bv = min(V, STEP_BV)
         _loglinear_step_cache_kernel[(B * H, V // bv)](
             q, keys, values, ring_gates, slot_pos, cursor, lam.float().contiguous(), slots, state.position, out,
             stepped, H, keys.shape[1], L, sinks, window, scale, q.stride(0), q.stride(1), keys.stride(0),
             keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2), ring_gates.stride(0),
             ring_gates.stride(1), ring_gates.stride(2), slot_pos.stride(0), KD=K, VD=V, BV=bv, G_IDX=g_idx,
-            BETA_IDX=beta_idx, KSCALE_IDX=kscale_idx, num_warps=LOGLINEAR_STEP_WARPS)
+            BETA_IDX=beta_idx, KSCALE_IDX=kscale_idx, num_warps=STEP_WARPS)
         state.position.add_(stepped)
         return out
     return loglinear_step_from_cache_reference(q, keys, values, ring_gates, slot_pos, cursor, sinks, window, g_idx,
