@@ -147,6 +147,16 @@ def cache_cases(device: str) -> list[str]:
     return failures
 
 
+def fenwick_slots(pos: torch.Tensor, H: int, L: int, D: int, gen: torch.Generator):
+    """(occupied [N, 1, L, 1, 1], slots a state at ``pos`` can hold: random where occupied, 0
+    elsewhere; the same with NaN where empty, which a step must neither read nor keep)."""
+    from hippolm.ops.loglinear import occupied_levels
+
+    occupied = occupied_levels(pos, L)[:, None, :, None, None]
+    clean = torch.randn(len(pos), H, L, D, D, generator=gen) * 0.1 * occupied
+    return occupied, clean, torch.where(occupied, clean, float("nan"))
+
+
 def loglinear_cases(device: str) -> list[str]:
     """The in-place log-linear step (Fenwick carry, decay, delta rule, level read) against
     step_unchecked in float64, sequences at different positions (0, mid-block, a power of two: the
@@ -166,9 +176,7 @@ def loglinear_cases(device: str) -> list[str]:
             beta = torch.rand(N, H, generator=gen) if has_beta else None
             lam = torch.rand(N, H, L, generator=gen) + 0.5
             pos = torch.tensor([0, 5, 8][:N] if N == 3 else [1 << (L - 2), (1 << (L - 1)) - 1])
-            occupied = occupied_levels(pos, L)[:, None, :, None, None]
-            clean = torch.randn(N, H, L, D, D, generator=gen) * 0.1 * occupied
-            slots = torch.where(occupied, clean, float("nan"))
+            occupied, clean, slots = fenwick_slots(pos, H, L, D, gen)
             d64 = lambda x: None if x is None else x.double()  # noqa: E731
             ro, rs = step_unchecked(*(d64(x) for x in (q, k, v, g, beta, lam)),
                                     LogLinearState(clean.double(), pos), 0.3, check_levels=False)
@@ -215,8 +223,7 @@ def loglinear_cache_cases(device: str) -> list[str]:
         slot_pos = torch.randint(0, 50, (B, S + W), generator=gen)
         slot_pos[torch.arange(B), slot] = torch.tensor([10, 1, 7])  # 1 < S: a sink's ring copy, no step
         q, lam = torch.randn(B, H, D, generator=gen), torch.rand(B, H, L, generator=gen) + 0.5
-        occupied = occupied_levels(pos, L)[:, None, :, None, None]
-        clean = torch.randn(B, H, L, D, D, generator=gen) * 0.1 * occupied
+        occupied, clean, slots = fenwick_slots(pos, H, L, D, gen)
         ref = LogLinearState(clean.double(), pos.clone())
         ro = dc.loglinear_step_from_cache_reference(q.double(), keys.double(), values.double(), ring.double(),
                                                     slot_pos, cursor, S, W, g_idx, beta_idx, kscale_idx,
@@ -224,7 +231,7 @@ def loglinear_cache_cases(device: str) -> list[str]:
         stepped = torch.tensor([True, False, True])
         garbage = ~(occupied | (occupied_levels(ref.position, L)[:, None, :, None, None]
                                 & stepped[:, None, None, None, None])).expand_as(clean)
-        state = LogLinearState(torch.where(occupied, clean, float("nan")).to(device), pos.clone().to(device))
+        state = LogLinearState(slots.to(device), pos.clone().to(device))
         o = dc.loglinear_step_from_cache_(*(x.to(device) for x in (q, keys, values, ring, slot_pos, cursor)), S, W,
                                           g_idx, beta_idx, kscale_idx, lam.to(device), state, 0.3)
         got = state.slots.cpu()
@@ -241,7 +248,7 @@ def step_cases(device: str) -> list[str]:
     linear ones (SSD, delta rule, GDN) and the log-linear one, with and without a state; the old
     state is left as it is, and a log-linear state's empty slots (NaN) are neither read nor kept."""
     from hippolm.ops import LogLinearState, reference
-    from hippolm.ops.loglinear import occupied_levels, step_unchecked
+    from hippolm.ops.loglinear import step_unchecked
 
     failures = []
     for name, has_g, has_beta in [("ssd", True, False), ("delta_rule", False, True), ("gdn", True, True)]:
@@ -263,9 +270,7 @@ def step_cases(device: str) -> list[str]:
                     failures.append(f"step {name} D{D} state={s is not None}: out {rel(o, ro):.2e} "
                                     f"state {rel(new, rs):.2e}")
             pos = torch.tensor([1 << (L - 2), 6][:B])
-            occupied = occupied_levels(pos, L)[:, None, :, None, None]
-            clean = torch.randn(B, H, L, D, D, generator=gen) * 0.1 * occupied
-            slots = torch.where(occupied, clean, float("nan"))
+            _, clean, slots = fenwick_slots(pos, H, L, D, gen)
             lam = torch.rand(B, H, L, generator=gen) + 0.5
             for st in (None, LogLinearState(clean, pos)):
                 ro, rs = step_unchecked(*(d64(x) for x in (q, k, v, g, beta, lam)),

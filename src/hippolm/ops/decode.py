@@ -37,6 +37,14 @@ def _triton_ok(*tensors: torch.Tensor) -> bool:
     return triton is not None and (_INTERPRET or all(t.is_cuda for t in tensors))
 
 
+def _runtime_loops_ready() -> None:
+    """Under Triton's interpreter, the fix that kernels looping over runtime bounds need."""
+    if _INTERPRET:
+        from .triton_backend import _patch_interpreter
+
+        _patch_interpreter()
+
+
 # --- attention over a cache ---------------------------------------------------------------------
 def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                                mask: torch.Tensor | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
@@ -152,10 +160,8 @@ def _decode_attention_triton(q, k, v, scale, mask=None, add=None, slots=None):
     m = torch.empty(B * Hkv, n_split, GP, device=q.device, dtype=torch.float32)
     l_ = torch.empty_like(m)
     slot_pos, cursor, query_pos, sinks, window = slots if slots is not None else (None, None, None, 0, 0)
-    if _INTERPRET and slots is not None:  # its loop over runtime bounds needs the interpreter fix
-        from .triton_backend import _patch_interpreter
-
-        _patch_interpreter()
+    if slots is not None:
+        _runtime_loops_ready()
     if mask is not None:
         mask = mask.to(torch.uint8)
     rows = mask if mask is not None else slot_pos
@@ -484,6 +490,14 @@ STEP_BV = 32
 STEP_WARPS = 4
 
 
+def _step_fits(q: torch.Tensor, v: torch.Tensor, state: torch.Tensor | None) -> bool:
+    """Whether a step kernel takes these inputs: 16/32-bit q, v of those head dims, a float32 state
+    (or None) on the same device."""
+    return (_triton_ok(q, v, *([] if state is None else [state])) and q.dtype != torch.float64
+            and q.shape[-1] in _STEP_DIMS and v.shape[-1] in _STEP_DIMS
+            and (state is None or state.dtype == torch.float32))
+
+
 # --- the linear recurrences' decode step (ops.ssd_step, delta_rule_step, gated_delta_rule_step) -------
 if triton is not None:
 
@@ -519,8 +533,7 @@ def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
     B, H, K = q.shape
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else float(scale)
-    if (_triton_ok(q, k, v, *([] if state is None else [state])) and q.dtype != torch.float64
-            and K in _STEP_DIMS and V in _STEP_DIMS and (state is None or state.dtype == torch.float32)):
+    if _step_fits(q, v, state) and _triton_ok(k):
         new = torch.empty(B, H, K, V, device=q.device, dtype=torch.float32)
         out = torch.empty(B, H, V, device=q.device, dtype=torch.float32)
         c = lambda x: x.contiguous()  # noqa: E731
@@ -642,20 +655,15 @@ if triton is not None:
 
 
 def _loglinear_step_fits(q, v, slots) -> bool:
-    """Whether the step kernel takes these inputs (``slots``: the state's, or None for none)."""
-    return (_triton_ok(q, v, *([] if slots is None else [slots])) and q.dtype != torch.float64
-            and (slots is None or (slots.dtype == torch.float32 and slots.is_contiguous()))
-            and q.shape[-1] in _STEP_DIMS and v.shape[-1] in _STEP_DIMS)
+    """Whether the log-linear step kernels take these inputs (``slots``: the state's, or None)."""
+    return _step_fits(q, v, slots) and (slots is None or slots.is_contiguous())
 
 
 def _loglinear_step_launch(q, k, v, g, beta, lam, slots, dst, position, valid, scale,
                            all_levels: bool) -> torch.Tensor:
     """The step kernel from ``slots`` into ``dst`` (the same tensor: in place; with ``all_levels``
     every level of ``dst`` is written); returns o [N, H, V] float32."""
-    if _INTERPRET:  # its loop over a runtime level count needs the interpreter fix
-        from .triton_backend import _patch_interpreter
-
-        _patch_interpreter()
+    _runtime_loops_ready()
     N, H, K = q.shape
     V, L = v.shape[-1], lam.shape[-1]
     out = torch.empty(N, H, V, device=q.device, dtype=torch.float32)
@@ -748,14 +756,10 @@ def loglinear_step_from_cache_(q: torch.Tensor, keys: torch.Tensor, values: torc
     V, L = values.shape[-1], lam.shape[-1]
     scale = K**-0.5 if scale is None else float(scale)
     slots = state.slots
-    if (_triton_ok(q, keys, values, slots) and slots.dtype == torch.float32 and slots.is_contiguous()
-            and K in (16, 32, 64, 128) and V in (16, 32, 64, 128) and H % keys.shape[1] == 0
+    if (_loglinear_step_fits(q, values, slots) and _triton_ok(keys) and H % keys.shape[1] == 0
             and q.stride(-1) == keys.stride(-1) == values.stride(-1) == 1 and ring_gates.stride(-1) == 1
             and slot_pos.stride(-1) == 1):
-        if _INTERPRET:  # its loop over a runtime level count needs the interpreter fix
-            from .triton_backend import _patch_interpreter
-
-            _patch_interpreter()
+        _runtime_loops_ready()
         out = torch.empty(B, H, V, device=q.device, dtype=torch.float32)
         stepped = torch.empty(B, device=q.device, dtype=torch.long)
         bv = min(V, STEP_BV)
