@@ -86,14 +86,21 @@ def level_grads_compiled(prec: str, major: int, warps: int | None = None):
 
 
 def chunk_kernel_compiled(which: str, prec: str, major: int, warps: int | None = None):
-    """The fused chunk kernel of log-linear Gated DeltaNet (head dim 128, chunks of 64)."""
+    """The fused chunk kernel of log-linear Gated DeltaNet (head dim 128, chunks of 64): ``which`` fwd,
+    bwd (split as CHUNK_TILES says) or bwd_qk (the split backward's second kernel)."""
     from hippolm.ops import triton_gdn_chunk as tc
 
-    BK, BV = tc._blocks(128, 128, which)
+    BK, BV = tc._blocks(128, 128, "fwd" if which == "fwd" else "bwd")
     ptrs = ("q_ptr", "k_ptr", "v_ptr", "w_ptr", "u_ptr", "kd_ptr", "qw_ptr", "dq_ptr", "dk_ptr", "dv_ptr",
-            "dw_ptr", "du_ptr", "dkd_ptr", "dqw_ptr")
+            "dw_ptr", "du_ptr", "dkd_ptr", "dqw_ptr", "cc_ptr")
+    split = bool(tc.CHUNK_TILES["bwd"]["split"])
+    if which == "bwd_qk":
+        return _compile(tc._chunk_bwd_qk, {"C": 64, "BK": BK, "PREC": prec},
+                        {"num_warps": warps or tc.CHUNK_TILES["bwd"]["qk_warps"],
+                         "num_stages": tc.CHUNK_TILES["bwd"]["num_stages"]},
+                        major, "bf16" if prec == "tf32" else "fp32", ptrs)
     consts = {"C": 64, "CB": 6, "BK": BK, "BV": BV, "PREC": prec} | (
-        {"HAS_DMIX": True} if which == "bwd" else {"SOLVE": tc.CHUNK_TILES["fwd"]["solve"]})
+        {"HAS_DMIX": True, "SPLIT": split} if which == "bwd" else {"SOLVE": tc.CHUNK_TILES["fwd"]["solve"]})
     return _compile(tc._chunk_fwd if which == "fwd" else tc._chunk_bwd, consts, _options(tc._launch(which), warps),
                     major, "bf16" if prec == "tf32" else "fp32", ptrs)
 
@@ -172,6 +179,17 @@ def test_level_gradient_kernel_compiles_and_fits_shared_memory(prec, major):
 def test_chunk_kernels_compile_and_fit_shared_memory(which, prec, major):
     kernel = chunk_kernel_compiled(which, prec, major)
     assert 0 < kernel.metadata.shared <= SHARED[major], kernel.metadata.shared
+
+
+@pytest.mark.parametrize("prec,major", [("tf32", 9), ("ieee", 8)])
+def test_split_chunk_backward_compiles(prec, major, monkeypatch):
+    """The chunk backward as two kernels (CHUNK_TILES["bwd"]["split"]) compiles and fits too."""
+    from hippolm.ops import triton_gdn_chunk as tc
+
+    monkeypatch.setitem(tc.CHUNK_TILES["bwd"], "split", 1)
+    for which in ("bwd", "bwd_qk"):
+        kernel = chunk_kernel_compiled(which, prec, major)
+        assert 0 < kernel.metadata.shared <= SHARED[major], (which, kernel.metadata.shared)
 
 
 @pytest.mark.parametrize("prec,major", [("tf32", 9), ("ieee", 8)])

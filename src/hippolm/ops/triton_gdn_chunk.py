@@ -226,12 +226,15 @@ def _chunk_fwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, w_ptr, u_ptr, 
 
 @triton.jit
 def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr, du_ptr, dkd_ptr, dqw_ptr,
-               dge_ptr, dmix_ptr, scr_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, db_ptr, dlam_ptr,
+               dge_ptr, dmix_ptr, scr_ptr, cc_ptr, dgp_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, db_ptr, dlam_ptr,
                scale, n, H, K, V, L, C: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-               HAS_DMIX: tl.constexpr, PREC: tl.constexpr):
+               HAS_DMIX: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
     """Gradients of :func:`_chunk_fwd` for one chunk and head, from those of o, w, u, kd, qw, ge and
     (HAS_DMIX) mix. With X = dqw (gamma k)^T: dattn = (dP - X) mix^T, dw_total = dw - attn^T dqw,
-    dmix = du v^T + attn^T dP + dw_total (gamma k)^T, dA = -A^-T (dmix diag(beta)) A^-T."""
+    dmix = du v^T + attn^T dP + dw_total (gamma k)^T, dA = -A^-T (dmix diag(beta)) A^-T.
+    SPLIT: stop before dq, dk: write attn, dS and dKK (the operand type) to ``cc`` [3, N * H * n, C, C]
+    and the decay gradient so far to ``dgp`` for :func:`_chunk_bwd_qk` (no transposes of dS and dKK
+    here: the next kernel loads them transposed)."""
     pid = tl.program_id(0).to(tl.int64)
     tok = _rows(pid, n, H, C)
     DT = q_ptr.dtype.element_ty
@@ -298,8 +301,17 @@ def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr
     E = dL * KKd * beta[:, None] + dattn * attn  # d(G_i - G_j) of every decayed entry
     dG = tl.sum(E, axis=1) - tl.sum(E, axis=0)
     dKK = dL * beta[:, None] * _decay(g_ptr, tok, C)
-    dKK += _transposed(dKK, scr, C)
     dS = dattn * _decay(g_ptr, tok, C)
+    if SPLIT:
+        NC = tl.num_programs(0).to(tl.int64) * C * C  # one [N * H * n, C, C] part of cc
+        tile = pid * C * C + ri * C + cj
+        tl.store(cc_ptr + tile, attn.to(cc_ptr.dtype.element_ty))
+        tl.store(cc_ptr + NC + tile, dS.to(cc_ptr.dtype.element_ty))
+        tl.store(cc_ptr + 2 * NC + tile, dKK.to(cc_ptr.dtype.element_ty))
+        tl.store(dgp_ptr + pid * C + cc, dG + dgam * gam)
+        tl.store(db_ptr + tok, db)
+        return
+    dKK += _transposed(dKK, scr, C)
     dST = _transposed(dS, scr, C)
     dGL = tl.sum(dG * 0.0, axis=0)
     for k0 in range(0, K, BK):
@@ -327,6 +339,48 @@ def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr
     tl.store(db_ptr + tok, db)
 
 
+@triton.jit
+def _chunk_bwd_qk(q_ptr, k_ptr, g_ptr, b_ptr, a_ptr, dw_ptr, dkd_ptr, dqw_ptr, dge_ptr, cc_ptr, dgp_ptr,
+                  dq_ptr, dk_ptr, dg_ptr, scale, n, H, K, C: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """The rest of :func:`_chunk_bwd` (SPLIT) for one chunk and head: dq, dk and the decay gradient,
+    from attn, dS and dKK in ``cc`` (loaded transposed where the transposes are needed)."""
+    pid = tl.program_id(0).to(tl.int64)
+    tok = _rows(pid, n, H, C)
+    DT = q_ptr.dtype.element_ty
+    cc = tl.arange(0, C)
+    ri, cj = cc[:, None], cc[None, :]
+    gam, ekd, GL, beta = _gates(g_ptr, b_ptr, tok, C)
+    NC = tl.num_programs(0).to(tl.int64) * C * C
+    tile, tileT = pid * C * C + ri * C + cj, pid * C * C + cj * C + ri
+    mixT = tl.load(a_ptr + tileT) * beta[:, None]
+    attnT = tl.load(cc_ptr + tileT)
+    dS, dST = tl.load(cc_ptr + NC + tile), tl.load(cc_ptr + NC + tileT)
+    dKK = tl.load(cc_ptr + 2 * NC + tile).to(tl.float32) + tl.load(cc_ptr + 2 * NC + tileT).to(tl.float32)
+    rows = pid * C + cc
+    dgam = tl.zeros((C,), dtype=tl.float32)
+    t = tl.zeros((C,), dtype=tl.float32)  # kd's decay exp(G_C - G): -t on each row, +sum(t) on G_C
+    for k0 in range(0, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        m = kk[None, :] < K
+        kt = tl.load(k_ptr + tok[:, None] * K + kk[None, :], mask=m, other=0)
+        qt = tl.load(q_ptr + tok[:, None] * K + kk[None, :], mask=m, other=0)
+        dw = tl.load(dw_ptr + rows[:, None] * K + kk[None, :], mask=m, other=0).to(tl.float32)
+        dqw = tl.load(dqw_ptr + rows[:, None] * K + kk[None, :], mask=m, other=0)
+        dkd = tl.load(dkd_ptr + rows[:, None] * K + kk[None, :], mask=m, other=0).to(tl.float32)
+        dkg = _dot(mixT, dw - _dot(attnT, dqw, None, DT, PREC), None, DT, PREC)  # of gamma k
+        dq = (dqw.to(tl.float32) * gam[:, None] + _dot(dS, kt, None, DT, PREC)) * scale
+        dk = dkg * gam[:, None] + dkd * ekd[:, None] + _dot(dST, qt, None, DT, PREC) * scale
+        dk = _dot(dKK, kt, dk, DT, PREC)
+        kf = kt.to(tl.float32)
+        dgam += tl.sum(dkg * kf, axis=1)
+        t += tl.sum(dkd * kf * ekd[:, None], axis=1)
+        tl.store(dq_ptr + tok[:, None] * K + kk[None, :], dq, mask=m)
+        tl.store(dk_ptr + tok[:, None] * K + kk[None, :], dk, mask=m)
+    dGL = tl.sum(t, axis=0) + tl.load(dge_ptr + pid) * tl.exp(GL)
+    dG = tl.load(dgp_ptr + pid * C + cc) - t + dgam * gam + tl.where(cc == C - 1, dGL, 0.0)
+    tl.store(dg_ptr + tok, tl.sum(dG, axis=0) - tl.cumsum(dG, axis=0) + dG)  # suffix sums
+
+
 # Per kernel: K and V columns per step of its loops, warps, stages, and (forward) the solve for A^-1.
 # H200, bf16, 64k tokens, 16 heads (benchmarks/chunk_timing.py, chunk_timing_h200.json): forward
 # (the old block solve) with 4 warps 3.4 ms (8 warps 7.0, "rows" 3.9 / 4.8), backward 8 warps 8.1 ms
@@ -337,7 +391,7 @@ def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr
 # the old block solve) and 16 columns an illegal address, while the interpreter agrees with the reference:
 # _blocks keeps steps at 64 columns (K, V below 64 are masked).
 CHUNK_TILES = {"fwd": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 1, "solve": "merge_loads"},
-               "bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 1}}
+               "bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 1, "split": 0, "qk_warps": 4}}
 
 
 class ChunkParts(torch.autograd.Function):
@@ -376,10 +430,18 @@ class ChunkParts(torch.autograd.Function):
         dlam = torch.zeros_like(lam)  # the chunk levels' columns come from the level kernels
         scratch = torch.empty_like(ainv)
         BK, BV = _blocks(K, V, "bwd")
+        split = bool(CHUNK_TILES["bwd"]["split"])
+        # SPLIT: attn, dS, dKK in the operand type (what the dots of dq, dk take) and dG so far
+        cc = q.new_empty(3, *ainv.shape) if split else ainv
+        dgp = g.new_empty(N, H, n, C, dtype=torch.float32) if split else ainv
         _chunk_bwd[(N * H * n,)](q, k, v, g, beta, lam, ainv, do, dw, du, dkd, dqw, dge,
-                                 dmix.contiguous() if has_dmix else ainv, scratch, dq, dk, dv, dg, db, dlam,
-                                 ctx.scale, n, H, K, V, L, C=C, CB=C.bit_length() - 1, BK=BK, BV=BV,
-                                 HAS_DMIX=has_dmix, PREC=ctx.prec, **_launch("bwd"))
+                                 dmix.contiguous() if has_dmix else ainv, scratch, cc, dgp, dq, dk, dv, dg, db,
+                                 dlam, ctx.scale, n, H, K, V, L, C=C, CB=C.bit_length() - 1, BK=BK, BV=BV,
+                                 HAS_DMIX=has_dmix, SPLIT=split, PREC=ctx.prec, **_launch("bwd"))
+        if split:
+            _chunk_bwd_qk[(N * H * n,)](q, k, g, beta, ainv, dw, dkd, dqw, dge, cc, dgp, dq, dk, dg, ctx.scale, n, H,
+                                        K, C=C, BK=BK, PREC=ctx.prec, num_warps=CHUNK_TILES["bwd"]["qk_warps"],
+                                        num_stages=CHUNK_TILES["bwd"]["num_stages"])
         return dq, dk, dv, dg, db, dlam, None, None, None, None
 
 

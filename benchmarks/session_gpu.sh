@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One device call of several checks (each under its own time limit), run from the repo root with
+# .whl and .gpu_cache carried. STEPS: a comma list of
+#   decode   tests/test_decode_ops.py on CUDA (every decode kernel case, the ops' step kernels, a
+#            standalone LM decoding through them) -> test_decode_ops_cuda.log
+#   steps    benchmarks/step_ops_timing.py -> step_ops_timing.json
+#   kernels  tests/test_kernels.py -k "$TEST_K" -> test_kernels_cuda.log
+#   chunk    benchmarks/chunk_timing.py --configs "$CHUNK_CONFIGS" -> chunk_timing.json
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:${SRC:-$PWD/src}:$PWD/tests:$PWD/benchmarks PYTHONUNBUFFERED=1 CACHE_BACK=${CACHE_BACK:-0}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+source benchmarks/triton_cache.sh
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+has() { [[ ",${STEPS:-decode,steps}," == *",$1,"* ]]; }
+t0=$(date +%s)
+if has decode; then
+  timeout ${DECODE_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider tests/test_decode_ops.py -rA --durations=3 2>&1 \
+    | tee "$OUT/test_decode_ops_cuda.log" | tail -12
+  echo "decode tests done at $(( $(date +%s) - t0 )) s"
+fi
+if has steps; then
+  timeout ${STEPS_TIMEOUT:-120} python3 benchmarks/step_ops_timing.py --json "$OUT/step_ops_timing.json" 2>&1 | tail -20
+  echo "step timing done at $(( $(date +%s) - t0 )) s"
+fi
+if has kernels; then
+  timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py ${TEST_K:+-k "$TEST_K"} -rA \
+    2>&1 | tee "$OUT/test_kernels_cuda.log" | tail -12
+  echo "kernel tests done at $(( $(date +%s) - t0 )) s"
+fi
+if has chunk; then
+  timeout ${CHUNK_TIMEOUT:-150} python3 benchmarks/chunk_timing.py --configs "${CHUNK_CONFIGS:-default}" \
+    --json "$OUT/chunk_timing.json" 2>&1 | grep -v Warn | tail -12
+  echo "chunk timing done at $(( $(date +%s) - t0 )) s"
+fi
+rm -f "$OUT/autotune.tgz"
