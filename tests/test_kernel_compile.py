@@ -92,10 +92,10 @@ def chunk_kernel_compiled(which: str, prec: str, major: int, warps: int | None =
 
     BK, BV = tc._blocks(128, 128, "fwd" if which == "fwd" else "bwd")
     ptrs = ("q_ptr", "k_ptr", "v_ptr", "w_ptr", "u_ptr", "kd_ptr", "qw_ptr", "dq_ptr", "dk_ptr", "dv_ptr",
-            "dw_ptr", "du_ptr", "dkd_ptr", "dqw_ptr", "cc_ptr")
-    split = bool(tc.CHUNK_TILES["bwd"]["split"])
+            "dw_ptr", "du_ptr", "dkd_ptr", "dqw_ptr", "cc_ptr", "do_ptr")
+    split = tc.CHUNK_TILES["bwd"]["split"]
     if which == "bwd_qk":
-        return _compile(tc._chunk_bwd_qk, {"C": 64, "BK": BK, "PREC": prec},
+        return _compile(tc._chunk_bwd_qk, {"C": 64, "BK": BK, "BV": BV, "DV": split == 2, "PREC": prec},
                         {"num_warps": warps or tc.CHUNK_TILES["bwd"]["qk_warps"],
                          "num_stages": tc.CHUNK_TILES["bwd"]["num_stages"]},
                         major, "bf16" if prec == "tf32" else "fp32", ptrs)
@@ -181,12 +181,13 @@ def test_chunk_kernels_compile_and_fit_shared_memory(which, prec, major):
     assert 0 < kernel.metadata.shared <= SHARED[major], kernel.metadata.shared
 
 
+@pytest.mark.parametrize("split", [1, 2])
 @pytest.mark.parametrize("prec,major", [("tf32", 9), ("ieee", 8)])
-def test_split_chunk_backward_compiles(prec, major, monkeypatch):
+def test_split_chunk_backward_compiles(split, prec, major, monkeypatch):
     """The chunk backward as two kernels (CHUNK_TILES["bwd"]["split"]) compiles and fits too."""
     from hippolm.ops import triton_gdn_chunk as tc
 
-    monkeypatch.setitem(tc.CHUNK_TILES["bwd"], "split", 1)
+    monkeypatch.setitem(tc.CHUNK_TILES["bwd"], "split", split)
     for which in ("bwd", "bwd_qk"):
         kernel = chunk_kernel_compiled(which, prec, major)
         assert 0 < kernel.metadata.shared <= SHARED[major], (which, kernel.metadata.shared)

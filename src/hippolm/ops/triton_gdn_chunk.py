@@ -247,9 +247,10 @@ def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr
     scr = scr_ptr + pid * C * C
     rows = pid * C + cc
     attn = _gram(q_ptr, k_ptr, tok, K, C, BK, DT, PREC) * scale * _decay(g_ptr, tok, C)
-    _, lam = _levels(lam_ptr, tok, L, C, CB)
-    MT = _transposed(_dot(attn, tl.load(ap + ri * C + cj) * beta[None, :], None, DT, PREC) * lam, scr, C)
-    mixT = tl.load(ap + cj * C + ri) * beta[:, None]
+    if SPLIT < 2:
+        _, lam = _levels(lam_ptr, tok, L, C, CB)
+        MT = _transposed(_dot(attn, tl.load(ap + ri * C + cj) * beta[None, :], None, DT, PREC) * lam, scr, C)
+        mixT = tl.load(ap + cj * C + ri) * beta[:, None]
     dM = tl.zeros((C, C), dtype=tl.float32)
     dmix = tl.load(dmix_ptr + pid * C * C + ri * C + cj) if HAS_DMIX else tl.zeros((C, C), dtype=tl.float32)
     for v0 in range(0, V, BV):
@@ -260,10 +261,16 @@ def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr
         du = tl.load(du_ptr + rows[:, None] * V + vv[None, :], mask=m, other=0)
         dM = _dot(do, tl.trans(vt), dM, DT, PREC)
         dmix = _dot(du, tl.trans(vt), dmix, DT, PREC)
-        dv = _dot(mixT, du, _dot(MT, do, None, DT, PREC), DT, PREC)
-        tl.store(dv_ptr + tok[:, None] * V + vv[None, :], dv, mask=m)
+        if SPLIT < 2:
+            dv = _dot(mixT, du, _dot(MT, do, None, DT, PREC), DT, PREC)
+            tl.store(dv_ptr + tok[:, None] * V + vv[None, :], dv, mask=m)
     lvl, lam = _levels(lam_ptr, tok, L, C, CB)  # again, and attn mix: not kept through the loop above
-    dlam_in = dM * _dot(attn, tl.load(ap + ri * C + cj) * beta[None, :], None, DT, PREC)
+    am = _dot(attn, tl.load(ap + ri * C + cj) * beta[None, :], None, DT, PREC)
+    dlam_in = dM * am
+    if SPLIT == 2:  # M = attn mix * lam for the next kernel's dv
+        tl.store(cc_ptr + 3 * tl.num_programs(0).to(tl.int64) * C * C + pid * C * C + ri * C + cj,
+                 (am * lam).to(cc_ptr.dtype.element_ty))
+        mixT = tl.load(ap + cj * C + ri) * beta[:, None]
     for lv in tl.static_range(CB + 1):
         tl.store(dlam_ptr + tok * L + lv, tl.sum(tl.where(lvl == lv, dlam_in, 0.0), axis=1), mask=(cc * 0 + lv) < L)
     dP = dM * lam
@@ -340,10 +347,12 @@ def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr
 
 
 @triton.jit
-def _chunk_bwd_qk(q_ptr, k_ptr, g_ptr, b_ptr, a_ptr, dw_ptr, dkd_ptr, dqw_ptr, dge_ptr, cc_ptr, dgp_ptr,
-                  dq_ptr, dk_ptr, dg_ptr, scale, n, H, K, C: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+def _chunk_bwd_qk(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, a_ptr, do_ptr, du_ptr, dw_ptr, dkd_ptr, dqw_ptr, dge_ptr,
+                  cc_ptr, dgp_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, scale, n, H, K, V, C: tl.constexpr,
+                  BK: tl.constexpr, BV: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr):
     """The rest of :func:`_chunk_bwd` (SPLIT) for one chunk and head: dq, dk and the decay gradient,
-    from attn, dS and dKK in ``cc`` (loaded transposed where the transposes are needed)."""
+    from attn, dS and dKK in ``cc`` (loaded transposed where the transposes are needed), and (DV,
+    SPLIT = 2) dv from M."""
     pid = tl.program_id(0).to(tl.int64)
     tok = _rows(pid, n, H, C)
     DT = q_ptr.dtype.element_ty
@@ -355,8 +364,17 @@ def _chunk_bwd_qk(q_ptr, k_ptr, g_ptr, b_ptr, a_ptr, dw_ptr, dkd_ptr, dqw_ptr, d
     mixT = tl.load(a_ptr + tileT) * beta[:, None]
     attnT = tl.load(cc_ptr + tileT)
     dS, dST = tl.load(cc_ptr + NC + tile), tl.load(cc_ptr + NC + tileT)
-    dKK = tl.load(cc_ptr + 2 * NC + tile).to(tl.float32) + tl.load(cc_ptr + 2 * NC + tileT).to(tl.float32)
     rows = pid * C + cc
+    if DV:
+        MT = tl.load(cc_ptr + 3 * NC + tileT)
+        for v0 in range(0, V, BV):
+            vv = v0 + tl.arange(0, BV)
+            m = vv[None, :] < V
+            do = tl.load(do_ptr + rows[:, None] * V + vv[None, :], mask=m, other=0)
+            du = tl.load(du_ptr + rows[:, None] * V + vv[None, :], mask=m, other=0)
+            dv = _dot(mixT, du, _dot(MT, do, None, DT, PREC), DT, PREC)
+            tl.store(dv_ptr + tok[:, None] * V + vv[None, :], dv, mask=m)
+    dKK = tl.load(cc_ptr + 2 * NC + tile).to(tl.float32) + tl.load(cc_ptr + 2 * NC + tileT).to(tl.float32)
     dgam = tl.zeros((C,), dtype=tl.float32)
     t = tl.zeros((C,), dtype=tl.float32)  # kd's decay exp(G_C - G): -t on each row, +sum(t) on G_C
     for k0 in range(0, K, BK):
@@ -430,17 +448,18 @@ class ChunkParts(torch.autograd.Function):
         dlam = torch.zeros_like(lam)  # the chunk levels' columns come from the level kernels
         scratch = torch.empty_like(ainv)
         BK, BV = _blocks(K, V, "bwd")
-        split = bool(CHUNK_TILES["bwd"]["split"])
-        # SPLIT: attn, dS, dKK in the operand type (what the dots of dq, dk take) and dG so far
-        cc = q.new_empty(3, *ainv.shape) if split else ainv
+        split = CHUNK_TILES["bwd"]["split"]
+        # SPLIT: attn, dS, dKK (and M) in the operand type (what the dots of dq, dk, dv take), dG so far
+        cc = q.new_empty(2 + split, *ainv.shape) if split else ainv
         dgp = g.new_empty(N, H, n, C, dtype=torch.float32) if split else ainv
         _chunk_bwd[(N * H * n,)](q, k, v, g, beta, lam, ainv, do, dw, du, dkd, dqw, dge,
                                  dmix.contiguous() if has_dmix else ainv, scratch, cc, dgp, dq, dk, dv, dg, db,
                                  dlam, ctx.scale, n, H, K, V, L, C=C, CB=C.bit_length() - 1, BK=BK, BV=BV,
                                  HAS_DMIX=has_dmix, SPLIT=split, PREC=ctx.prec, **_launch("bwd"))
         if split:
-            _chunk_bwd_qk[(N * H * n,)](q, k, g, beta, ainv, dw, dkd, dqw, dge, cc, dgp, dq, dk, dg, ctx.scale, n, H,
-                                        K, C=C, BK=BK, PREC=ctx.prec, num_warps=CHUNK_TILES["bwd"]["qk_warps"],
+            _chunk_bwd_qk[(N * H * n,)](q, k, v, g, beta, ainv, do, du, dw, dkd, dqw, dge, cc, dgp, dq, dk, dv, dg,
+                                        ctx.scale, n, H, K, V, C=C, BK=BK, BV=BV, DV=split == 2, PREC=ctx.prec,
+                                        num_warps=CHUNK_TILES["bwd"]["qk_warps"],
                                         num_stages=CHUNK_TILES["bwd"]["num_stages"])
         return dq, dk, dv, dg, db, dlam, None, None, None, None
 
