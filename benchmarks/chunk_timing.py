@@ -5,9 +5,8 @@ compared with the first configuration's, output by output (a difference beyond r
 configuration: start with one whose errors kernel_errors.py has measured). Writes JSON (--json).
 
 A configuration: tokens joined by ':', e.g. ``merge:w8:k64:v64`` (the forward's solve, warps, K
-and V columns per step, for both kernels; CHUNK_TILES; ``split``: the backward in two kernels, ``split2``
-the same with dv in the second, ``q4``
-the second one's warps), or ``default`` (the tables as they are).
+and V columns per step, for both kernels; CHUNK_TILES; ``q4``: the backward's second kernel's
+warps), or ``default`` (the tables as they are).
 
     python benchmarks/chunk_timing.py --configs "default;rows:w8;merge:w8" --json $OUT/chunk_timing_h100.json
 """
@@ -32,8 +31,6 @@ def configure(cfg: str) -> None:
     for tok in cfg.split(":"):
         if tok in ("rows", "merge", "merge_loads"):
             tc.CHUNK_TILES["fwd"]["solve"] = tok
-        elif tok in ("split", "split2"):  # the backward as two kernels (dq, dk in the second; split2: dv too)
-            tc.CHUNK_TILES["bwd"]["split"] = 2 if tok == "split2" else 1
         elif tok[0] == "q":  # the second backward kernel's warps
             tc.CHUNK_TILES["bwd"]["qk_warps"] = int(tok[1:])
         else:

@@ -83,7 +83,8 @@ def loglinear_gdn_kernels(warps: int | None, lines: int = 0) -> list[dict]:
     others), the level gradient kernel and the fused chunk kernels, bf16 inputs (TF32 level dots)."""
     named = [*level_kernels_compiled("fwd", "tf32", 9, warps), *level_kernels_compiled("bwd", "tf32", 9, warps),
              ("_level_grads", level_grads_compiled("tf32", 9, warps)),
-             *((f"_chunk_{which}", chunk_kernel_compiled(which, "tf32", 9, warps)) for which in ("fwd", "bwd")),
+             *((f"_chunk_{which}", chunk_kernel_compiled(which, "tf32", 9, warps))
+               for which in ("fwd", "bwd", "bwd_qk")),
              *tree_kernels_compiled("tf32", 9, warps)]
     return _rows(named, lines)
 

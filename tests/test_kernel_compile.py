@@ -86,23 +86,22 @@ def level_grads_compiled(prec: str, major: int, warps: int | None = None):
 
 
 def chunk_kernel_compiled(which: str, prec: str, major: int, warps: int | None = None):
-    """The fused chunk kernel of log-linear Gated DeltaNet (head dim 128, chunks of 64): ``which`` fwd,
-    bwd (split as CHUNK_TILES says) or bwd_qk (the split backward's second kernel)."""
+    """The fused chunk kernels of log-linear Gated DeltaNet (head dim 128, chunks of 64): ``which`` fwd,
+    bwd or bwd_qk (the backward's second kernel)."""
     from hippolm.ops import triton_gdn_chunk as tc
 
     BK, BV = tc._blocks(128, 128, "fwd" if which == "fwd" else "bwd")
     ptrs = ("q_ptr", "k_ptr", "v_ptr", "w_ptr", "u_ptr", "kd_ptr", "qw_ptr", "dq_ptr", "dk_ptr", "dv_ptr",
-            "dw_ptr", "du_ptr", "dkd_ptr", "dqw_ptr", "cc_ptr", "do_ptr")
-    split = tc.CHUNK_TILES["bwd"]["split"]
+            "dw_ptr", "du_ptr", "dkd_ptr", "dqw_ptr", "cc_ptr")
+    operand = "bf16" if prec == "tf32" else "fp32"
     if which == "bwd_qk":
-        return _compile(tc._chunk_bwd_qk, {"C": 64, "BK": BK, "BV": BV, "DV": split == 2, "PREC": prec},
+        return _compile(tc._chunk_bwd_qk, {"C": 64, "BK": BK, "PREC": prec},
                         {"num_warps": warps or tc.CHUNK_TILES["bwd"]["qk_warps"],
-                         "num_stages": tc.CHUNK_TILES["bwd"]["num_stages"]},
-                        major, "bf16" if prec == "tf32" else "fp32", ptrs)
+                         "num_stages": tc.CHUNK_TILES["bwd"]["num_stages"]}, major, operand, ptrs)
     consts = {"C": 64, "CB": 6, "BK": BK, "BV": BV, "PREC": prec} | (
-        {"HAS_DMIX": True, "SPLIT": split} if which == "bwd" else {"SOLVE": tc.CHUNK_TILES["fwd"]["solve"]})
+        {"HAS_DMIX": True} if which == "bwd" else {"SOLVE": tc.CHUNK_TILES["fwd"]["solve"]})
     return _compile(tc._chunk_fwd if which == "fwd" else tc._chunk_bwd, consts, _options(tc._launch(which), warps),
-                    major, "bf16" if prec == "tf32" else "fp32", ptrs)
+                    major, operand, ptrs)
 
 
 def tree_kernels_compiled(prec: str, major: int, warps: int | None = None) -> list[tuple[str, object]]:
@@ -174,23 +173,11 @@ def test_level_gradient_kernel_compiles_and_fits_shared_memory(prec, major):
     assert 0 < kernel.metadata.shared <= SHARED[major], kernel.metadata.shared
 
 
-@pytest.mark.parametrize("which", ["fwd", "bwd"])
+@pytest.mark.parametrize("which", ["fwd", "bwd", "bwd_qk"])
 @pytest.mark.parametrize("prec,major", [("tf32", 9), ("ieee", 8)])
 def test_chunk_kernels_compile_and_fit_shared_memory(which, prec, major):
     kernel = chunk_kernel_compiled(which, prec, major)
     assert 0 < kernel.metadata.shared <= SHARED[major], kernel.metadata.shared
-
-
-@pytest.mark.parametrize("split", [1, 2])
-@pytest.mark.parametrize("prec,major", [("tf32", 9), ("ieee", 8)])
-def test_split_chunk_backward_compiles(split, prec, major, monkeypatch):
-    """The chunk backward as two kernels (CHUNK_TILES["bwd"]["split"]) compiles and fits too."""
-    from hippolm.ops import triton_gdn_chunk as tc
-
-    monkeypatch.setitem(tc.CHUNK_TILES["bwd"], "split", split)
-    for which in ("bwd", "bwd_qk"):
-        kernel = chunk_kernel_compiled(which, prec, major)
-        assert 0 < kernel.metadata.shared <= SHARED[major], (which, kernel.metadata.shared)
 
 
 @pytest.mark.parametrize("prec,major", [("tf32", 9), ("ieee", 8)])

@@ -510,21 +510,6 @@ def test_loglinear_gated_delta_rule_chunk_solves(solve, chunk, device, monkeypat
     _assert_matches_reference(xs, run, torch.float32, 1e-4)
 
 
-@pytest.mark.parametrize("split", [1, 2])
-@pytest.mark.parametrize("bf16", [False, True])
-def test_loglinear_gated_delta_rule_split_chunk_backward(bf16, split, device, monkeypatch):
-    """The chunk backward as two kernels (the second makes dq, dk and the decay gradient from attn,
-    dS, dKK handed over in the operand type, loaded transposed where needed; split 2: dv too, from
-    M): outputs and every
-    gradient == the float64 reference, packed sequences with a partial chunk (a tile read
-    untransposed, a chunk's tiles read by its neighbour or a decay term lost is off by far more)."""
-    from hippolm.ops import triton_gdn_chunk
-
-    monkeypatch.setitem(triton_gdn_chunk.CHUNK_TILES["bwd"], "split", split)
-    xs, run = _level_case(220, seed=21, bf16=bf16, H=2, cu_seqlens=torch.tensor([0, 150, 220]))
-    _assert_matches_reference(xs, run, torch.bfloat16 if bf16 else torch.float32, 2e-2 if bf16 else 1e-4)
-
-
 @pytest.mark.skipif(CUDA, reason="interpreter only (CUDA runs the default tiles)")
 def test_loglinear_gated_delta_rule_lanes_with_their_own_tiles(device, monkeypatch):
     """16-bit inputs: the lower-level and top-level lanes with different tiles (levels per program,

@@ -1,8 +1,8 @@
-"""The chunk-local parts of log-linear Gated DeltaNet as two fused Triton kernels (one program per
-chunk and head): the forward reads q, k, v, g, beta, lam once and writes the WY factors the level
-kernels take (w, u, kd, qw, ge) and the chunk's own output; the backward recomputes the masks and
-products from the inputs and the saved inverse, and writes dq, dk, dv, dg, dbeta, dlam once. (They
-replace ~20 batched torch ops and their autograd, each a pass over memory.)
+"""The chunk-local parts of log-linear Gated DeltaNet as fused Triton kernels (one program per chunk
+and head): the forward reads q, k, v, g, beta, lam once and writes the WY factors the level kernels
+take (w, u, kd, qw, ge) and the chunk's own output; the backward (two kernels) recomputes the masks
+and products from the inputs and the saved inverse, and writes dq, dk, dv, dg, dbeta, dlam once.
+(They replace ~20 batched torch ops and their autograd, each a pass over memory.)
 
 Per chunk (C tokens, G the within-chunk cumulative log decay, gamma = exp(G), qb = q * scale):
 
@@ -14,7 +14,8 @@ Per chunk (C tokens, G the within-chunk cumulative log decay, gamma = exp(G), qb
 A^-1 (:func:`_inverse`): forward substitution inside the 16 x 16 diagonal blocks, then pairs of
 blocks merged (no long products of powers of the nilpotent part: those overflow float32's
 precision when keys are alike). Only loaded tiles are transposed inside a dot (Triton miscompiles
-the transpose of a dot's result on Hopper, FLA #640); computed matrices go through a scratch.
+the transpose of a dot's result on Hopper, FLA #640); computed matrices go through a scratch, or
+to the backward's second kernel, which loads them transposed.
 """
 
 from __future__ import annotations
@@ -226,31 +227,32 @@ def _chunk_fwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, w_ptr, u_ptr, 
 
 @triton.jit
 def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr, du_ptr, dkd_ptr, dqw_ptr,
-               dge_ptr, dmix_ptr, scr_ptr, cc_ptr, dgp_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, db_ptr, dlam_ptr,
+               dge_ptr, dmix_ptr, scr_ptr, cc_ptr, dgp_ptr, dv_ptr, db_ptr, dlam_ptr,
                scale, n, H, K, V, L, C: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-               HAS_DMIX: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+               HAS_DMIX: tl.constexpr, PREC: tl.constexpr):
     """Gradients of :func:`_chunk_fwd` for one chunk and head, from those of o, w, u, kd, qw, ge and
-    (HAS_DMIX) mix. With X = dqw (gamma k)^T: dattn = (dP - X) mix^T, dw_total = dw - attn^T dqw,
-    dmix = du v^T + attn^T dP + dw_total (gamma k)^T, dA = -A^-T (dmix diag(beta)) A^-T.
-    SPLIT: stop before dq, dk: write attn, dS and dKK (the operand type) to ``cc`` [3, N * H * n, C, C]
-    and the decay gradient so far to ``dgp`` for :func:`_chunk_bwd_qk` (no transposes of dS and dKK
-    here: the next kernel loads them transposed)."""
+    (HAS_DMIX) mix, but dq, dk and dg: dv, dbeta, dlam, and for :func:`_chunk_bwd_qk` attn, dS = dattn
+    * decay and dKK = dL * beta * decay (the operand type, in ``cc`` [3, N * H * n, C, C]) and the decay
+    gradient so far (``dgp``). With X = dqw (gamma k)^T: dattn = (dP - X) mix^T, dw_total = dw - attn^T
+    dqw, dmix = du v^T + attn^T dP + dw_total (gamma k)^T, dA = -A^-T (dmix diag(beta)) A^-T.
+    Two kernels, not one: the second loads dS and dKK transposed where this one would transpose them
+    through a scratch, and neither spills (one kernel: 272-288 bytes of stack on sm_90; H100, 64k
+    tokens x 16 heads, chunk_timing_h100_split.json: 5.39 ms for both vs 6.48)."""
     pid = tl.program_id(0).to(tl.int64)
     tok = _rows(pid, n, H, C)
     DT = q_ptr.dtype.element_ty
     cc = tl.arange(0, C)
     ri, cj = cc[:, None], cc[None, :]
-    gam, ekd, GL, beta = _gates(g_ptr, b_ptr, tok, C)
+    gam, _, _, beta = _gates(g_ptr, b_ptr, tok, C)
     # Each [C, C] tile is made where it is first needed and dropped after its last use (A^-1 is
     # re-read, K K^T recomputed at the end): fewer tiles live at once, fewer registers spilled.
     ap = a_ptr + pid * C * C
     scr = scr_ptr + pid * C * C
     rows = pid * C + cc
     attn = _gram(q_ptr, k_ptr, tok, K, C, BK, DT, PREC) * scale * _decay(g_ptr, tok, C)
-    if SPLIT < 2:
-        _, lam = _levels(lam_ptr, tok, L, C, CB)
-        MT = _transposed(_dot(attn, tl.load(ap + ri * C + cj) * beta[None, :], None, DT, PREC) * lam, scr, C)
-        mixT = tl.load(ap + cj * C + ri) * beta[:, None]
+    _, lam = _levels(lam_ptr, tok, L, C, CB)
+    MT = _transposed(_dot(attn, tl.load(ap + ri * C + cj) * beta[None, :], None, DT, PREC) * lam, scr, C)
+    mixT = tl.load(ap + cj * C + ri) * beta[:, None]
     dM = tl.zeros((C, C), dtype=tl.float32)
     dmix = tl.load(dmix_ptr + pid * C * C + ri * C + cj) if HAS_DMIX else tl.zeros((C, C), dtype=tl.float32)
     for v0 in range(0, V, BV):
@@ -261,16 +263,10 @@ def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr
         du = tl.load(du_ptr + rows[:, None] * V + vv[None, :], mask=m, other=0)
         dM = _dot(do, tl.trans(vt), dM, DT, PREC)
         dmix = _dot(du, tl.trans(vt), dmix, DT, PREC)
-        if SPLIT < 2:
-            dv = _dot(mixT, du, _dot(MT, do, None, DT, PREC), DT, PREC)
-            tl.store(dv_ptr + tok[:, None] * V + vv[None, :], dv, mask=m)
+        dv = _dot(mixT, du, _dot(MT, do, None, DT, PREC), DT, PREC)
+        tl.store(dv_ptr + tok[:, None] * V + vv[None, :], dv, mask=m)
     lvl, lam = _levels(lam_ptr, tok, L, C, CB)  # again, and attn mix: not kept through the loop above
-    am = _dot(attn, tl.load(ap + ri * C + cj) * beta[None, :], None, DT, PREC)
-    dlam_in = dM * am
-    if SPLIT == 2:  # M = attn mix * lam for the next kernel's dv
-        tl.store(cc_ptr + 3 * tl.num_programs(0).to(tl.int64) * C * C + pid * C * C + ri * C + cj,
-                 (am * lam).to(cc_ptr.dtype.element_ty))
-        mixT = tl.load(ap + cj * C + ri) * beta[:, None]
+    dlam_in = dM * _dot(attn, tl.load(ap + ri * C + cj) * beta[None, :], None, DT, PREC)
     for lv in tl.static_range(CB + 1):
         tl.store(dlam_ptr + tok * L + lv, tl.sum(tl.where(lvl == lv, dlam_in, 0.0), axis=1), mask=(cc * 0 + lv) < L)
     dP = dM * lam
@@ -299,9 +295,6 @@ def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr
     db = tl.sum(dmix * tl.load(ap + ri * C + cj), axis=0)
     AinvT = tl.load(ap + cj * C + ri)
     dA = -tl.dot(tl.dot(AinvT, dmix * beta[None, :], input_precision=PREC), AinvT, input_precision=PREC)
-    # mix^T again from the A^-1 just read: keeping the first one live to the loop below spills (sm_90:
-    # 392 bytes of stack instead of 216)
-    mixT = AinvT * beta[:, None]
     KKd = tl.where(ri > cj, _gram(k_ptr, k_ptr, tok, K, C, BK, DT, PREC) * _decay(g_ptr, tok, C), 0.0)
     dL = tl.where(ri > cj, dA, 0.0)
     db += tl.sum(dL * KKd, axis=1)
@@ -309,50 +302,20 @@ def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr
     dG = tl.sum(E, axis=1) - tl.sum(E, axis=0)
     dKK = dL * beta[:, None] * _decay(g_ptr, tok, C)
     dS = dattn * _decay(g_ptr, tok, C)
-    if SPLIT:
-        NC = tl.num_programs(0).to(tl.int64) * C * C  # one [N * H * n, C, C] part of cc
-        tile = pid * C * C + ri * C + cj
-        tl.store(cc_ptr + tile, attn.to(cc_ptr.dtype.element_ty))
-        tl.store(cc_ptr + NC + tile, dS.to(cc_ptr.dtype.element_ty))
-        tl.store(cc_ptr + 2 * NC + tile, dKK.to(cc_ptr.dtype.element_ty))
-        tl.store(dgp_ptr + pid * C + cc, dG + dgam * gam)
-        tl.store(db_ptr + tok, db)
-        return
-    dKK += _transposed(dKK, scr, C)
-    dST = _transposed(dS, scr, C)
-    dGL = tl.sum(dG * 0.0, axis=0)
-    for k0 in range(0, K, BK):
-        kk = k0 + tl.arange(0, BK)
-        m = kk[None, :] < K
-        kt = tl.load(k_ptr + tok[:, None] * K + kk[None, :], mask=m, other=0)
-        qt = tl.load(q_ptr + tok[:, None] * K + kk[None, :], mask=m, other=0)
-        dw = tl.load(dw_ptr + rows[:, None] * K + kk[None, :], mask=m, other=0).to(tl.float32)
-        dqw = tl.load(dqw_ptr + rows[:, None] * K + kk[None, :], mask=m, other=0)
-        dkd = tl.load(dkd_ptr + rows[:, None] * K + kk[None, :], mask=m, other=0).to(tl.float32)
-        dkg = _dot(mixT, dw - _dot(attnT, dqw, None, DT, PREC), None, DT, PREC)  # of gamma k
-        dq = (dqw.to(tl.float32) * gam[:, None] + _dot(dS, kt, None, DT, PREC)) * scale
-        dk = dkg * gam[:, None] + dkd * ekd[:, None] + _dot(dST, qt, None, DT, PREC) * scale
-        dk = _dot(dKK, kt, dk, DT, PREC)
-        kf = kt.to(tl.float32)
-        dgam += tl.sum(dkg * kf, axis=1)
-        t = tl.sum(dkd * kf * ekd[:, None], axis=1)
-        dG -= t
-        dGL += tl.sum(t, axis=0)
-        tl.store(dq_ptr + tok[:, None] * K + kk[None, :], dq, mask=m)
-        tl.store(dk_ptr + tok[:, None] * K + kk[None, :], dk, mask=m)
-    dGL += tl.load(dge_ptr + pid) * tl.exp(GL)
-    dG += dgam * gam + tl.where(cc == C - 1, dGL, 0.0)
-    tl.store(dg_ptr + tok, tl.sum(dG, axis=0) - tl.cumsum(dG, axis=0) + dG)  # suffix sums
+    NC = tl.num_programs(0).to(tl.int64) * C * C  # one [N * H * n, C, C] part of cc
+    tile = pid * C * C + ri * C + cj
+    tl.store(cc_ptr + tile, attn.to(cc_ptr.dtype.element_ty))
+    tl.store(cc_ptr + NC + tile, dS.to(cc_ptr.dtype.element_ty))
+    tl.store(cc_ptr + 2 * NC + tile, dKK.to(cc_ptr.dtype.element_ty))
+    tl.store(dgp_ptr + pid * C + cc, dG + dgam * gam)
     tl.store(db_ptr + tok, db)
 
 
 @triton.jit
-def _chunk_bwd_qk(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, a_ptr, do_ptr, du_ptr, dw_ptr, dkd_ptr, dqw_ptr, dge_ptr,
-                  cc_ptr, dgp_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, scale, n, H, K, V, C: tl.constexpr,
-                  BK: tl.constexpr, BV: tl.constexpr, DV: tl.constexpr, PREC: tl.constexpr):
-    """The rest of :func:`_chunk_bwd` (SPLIT) for one chunk and head: dq, dk and the decay gradient,
-    from attn, dS and dKK in ``cc`` (loaded transposed where the transposes are needed), and (DV,
-    SPLIT = 2) dv from M."""
+def _chunk_bwd_qk(q_ptr, k_ptr, g_ptr, b_ptr, a_ptr, dw_ptr, dkd_ptr, dqw_ptr, dge_ptr, cc_ptr, dgp_ptr,
+                  dq_ptr, dk_ptr, dg_ptr, scale, n, H, K, C: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    """The rest of :func:`_chunk_bwd` for one chunk and head: dq, dk and the decay gradient, from
+    attn, dS and dKK in ``cc`` (loaded transposed where the transposes are needed)."""
     pid = tl.program_id(0).to(tl.int64)
     tok = _rows(pid, n, H, C)
     DT = q_ptr.dtype.element_ty
@@ -365,15 +328,6 @@ def _chunk_bwd_qk(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, a_ptr, do_ptr, du_ptr, dw_p
     attnT = tl.load(cc_ptr + tileT)
     dS, dST = tl.load(cc_ptr + NC + tile), tl.load(cc_ptr + NC + tileT)
     rows = pid * C + cc
-    if DV:
-        MT = tl.load(cc_ptr + 3 * NC + tileT)
-        for v0 in range(0, V, BV):
-            vv = v0 + tl.arange(0, BV)
-            m = vv[None, :] < V
-            do = tl.load(do_ptr + rows[:, None] * V + vv[None, :], mask=m, other=0)
-            du = tl.load(du_ptr + rows[:, None] * V + vv[None, :], mask=m, other=0)
-            dv = _dot(mixT, du, _dot(MT, do, None, DT, PREC), DT, PREC)
-            tl.store(dv_ptr + tok[:, None] * V + vv[None, :], dv, mask=m)
     dKK = tl.load(cc_ptr + 2 * NC + tile).to(tl.float32) + tl.load(cc_ptr + 2 * NC + tileT).to(tl.float32)
     dgam = tl.zeros((C,), dtype=tl.float32)
     t = tl.zeros((C,), dtype=tl.float32)  # kd's decay exp(G_C - G): -t on each row, +sum(t) on G_C
@@ -407,9 +361,11 @@ def _chunk_bwd_qk(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, a_ptr, do_ptr, du_ptr, dw_p
 # samples, which "merge_loads" avoids (to be timed against "merge").
 # 32-column steps compute wrong results there (Triton 3.6; the backward always, the forward with
 # the old block solve) and 16 columns an illegal address, while the interpreter agrees with the reference:
-# _blocks keeps steps at 64 columns (K, V below 64 are masked).
+# _blocks keeps steps at 64 columns (K, V below 64 are masked). qk_warps: the backward's second kernel
+# (chunk_timing_h100_split.json, a variant that also made dv there: 4 warps 5.46 ms for both kernels,
+# 8 warps 6.12).
 CHUNK_TILES = {"fwd": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 1, "solve": "merge_loads"},
-               "bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 1, "split": 0, "qk_warps": 4}}
+               "bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 1, "qk_warps": 4}}
 
 
 class ChunkParts(torch.autograd.Function):
@@ -448,19 +404,15 @@ class ChunkParts(torch.autograd.Function):
         dlam = torch.zeros_like(lam)  # the chunk levels' columns come from the level kernels
         scratch = torch.empty_like(ainv)
         BK, BV = _blocks(K, V, "bwd")
-        split = CHUNK_TILES["bwd"]["split"]
-        # SPLIT: attn, dS, dKK (and M) in the operand type (what the dots of dq, dk, dv take), dG so far
-        cc = q.new_empty(2 + split, *ainv.shape) if split else ainv
-        dgp = g.new_empty(N, H, n, C, dtype=torch.float32) if split else ainv
+        cc = q.new_empty(3, *ainv.shape)  # attn, dS, dKK in the operand type (what the dots of dq, dk take)
+        dgp = g.new_empty(N, H, n, C, dtype=torch.float32)
         _chunk_bwd[(N * H * n,)](q, k, v, g, beta, lam, ainv, do, dw, du, dkd, dqw, dge,
-                                 dmix.contiguous() if has_dmix else ainv, scratch, cc, dgp, dq, dk, dv, dg, db,
-                                 dlam, ctx.scale, n, H, K, V, L, C=C, CB=C.bit_length() - 1, BK=BK, BV=BV,
-                                 HAS_DMIX=has_dmix, SPLIT=split, PREC=ctx.prec, **_launch("bwd"))
-        if split:
-            _chunk_bwd_qk[(N * H * n,)](q, k, v, g, beta, ainv, do, du, dw, dkd, dqw, dge, cc, dgp, dq, dk, dv, dg,
-                                        ctx.scale, n, H, K, V, C=C, BK=BK, BV=BV, DV=split == 2, PREC=ctx.prec,
-                                        num_warps=CHUNK_TILES["bwd"]["qk_warps"],
-                                        num_stages=CHUNK_TILES["bwd"]["num_stages"])
+                                 dmix.contiguous() if has_dmix else ainv, scratch, cc, dgp, dv, db, dlam, ctx.scale,
+                                 n, H, K, V, L, C=C, CB=C.bit_length() - 1, BK=BK, BV=BV, HAS_DMIX=has_dmix,
+                                 PREC=ctx.prec, **_launch("bwd"))
+        _chunk_bwd_qk[(N * H * n,)](q, k, g, beta, ainv, dw, dkd, dqw, dge, cc, dgp, dq, dk, dg, ctx.scale, n, H, K,
+                                    C=C, BK=BK, PREC=ctx.prec, num_warps=CHUNK_TILES["bwd"]["qk_warps"],
+                                    num_stages=CHUNK_TILES["bwd"]["num_stages"])
         return dq, dk, dv, dg, db, dlam, None, None, None, None
 
 
