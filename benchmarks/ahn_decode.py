@@ -209,9 +209,9 @@ def ahn_decode(model: AHNForCausalLM, B: int, L: int, n: int, use_graph: bool,
     levels = None
     if first is not None:  # a log-linear step reads only the occupied level slots of the positions it ran at
         visited = torch.arange(first, int(memory.position[0]))
-        levels = float(occupied_levels(visited, memory.slots.shape[2]).sum(-1).double().mean())
+        levels = float(occupied_levels(visited, memory.num_levels).sum(-1).double().mean())
         slot_bytes = sum(layer.memory.slots.numel() * layer.memory.slots.element_size() for layer in cache.layers)
-        read -= slot_bytes * (1 - levels / memory.slots.shape[2])
+        read -= slot_bytes * (1 - levels / memory.num_levels)
     return ms, cache.nbytes(), read, levels, kernel_table(step) if profiled else None
 
 
