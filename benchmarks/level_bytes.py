@@ -110,7 +110,13 @@ def tree_fwd(n: int, NH: int, K: int, V: int, C: int, J: int, op: int, leaves: b
 
 def tree_bwd(n: int, NH: int, K: int, V: int, C: int, J: int, op: int, do_b: int = F32, readers: int = 16,
              leaves: bool = True) -> int:
-    """The backward as triton_gdn_tree.tree_backward runs it (summaries, pairs and the gradients of
+    """:func:`tree_bwd_parts` summed."""
+    return sum(tree_bwd_parts(n, NH, K, V, C, J, op, do_b, readers, leaves).values())
+
+
+def tree_bwd_parts(n: int, NH: int, K: int, V: int, C: int, J: int, op: int, do_b: int = F32, readers: int = 16,
+                   leaves: bool = True) -> dict[str, int]:
+    """Per phase, the backward as triton_gdn_tree.tree_backward runs it (summaries, pairs and the gradients of
     heights >= 1 in the operand type, float32 where several programs add up a node: 2^h > readers),
     a tile that one program or a program's adjacent column tiles load again counted once (L2), every
     other load counted: the tree rebuilt (:func:`tree_build`); per chunk qw, do, lam,
@@ -146,7 +152,7 @@ def tree_bwd(n: int, NH: int, K: int, V: int, C: int, J: int, op: int, do_b: int
                 n_readers = max(0, min((m + 2) << h, n) - ((m + 1) << h))
                 nodes += n_readers * (2 * C * K * op + C * V * do_b + C * F32)
     leaf_grads = n * (2 * C * K * op + C * V * op + 2 * C * K * op + C * V * op + F32)
-    return (build + chunks + nodes + leaf_grads) * NH
+    return {"rebuild": build * NH, "pairs": chunks * NH, "node_grads": nodes * NH, "leaf_grads_io": leaf_grads * NH}
 
 
 def count(T: int, H: int, d: int, C: int, op: int, prec: str) -> dict:
@@ -167,6 +173,7 @@ def count(T: int, H: int, d: int, C: int, op: int, prec: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--T", type=int, default=65536)
+    ap.add_argument("--batch", type=int, default=1, help="sequences of T tokens (the tree's counts scale with it)")
     ap.add_argument("--config", default="default", help="as level_timing.py's --configs (one)")
     ap.add_argument("--timing", default=None, help="a level_timing.py JSON with a row of this --config")
     ap.add_argument("--peak-tb-s", type=float, default=3.0)
@@ -176,7 +183,7 @@ def main() -> None:
     H, d, C, op, prec = 16, 128, 64, 2, "tf32"
     tg.LEVEL_DO_COPY = 0 if args.do_in_place else tg.LEVEL_DO_COPY
     configure(args.config)
-    counted = count(args.T, H, d, C, op, prec)
+    counted = count(args.T, H * args.batch, d, C, op, prec)
     rows = []
     row = None
     if args.timing:
@@ -213,20 +220,27 @@ def main() -> None:
     fwd = sum(r["GB"] for r in rows if r["kernel"] == "_level_fwd")
     n = args.T // C
     J, do_b = (n - 1).bit_length(), F32 if tg.LEVEL_DO_COPY else op
-    tree, tree_nl = (tree_fwd(n, H, d, d, C, J, op, leaves=lv) / 1e9 for lv in (True, False))
-    tree_b, tree_b_nl = (tree_bwd(n, H, d, d, C, J, op, do_b, leaves=lv) / 1e9 for lv in (True, False))
+    NH = H * args.batch
+    tree, tree_nl = (tree_fwd(n, NH, d, d, C, J, op, leaves=lv) / 1e9 for lv in (True, False))
+    tree_b, tree_b_nl = (tree_bwd(n, NH, d, d, C, J, op, do_b, leaves=lv) / 1e9 for lv in (True, False))
+    build_nl = tree_build(n, d, d, C, J, op, leaves=False) * NH / 1e9
+    parts = {"fwd_build_no_leaves": build_nl, "fwd_reads": tree_nl - build_nl}
+    parts |= {f"bwd_{k}": v / 1e9 for k, v in tree_bwd_parts(n, NH, d, d, C, J, op, do_b).items()}
+    parts = {k: round(v, 2) for k, v in parts.items()}
+    print("tree per phase, GB (ms at the peak if nothing came from L2):",
+          ", ".join(f"{k} {v} ({v / args.peak_tb_s:.2f})" for k, v in parts.items()))
     print(f"forward: {fwd:.1f} GB counted; the tree's (triton_gdn_tree.tree_reads) {tree:.1f} GB, "
           f"{tree_nl:.1f} without stored leaves (LEVEL_TREE_LEAVES_FWD = 0)")
     print(f"backward: {total - fwd:.1f} GB counted; the tree's (triton_gdn_tree.tree_backward) {tree_b:.1f} GB, "
           f"{tree_b_nl:.1f} without stored leaves (LEVEL_TREE_LEAVES_BWD = 0)")
     if args.json:
-        meta = {"T": args.T, "H": H, "d": d, "C": C, "operand_bytes": op, "config": args.config,
+        meta = {"T": args.T, "batch": args.batch, "H": H, "d": d, "C": C, "operand_bytes": op, "config": args.config,
                 "timing": args.timing, "triton": triton.__version__, "peak_tb_s": args.peak_tb_s}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows, "total_GB": round(total, 2), "fwd_GB": round(fwd, 2),
                        "tree_fwd_GB": round(tree, 2),
                        "tree_fwd_no_leaves_GB": round(tree_nl, 2), "tree_bwd_GB": round(tree_b, 2),
-                       "tree_bwd_no_leaves_GB": round(tree_b_nl, 2)}, f, indent=1)
+                       "tree_bwd_no_leaves_GB": round(tree_b_nl, 2), "tree_parts_GB": parts}, f, indent=1)
 
 
 if __name__ == "__main__":
