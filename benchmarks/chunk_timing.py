@@ -6,7 +6,8 @@ configuration: start with one whose errors kernel_errors.py has measured). Write
 
 A configuration: tokens joined by ':', e.g. ``merge:w8:k64:v64`` (the forward's solve, warps, K
 and V columns per step, for both kernels; CHUNK_TILES; ``q4``: the backward's last kernel's
-warps; ``vside``: the backward's V side as a kernel of its own), or ``default`` (the tables as they are).
+warps; ``vside``: the backward's V side as a kernel of its own,
+``vw8`` its warps), or ``default`` (the tables as they are).
 
     python benchmarks/chunk_timing.py --configs "default;rows:w8;merge:w8" --json $OUT/chunk_timing_h100.json
 """
@@ -33,6 +34,8 @@ def configure(cfg: str) -> None:
             tc.CHUNK_TILES["fwd"]["solve"] = tok
         elif tok == "vside":  # the backward's V side as a kernel of its own
             tc.CHUNK_TILES["bwd"]["v_side"] = 1
+        elif tok.startswith("vw"):  # the V side's warps
+            tc.CHUNK_TILES["bwd"]["v_side_warps"] = int(tok[2:])
         elif tok[0] == "q":  # the last backward kernel's warps
             tc.CHUNK_TILES["bwd"]["qk_warps"] = int(tok[1:])
         else:

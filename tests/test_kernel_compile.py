@@ -185,7 +185,10 @@ def test_chunk_kernels_compile_and_fit_shared_memory(which, prec, major):
 @pytest.mark.parametrize("prec,major", [("tf32", 9), ("ieee", 8)])
 def test_chunk_backward_v_side_apart_compiles(part, prec, major):
     """The chunk backward's first kernel as two launches (CHUNK_TILES["bwd"]["v_side"]) compiles and fits."""
-    kernel = chunk_kernel_compiled("bwd", prec, major, part=part)
+    from hippolm.ops import triton_gdn_chunk as tc
+
+    kernel = chunk_kernel_compiled("bwd", prec, major, tc.CHUNK_TILES["bwd"]["v_side_warps"] if part == 1 else None,
+                                   part)
     assert 0 < kernel.metadata.shared <= SHARED[major], kernel.metadata.shared
 
 

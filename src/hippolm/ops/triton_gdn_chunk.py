@@ -384,11 +384,13 @@ def _chunk_bwd_qk(q_ptr, k_ptr, g_ptr, b_ptr, a_ptr, dw_ptr, dkd_ptr, dqw_ptr, d
 # the old block solve) and 16 columns an illegal address, while the interpreter agrees with the reference:
 # _blocks keeps steps at 64 columns (K, V below 64 are masked). qk_warps: the backward's second kernel
 # (chunk_timing_h100_split.json, a variant that also made dv there: 4 warps 5.46 ms for both kernels,
-# 8 warps 6.12). v_side 1: the first backward kernel as two launches, the V side (dv, dlam; 206
-# registers on sm_90) and the rest (204), each fewer than the one kernel's 255, for two programs per
-# SM, at 32 KB more per chunk and head handed over (dP, dmix in float32): awaiting its GPU timing.
+# 8 warps 6.12). v_side 1: the first backward kernel as two launches, the V side (dv, dlam) and the
+# rest, at 32 KB more per chunk and head handed over (dP, dmix in float32). On sm_90 the V side takes
+# 206 registers at 8 warps, or 255 and no stack at 4 (v_side_warps: two programs per SM), the rest 204
+# at 8 (88 bytes of stack at 4), against the one kernel's 255: awaiting their GPU timing.
 CHUNK_TILES = {"fwd": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 1, "solve": "merge_loads"},
-               "bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 1, "qk_warps": 4, "v_side": 0}}
+               "bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 1, "qk_warps": 4, "v_side": 0,
+                       "v_side_warps": 4}}
 
 
 class ChunkParts(torch.autograd.Function):
@@ -432,10 +434,11 @@ class ChunkParts(torch.autograd.Function):
         v_side = bool(CHUNK_TILES["bwd"]["v_side"])
         vs = ainv.new_empty(2, *ainv.shape) if v_side else ainv  # the V side's dP and dmix (float32)
         for part in (1, 2) if v_side else (0,):
+            launch = _launch("bwd") | ({"num_warps": CHUNK_TILES["bwd"]["v_side_warps"]} if part == 1 else {})
             _chunk_bwd[(N * H * n,)](q, k, v, g, beta, lam, ainv, do, dw, du, dkd, dqw, dge,
                                      dmix.contiguous() if has_dmix else ainv, scratch, cc, dgp, vs, dv, db, dlam,
                                      ctx.scale, n, H, K, V, L, C=C, CB=C.bit_length() - 1, BK=BK, BV=BV,
-                                     HAS_DMIX=has_dmix, PART=part, PREC=ctx.prec, **_launch("bwd"))
+                                     HAS_DMIX=has_dmix, PART=part, PREC=ctx.prec, **launch)
         _chunk_bwd_qk[(N * H * n,)](q, k, g, beta, ainv, dw, dkd, dqw, dge, cc, dgp, dq, dk, dg, ctx.scale, n, H, K,
                                     C=C, BK=BK, PREC=ctx.prec, num_warps=CHUNK_TILES["bwd"]["qk_warps"],
                                     num_stages=CHUNK_TILES["bwd"]["num_stages"])
