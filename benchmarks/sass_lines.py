@@ -42,10 +42,10 @@ def chunk_kernel(which: str, solve: str = "merge"):
     divisible by 16)."""
     fn = tc._chunk_fwd if which == "fwd" else tc._chunk_bwd
     bf16 = ("q_ptr", "k_ptr", "v_ptr", "w_ptr", "u_ptr", "kd_ptr", "qw_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "dw_ptr",
-            "du_ptr", "dkd_ptr", "dqw_ptr")
+            "du_ptr", "dkd_ptr", "dqw_ptr", "cc_ptr")
     BK, BV = tc._blocks(128, 128, which)
     consts = {"C": 64, "CB": 6, "BK": BK, "BV": BV, "PREC": "tf32"}
-    consts |= {"SOLVE": solve} if which == "fwd" else {"HAS_DMIX": False}
+    consts |= {"SOLVE": solve} if which == "fwd" else {"HAS_DMIX": False, "PART": 0}  # the backward's default launch
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
