@@ -5,9 +5,8 @@ compared with the first configuration's, output by output (a difference beyond r
 configuration: start with one whose errors kernel_errors.py has measured). Writes JSON (--json).
 
 A configuration: tokens joined by ':', e.g. ``merge:w8:k64:v64`` (the forward's solve, warps, K
-and V columns per step, for both kernels; CHUNK_TILES; ``q4``: the backward's last kernel's
-warps; ``vside``: the backward's V side as a kernel of its own,
-``vw8`` its warps), or ``default`` (the tables as they are).
+and V columns per step, for both kernels; CHUNK_TILES; ``q4``: the backward's second kernel's
+warps), or ``default`` (the tables as they are).
 
     python benchmarks/chunk_timing.py --configs "default;rows:w8;merge:w8" --json $OUT/chunk_timing_h100.json
 """
@@ -32,11 +31,7 @@ def configure(cfg: str) -> None:
     for tok in cfg.split(":"):
         if tok in ("rows", "merge", "merge_loads"):
             tc.CHUNK_TILES["fwd"]["solve"] = tok
-        elif tok == "vside":  # the backward's V side as a kernel of its own
-            tc.CHUNK_TILES["bwd"]["v_side"] = 1
-        elif tok.startswith("vw"):  # the V side's warps
-            tc.CHUNK_TILES["bwd"]["v_side_warps"] = int(tok[2:])
-        elif tok[0] == "q":  # the last backward kernel's warps
+        elif tok[0] == "q":  # the second backward kernel's warps
             tc.CHUNK_TILES["bwd"]["qk_warps"] = int(tok[1:])
         else:
             key = {"w": "num_warps", "k": "BK", "v": "BV", "s": "num_stages"}[tok[0]]

@@ -45,7 +45,7 @@ def chunk_kernel(which: str, solve: str = "merge"):
             "du_ptr", "dkd_ptr", "dqw_ptr", "cc_ptr")
     BK, BV = tc._blocks(128, 128, which)
     consts = {"C": 64, "CB": 6, "BK": BK, "BV": BV, "PREC": "tf32"}
-    consts |= {"SOLVE": solve} if which == "fwd" else {"HAS_DMIX": False, "PART": 0}  # the backward's default launch
+    consts |= {"SOLVE": solve} if which == "fwd" else {"HAS_DMIX": False}
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:

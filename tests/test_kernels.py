@@ -510,18 +510,6 @@ def test_loglinear_gated_delta_rule_chunk_solves(solve, chunk, device, monkeypat
     _assert_matches_reference(xs, run, torch.float32, 1e-4)
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_loglinear_gated_delta_rule_chunk_backward_v_side_apart(bf16, device, monkeypatch):
-    """The chunk backward's first kernel in two (CHUNK_TILES["bwd"]["v_side"]: dv, dlam and dP, dmix so
-    far handed over in float32, attn in the operand type): outputs and every gradient == the float64
-    reference, packed sequences with a partial chunk."""
-    from hippolm.ops import triton_gdn_chunk
-
-    monkeypatch.setitem(triton_gdn_chunk.CHUNK_TILES["bwd"], "v_side", 1)
-    xs, run = _level_case(220, seed=21, bf16=bf16, H=2, chunk=64, cu_seqlens=torch.tensor([0, 150, 220]))
-    _assert_matches_reference(xs, run, torch.bfloat16 if bf16 else torch.float32, 2e-2 if bf16 else 1e-4)
-
-
 @pytest.mark.skipif(CUDA, reason="interpreter only (CUDA runs the default tiles)")
 def test_loglinear_gated_delta_rule_lanes_with_their_own_tiles(device, monkeypatch):
     """16-bit inputs: the lower-level and top-level lanes with different tiles (levels per program,

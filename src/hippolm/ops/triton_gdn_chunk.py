@@ -228,9 +228,9 @@ def _chunk_fwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, w_ptr, u_ptr, 
 
 @triton.jit
 def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr, du_ptr, dkd_ptr, dqw_ptr,
-               dge_ptr, dmix_ptr, scr_ptr, cc_ptr, dgp_ptr, vs_ptr, dv_ptr, db_ptr, dlam_ptr,
+               dge_ptr, dmix_ptr, scr_ptr, cc_ptr, dgp_ptr, dv_ptr, db_ptr, dlam_ptr,
                scale, n, H, K, V, L, C: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-               HAS_DMIX: tl.constexpr, PART: tl.constexpr, PREC: tl.constexpr):
+               HAS_DMIX: tl.constexpr, PREC: tl.constexpr):
     """Gradients of :func:`_chunk_fwd` for one chunk and head, from those of o, w, u, kd, qw, ge and
     (HAS_DMIX) mix, but dq, dk and dg: dv, dbeta, dlam, and for :func:`_chunk_bwd_qk` attn, dS = dattn
     * decay and dKK = dL * beta * decay (the operand type, in ``cc`` [3, N * H * n, C, C]) and the decay
@@ -238,10 +238,7 @@ def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr
     dqw, dmix = du v^T + attn^T dP + dw_total (gamma k)^T, dA = -A^-T (dmix diag(beta)) A^-T.
     Two kernels, not one: the second loads dS and dKK transposed where this one would transpose them
     through a scratch, and neither spills (one kernel: 272-288 bytes of stack on sm_90; H100, 64k
-    tokens x 16 heads, chunk_timing_h100_split.json: 5.39 ms for both vs 6.48).
-    PART 0: all of this; 1: only the V side (dv, dlam; attn into ``cc``, dP and dmix so far into ``vs``
-    [2, N * H * n, C, C] float32); 2: the rest from those (CHUNK_TILES["bwd"]["v_side"]: three kernels,
-    fewer tiles live in each; awaiting its GPU timing)."""
+    tokens x 16 heads, chunk_timing_h100_split.json: 5.39 ms for both vs 6.48)."""
     pid = tl.program_id(0).to(tl.int64)
     tok = _rows(pid, n, H, C)
     DT = q_ptr.dtype.element_ty
@@ -253,39 +250,27 @@ def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr
     ap = a_ptr + pid * C * C
     scr = scr_ptr + pid * C * C
     rows = pid * C + cc
-    if PART < 2:
-        attn = _gram(q_ptr, k_ptr, tok, K, C, BK, DT, PREC) * scale * _decay(g_ptr, tok, C)
-        _, lam = _levels(lam_ptr, tok, L, C, CB)
-        MT = _transposed(_dot(attn, tl.load(ap + ri * C + cj) * beta[None, :], None, DT, PREC) * lam, scr, C)
-        mixT = tl.load(ap + cj * C + ri) * beta[:, None]
-        dM = tl.zeros((C, C), dtype=tl.float32)
-        dmix = tl.load(dmix_ptr + pid * C * C + ri * C + cj) if HAS_DMIX else tl.zeros((C, C), dtype=tl.float32)
-        for v0 in range(0, V, BV):
-            vv = v0 + tl.arange(0, BV)
-            m = vv[None, :] < V
-            vt = tl.load(v_ptr + tok[:, None] * V + vv[None, :], mask=m, other=0)
-            do = tl.load(do_ptr + rows[:, None] * V + vv[None, :], mask=m, other=0)
-            du = tl.load(du_ptr + rows[:, None] * V + vv[None, :], mask=m, other=0)
-            dM = _dot(do, tl.trans(vt), dM, DT, PREC)
-            dmix = _dot(du, tl.trans(vt), dmix, DT, PREC)
-            dv = _dot(mixT, du, _dot(MT, do, None, DT, PREC), DT, PREC)
-            tl.store(dv_ptr + tok[:, None] * V + vv[None, :], dv, mask=m)
-        lvl, lam = _levels(lam_ptr, tok, L, C, CB)  # again, and attn mix: not kept through the loop above
-        dlam_in = dM * _dot(attn, tl.load(ap + ri * C + cj) * beta[None, :], None, DT, PREC)
-        for lv in tl.static_range(CB + 1):
-            tl.store(dlam_ptr + tok * L + lv, tl.sum(tl.where(lvl == lv, dlam_in, 0.0), axis=1),
-                     mask=(cc * 0 + lv) < L)
-        dP = dM * lam
-        if PART == 1:
-            tile = pid * C * C + ri * C + cj
-            tl.store(cc_ptr + tile, attn.to(cc_ptr.dtype.element_ty))
-            tl.store(vs_ptr + tile, dP)
-            tl.store(vs_ptr + tl.num_programs(0).to(tl.int64) * C * C + tile, dmix)
-            return
-    else:
-        dP = tl.load(vs_ptr + pid * C * C + ri * C + cj)
-        dmix = tl.load(vs_ptr + tl.num_programs(0).to(tl.int64) * C * C + pid * C * C + ri * C + cj)
-        mixT = tl.load(ap + cj * C + ri) * beta[:, None]
+    attn = _gram(q_ptr, k_ptr, tok, K, C, BK, DT, PREC) * scale * _decay(g_ptr, tok, C)
+    _, lam = _levels(lam_ptr, tok, L, C, CB)
+    MT = _transposed(_dot(attn, tl.load(ap + ri * C + cj) * beta[None, :], None, DT, PREC) * lam, scr, C)
+    mixT = tl.load(ap + cj * C + ri) * beta[:, None]
+    dM = tl.zeros((C, C), dtype=tl.float32)
+    dmix = tl.load(dmix_ptr + pid * C * C + ri * C + cj) if HAS_DMIX else tl.zeros((C, C), dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        vv = v0 + tl.arange(0, BV)
+        m = vv[None, :] < V
+        vt = tl.load(v_ptr + tok[:, None] * V + vv[None, :], mask=m, other=0)
+        do = tl.load(do_ptr + rows[:, None] * V + vv[None, :], mask=m, other=0)
+        du = tl.load(du_ptr + rows[:, None] * V + vv[None, :], mask=m, other=0)
+        dM = _dot(do, tl.trans(vt), dM, DT, PREC)
+        dmix = _dot(du, tl.trans(vt), dmix, DT, PREC)
+        dv = _dot(mixT, du, _dot(MT, do, None, DT, PREC), DT, PREC)
+        tl.store(dv_ptr + tok[:, None] * V + vv[None, :], dv, mask=m)
+    lvl, lam = _levels(lam_ptr, tok, L, C, CB)  # again, and attn mix: not kept through the loop above
+    dlam_in = dM * _dot(attn, tl.load(ap + ri * C + cj) * beta[None, :], None, DT, PREC)
+    for lv in tl.static_range(CB + 1):
+        tl.store(dlam_ptr + tok * L + lv, tl.sum(tl.where(lvl == lv, dlam_in, 0.0), axis=1), mask=(cc * 0 + lv) < L)
+    dP = dM * lam
     X = tl.zeros((C, C), dtype=tl.float32)
     dgam = tl.zeros((C,), dtype=tl.float32)  # gradient of gamma
     for k0 in range(0, K, BK):
@@ -297,10 +282,7 @@ def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr
         X = _dot(dqw, tl.trans(kt * gam[:, None]), X, DT, PREC)
         dgam += tl.sum(dqw * qt, axis=1) * scale
     dattn = _dot(dP - X, mixT, None, DT, PREC)
-    if PART == 2:  # noqa: SIM108 (attn is not defined here). The V side's attn in the operand type
-        attnT = tl.load(cc_ptr + pid * C * C + cj * C + ri)
-    else:
-        attnT = _transposed(attn, scr, C)
+    attnT = _transposed(attn, scr, C)
     dmix = _dot(attnT, dP, dmix, DT, PREC)
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
@@ -317,16 +299,13 @@ def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr
     KKd = tl.where(ri > cj, _gram(k_ptr, k_ptr, tok, K, C, BK, DT, PREC) * _decay(g_ptr, tok, C), 0.0)
     dL = tl.where(ri > cj, dA, 0.0)
     db += tl.sum(dL * KKd, axis=1)
-    if PART == 2:  # attn in float32 again, as the one kernel has it
-        attn = _gram(q_ptr, k_ptr, tok, K, C, BK, DT, PREC) * scale * _decay(g_ptr, tok, C)
     E = dL * KKd * beta[:, None] + dattn * attn  # d(G_i - G_j) of every decayed entry
     dG = tl.sum(E, axis=1) - tl.sum(E, axis=0)
     dKK = dL * beta[:, None] * _decay(g_ptr, tok, C)
     dS = dattn * _decay(g_ptr, tok, C)
     NC = tl.num_programs(0).to(tl.int64) * C * C  # one [N * H * n, C, C] part of cc
     tile = pid * C * C + ri * C + cj
-    if PART == 0:
-        tl.store(cc_ptr + tile, attn.to(cc_ptr.dtype.element_ty))
+    tl.store(cc_ptr + tile, attn.to(cc_ptr.dtype.element_ty))
     tl.store(cc_ptr + NC + tile, dS.to(cc_ptr.dtype.element_ty))
     tl.store(cc_ptr + 2 * NC + tile, dKK.to(cc_ptr.dtype.element_ty))
     tl.store(dgp_ptr + pid * C + cc, dG + dgam * gam)
@@ -385,13 +364,11 @@ def _chunk_bwd_qk(q_ptr, k_ptr, g_ptr, b_ptr, a_ptr, dw_ptr, dkd_ptr, dqw_ptr, d
 # the old block solve) and 16 columns an illegal address, while the interpreter agrees with the reference:
 # _blocks keeps steps at 64 columns (K, V below 64 are masked). qk_warps: the backward's second kernel
 # (chunk_timing_h100_split.json, a variant that also made dv there: 4 warps 5.46 ms for both kernels,
-# 8 warps 6.12). v_side 1: the first backward kernel as two launches, the V side (dv, dlam) and the
-# rest, at 32 KB more per chunk and head handed over (dP, dmix in float32). On sm_90 the V side takes
-# 206 registers at 8 warps, or 255 and no stack at 4 (v_side_warps: two programs per SM), the rest 204
-# at 8 (88 bytes of stack at 4), against the one kernel's 255: awaiting their GPU timing.
+# 8 warps 6.12). Tried and dropped: the first kernel's V side (dv, dlam) as a launch of its own, dP and
+# dmix handed over in float32 (255 registers at 4 warps, no stack): 5.77 ms for the three kernels vs 5.27,
+# 6.45 with the V side at 8 warps (chunk_timing_h100_vside.json).
 CHUNK_TILES = {"fwd": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 1, "solve": "merge_loads"},
-               "bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 1, "qk_warps": 4, "v_side": 0,
-                       "v_side_warps": 4}}
+               "bwd": {"BK": 64, "BV": 64, "num_warps": 8, "num_stages": 1, "qk_warps": 4}}
 
 
 class ChunkParts(torch.autograd.Function):
@@ -432,14 +409,10 @@ class ChunkParts(torch.autograd.Function):
         BK, BV = _blocks(K, V, "bwd")
         cc = q.new_empty(3, *ainv.shape)  # attn, dS, dKK in the operand type (what the dots of dq, dk take)
         dgp = g.new_empty(N, H, n, C, dtype=torch.float32)
-        v_side = bool(CHUNK_TILES["bwd"]["v_side"])
-        vs = ainv.new_empty(2, *ainv.shape) if v_side else ainv  # the V side's dP and dmix (float32)
-        for part in (1, 2) if v_side else (0,):
-            launch = _launch("bwd") | ({"num_warps": CHUNK_TILES["bwd"]["v_side_warps"]} if part == 1 else {})
-            _chunk_bwd[(N * H * n,)](q, k, v, g, beta, lam, ainv, do, dw, du, dkd, dqw, dge,
-                                     dmix.contiguous() if has_dmix else ainv, scratch, cc, dgp, vs, dv, db, dlam,
-                                     ctx.scale, n, H, K, V, L, C=C, CB=C.bit_length() - 1, BK=BK, BV=BV,
-                                     HAS_DMIX=has_dmix, PART=part, PREC=ctx.prec, **launch)
+        _chunk_bwd[(N * H * n,)](q, k, v, g, beta, lam, ainv, do, dw, du, dkd, dqw, dge,
+                                 dmix.contiguous() if has_dmix else ainv, scratch, cc, dgp, dv, db, dlam, ctx.scale,
+                                 n, H, K, V, L, C=C, CB=C.bit_length() - 1, BK=BK, BV=BV, HAS_DMIX=has_dmix,
+                                 PREC=ctx.prec, **_launch("bwd"))
         _chunk_bwd_qk[(N * H * n,)](q, k, g, beta, ainv, dw, dkd, dqw, dge, cc, dgp, dq, dk, dg, ctx.scale, n, H, K,
                                     C=C, BK=BK, PREC=ctx.prec, num_warps=CHUNK_TILES["bwd"]["qk_warps"],
                                     num_stages=CHUNK_TILES["bwd"]["num_stages"])
