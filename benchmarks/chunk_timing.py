@@ -68,7 +68,7 @@ def main():
             configure(cfg)
 
             def fwd():
-                return tc.ChunkParts.apply(*leaves, d**-0.5, C, False, "tf32")
+                return tc.ChunkParts.apply(*leaves, d**-0.5, C, False, "tf32", torch.bfloat16)
 
             outs = fwd()
             grads = grads or [torch.randn(o.shape, device="cuda", generator=gen).to(o.dtype) for o in outs]

@@ -96,12 +96,12 @@ def tree_build(n: int, K: int, V: int, C: int, J: int, op: int, leaves: bool = T
 
 def tree_fwd(n: int, NH: int, K: int, V: int, C: int, J: int, op: int, leaves: bool = True) -> int:
     """The forward as triton_gdn_tree.tree_reads runs it: the tree built (:func:`tree_build`); chunk i
-    reads qw, lam, o0 (float32), one D per set bit, one T per set bit but the last, and writes o
+    reads qw, lam, o0 (the output's type, as op here), one D per set bit, one T per set bit but the last, and writes o
     (operand type); without ``leaves`` level 0 reads chunk i - 1's kd and u (D) and w (T)."""
     reads = 0
     for i in range(n):
         bits = bin(i).count("1")
-        reads += C * K * op + C * J * F32 + C * V * F32 + C * V * op + bits * K * V * op
+        reads += C * K * op + C * J * F32 + 2 * C * V * op + bits * K * V * op
         reads += max(0, bits - 1) * K * K * op
         if not leaves and i & 1:
             reads += (C * K + C * V - K * V) * op + (F32 + (C * K - K * K) * op if bits > 1 else 0)

@@ -409,12 +409,13 @@ def _level_grid(programs: int, NV: int, scans: int = 1) -> tuple[int, ...]:
     return (*grid, scans) if scans > 1 else grid
 
 
-# The level (or tree) backward reads the output gradient do: 1 from the float32 copy in [N, H, T, V] layout
-# made for the chunks' own output (twice the bytes of a 16-bit do at every read: ~1.6 GB more per fwd+bwd
-# at 64k tokens for the level scans, as much for the tree: 29.0 -> 27.4 GB, level_bytes.py); 0 do itself, in its
-# own type and [N, T, H, V] layout (rows H * V apart). Tree backward on the H100: fwd+bwd 29.11 vs 28.99 ms at 64k,
-# 26.54 vs 26.55 at 8k (flag_timing_h100_llgdn_tree_do_copy.json: no difference); level scans untimed.
-LEVEL_DO_COPY = 1
+# The level (or tree) backward reads the output gradient do: 0 (default) do itself, in its own type and
+# [N, T, H, V] layout (rows H * V apart); 1 a float32 copy in [N, H, T, V] layout (twice the bytes of a 16-bit
+# do at every read: ~1.6 GB more per fwd+bwd at 64k tokens for the level scans, as much for the tree: 27.4 ->
+# 29.0 GB, level_bytes.py), made for the chunks' own output until that took do as it comes. Tree backward
+# on the H100, with that copy made either way: fwd+bwd 28.99 vs 29.11 ms at 64k, 26.55 vs 26.54 at 8k
+# (flag_timing_h100_llgdn_tree_do_copy.json); level scans untimed.
+LEVEL_DO_COPY = 0
 
 
 # 1 (default): the forward reads the chunk levels through a tree of block summaries (triton_gdn_tree: no
@@ -525,31 +526,34 @@ def _in_lanes(lanes: list[_Lane], launch, buffers, device: torch.device) -> list
 
 
 class _LevelReads(torch.autograd.Function):
-    """Every chunk level's read of log-linear Gated DeltaNet, summed and added to o0: (o0 [N, H, n, C, V]
-    float32: the chunks' own output, w, u, kd, qw [N, H, n, C, *], ge [N, H, n], lam [N, H, n, C, J]:
-    the weight of chunk level j) -> o [N, n * C, H, V] in ``out_dtype`` (the lanes' sum, the layout
-    change and the cast in one pass).
+    """Every chunk level's read of log-linear Gated DeltaNet, summed and added to o0: (o0 [N, n * C, H, V]
+    in the output's type: the chunks' own output, w, u, kd, qw [N, H, n, C, *], ge [N, H, n],
+    lam [N, H, n, C, J]: the weight of chunk level j) -> o, o0's shape and type (the reads, the layout
+    change and the cast in one pass). o0's gradient is o's as it comes: no copy (a float32 copy of
+    do in o0's old [N, H, n, C, V] layout took 0.56 ms of 18.8 at 8k x 8 on the H100,
+    llgdn_profile_h100_T8192_split.json).
     ``operands``: the type w, u, kd, qw and the saved states take in the kernels (16-bit for 16-bit
     inputs, as FLA's chunk kernels: half the bytes and full-rate tensor cores; the states and
     in-kernel sums stay float32). The backward scans the levels by groups as the forward, into
     scratch states and state gradients, then computes every gradient in one parallel kernel."""
 
     @staticmethod
-    def forward(ctx, o0, w, u, kd, ge, qw, lam, prec: str, operands: torch.dtype, out_dtype: torch.dtype):
+    def forward(ctx, o0, w, u, kd, ge, qw, lam, prec: str, operands: torch.dtype):
         N, H, n, C, K = w.shape
         V, J = u.shape[-1], lam.shape[-1]
         w, u, kd, qw = (x.to(operands).contiguous() for x in (w, u, kd, qw))
-        ge, lam, o0 = ge.contiguous(), lam.contiguous(), o0.float().contiguous()
+        ge, lam, o0, out_dtype = ge.contiguous(), lam.contiguous(), o0.contiguous(), o0.dtype
         ctx.save_for_backward(w, u, kd, ge, qw, lam)
         ctx.prec = prec
         ctx.tree = None
         if LEVEL_TREE_FWD:
             keep = LEVEL_TREE_BWD and LEVEL_TREE_SAVE
             leaves = LEVEL_TREE_LEAVES_BWD if keep else LEVEL_TREE_LEAVES_FWD
-            out, tree = tree_reads(o0, w, u, kd, ge, qw, lam, prec, out_dtype, leaves=bool(leaves))
+            out, tree = tree_reads(o0, w, u, kd, ge, qw, lam, prec, leaves=bool(leaves))
             if keep:
                 ctx.tree = tree  # a buffer of this call's, read once by its backward
-            return out.view(N, n * C, H, V)
+            return out
+        o0 = o0.float().view(N, n, C, H, V).permute(0, 3, 1, 2, 4).contiguous()  # the level scans' layout
         opts = _level_launch(prec, _major(w.device), False)
         lanes = _level_lanes(n, J, K, V, "fwd", prec)
 
@@ -574,14 +578,13 @@ class _LevelReads(torch.autograd.Function):
         w, u, kd, ge, qw, lam = ctx.saved_tensors
         N, H, n, C, K = w.shape
         V, J = u.shape[-1], lam.shape[-1]
-        # o0's gradient: do in o0's [N, H, n, C, V] layout, float32 (one pass); the level / tree kernels
-        # read that copy or do itself (LEVEL_DO_COPY), as the [N, H, n * C, V] view of its [N, n * C, H, V]
-        do0 = torch.empty(N, H, n, C, V, device=do.device).copy_(do.reshape(N, n, C, H, V).permute(0, 3, 1, 2, 4))
-        do = do0.view(N, H, n * C, V) if LEVEL_DO_COPY else do.contiguous().permute(0, 2, 1, 3)
+        do0 = do.contiguous()  # o0's gradient; the level / tree kernels read a float32 copy in the
+        # [N, H, n * C, V] layout or do itself (LEVEL_DO_COPY), as the [N, H, n * C, V] view of its layout
+        do = (do0.permute(0, 2, 1, 3).float().contiguous() if LEVEL_DO_COPY else do0.permute(0, 2, 1, 3))
         if LEVEL_TREE_BWD:
             tree, ctx.tree = ctx.tree, None
             grads = tree_backward(do, w, u, kd, ge, qw, lam, ctx.prec, tree, leaves=bool(LEVEL_TREE_LEAVES_BWD))
-            return do0, *grads, None, None, None
+            return do0, *grads, None, None
         opts = _level_launch(ctx.prec, _major(w.device), True)
         do_strides = (H, *do.stride()[:3])
 
@@ -605,7 +608,7 @@ class _LevelReads(torch.autograd.Function):
                                    J, C=C, BK=lanes[0].BK, BV=BV, JP=max(2, triton.next_power_of_2(J)),
                                    UNIFORM=bool(LEVEL_GRADS_UNIFORM), PREC=ctx.prec,
                                    **_grads_launch(ctx.prec, _major(w.device)))
-        return do0, dw, du, dkd, dge, dqw, dlam, None, None, None
+        return do0, dw, du, dkd, dge, dqw, dlam, None, None
 
 
 def _padded(xs, T: int, cu_seqlens, B: int, C: int):
@@ -673,12 +676,11 @@ def gated_delta_rule(q, k, v, g, beta, scale: float, initial_state, output_final
         gs = qs.new_zeros(N, length, H, dtype=torch.float32)
     ones = qs.new_ones(1, 1, 1, 1, dtype=torch.float32).expand(N, length, H, C.bit_length())  # every level 1
     # o = (q gamma) S + attn v_new with v_new = u - w S: the chunk's own part attn mix v plus qw S
-    w, u, kd, qw, ge, o, _ = ChunkParts.apply(qs.to(op), ks.to(op), vs.to(op), gs, bs, ones, scale, C, False, prec)
+    w, u, kd, qw, ge, o, _ = ChunkParts.apply(qs.to(op), ks.to(op), vs.to(op), gs, bs, ones, scale, C, False, prec,
+                                              torch.float32)
     # float32 factors: the scan's dots take float32 values and states (TF32 for 16-bit inputs)
     h, _, final = _Scan.apply(w.float(), u.float(), kd.float(), ge, initial_state, prec)
-    o = o + _mm(qw.float(), h, op)  # [N, H, n, C, V]
-    N, H, n = o.shape[:3]
-    o = o.permute(0, 2, 3, 1, 4).reshape(N, n * C, H, -1)
+    o = o + _mm(qw.float(), h, op).permute(0, 2, 3, 1, 4).reshape(o.shape)  # [N, length, H, V]
     o = torch.cat([o[i, : e - s] for i, (_, s, e) in enumerate(bounds)])[None] if cu_seqlens is not None else o[:, :T]
     return o.to(q.dtype), (final if output_final_state else None)
 
@@ -746,7 +748,7 @@ def loglinear_gated_delta_rule(q, k, v, g, beta, lam, scale: float, output_final
     that is lam (qw P_c) S, one query per position for every block; the final slots add P S, routed.
     """
     B, T, H, K = q.shape
-    V, L = v.shape[-1], lam.shape[-1]
+    L = lam.shape[-1]
     C = chunk_size if chunk_size in (16, 32, 64) else 64
     CB = C.bit_length() - 1
     coef = None if carry is None else carry.coef
@@ -755,14 +757,12 @@ def loglinear_gated_delta_rule(q, k, v, g, beta, lam, scale: float, output_final
     op = _operands(q.dtype)
     prec = _precision(q.dtype)
     w, u, kd, qw, ge, o, mix = ChunkParts.apply(qs.to(op), ks.to(op), vs.to(op), gs, bs, ls, scale, C,
-                                                output_final_state, prec)
+                                                output_final_state, prec, q.dtype)
     N, _, n = w.shape[:3]
     J = max(0, min((n - 1).bit_length(), L - CB - 1))  # chunk levels that some chunk reads
     if J:  # a read of state S in chunk i is lam_j * (qw_i S)
         lamb = reference.to_blocks(ls.float(), C)[..., CB + 1 : CB + 1 + J]  # [N, H, n, C, J]
-        o = _LevelReads.apply(o, w, u, kd, ge, qw, lamb, prec, op, q.dtype)  # [N, n * C, H, V]
-    else:
-        o = o.permute(0, 2, 3, 1, 4).reshape(N, n * C, H, V).to(q.dtype)
+        o = _LevelReads.apply(o, w, u, kd, ge, qw, lamb, prec, op)  # [N, n * C, H, V]
     if carry is not None:
         P, _, P_end = _Scan.apply(w.float(), torch.zeros_like(w, dtype=torch.float32), kd.float(), ge,
                                   torch.eye(K, device=q.device).expand(N, H, K, K), prec)

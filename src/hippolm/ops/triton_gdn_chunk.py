@@ -189,7 +189,7 @@ def _chunk_fwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, w_ptr, u_ptr, 
                scale, n, H, K, V, L, C: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                SOLVE: tl.constexpr, PREC: tl.constexpr):
     """One chunk and head: A^-1 into ``a`` (saved for the backward), w, u, kd, qw ([N, H, n, C, *],
-    the inputs' type), ge, and the chunk's own output o (float32)."""
+    the inputs' type), ge, and the chunk's own output o (the inputs' [N, length, H, V] layout, o's type)."""
     pid = tl.program_id(0).to(tl.int64)
     tok = _rows(pid, n, H, C)
     DT = q_ptr.dtype.element_ty
@@ -222,7 +222,7 @@ def _chunk_fwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, w_ptr, u_ptr, 
         vt = tl.load(v_ptr + tok[:, None] * V + vv[None, :], mask=m, other=0)
         out = rows[:, None] * V + vv[None, :]
         tl.store(u_ptr + out, _dot(mix, vt, None, DT, PREC), mask=m)
-        tl.store(o_ptr + out, _dot(M, vt, None, DT, PREC), mask=m)
+        tl.store(o_ptr + tok[:, None] * V + vv[None, :], _dot(M, vt, None, DT, PREC), mask=m)
     tl.store(ge_ptr + pid, tl.exp(GL))
 
 
@@ -260,7 +260,7 @@ def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr
         vv = v0 + tl.arange(0, BV)
         m = vv[None, :] < V
         vt = tl.load(v_ptr + tok[:, None] * V + vv[None, :], mask=m, other=0)
-        do = tl.load(do_ptr + rows[:, None] * V + vv[None, :], mask=m, other=0)
+        do = tl.load(do_ptr + tok[:, None] * V + vv[None, :], mask=m, other=0)
         du = tl.load(du_ptr + rows[:, None] * V + vv[None, :], mask=m, other=0)
         dM = _dot(do, tl.trans(vt), dM, DT, PREC)
         dmix = _dot(du, tl.trans(vt), dmix, DT, PREC)
@@ -373,18 +373,20 @@ CHUNK_TILES = {"fwd": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 1, "sol
 
 class ChunkParts(torch.autograd.Function):
     """(q, k, v [N, length, H, *], g, beta [N, length, H], lam [N, length, H, L]; length = n * C)
-    -> (w, u, kd, qw [N, H, n, C, *] in q's type, ge [N, H, n], o [N, H, n, C, V] float32: the chunk's
-    own output with level weights lam[..., :log2(C)+1], mix [N, H, n, C, C] if ``want_mix`` else empty)."""
+    -> (w, u, kd, qw [N, H, n, C, *] in q's type, ge [N, H, n], o [N, length, H, V] in ``o_dtype``: the
+    chunk's own output with level weights lam[..., :log2(C)+1], in the layout of the op's output, so
+    its gradient is the op's output gradient as it comes (no copy), mix [N, H, n, C, C] if ``want_mix``
+    else empty)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, lam, scale: float, C: int, want_mix: bool, prec: str):
+    def forward(ctx, q, k, v, g, beta, lam, scale: float, C: int, want_mix: bool, prec: str, o_dtype: torch.dtype):
         q, k, v, g, beta, lam = (x.contiguous() for x in (q, k, v, g, beta, lam))
         N, length, H, K = q.shape
         V, L, n = v.shape[-1], lam.shape[-1], length // C
         ainv = q.new_empty(N, H, n, C, C, dtype=torch.float32)
         w, kd, qw = (q.new_empty(N, H, n, C, K) for _ in range(3))
         u = q.new_empty(N, H, n, C, V)
-        o = q.new_empty(N, H, n, C, V, dtype=torch.float32)
+        o = q.new_empty(N, length, H, V, dtype=o_dtype)
         ge = q.new_empty(N, H, n, dtype=torch.float32)
         BK, BV = _blocks(K, V, "fwd")
         _chunk_fwd[(N * H * n,)](q, k, v, g, beta, lam, ainv, w, u, kd, qw, ge, o, scale, n, H, K, V, L,
@@ -416,7 +418,7 @@ class ChunkParts(torch.autograd.Function):
         _chunk_bwd_qk[(N * H * n,)](q, k, g, beta, ainv, dw, dkd, dqw, dge, cc, dgp, dq, dk, dg, ctx.scale, n, H, K,
                                     C=C, BK=BK, PREC=ctx.prec, num_warps=CHUNK_TILES["bwd"]["qk_warps"],
                                     num_stages=CHUNK_TILES["bwd"]["num_stages"])
-        return dq, dk, dv, dg, db, dlam, None, None, None, None
+        return dq, dk, dv, dg, db, dlam, None, None, None, None, None
 
 
 def _blocks(K: int, V: int, which: str) -> tuple[int, int]:

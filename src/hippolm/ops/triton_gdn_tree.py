@@ -168,7 +168,7 @@ def _carry_leaf(q, p, w_ptr, ge_ptr, c, K, C: tl.constexpr, BK: tl.constexpr, PR
 def _tree_read(qw_ptr, lam_ptr, o0_ptr, m_ptr, offs_ptr, out_ptr, w_ptr, u_ptr, kd_ptr, ge_ptr, n, NN, H, K, V, J,
                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LEAVES: tl.constexpr, PREC: tl.constexpr):
     """One V tile of chunk i's reads of chunk levels 0..J-1 (program: sequence-head * n + chunk, its
-    tiles adjacent) added to o0, written to out [N, n * C, H, V] (out's type). Without LEAVES (no
+    tiles adjacent) added to o0, written to out (both [N, n * C, H, V], out's type). Without LEAVES (no
     leaf stored) level 0 is read from chunk i - 1's factors: with P = q kd^T, q D = P u and
     q T = ge q - P w."""
     pid, tile = _tile_pid((V + BV - 1) // BV)
@@ -180,7 +180,9 @@ def _tree_read(qw_ptr, lam_ptr, o0_ptr, m_ptr, offs_ptr, out_ptr, w_ptr, u_ptr, 
     mv = vv[None, :] < V
     dt = qw_ptr.dtype.element_ty
     q = tl.load(qw_ptr + pid * (C * K) + cc[:, None] * K + kk[None, :], mask=kk[None, :] < K, other=0)
-    o = tl.load(o0_ptr + pid * (C * V) + cc[:, None] * V + vv[None, :], mask=mv, other=0)
+    b, h = bh // H, bh % H
+    rows = (b * n + i) * C + cc
+    o = tl.load(o0_ptr + (rows[:, None] * H + h) * V + vv[None, :], mask=mv, other=0).to(tl.float32)
     mk = kk < K
     if not LEAVES:  # noqa: SIM102 (a compile-time branch around a run-time one)
         if (i & 1) == 1:
@@ -200,8 +202,6 @@ def _tree_read(qw_ptr, lam_ptr, o0_ptr, m_ptr, offs_ptr, out_ptr, w_ptr, u_ptr, 
             o += lam[:, None] * tl.dot(q, d, input_precision=PREC)
             if (i >> (j + 1)) != 0:  # a higher level reads: carry q through this block
                 q = _carry_node(q, node, K, W, BK, PREC)
-    b, h = bh // H, bh % H
-    rows = (b * n + i) * C + cc
     tl.store(out_ptr + (rows[:, None] * H + h) * V + vv[None, :], o.to(out_ptr.dtype.element_ty), mask=mv)
 
 
@@ -572,10 +572,9 @@ def build_tree(w: torch.Tensor, u: torch.Tensor, kd: torch.Tensor, ge: torch.Ten
 
 
 def tree_reads(o0: torch.Tensor, w: torch.Tensor, u: torch.Tensor, kd: torch.Tensor, ge: torch.Tensor,
-               qw: torch.Tensor, lam: torch.Tensor, prec: str, out_dtype: torch.dtype,
-               leaves: bool = True) -> tuple[torch.Tensor, _Tree]:
-    """o0 [N, H, n, C, V] float32 plus every chunk level's read -> ([N, n * C, H, V] in ``out_dtype``,
-    the tree). w, u, kd, qw [N, H, n, C, *] contiguous in the operand type (the summaries' type too),
+               qw: torch.Tensor, lam: torch.Tensor, prec: str, leaves: bool = True) -> tuple[torch.Tensor, _Tree]:
+    """o0 [N, n * C, H, V] contiguous plus every chunk level's read -> (o0's shape and type, the tree).
+    w, u, kd, qw [N, H, n, C, *] contiguous in the operand type (the summaries' type too),
     ge [N, H, n], lam [N, H, n, C, J] float32. ``leaves``: store height 0 (the backward needs it),
     else level 0 and height 1 are made from the factors."""
     N, H, n, C, K = w.shape
@@ -583,7 +582,7 @@ def tree_reads(o0: torch.Tensor, w: torch.Tensor, u: torch.Tensor, kd: torch.Ten
     tree = build_tree(w, u, kd, ge, J, prec, leaves)
     BK = _key_block(K)
     BV = min(TREE_TILES["BV"], max(16, triton.next_power_of_2(V)))
-    out = w.new_empty(N, n * C, H, V, dtype=out_dtype)
+    out = torch.empty_like(o0)
     _tree_read[(N * H * n * triton.cdiv(V, BV),)](qw, lam, o0, tree.m, tree.offsets, out, w, u, kd, ge, n,
                                                 tree.m.shape[1], H, K, V, J, C=C, BK=BK, BV=BV, LEAVES=leaves,
                                                 PREC=prec, num_warps=TREE_TILES["num_warps"])
