@@ -52,6 +52,14 @@ def _rows(pid, n, H, C: tl.constexpr):
 
 
 @triton.jit
+def _chunk_program(n, H, C: tl.constexpr):
+    """(pid, its chunk's token rows, cc = arange(C), cc as rows, cc as columns) of a program per chunk."""
+    pid = tl.program_id(0).to(tl.int64)
+    cc = tl.arange(0, C)
+    return pid, _rows(pid, n, H, C), cc, cc[:, None], cc[None, :]
+
+
+@triton.jit
 def _gates(g_ptr, b_ptr, tok, C: tl.constexpr):
     """(gamma = exp(G), exp(G_C - G), G_C, beta) with G the within-chunk cumulative log decay."""
     cc = tl.arange(0, C)
@@ -190,11 +198,8 @@ def _chunk_fwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, w_ptr, u_ptr, 
                SOLVE: tl.constexpr, PREC: tl.constexpr):
     """One chunk and head: A^-1 into ``a`` (saved for the backward), w, u, kd, qw ([N, H, n, C, *],
     the inputs' type), ge, and the chunk's own output o (the inputs' [N, length, H, V] layout, o's type)."""
-    pid = tl.program_id(0).to(tl.int64)
-    tok = _rows(pid, n, H, C)
+    pid, tok, cc, ri, cj = _chunk_program(n, H, C)
     DT = q_ptr.dtype.element_ty
-    cc = tl.arange(0, C)
-    ri, cj = cc[:, None], cc[None, :]
     gam, ekd, GL, beta = _gates(g_ptr, b_ptr, tok, C)
     # A^-1 first, then q k^T: no [C, C] tile of the scores live through the solve (registers)
     Lm = tl.where(ri > cj, beta[:, None] * _gram(k_ptr, k_ptr, tok, K, C, BK, DT, PREC) * _decay(g_ptr, tok, C), 0.0)
@@ -219,10 +224,10 @@ def _chunk_fwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, w_ptr, u_ptr, 
     for v0 in range(0, V, BV):
         vv = v0 + tl.arange(0, BV)
         m = vv[None, :] < V
-        vt = tl.load(v_ptr + tok[:, None] * V + vv[None, :], mask=m, other=0)
-        out = rows[:, None] * V + vv[None, :]
-        tl.store(u_ptr + out, _dot(mix, vt, None, DT, PREC), mask=m)
-        tl.store(o_ptr + tok[:, None] * V + vv[None, :], _dot(M, vt, None, DT, PREC), mask=m)
+        tv = tok[:, None] * V + vv[None, :]  # v's and o's offsets
+        vt = tl.load(v_ptr + tv, mask=m, other=0)
+        tl.store(u_ptr + rows[:, None] * V + vv[None, :], _dot(mix, vt, None, DT, PREC), mask=m)
+        tl.store(o_ptr + tv, _dot(M, vt, None, DT, PREC), mask=m)
     tl.store(ge_ptr + pid, tl.exp(GL))
 
 
@@ -239,11 +244,8 @@ def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr
     Two kernels, not one: the second loads dS and dKK transposed where this one would transpose them
     through a scratch, and neither spills (one kernel: 272-288 bytes of stack on sm_90; H100, 64k
     tokens x 16 heads, chunk_timing_h100_split.json: 5.39 ms for both vs 6.48)."""
-    pid = tl.program_id(0).to(tl.int64)
-    tok = _rows(pid, n, H, C)
+    pid, tok, cc, ri, cj = _chunk_program(n, H, C)
     DT = q_ptr.dtype.element_ty
-    cc = tl.arange(0, C)
-    ri, cj = cc[:, None], cc[None, :]
     gam, _, _, beta = _gates(g_ptr, b_ptr, tok, C)
     # Each [C, C] tile is made where it is first needed and dropped after its last use (A^-1 is
     # re-read, K K^T recomputed at the end): fewer tiles live at once, fewer registers spilled.
@@ -317,11 +319,8 @@ def _chunk_bwd_qk(q_ptr, k_ptr, g_ptr, b_ptr, a_ptr, dw_ptr, dkd_ptr, dqw_ptr, d
                   dq_ptr, dk_ptr, dg_ptr, scale, n, H, K, C: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     """The rest of :func:`_chunk_bwd` for one chunk and head: dq, dk and the decay gradient, from
     attn, dS and dKK in ``cc`` (loaded transposed where the transposes are needed)."""
-    pid = tl.program_id(0).to(tl.int64)
-    tok = _rows(pid, n, H, C)
+    pid, tok, cc, ri, cj = _chunk_program(n, H, C)
     DT = q_ptr.dtype.element_ty
-    cc = tl.arange(0, C)
-    ri, cj = cc[:, None], cc[None, :]
     gam, ekd, GL, beta = _gates(g_ptr, b_ptr, tok, C)
     NC = tl.num_programs(0).to(tl.int64) * C * C
     tile, tileT = pid * C * C + ri * C + cj, pid * C * C + cj * C + ri
