@@ -52,3 +52,17 @@ def test_step_bad_inputs():
         ops.delta_rule_step(q[None], k, v, beta, None)
     with pytest.raises(ValueError, match="beta must have shape"):
         ops.delta_rule_step(q, k, v, beta[:, :1], None)
+    with pytest.raises(ValueError, match="beta contains NaN"):
+        ops.delta_rule_step(q, k, v, beta.masked_fill(beta > 0.5, float("nan")), None)
+    with pytest.raises(ValueError, match="beta must be on cpu"):
+        ops.delta_rule_step(q, k, v, beta.to("meta"), None)
+
+
+def test_gate_checks_name_the_gate_that_is_not_finite():
+    """One check for all gates (one device sync on GPU) still names the bad one, whichever it is."""
+    q, k, v, g, beta = make_inputs("gated_delta_rule", 1, 8, 2, 4, 4)
+    lam = torch.rand(1, 8, 2, ops.num_levels(8), dtype=q.dtype)
+    with pytest.raises(ValueError, match="beta contains NaN"):
+        ops.loglinear_gated_delta_rule(q, k, v, g, beta.masked_fill(beta > 0.5, float("nan")), lam)
+    with pytest.raises(ValueError, match="g contains NaN"):
+        ops.loglinear_gated_delta_rule(q, k, v, g.masked_fill(g < -0.1, float("inf")), beta, lam)

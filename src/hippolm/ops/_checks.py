@@ -13,13 +13,17 @@ def _fail(msg: str) -> None:
     raise ValueError(msg)
 
 
-def _check_finite(name: str, x: torch.Tensor) -> None:
-    # A finiteness check costs a device sync on GPU; skip it only while a CUDA graph is being
-    # captured, where a sync is illegal.
-    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+def check_finite(gates: dict[str, torch.Tensor | None]) -> None:
+    """Every gate finite. On GPU this costs a device sync, so one for all the gates of a call (not
+    one per gate); skipped while a CUDA graph is being captured, where a sync is illegal."""
+    named = [(name, g) for name, g in gates.items() if g is not None]
+    if not named or (named[0][1].is_cuda and torch.cuda.is_current_stream_capturing()):
         return
-    if not bool(torch.isfinite(x).all()):
-        _fail(f"{name} contains NaN or infinite values; gates must be finite (log-space decays <= 0).")
+    finite = torch.stack([torch.isfinite(g).all() for _, g in named]).tolist()
+    for (name, _), ok in zip(named, finite, strict=True):
+        if not ok:
+            _fail(f"{name} contains NaN or infinite values; gates and level weights must be finite (log-space "
+                  "decays <= 0).")
 
 
 def check_sequence_inputs(
@@ -30,8 +34,10 @@ def check_sequence_inputs(
     initial_state: torch.Tensor | None,
     cu_seqlens: torch.Tensor | None,
     scale: float | None,
+    finite: bool = True,
 ) -> int:
-    """Validate [B, T, H, D] inputs of a sequence op; return the number of sequences N."""
+    """Validate [B, T, H, D] inputs of a sequence op; return the number of sequences N. ``finite``
+    False: the caller checks the gates' values itself (with more tensors, in one device sync)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             _fail(f"{name} must be a torch.Tensor, got {type(x).__name__}.")
@@ -60,7 +66,8 @@ def check_sequence_inputs(
             _fail(f"{name} must be a floating tensor, got {g.dtype}.")
         if g.device != q.device:
             _fail(f"{name} must be on {q.device}, got {g.device}.")
-        _check_finite(name, g)
+    if finite:
+        check_finite(gates)
     if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
         _fail(f"scale must be a positive number or None (meaning 1/sqrt(head_dim)), got {scale!r}.")
     n = B
@@ -114,7 +121,9 @@ def check_step_inputs(
         if not isinstance(g, torch.Tensor) or g.shape != (B, H):
             shape = tuple(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
             _fail(f"{name} must have shape [batch, heads] = {(B, H)}, got {shape}.")
-        _check_finite(name, g)
+        if g.device != q.device:
+            _fail(f"{name} must be on {q.device}, got {g.device}.")
+    check_finite(gates)
     if state is not None and tuple(state.shape) != (B, H, K, v.shape[-1]):
         _fail(f"state must have shape [batch, heads, k_dim, v_dim] = {(B, H, K, v.shape[-1])}, "
               f"got {tuple(state.shape)}.")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference, triton_backend
-from ._checks import check_sequence_inputs, check_step_inputs
+from ._checks import check_finite, check_sequence_inputs, check_step_inputs
 from .reference import compute_dtype, resolve_scale, to_blocks
 
 
@@ -95,15 +95,16 @@ def occupied_levels(position: torch.Tensor, levels: int) -> torch.Tensor:
 
 def _check(q, k, v, g, beta, lam, initial_state, cu_seqlens, scale) -> tuple[int, torch.Tensor]:
     """Validate; return (N, start positions [N])."""
-    n = check_sequence_inputs(q, k, v, {"g": g, "beta": beta}, None, cu_seqlens, scale)
+    n = check_sequence_inputs(q, k, v, {"g": g, "beta": beta}, None, cu_seqlens, scale, finite=False)
     B, T, H, K = q.shape
     if not isinstance(lam, torch.Tensor) or lam.ndim != 4 or lam.shape[:3] != (B, T, H):
         shape = tuple(lam.shape) if isinstance(lam, torch.Tensor) else type(lam).__name__
         raise ValueError(f"lam must have shape [batch, time, heads, levels] with {(B, T, H)} leading, got {shape}.")
     if not lam.dtype.is_floating_point:
         raise ValueError(f"lam must be a floating tensor, got {lam.dtype}.")
-    if not bool(torch.isfinite(lam).all()):
-        raise ValueError("lam contains NaN or infinite values.")
+    if lam.device != q.device:
+        raise ValueError(f"lam must be on {q.device}, got {lam.device}.")
+    check_finite({"g": g, "beta": beta, "lam": lam})
     L = lam.shape[-1]
     if initial_state is None:
         start = torch.zeros(n, dtype=torch.long, device=q.device)

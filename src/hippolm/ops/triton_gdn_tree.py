@@ -14,6 +14,7 @@ The backward (:func:`tree_backward`) runs the same way: per chunk, per height to
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -543,6 +544,13 @@ def _tree_shape(n: int, J: int, leaves: bool = True) -> tuple[list[int], list[in
     return sizes, [sum(stored[:h]) for h in range(len(sizes))], sum(stored)
 
 
+@functools.lru_cache(maxsize=64)
+def _offsets_on(offs: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The heights' first rows as a device tensor, made once per tree shape and device: a copy from
+    the host waits for the GPU's queue to drain (twice per fwd+bwd otherwise)."""
+    return torch.tensor(offs, dtype=torch.int32, device=device)
+
+
 def build_tree(w: torch.Tensor, u: torch.Tensor, kd: torch.Tensor, ge: torch.Tensor, J: int, prec: str,
                leaves: bool = True) -> _Tree:
     """Every chunk's leaf summary and one merge launch per height up to J - 1 (w, u, kd [N, H, n,
@@ -568,7 +576,7 @@ def build_tree(w: torch.Tensor, u: torch.Tensor, kd: torch.Tensor, ge: torch.Ten
         else:
             _tree_merge[(N * H * sizes[h] * ncol,)](m, sizes[h], offs[h - 1], offs[h], NN, K, V, BK=BK, BN=BN,
                                                   PREC=prec, **opts)
-    return _Tree(m, sizes, offs, torch.tensor(offs, dtype=torch.int32, device=w.device), leaves)
+    return _Tree(m, sizes, offs, _offsets_on(tuple(offs), w.device), leaves)
 
 
 def tree_reads(o0: torch.Tensor, w: torch.Tensor, u: torch.Tensor, kd: torch.Tensor, ge: torch.Tensor,
