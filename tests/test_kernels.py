@@ -734,3 +734,32 @@ def test_gated_chunk_backward_kernel(packed, device):
         for name, a, b in zip(("dq", "dk", "dg"), (other[0], other[1], other[3]), (want[0], want[1], want[3]),
                               strict=True):
             assert rel_err(a.cpu(), b) < tol, (name, dtype, "no dw, K blocks", rel_err(a.cpu(), b))
+
+
+@pytest.mark.skipif(not CUDA, reason="host syncs are a GPU matter")
+def test_loglinear_gated_delta_rule_syncs_the_host_once():
+    """A call's forward and backward wait for the GPU once: the gates' finiteness check (no copies
+    from the host, no per-tensor checks), after a first call that compiles and caches."""
+    import warnings
+
+    from conftest import make_inputs
+
+    q, k, v, g, beta = (x.cuda().requires_grad_() for x in make_inputs("gated_delta_rule", 2, 300, 2, 64, 64,
+                                                                          dtype=torch.bfloat16))
+    lam = torch.rand(2, 300, 2, ops.num_levels(300), device="cuda").add_(0.5).requires_grad_()
+
+    def run():
+        o, _ = ops.loglinear_gated_delta_rule(q, k, v, g, beta, lam)
+        o.float().sum().backward()
+
+    run()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs

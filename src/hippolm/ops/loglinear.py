@@ -122,9 +122,12 @@ def _check(q, k, v, g, beta, lam, initial_state, cu_seqlens, scale) -> tuple[int
             raise ValueError(f"initial_state.slots must be on {q.device} (the inputs' device), got "
                              f"{initial_state.slots.device}; move the state with .to() as well.")
         start = initial_state.position.to(device=q.device, dtype=torch.long)
-    lengths = (cu_seqlens.diff().to(start.device) if cu_seqlens is not None
-               else torch.full((n,), T, dtype=torch.long, device=start.device))
-    last = int((start + lengths).max()) - 1
+    if initial_state is None and cu_seqlens is None:  # known on the host: no device sync
+        last = T - 1
+    else:
+        lengths = (cu_seqlens.diff().to(start.device) if cu_seqlens is not None
+                   else torch.full((n,), T, dtype=torch.long, device=start.device))
+        last = int((start + lengths).max()) - 1
     if last >= 1 << (L - 1):
         raise ValueError(f"position {last} needs {num_levels(last + 1)} levels but lam has {L}; "
                          f"configure num_levels >= {num_levels(last + 1)} (covers {1 << (num_levels(last + 1) - 1)} "
