@@ -92,7 +92,7 @@ def chunk_kernel_compiled(which: str, prec: str, major: int, warps: int | None =
 
     BK, BV = tc._blocks(128, 128, "fwd" if which == "fwd" else "bwd")
     ptrs = ("q_ptr", "k_ptr", "v_ptr", "w_ptr", "u_ptr", "kd_ptr", "qw_ptr", "dq_ptr", "dk_ptr", "dv_ptr",
-            "dw_ptr", "du_ptr", "dkd_ptr", "dqw_ptr", "cc_ptr")
+            "dw_ptr", "du_ptr", "dkd_ptr", "dqw_ptr", "cc_ptr", "o_ptr", "do_ptr")  # o, do: the op's output type
     operand = "bf16" if prec == "tf32" else "fp32"
     if which == "bwd_qk":
         return _compile(tc._chunk_bwd_qk, {"C": 64, "BK": BK, "PREC": prec},
@@ -106,7 +106,9 @@ def chunk_kernel_compiled(which: str, prec: str, major: int, warps: int | None =
 
 def tree_kernels_compiled(prec: str, major: int, warps: int | None = None) -> list[tuple[str, object]]:
     """(name, compiled kernel) of the tree-of-summaries forward and backward (triton_gdn_tree) at
-    head dim 128, chunks of 64, with the host's tiles."""
+    head dim 128, chunks of 64, with the host's tiles and do as LEVEL_DO_COPY has it (0: the output
+    gradient itself, strided, in the op's type)."""
+    from hippolm.ops import triton_gdn as tg
     from hippolm.ops import triton_gdn_tree as tt
 
     operand = "bf16" if prec == "tf32" else "fp32"
@@ -114,6 +116,8 @@ def tree_kernels_compiled(prec: str, major: int, warps: int | None = None) -> li
             "dkd_ptr", "up_ptr")
     opts = {"num_warps": warps or tt.TREE_TILES["num_warps"]}
     BN, BV = tt.TREE_TILES["BN"], tt.TREE_TILES["BV"]
+    strided = not tg.LEVEL_DO_COPY
+    do = {"do_ptr": operand if strided else "fp32"}
     bwd = tt.TREE_BWD_TILES
 
     def bwd_opts(kernel: str, key: str) -> tuple[int, dict]:
@@ -124,20 +128,20 @@ def tree_kernels_compiled(prec: str, major: int, warps: int | None = None) -> li
     BNn, nopts = bwd_opts("node", "node_BN")
     BNl, lopts = bwd_opts("leaf", "leaf_BN")
     backward = [*((f"_tree_pairs leaves={leaves}",
-                   _compile(tt._tree_pairs, {"C": 64, "K": 128, "BK": 128, "BV": BVp, "STRIDED": False,
+                   _compile(tt._tree_pairs, {"C": 64, "K": 128, "BK": 128, "BV": BVp, "STRIDED": strided,
                                              "LEAVES": leaves, "PREC": prec},
-                            popts, major, operand, ptrs, {"offs_ptr": "i32"}))
+                            popts, major, operand, ptrs, {"offs_ptr": "i32"} | do))
                   for leaves in (True, False)),
                 *((f"_tree_node_grads atomic={atomic}",
-                   _compile(tt._tree_node_grads, {"C": 64, "BK": 128, "BN": BNn, "ATOMIC": atomic, "STRIDED": False,
+                   _compile(tt._tree_node_grads, {"C": 64, "BK": 128, "BN": BNn, "ATOMIC": atomic, "STRIDED": strided,
                                                     "PREC": prec},
-                            nopts, major, operand, ptrs, {"offs_ptr": "i32"} | (
+                            nopts, major, operand, ptrs, {"offs_ptr": "i32"} | do | (
                                 {"dm_ptr": "fp32", "up_ptr": "fp32"} if atomic else {"dm_ptr": operand})))
                   for atomic in (False, True)),
                 *((f"_tree_leaf_grads leaves={leaves}" + (" split sides" if split else ""),
-                   _compile(tt._tree_leaf_grads, {"C": 64, "K": 128, "BK": 128, "BN": BNl, "STRIDED": False,
+                   _compile(tt._tree_leaf_grads, {"C": 64, "K": 128, "BK": 128, "BN": BNl, "STRIDED": strided,
                                                   "LEAVES": leaves, "SPLIT_SIDES": split, "PREC": prec},
-                            lopts, major, operand, ptrs))
+                            lopts, major, operand, ptrs, do))
                   for leaves in (True, False) for split in ((False, True) if prec == "tf32" else (False,)))]
     return [("_tree_leaves", _compile(tt._tree_leaves, {"C": 64, "BK": 128, "BN": BN, "PREC": prec}, opts, major,
                                       operand, ptrs)),
@@ -146,7 +150,7 @@ def tree_kernels_compiled(prec: str, major: int, warps: int | None = None) -> li
                                             major, operand, ptrs)),
             *((f"_tree_read leaves={leaves}",
                _compile(tt._tree_read, {"C": 64, "BK": 128, "BV": BV, "LEAVES": leaves, "PREC": prec}, opts, major,
-                        operand, ptrs, {"offs_ptr": "i32", "out_ptr": operand}))
+                        operand, ptrs, {"offs_ptr": "i32", "out_ptr": operand, "o0_ptr": operand}))
               for leaves in (True, False)), *backward]
 
 

@@ -261,13 +261,14 @@ def _chunk_bwd(q_ptr, k_ptr, v_ptr, g_ptr, b_ptr, lam_ptr, a_ptr, do_ptr, dw_ptr
     for v0 in range(0, V, BV):
         vv = v0 + tl.arange(0, BV)
         m = vv[None, :] < V
-        vt = tl.load(v_ptr + tok[:, None] * V + vv[None, :], mask=m, other=0)
-        do = tl.load(do_ptr + tok[:, None] * V + vv[None, :], mask=m, other=0)
+        tv = tok[:, None] * V + vv[None, :]  # v's, do's and dv's offsets
+        vt = tl.load(v_ptr + tv, mask=m, other=0)
+        do = tl.load(do_ptr + tv, mask=m, other=0)
         du = tl.load(du_ptr + rows[:, None] * V + vv[None, :], mask=m, other=0)
         dM = _dot(do, tl.trans(vt), dM, DT, PREC)
         dmix = _dot(du, tl.trans(vt), dmix, DT, PREC)
         dv = _dot(mixT, du, _dot(MT, do, None, DT, PREC), DT, PREC)
-        tl.store(dv_ptr + tok[:, None] * V + vv[None, :], dv, mask=m)
+        tl.store(dv_ptr + tv, dv, mask=m)
     lvl, lam = _levels(lam_ptr, tok, L, C, CB)  # again, and attn mix: not kept through the loop above
     dlam_in = dM * _dot(attn, tl.load(ap + ri * C + cj) * beta[None, :], None, DT, PREC)
     for lv in tl.static_range(CB + 1):
