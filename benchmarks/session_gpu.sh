@@ -6,9 +6,9 @@
 #   steps    benchmarks/step_ops_timing.py -> step_ops_timing.json
 #   kernels  tests/test_kernels.py -k "$TEST_K" -> test_kernels_cuda.log
 #   chunk    benchmarks/chunk_timing.py --configs "$CHUNK_CONFIGS" -> chunk_timing.json
-#   ab       benchmarks/kernel_bench.py $AB_ARGS on the tree in $AB_SRC (an older src, e.g. from
+#   ab       kernels_gpu.sh bench $AB_ARGS on the tree in $AB_SRC (an older src, e.g. from
 #            `git archive REV src | tar -x -C .gpu_stash/base`, carried), then on this one, each
-#            <= AB_TIMEOUT s -> kernels_base.json, kernels_new.json (one call: the rows compare)
+#            <= AB_TIMEOUT s -> base/kernels_<gpu>.json, new/kernels_<gpu>.json (one call: the rows compare)
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:${SRC:-$PWD/src}:$PWD/tests:$PWD/benchmarks PYTHONUNBUFFERED=1 CACHE_BACK=${CACHE_BACK:-0}
@@ -37,12 +37,12 @@ if has chunk; then
     --json "$OUT/chunk_timing.json" 2>&1 | grep -v Warn | tail -12
   echo "chunk timing done at $(( $(date +%s) - t0 )) s"
 fi
-if has ab; then
+if has ab; then  # kernels_gpu.sh's bench on the older tree (SRC), then on this one
   args=${AB_ARGS:---lengths 8192,16384,65536 --ops loglinear_gated_delta_rule,attention --phases ours}
   for side in base new; do
     src=$PWD/src; [ $side = base ] && src=${AB_SRC:?set AB_SRC to the older tree src}
-    PYTHONPATH=/tmp/site:$src:$PWD/tests:$PWD/benchmarks timeout ${AB_TIMEOUT:-120} python3 benchmarks/kernel_bench.py \
-      --budget $(( ${AB_TIMEOUT:-120} - 20 )) $args --json "$OUT/kernels_$side.json" 2>&1 | grep -v Warn | tail -8
+    OUT=$OUT/$side SRC=$src BENCH_BUDGET=$(( ${AB_TIMEOUT:-120} - 20 )) BENCH_TIMEOUT=${AB_TIMEOUT:-120} \
+      bash benchmarks/kernels_gpu.sh bench $args | grep -v Warn | tail -8
     echo "bench $side done at $(( $(date +%s) - t0 )) s"
   done
 fi
