@@ -244,6 +244,19 @@ def memory_step_reference(q, k, v, g, beta, delta: bool, state, norm_weight, gat
 if triton is not None:
 
     @triton.jit
+    def _state_step(S, k, v, decay, beta, DECAY: tl.constexpr, BETA: tl.constexpr, DELTA: tl.constexpr):
+        """One token into the float32 state S [KD, BV] (its value columns): S' = a S + k u^T with u = v,
+        beta v, or with DELTA the delta rule's beta (v - (a S)^T k). The read S'^T q is the caller's,
+        after S' is stored (read first, the memory kernels spill more)."""
+        if DECAY:
+            S = S * decay
+        if DELTA:
+            v = v - tl.sum(S * k[:, None], 0)
+        if BETA:
+            v = beta * v
+        return S + k[:, None] * v[None, :]
+
+    @triton.jit
     def _memory_step_kernel(Q, K, V, G_, BETA, STATE, NW, GATE, OUT, H, n_kv_heads, eps, scale,
                             sqb, sqh, skb, skh, svb, svh,
                             KD: tl.constexpr, VD: tl.constexpr, HAS_G: tl.constexpr, HAS_BETA: tl.constexpr,
@@ -259,14 +272,12 @@ if triton is not None:
         k = k / tl.maximum(tl.sqrt(tl.sum(k * k, 0)), 1e-12)
         s_ptr = STATE + pid * KD * VD + kk[:, None] * VD + vv[None, :]
         S = tl.load(s_ptr)
+        decay, beta = 1.0, 1.0
         if HAS_G:
-            S = S * tl.exp(tl.load(G_ + pid))
+            decay = tl.exp(tl.load(G_ + pid))
         if HAS_BETA:
             beta = tl.load(BETA + pid)
-            if DELTA:  # write the error of the current prediction
-                v = v - tl.sum(S * k[:, None], 0)
-            v = beta * v
-        S = S + k[:, None] * v[None, :]
+        S = _state_step(S, k, v, decay, beta, HAS_G, HAS_BETA, DELTA)
         tl.store(s_ptr, S)
         o = tl.sum(S * q[:, None], 0) * scale
         o = o / tl.sqrt(tl.sum(o * o, 0) / VD + eps) * tl.load(NW + vv).to(tl.float32)
@@ -282,7 +293,7 @@ def _memory_step_triton(q, k, v, g, beta, delta, state, norm_weight, gate, eps, 
         q, k, v, state if g is None else g.float().contiguous(), state if beta is None else beta.float().contiguous(),
         state, norm_weight, gate.contiguous(), out, H, k.shape[1], eps, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        KD=K, VD=V, HAS_G=g is not None, HAS_BETA=beta is not None, DELTA=delta, num_warps=8)
+        KD=K, VD=V, HAS_G=g is not None, HAS_BETA=beta is not None, DELTA=delta and beta is not None, num_warps=8)
     return out
 
 
@@ -330,6 +341,7 @@ if triton is not None:
         S = tl.load(s_ptr)
         # every load issued before the arithmetic: a step is one latency-bound pass over ~100 KB
         beta = tl.load(gates + BETA_IDX).to(tl.float32)
+        decay = 1.0
         if G_IDX >= 0:
             decay = tl.exp(tl.load(gates + G_IDX).to(tl.float32))
         nw = tl.load(NW + vv).to(tl.float32)
@@ -338,11 +350,7 @@ if triton is not None:
             w = tl.load(OPROJ + h * VD * VD + vv[:, None] * VD + vv[None, :])
         q = q / tl.maximum(tl.sqrt(tl.sum(q * q, 0)), 1e-12)
         k = k / tl.maximum(tl.sqrt(tl.sum(k * k, 0)), 1e-12)
-        if G_IDX >= 0:
-            S = S * decay
-        if DELTA:
-            v = v - tl.sum(S * k[:, None], 0)
-        S = S + k[:, None] * (beta * v)[None, :]
+        S = _state_step(S, k, v, decay, beta, G_IDX >= 0, True, DELTA)
         tl.store(s_ptr, S)
         o = tl.sum(S * q[:, None], 0) * scale
         o = o / tl.sqrt(tl.sum(o * o, 0) / VD + eps) * nw
@@ -516,11 +524,12 @@ if triton is not None:
         S = tl.zeros((KD, BV), dtype=tl.float32)
         if HAS_STATE:
             S = tl.load(S_IN + tile).to(tl.float32)
+        decay, beta = 1.0, 1.0
         if HAS_G:
-            S = S * tl.exp(tl.load(G_ + pid).to(tl.float32))
+            decay = tl.exp(tl.load(G_ + pid).to(tl.float32))
         if HAS_BETA:
-            v = tl.load(BETA + pid).to(tl.float32) * (v - tl.sum(S * k[:, None], 0))
-        S = S + k[:, None] * v[None, :]
+            beta = tl.load(BETA + pid).to(tl.float32)
+        S = _state_step(S, k, v, decay, beta, HAS_G, HAS_BETA, HAS_BETA)
         tl.store(S_OUT + tile, S)
         tl.store(OUT + pid * VD + vv, tl.sum(S * q[:, None], 0) * scale)
 
