@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import make_inputs, rel_err
 
 from hippolm import ops
 from hippolm.ops import triton_backend
@@ -62,17 +62,10 @@ def test_under_interpreter():
 
 
 def _inputs(B, T, H, K, V, L=None, seed=0):
+    """[q, k, v, g, lam] of log-linear Mamba-2 in float64: lam in [0.25, 1.25) over L levels."""
     gen = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
-
-    q = rnd(B, T, H, K)
-    k = torch.nn.functional.normalize(rnd(B, T, H, K), dim=-1)
-    v = rnd(B, T, H, V)
-    g = torch.nn.functional.logsigmoid(rnd(B, T, H) + 3.0)
     lam = torch.rand(B, T, H, L or ops.num_levels(T), generator=gen, dtype=torch.float64) + 0.25
-    return [q, k, v, g, lam]
+    return [*make_inputs("ssd", B, T, H, K, V, seed=seed), lam]
 
 
 def _run(xs, dtype, device, **kw):
@@ -319,7 +312,6 @@ def test_linear_ssd_on_loglinear_kernels(packed, device):
 def test_delta_rule_state_scan(op, packed, device):
     """(Gated) DeltaNet chunk form with the Triton state scan == the reference: outputs, final state
     and gradients of every input including the initial state."""
-    from conftest import make_inputs
 
     T = 77 if C == 16 else 300
     xs = make_inputs(op, 1 if packed else 2, T, 2, D, D, seed=13)
@@ -355,7 +347,6 @@ LL_GDN = [(1, [37, 1, 0, 50], 1), (1, [300], 1)] if not CUDA else [(1, [37, 1, 0
 def test_loglinear_gated_delta_rule_scans(batch, lengths, heads, device):
     """Log-linear Gated DeltaNet (torch chunk parts + the Triton level kernels) == the reference:
     outputs, final slots and gradients of every input."""
-    from conftest import make_inputs
 
     packed = batch == 1 and len(lengths) > 1
     T = sum(lengths) if packed else lengths[0]
@@ -386,7 +377,6 @@ def test_loglinear_gated_delta_rule_scans(batch, lengths, heads, device):
 def test_loglinear_gated_delta_rule_continues_from_a_state(lengths, starts, packed, device):
     """Log-linear Gated DeltaNet continued from a LogLinearState at positions > 0 (chunked prefill):
     outputs, final slots and gradients of every input including the initial slots == the reference."""
-    from conftest import make_inputs
 
     T, L = _continuation_sizes(lengths, starts, packed)
     B, H = (1 if packed else len(lengths)), 2
@@ -408,7 +398,6 @@ def test_loglinear_gated_delta_rule_continues_from_a_state(lengths, starts, pack
 def test_loglinear_gated_delta_rule_prefill_in_pieces(device):
     """A sequence fed in pieces, each continuing the last one's state, == the same sequence in one call:
     outputs and final slots (the states a real prefix leaves, on the Triton path throughout)."""
-    from conftest import make_inputs
 
     T, H = (3 * C + 5 if CUDA else 100), 2
     xs = make_inputs("gated_delta_rule", 1, T, H, D, D, seed=23)
@@ -430,7 +419,6 @@ def _level_case(T: int, seed: int, bf16: bool, H: int = 1, K: int = 8, chunk: in
     """Log-linear Gated DeltaNet for the level and chunk kernels (B=1, V=32, chunk 16 unless given):
     float64 inputs (q, k, v rounded to bf16 if ``bf16``) and run(leaves, backend) -> (o, gradients
     of a weighted sum). Shared with benchmarks/kernel_cpu_checks.py."""
-    from conftest import make_inputs
 
     xs = make_inputs("gated_delta_rule", 1, T, H, K, 32, seed=seed)
     if bf16:
@@ -633,7 +621,6 @@ def test_kernels_under_autocast_keep_float32_math(op, device):
     """Training runs under bf16 autocast: the kernels' torch parts must stay float32 (else bf16
     factors meet float32 states in ``tl.dot``, which refuses mixed operands on the GPU, and precision
     drops to bf16's). float32 inputs under autocast == the float64 reference at float32 tolerance."""
-    from conftest import make_inputs
 
     T = 50 if C == 16 else 300
     xs = make_inputs("gated_delta_rule", 1, T, 1, D, D, seed=4)
@@ -742,7 +729,6 @@ def test_loglinear_gated_delta_rule_syncs_the_host_once():
     from the host, no per-tensor checks), after a first call that compiles and caches."""
     import warnings
 
-    from conftest import make_inputs
 
     q, k, v, g, beta = (x.cuda().requires_grad_() for x in make_inputs("gated_delta_rule", 2, 300, 2, 64, 64,
                                                                           dtype=torch.bfloat16))
