@@ -4,6 +4,7 @@
 #   decode   tests/test_decode_ops.py on CUDA (every decode kernel case, the ops' step kernels, a
 #            standalone LM decoding through them) -> test_decode_ops_cuda.log
 #   steps    benchmarks/step_ops_timing.py -> step_ops_timing.json
+#   memstep  benchmarks/decode_step_timing.py (the AHN memory's cached step per warps, BV) -> decode_step_timing.json
 #   kernels  tests/test_kernels.py -k "$TEST_K" -> test_kernels_cuda.log
 #   chunk    benchmarks/chunk_timing.py --configs "$CHUNK_CONFIGS" -> chunk_timing.json
 #   ab       kernels_gpu.sh bench $AB_ARGS on the tree in $AB_SRC (an older src, e.g. from
@@ -26,6 +27,10 @@ fi
 if has steps; then
   timeout ${STEPS_TIMEOUT:-120} python3 benchmarks/step_ops_timing.py --json "$OUT/step_ops_timing.json" 2>&1 | tail -20
   echo "step timing done at $(( $(date +%s) - t0 )) s"
+fi
+if has memstep; then
+  timeout ${MEMSTEP_TIMEOUT:-120} python3 benchmarks/decode_step_timing.py --json "$OUT/decode_step_timing.json" 2>&1 | tail -8
+  echo "memory step timing done at $(( $(date +%s) - t0 )) s"
 fi
 if has kernels; then
   timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py ${TEST_K:+-k "$TEST_K"} -rA \

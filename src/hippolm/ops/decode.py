@@ -326,38 +326,47 @@ if triton is not None:
     @triton.jit
     def _memory_step_cache_kernel(Q, KEYS, VALUES, RING_G, CURSOR, STATE, NW, GATE, OPROJ, OUT, H, n_kv_heads,
                                   sinks, window, eps, scale, sqb, sqh, skb, skh, sks, svb, svh, svs, sgb, sgw, sgh,
-                                  KD: tl.constexpr, VD: tl.constexpr, G_IDX: tl.constexpr, BETA_IDX: tl.constexpr,
-                                  DELTA: tl.constexpr, HAS_PROJ: tl.constexpr):
+                                  KD: tl.constexpr, VD: tl.constexpr, BV: tl.constexpr, G_IDX: tl.constexpr,
+                                  BETA_IDX: tl.constexpr, DELTA: tl.constexpr, HAS_PROJ: tl.constexpr):
+        """The state's value columns BV at a time (BV < VD only with HAS_PROJ): each block is stepped,
+        stored and read, its read-out projected (o @ OPROJ[h] is linear, the RMSNorm a scalar per row,
+        applied at the end), so no [KD, VD] tile is live at once; the loop's loads are pipelined."""
         pid = tl.program_id(0)  # b * H + h
         b, h = pid // H, pid % H
         hk = h // (H // n_kv_heads)
         slot = sinks + tl.load(CURSOR + b) % window
-        kk, vv = tl.arange(0, KD), tl.arange(0, VD)
+        kk, ee = tl.arange(0, KD), tl.arange(0, VD)
         q = tl.load(Q + b * sqb + h * sqh + kk).to(tl.float32)
         k = tl.load(KEYS + b * skb + hk * skh + slot * sks + kk).to(tl.float32)
-        v = tl.load(VALUES + b * svb + hk * svh + slot * svs + vv).to(tl.float32)
         gates = RING_G + b * sgb + (slot - sinks) * sgw + h * sgh
-        s_ptr = STATE + pid * KD * VD + kk[:, None] * VD + vv[None, :]
-        S = tl.load(s_ptr)
-        # every load issued before the arithmetic: a step is one latency-bound pass over ~100 KB
         beta = tl.load(gates + BETA_IDX).to(tl.float32)
         decay = 1.0
         if G_IDX >= 0:
             decay = tl.exp(tl.load(gates + G_IDX).to(tl.float32))
-        nw = tl.load(NW + vv).to(tl.float32)
         gate = tl.load(GATE + pid).to(tl.float32)
-        if HAS_PROJ:  # the head's block of the read-out projection
-            w = tl.load(OPROJ + h * VD * VD + vv[:, None] * VD + vv[None, :])
         q = q / tl.maximum(tl.sqrt(tl.sum(q * q, 0)), 1e-12)
         k = k / tl.maximum(tl.sqrt(tl.sum(k * k, 0)), 1e-12)
-        S = _state_step(S, k, v, decay, beta, G_IDX >= 0, True, DELTA)
-        tl.store(s_ptr, S)
-        o = tl.sum(S * q[:, None], 0) * scale
-        o = o / tl.sqrt(tl.sum(o * o, 0) / VD + eps) * nw
-        o = o * gate / (1 + tl.exp(-gate))
-        if HAS_PROJ:  # o @ OPROJ[h]
-            o = tl.sum(o[:, None] * w.to(tl.float32), 0)
-        tl.store(OUT + pid * VD + vv, o)
+        ss = tl.zeros((BV,), dtype=tl.float32)  # the read's squares, summed over the blocks at the end
+        acc = tl.zeros((VD,), dtype=tl.float32)  # (o * nw) @ OPROJ[h], summed over the blocks' rows
+        for j in tl.range(0, VD // BV):
+            vv = j * BV + tl.arange(0, BV)
+            # every load of a block issued before its arithmetic: the step is latency-bound
+            v = tl.load(VALUES + b * svb + hk * svh + slot * svs + vv).to(tl.float32)
+            s_ptr = STATE + pid * KD * VD + kk[:, None] * VD + vv[None, :]
+            S = tl.load(s_ptr)
+            nw = tl.load(NW + vv).to(tl.float32)
+            if HAS_PROJ:  # rows vv of the head's block of the read-out projection
+                w = tl.load(OPROJ + h * VD * VD + vv[:, None] * VD + ee[None, :])
+            S = _state_step(S, k, v, decay, beta, G_IDX >= 0, True, DELTA)
+            tl.store(s_ptr, S)
+            o = tl.sum(S * q[:, None], 0) * scale
+            ss += o * o
+            if HAS_PROJ:
+                acc += tl.sum((o * nw)[:, None] * w.to(tl.float32), 0)
+            else:
+                acc = o * nw  # one block (BV == VD)
+        o = acc / tl.sqrt(tl.sum(ss, 0) / VD + eps)
+        tl.store(OUT + pid * VD + ee, o * gate / (1 + tl.exp(-gate)))
 
     @triton.jit
     def _cache_write_kernel(KEYS, VALUES, RING_G, SLOT_POS, K, V, GATES, REAL_SEEN, CURSOR, POS, n_kv_heads, HG,
@@ -392,8 +401,10 @@ if triton is not None:
         tl.store(CURSOR + b, cur + 1)
 
 
-# Warps per (sequence, head) program of the cached memory step (benchmarks/decode_step_timing.py).
+# Warps per (sequence, head) program of the cached memory step and the state's value columns it steps at a
+# time (with a read-out projection; benchmarks/decode_step_timing.py).
 MEMORY_STEP_WARPS = 8
+MEMORY_STEP_BV = 128
 
 
 def memory_step_from_cache(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ring_gates: torch.Tensor,
@@ -411,14 +422,15 @@ def memory_step_from_cache(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
             and q.stride(-1) == keys.stride(-1) == values.stride(-1) == 1 and ring_gates.stride(-1) == 1
             and ring_gates.stride(-2) == ring_gates.shape[-1] and (o_proj is None or o_proj.is_contiguous())):
         B, H, _ = q.shape
-        out = torch.empty(B, H, values.shape[-1], device=q.device, dtype=torch.float32)
+        V = values.shape[-1]
+        out = torch.empty(B, H, V, device=q.device, dtype=torch.float32)
         _memory_step_cache_kernel[(B * H,)](
             q, keys, values, ring_gates, cursor, state, norm_weight, gate.contiguous(),
             state if o_proj is None else o_proj, out, H, keys.shape[1], sinks, window, eps, scale, q.stride(0),
             q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1),
-            values.stride(2), ring_gates.stride(0), ring_gates.stride(1), ring_gates.stride(2), KD=K,
-            VD=values.shape[-1], G_IDX=g_idx, BETA_IDX=beta_idx, DELTA=delta, HAS_PROJ=o_proj is not None,
-            num_warps=MEMORY_STEP_WARPS)
+            values.stride(2), ring_gates.stride(0), ring_gates.stride(1), ring_gates.stride(2), KD=K, VD=V,
+            BV=V if o_proj is None else min(MEMORY_STEP_BV, V), G_IDX=g_idx, BETA_IDX=beta_idx, DELTA=delta,
+            HAS_PROJ=o_proj is not None, num_warps=MEMORY_STEP_WARPS)
         return out
     return memory_step_from_cache_reference(q, keys, values, ring_gates, cursor, sinks, window, g_idx, beta_idx,
                                             delta, state, norm_weight, gate, eps, scale, o_proj)
