@@ -324,20 +324,38 @@ def memory_step_from_cache_reference(q, keys, values, ring_gates, cursor, sinks,
 if triton is not None:
 
     @triton.jit
+    def _memory_block(v_ptr, s_ptr, NW, w_ptr, j, VD: tl.constexpr, BV: tl.constexpr, HAS_PROJ: tl.constexpr):
+        """Block j's loads in the cached memory step: the value's columns vv = j BV + [0, BV) (float32), the
+        state's (s_ptr: its rows' starts), the norm weight's, and rows vv of the head's projection block."""
+        vv = j * BV + tl.arange(0, BV)
+        v = tl.load(v_ptr + vv).to(tl.float32)
+        S = tl.load(s_ptr + vv[None, :])
+        nw = tl.load(NW + vv).to(tl.float32)
+        w = 0.0
+        if HAS_PROJ:
+            w = tl.load(w_ptr + vv[:, None] * VD + tl.arange(0, VD)[None, :])
+        return v, S, nw, w
+
+    @triton.jit
     def _memory_step_cache_kernel(Q, KEYS, VALUES, RING_G, CURSOR, STATE, NW, GATE, OPROJ, OUT, H, n_kv_heads,
                                   sinks, window, eps, scale, sqb, sqh, skb, skh, sks, svb, svh, svs, sgb, sgw, sgh,
                                   KD: tl.constexpr, VD: tl.constexpr, BV: tl.constexpr, G_IDX: tl.constexpr,
                                   BETA_IDX: tl.constexpr, DELTA: tl.constexpr, HAS_PROJ: tl.constexpr):
         """The state's value columns BV at a time (BV < VD only with HAS_PROJ): each block is stepped,
         stored and read, its read-out projected (o @ OPROJ[h] is linear, the RMSNorm a scalar per row,
-        applied at the end), so no [KD, VD] tile is live at once; the loop's loads are pipelined."""
+        applied at the end), so no [KD, VD] tile is live at once; the next block's loads are issued
+        before this one's arithmetic (a step is one latency-bound pass over ~100 KB)."""
         pid = tl.program_id(0)  # b * H + h
         b, h = pid // H, pid % H
         hk = h // (H // n_kv_heads)
         slot = sinks + tl.load(CURSOR + b) % window
-        kk, ee = tl.arange(0, KD), tl.arange(0, VD)
+        kk = tl.arange(0, KD)
         q = tl.load(Q + b * sqb + h * sqh + kk).to(tl.float32)
         k = tl.load(KEYS + b * skb + hk * skh + slot * sks + kk).to(tl.float32)
+        v_ptr = VALUES + b * svb + hk * svh + slot * svs
+        s_ptr = STATE + pid * KD * VD + kk[:, None] * VD
+        w_ptr = OPROJ + h * VD * VD
+        nxt = _memory_block(v_ptr, s_ptr, NW, w_ptr, 0, VD, BV, HAS_PROJ)
         gates = RING_G + b * sgb + (slot - sinks) * sgw + h * sgh
         beta = tl.load(gates + BETA_IDX).to(tl.float32)
         decay = 1.0
@@ -348,17 +366,12 @@ if triton is not None:
         k = k / tl.maximum(tl.sqrt(tl.sum(k * k, 0)), 1e-12)
         ss = tl.zeros((BV,), dtype=tl.float32)  # the read's squares, summed over the blocks at the end
         acc = tl.zeros((VD,), dtype=tl.float32)  # (o * nw) @ OPROJ[h], summed over the blocks' rows
-        for j in tl.range(0, VD // BV):
-            vv = j * BV + tl.arange(0, BV)
-            # every load of a block issued before its arithmetic: the step is latency-bound
-            v = tl.load(VALUES + b * svb + hk * svh + slot * svs + vv).to(tl.float32)
-            s_ptr = STATE + pid * KD * VD + kk[:, None] * VD + vv[None, :]
-            S = tl.load(s_ptr)
-            nw = tl.load(NW + vv).to(tl.float32)
-            if HAS_PROJ:  # rows vv of the head's block of the read-out projection
-                w = tl.load(OPROJ + h * VD * VD + vv[:, None] * VD + ee[None, :])
+        for j in tl.static_range(0, VD // BV):
+            v, S, nw, w = nxt
+            if j + 1 < VD // BV:
+                nxt = _memory_block(v_ptr, s_ptr, NW, w_ptr, j + 1, VD, BV, HAS_PROJ)
             S = _state_step(S, k, v, decay, beta, G_IDX >= 0, True, DELTA)
-            tl.store(s_ptr, S)
+            tl.store(s_ptr + j * BV + tl.arange(0, BV)[None, :], S)
             o = tl.sum(S * q[:, None], 0) * scale
             ss += o * o
             if HAS_PROJ:
@@ -366,7 +379,7 @@ if triton is not None:
             else:
                 acc = o * nw  # one block (BV == VD)
         o = acc / tl.sqrt(tl.sum(ss, 0) / VD + eps)
-        tl.store(OUT + pid * VD + ee, o * gate / (1 + tl.exp(-gate)))
+        tl.store(OUT + pid * VD + tl.arange(0, VD), o * gate / (1 + tl.exp(-gate)))
 
     @triton.jit
     def _cache_write_kernel(KEYS, VALUES, RING_G, SLOT_POS, K, V, GATES, REAL_SEEN, CURSOR, POS, n_kv_heads, HG,
