@@ -1,8 +1,8 @@
-"""Registers and spill stack of the log-linear Mamba-2 and Gated DeltaNet kernels compiled for sm_90,
-on a machine without a GPU: Triton compiles for the target and its bundled cuobjdump reads the cubin's
-resource usage. A kernel that spills (STACK > 0) pays local-memory traffic its bytes and FLOPs do not
-predict, so this is where to look before spending GPU time on a timing (bf16 inputs, head dim 128,
-the host's tiles).
+"""Registers and spill stack of the log-linear Mamba-2 and Gated DeltaNet kernels (or the AHN memory's
+cached decode step, ``--op memory_step``) compiled for sm_90, on a machine without a GPU: Triton
+compiles for the target and its bundled cuobjdump reads the cubin's resource usage. A kernel that
+spills (STACK > 0) pays local-memory traffic its bytes and FLOPs do not predict, so this is where to
+look before spending GPU time on a timing (bf16 inputs, head dim 128, the host's tiles).
 
     python benchmarks/kernel_spills.py --set triton_loglinear.GRAD_OPERANDS=2 --json out.json
 
@@ -33,6 +33,7 @@ from test_kernel_compile import (  # tests/: the compile helpers
     level_grads_compiled,
     level_kernels_compiled,
     loglinear_mamba2_compiled,
+    memory_step_compiled,
     tree_kernels_compiled,
 )
 
@@ -89,9 +90,19 @@ def loglinear_gdn_kernels(warps: int | None, lines: int = 0) -> list[dict]:
     return _rows(named, lines)
 
 
+def memory_step_kernels(warps: int | None, lines: int = 0) -> list[dict]:
+    """The AHN memory's cached decode step with its projection, per value columns stepped at a time."""
+    return _rows([(f"_memory_step_cache_kernel BV={bv}", memory_step_compiled(9, bv, True, warps))
+                  for bv in (128, 64, 32)], lines)
+
+
+OPS = {"loglinear_ssd": loglinear_ssd_kernels, "loglinear_gated_delta_rule": loglinear_gdn_kernels,
+       "memory_step": memory_step_kernels}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--op", default="loglinear_ssd", choices=["loglinear_ssd", "loglinear_gated_delta_rule"])
+    parser.add_argument("--op", default="loglinear_ssd", choices=list(OPS))
     parser.add_argument("--set", action="append", default=[], metavar="module.ATTRIBUTE=INT",
                         help="a module-level kernel option under hippolm.ops, e.g. triton_loglinear.GRAD_OPERANDS=2")
     parser.add_argument("--warps", type=int, default=None, help="default: the host's choice")
@@ -99,7 +110,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     set_options(args.set)
-    rows = (loglinear_ssd_kernels if args.op == "loglinear_ssd" else loglinear_gdn_kernels)(args.warps, args.lines)
+    rows = OPS[args.op](args.warps, args.lines)
     for r in rows:
         print(r)
     if args.json:

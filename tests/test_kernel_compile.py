@@ -235,6 +235,33 @@ def test_state_scan_kernels_compile_and_fit_shared_memory(which):
     assert 0 < kernel.metadata.shared <= SHARED[9], kernel.metadata.shared
 
 
+def memory_step_compiled(major: int, bv: int, proj: bool = True, warps: int | None = None):
+    """The AHN memory's cached decode step (Gated DeltaNet, bf16 cache, float32 state, d = 128) stepping
+    the state's value columns ``bv`` at a time (shared with benchmarks/kernel_spills.py)."""
+    from hippolm.ops import decode
+
+    fn = decode._memory_step_cache_kernel
+    consts = {"KD": 128, "VD": 128, "BV": bv, "G_IDX": 0, "BETA_IDX": 1, "DELTA": True, "HAS_PROJ": proj}
+    ptr_types = {name: "bf16" for name in ("Q", "KEYS", "VALUES", "RING_G", "NW", "GATE", "OPROJ")}
+    ptr_types |= {"CURSOR": "i64", "STATE": "fp32", "OUT": "fp32"}
+    sig = {name: "constexpr" if name in consts else "*" + ptr_types[name] if name in ptr_types
+           else "fp32" if name in ("eps", "scale") else "i32" for name in fn.arg_names}
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    return triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", major * 10, 32),
+                          options={"num_warps": warps or decode.MEMORY_STEP_WARPS})
+
+
+@pytest.mark.parametrize("major", [9, 8])
+@pytest.mark.parametrize("bv,proj", [(128, True), (32, True), (128, False)])
+def test_memory_step_kernel_compiles(major, bv, proj):
+    """Every block width the host may pick (MEMORY_STEP_BV: 128 or fewer columns with the projection)."""
+    kernel = memory_step_compiled(major, bv, proj)
+    assert kernel.metadata.shared <= SHARED[major] and kernel.asm["cubin"]
+
+
 @pytest.mark.parametrize("n", [2, 3, 5, 64, 1000, 1024, 1025, 4096])
 def test_level_lanes_cover_every_chunk_level_once(n):
     """Each chunk level 0..J-1 in exactly one group of one lane, no group wider than its lane's tile,
