@@ -79,21 +79,23 @@ def cache_attention_cases(device: str, dtypes=(torch.float32,)) -> list[str]:
 
 def memory_cases(device: str) -> list[str]:
     failures = []
-    for name, delta, has_g in [("gdn", True, True), ("deltanet", True, False), ("mamba2", False, True)]:
+    for name, delta, has_g, has_beta in [("gdn", True, True, True), ("deltanet", True, False, True),
+                                         ("mamba2", False, True, True), ("no write strength", True, True, False)]:
         for B, H, Hkv, D in [(2, 8, 2, 64), (3, 16, 2, 128)]:
             gen = torch.Generator().manual_seed(D + H)
             q, k, v = torch.randn(B, H, D, generator=gen), torch.randn(B, Hkv, D, generator=gen), torch.randn(
                 B, Hkv, D, generator=gen)
             g = -torch.rand(B, H, generator=gen) if has_g else None
             beta, gate = torch.rand(B, H, generator=gen), torch.randn(B, H, generator=gen)
+            beta = beta if has_beta else None  # a plain write of strength 1
             state, nw = torch.randn(B, H, D, D, generator=gen) * 0.1, torch.rand(D, generator=gen) + 0.5
             d64 = lambda x: None if x is None else x.double()  # noqa: E731
             ro, rs = dc.memory_step_reference(*(d64(x) for x in (q, k, v, g, beta)), delta, state.double(),
                                               nw.double(), gate.double(), 1e-6, D**-0.5)
             dev = lambda x: None if x is None else x.to(device)  # noqa: E731
             st = state.to(device)
-            o = dc._memory_step_triton(*(dev(x) for x in (q, k, v, g, beta)), delta, st, nw.to(device),
-                                       gate.to(device), 1e-6, D**-0.5)
+            o = dc.memory_step(*(dev(x) for x in (q, k, v, g, beta)), delta, st, nw.to(device), gate.to(device),
+                               1e-6, D**-0.5)
             if rel(o, ro) > 1e-3 or rel(st, rs) > 1e-3:
                 failures.append(f"memory {name} B{B} H{H} Hkv{Hkv} D{D}: out {rel(o, ro):.2e} state {rel(st, rs):.2e}")
     return failures

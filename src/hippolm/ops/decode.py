@@ -256,46 +256,6 @@ if triton is not None:
             v = beta * v
         return S + k[:, None] * v[None, :]
 
-    @triton.jit
-    def _memory_step_kernel(Q, K, V, G_, BETA, STATE, NW, GATE, OUT, H, n_kv_heads, eps, scale,
-                            sqb, sqh, skb, skh, svb, svh,
-                            KD: tl.constexpr, VD: tl.constexpr, HAS_G: tl.constexpr, HAS_BETA: tl.constexpr,
-                            DELTA: tl.constexpr):
-        pid = tl.program_id(0)  # b * H + h
-        b, h = pid // H, pid % H
-        hk = h // (H // n_kv_heads)
-        kk, vv = tl.arange(0, KD), tl.arange(0, VD)
-        q = tl.load(Q + b * sqb + h * sqh + kk).to(tl.float32)
-        k = tl.load(K + b * skb + hk * skh + kk).to(tl.float32)
-        v = tl.load(V + b * svb + hk * svh + vv).to(tl.float32)
-        q = q / tl.maximum(tl.sqrt(tl.sum(q * q, 0)), 1e-12)  # F.normalize
-        k = k / tl.maximum(tl.sqrt(tl.sum(k * k, 0)), 1e-12)
-        s_ptr = STATE + pid * KD * VD + kk[:, None] * VD + vv[None, :]
-        S = tl.load(s_ptr)
-        decay, beta = 1.0, 1.0
-        if HAS_G:
-            decay = tl.exp(tl.load(G_ + pid))
-        if HAS_BETA:
-            beta = tl.load(BETA + pid)
-        S = _state_step(S, k, v, decay, beta, HAS_G, HAS_BETA, DELTA)
-        tl.store(s_ptr, S)
-        o = tl.sum(S * q[:, None], 0) * scale
-        o = o / tl.sqrt(tl.sum(o * o, 0) / VD + eps) * tl.load(NW + vv).to(tl.float32)
-        gate = tl.load(GATE + pid).to(tl.float32)
-        tl.store(OUT + pid * VD + vv, o * gate / (1 + tl.exp(-gate)))
-
-
-def _memory_step_triton(q, k, v, g, beta, delta, state, norm_weight, gate, eps, scale):
-    B, H, K = q.shape
-    V = v.shape[-1]
-    out = torch.empty(B, H, V, device=q.device, dtype=torch.float32)
-    _memory_step_kernel[(B * H,)](
-        q, k, v, state if g is None else g.float().contiguous(), state if beta is None else beta.float().contiguous(),
-        state, norm_weight, gate.contiguous(), out, H, k.shape[1], eps, scale,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        KD=K, VD=V, HAS_G=g is not None, HAS_BETA=beta is not None, DELTA=delta and beta is not None, num_warps=8)
-    return out
-
 
 # --- the AHN cache at decode: the evicted token is read from, and the new one written to, its slot ---
 def evicted_slot(cursor: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
@@ -504,15 +464,12 @@ def memory_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
     state [B, H, K, V] float32; q and k are L2-normalised; the read ``S^T q * scale`` goes through
     RMSNorm (``norm_weight``, ``eps``) and the output gate ``silu(gate)`` [B, H].
     """
-    K = q.shape[-1]
-    scale = K**-0.5 if scale is None else float(scale)
-    if (_triton_ok(q, k, v, state) and state.dtype == torch.float32 and state.is_contiguous()
-            and K in (32, 64, 128) and v.shape[-1] in (32, 64, 128) and q.shape[1] % k.shape[1] == 0
-            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1):
-        return _memory_step_triton(q, k, v, g, beta, delta, state, norm_weight, gate, eps, scale)
-    out, new = memory_step_reference(q, k, v, g, beta, delta, state, norm_weight, gate, eps, scale)
-    state.copy_(new)
-    return out
+    # The token as a one-slot cache (sinks 0, window 1, cursor 0) through the cached step's kernel.
+    ones = torch.ones_like(gate, dtype=torch.float32)
+    gates = torch.stack([ones if g is None else g.float(), ones if beta is None else beta.float()], -1)[:, None]
+    cursor = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    return memory_step_from_cache(q, k[:, :, None], v[:, :, None], gates, cursor, 0, 1, -1 if g is None else 0, 1,
+                                  delta and beta is not None, state, norm_weight, gate, eps, scale)
 
 
 # The decode step kernels: the head dims they take, and value columns / warps per program ([K, BV]
