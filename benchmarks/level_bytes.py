@@ -176,11 +176,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="sequences of T tokens (the tree's counts scale with it)")
     ap.add_argument("--config", default="default", help="as level_timing.py's --configs (one)")
     ap.add_argument("--timing", default=None, help="a level_timing.py JSON with a row of this --config")
+    ap.add_argument("--chunk", type=int, default=64, help="tokens per chunk (what a larger chunk would save)")
     ap.add_argument("--peak-tb-s", type=float, default=3.0)
     ap.add_argument("--do-in-place", action="store_true", help="LEVEL_DO_COPY = 0 (do read in bf16)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    H, d, C, op, prec = 16, 128, 64, 2, "tf32"
+    H, d, C, op, prec = 16, 128, args.chunk, 2, "tf32"
     tg.LEVEL_DO_COPY = 0 if args.do_in_place else tg.LEVEL_DO_COPY
     configure(args.config)
     counted = count(args.T, H * args.batch, d, C, op, prec)
