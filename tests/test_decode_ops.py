@@ -20,21 +20,23 @@ HERE = Path(__file__).parent
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_decode_kernels_on_cuda():
     import decode_kernel_cases as cases
+    from ahn_kernel_cases import ahn_decode_cases
 
     dtypes = (torch.float32, torch.bfloat16)
     assert (cases.attention_cases("cuda", dtypes) + cases.cache_attention_cases("cuda", dtypes)
             + cases.memory_cases("cuda") + cases.cache_cases("cuda") + cases.loglinear_cases("cuda")
             + cases.loglinear_cache_cases("cuda") + cases.step_cases("cuda")
-            + cases.standalone_decode_case("cuda")) == []
+            + cases.standalone_decode_case("cuda") + ahn_decode_cases("cuda")) == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
                     reason="interpreter run only on a CPU machine with triton installed")
 def test_decode_kernels_in_the_triton_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(HERE.parent / "src"), str(HERE)]))
-    run = subprocess.run([sys.executable, str(HERE / "decode_kernel_cases.py"), "cpu"], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0, run.stdout + run.stderr
+    for case in ("decode_kernel_cases.py", "ahn_kernel_cases.py"):  # the ops, then an AHN model decoding
+        run = subprocess.run([sys.executable, str(HERE / case), "cpu"], env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert run.returncode == 0, run.stdout + run.stderr
 
 
 def test_cpu_dispatch_updates_state_in_place_like_the_reference():
