@@ -1,11 +1,10 @@
 """The AHN memory's cached decode step (hippolm.ops.decode.memory_step_from_cache: the evicted token's
 key/value and gates read from the ring, the Gated DeltaNet state update, the read-out with RMSNorm,
-output gate and per-head projection) per launch configuration (warps, value columns per block), at
-the Qwen2.5-3B decode shape of benchmarks/ahn_decode.py (batch 8, 16 heads over 2 KV heads, d = 128,
-128 sinks + 32,640 window, bf16 cache, float32 state). 36 calls (one per layer, each on its own
-state) are captured in a CUDA graph and replayed, so the time per call is kernel time plus the gap
-between graph nodes, as in a decode step. Bytes: the state read and written, the projection block,
-k, v, q, gates.
+output gate and per-head projection) per launch configuration, at the Qwen2.5-3B decode shape of
+benchmarks/ahn_decode.py (batch 8, 16 heads over 2 KV heads, d = 128, 128 sinks + 32,640 window,
+bf16 cache, float32 state). 36 calls (one per layer, each on its own state) are captured in a CUDA
+graph and replayed, so the time per call is kernel time plus the gap between graph nodes, as in a
+decode step. Bytes: the state read and written, the projection block, k, v, q, gates.
 
     python benchmarks/decode_step_timing.py --json benchmarks/results/decode_step_timing_h100.json
 """
@@ -14,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import itertools
 import json
 
 import torch
@@ -26,8 +24,7 @@ from hippolm.ops import decode
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--warps", default="4,8")
-    parser.add_argument("--bv", default="128,64,32", help="value columns stepped at a time (MEMORY_STEP_BV)")
+    parser.add_argument("--warps", default="4,8,16")
     parser.add_argument("--layers", type=int, default=36)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -52,8 +49,8 @@ def main() -> None:
                                           o_proj=o_proj)
 
     rows = []
-    for warps, bv in itertools.product(*(map(int, a.split(",")) for a in (args.warps, args.bv))):
-        decode.MEMORY_STEP_WARPS, decode.MEMORY_STEP_BV = warps, bv
+    for warps in (int(w) for w in args.warps.split(",")):
+        decode.MEMORY_STEP_WARPS = warps
         step()  # compile
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -61,9 +58,9 @@ def main() -> None:
             step()
         ms = cuda_time_ms(graph.replay, warmup=3, repeats=20)
         us = ms * 1e3 / L
-        rows.append({"num_warps": warps, "bv": bv, "us_per_call": us, "bytes_per_call": byte_count,
+        rows.append({"num_warps": warps, "us_per_call": us, "bytes_per_call": byte_count,
                      "bytes_per_s": byte_count / us * 1e6})
-        print(f"warps {warps:>2} BV {bv:>3}: {us:6.2f} us per call, {byte_count / us / 1e6:6.3f} TB/s", flush=True)
+        print(f"warps {warps:>2}: {us:6.2f} us per call, {byte_count / us / 1e6:6.3f} TB/s", flush=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "date": datetime.date.today().isoformat(), "shape": {"B": B, "H": H, "Hkv": Hkv, "d": d, "sinks": S,
                                                                  "window": W, "calls_per_graph": L}}

@@ -91,9 +91,8 @@ def loglinear_gdn_kernels(warps: int | None, lines: int = 0) -> list[dict]:
 
 
 def memory_step_kernels(warps: int | None, lines: int = 0) -> list[dict]:
-    """The AHN memory's cached decode step with its projection, per value columns stepped at a time."""
-    return _rows([(f"_memory_step_cache_kernel BV={bv}", memory_step_compiled(9, bv, True, warps))
-                  for bv in (128, 64, 32)], lines)
+    """The AHN memory's cached decode step with its read-out projection."""
+    return _rows([("_memory_step_cache_kernel", memory_step_compiled(9, True, warps))], lines)
 
 
 OPS = {"loglinear_ssd": loglinear_ssd_kernels, "loglinear_gated_delta_rule": loglinear_gdn_kernels,

@@ -1,6 +1,5 @@
 """AHN decoding through the decode kernels (the cached memory steps, the cache write, attention over
-the cache) equals one full forward, for each memory type and, for the linear memories' step, the
-state stepped in one block of value columns or several. Run by test_decode_ops.py (on CUDA, or
+the cache) equals one full forward, for each memory type. Run by test_decode_ops.py (on CUDA, or
 under TRITON_INTERPRET=1 on CPU tensors), or directly: ``python tests/ahn_kernel_cases.py``."""
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ CONFIG = dict(vocab_size=97, hidden_size=128, intermediate_size=96, num_hidden_l
 def ahn_decode_cases(device: str) -> list[str]:
     """Failures (empty: none) of AHN decoding through the kernels against one full forward."""
     names = ("_memory_step_cache_kernel", "_loglinear_step_cache_kernel")
-    kernels, count, default_bv = {name: getattr(decode, name) for name in names}, {"n": 0}, decode.MEMORY_STEP_BV
+    kernels, count = {name: getattr(decode, name) for name in names}, {"n": 0}
 
     class Counted:  # a kernel's launches counted: the decode really ran through the kernels
         def __init__(self, kernel):
@@ -36,8 +35,7 @@ def ahn_decode_cases(device: str) -> list[str]:
     try:
         for name, kernel in kernels.items():
             setattr(decode, name, Counted(kernel))
-        for memory, bv in [("gdn", 128), ("gdn", 16), ("deltanet", 16), ("mamba2", 128), ("loglinear_gdn", 128)]:
-            decode.MEMORY_STEP_BV = bv
+        for memory in ("gdn", "deltanet", "mamba2", "loglinear_gdn"):
             torch.manual_seed(0)
             base = LlamaForCausalLM(LlamaConfig(**CONFIG)).eval()
             model = with_random_memory(AHNForCausalLM.from_base(base, memory, window=8, sinks=2)).to(device)
@@ -51,11 +49,10 @@ def ahn_decode_cases(device: str) -> list[str]:
             err = (steps - full[:, 16:]).abs().max().item()
             launched = count["n"] - before
             if err > 1e-4 or launched != 14 * CONFIG["num_hidden_layers"]:
-                failures.append(f"{memory} BV={bv}: max |decode - full| {err:.2e}, {launched} memory step launches")
+                failures.append(f"{memory}: max |decode - full| {err:.2e}, {launched} memory step launches")
     finally:
         for name, kernel in kernels.items():
             setattr(decode, name, kernel)
-        decode.MEMORY_STEP_BV = default_bv
     return failures
 
 

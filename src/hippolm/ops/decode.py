@@ -284,62 +284,40 @@ def memory_step_from_cache_reference(q, keys, values, ring_gates, cursor, sinks,
 if triton is not None:
 
     @triton.jit
-    def _memory_block(v_ptr, s_ptr, NW, w_ptr, j, VD: tl.constexpr, BV: tl.constexpr, HAS_PROJ: tl.constexpr):
-        """Block j's loads in the cached memory step: the value's columns vv = j BV + [0, BV) (float32), the
-        state's (s_ptr: its rows' starts), the norm weight's, and rows vv of the head's projection block."""
-        vv = j * BV + tl.arange(0, BV)
-        v = tl.load(v_ptr + vv).to(tl.float32)
-        S = tl.load(s_ptr + vv[None, :])
-        nw = tl.load(NW + vv).to(tl.float32)
-        w = 0.0
-        if HAS_PROJ:
-            w = tl.load(w_ptr + vv[:, None] * VD + tl.arange(0, VD)[None, :])
-        return v, S, nw, w
-
-    @triton.jit
     def _memory_step_cache_kernel(Q, KEYS, VALUES, RING_G, CURSOR, STATE, NW, GATE, OPROJ, OUT, H, n_kv_heads,
                                   sinks, window, eps, scale, sqb, sqh, skb, skh, sks, svb, svh, svs, sgb, sgw, sgh,
-                                  KD: tl.constexpr, VD: tl.constexpr, BV: tl.constexpr, G_IDX: tl.constexpr,
-                                  BETA_IDX: tl.constexpr, DELTA: tl.constexpr, HAS_PROJ: tl.constexpr):
-        """The state's value columns BV at a time (BV < VD only with HAS_PROJ): each block is stepped,
-        stored and read, its read-out projected (o @ OPROJ[h] is linear, the RMSNorm a scalar per row,
-        applied at the end), so no [KD, VD] tile is live at once; the next block's loads are issued
-        before this one's arithmetic (a step is one latency-bound pass over ~100 KB)."""
+                                  KD: tl.constexpr, VD: tl.constexpr, G_IDX: tl.constexpr, BETA_IDX: tl.constexpr,
+                                  DELTA: tl.constexpr, HAS_PROJ: tl.constexpr):
         pid = tl.program_id(0)  # b * H + h
         b, h = pid // H, pid % H
         hk = h // (H // n_kv_heads)
         slot = sinks + tl.load(CURSOR + b) % window
-        kk = tl.arange(0, KD)
+        kk, vv = tl.arange(0, KD), tl.arange(0, VD)
         q = tl.load(Q + b * sqb + h * sqh + kk).to(tl.float32)
         k = tl.load(KEYS + b * skb + hk * skh + slot * sks + kk).to(tl.float32)
-        v_ptr = VALUES + b * svb + hk * svh + slot * svs
-        s_ptr = STATE + pid * KD * VD + kk[:, None] * VD
-        w_ptr = OPROJ + h * VD * VD
-        nxt = _memory_block(v_ptr, s_ptr, NW, w_ptr, 0, VD, BV, HAS_PROJ)
+        v = tl.load(VALUES + b * svb + hk * svh + slot * svs + vv).to(tl.float32)
         gates = RING_G + b * sgb + (slot - sinks) * sgw + h * sgh
+        s_ptr = STATE + pid * KD * VD + kk[:, None] * VD + vv[None, :]
+        S = tl.load(s_ptr)
+        # every load issued before the arithmetic: a step is one latency-bound pass over ~100 KB
         beta = tl.load(gates + BETA_IDX).to(tl.float32)
         decay = 1.0
         if G_IDX >= 0:
             decay = tl.exp(tl.load(gates + G_IDX).to(tl.float32))
+        nw = tl.load(NW + vv).to(tl.float32)
         gate = tl.load(GATE + pid).to(tl.float32)
+        if HAS_PROJ:  # the head's block of the read-out projection
+            w = tl.load(OPROJ + h * VD * VD + vv[:, None] * VD + vv[None, :])
         q = q / tl.maximum(tl.sqrt(tl.sum(q * q, 0)), 1e-12)
         k = k / tl.maximum(tl.sqrt(tl.sum(k * k, 0)), 1e-12)
-        ss = tl.zeros((BV,), dtype=tl.float32)  # the read's squares, summed over the blocks at the end
-        acc = tl.zeros((VD,), dtype=tl.float32)  # (o * nw) @ OPROJ[h], summed over the blocks' rows
-        for j in tl.static_range(0, VD // BV):
-            v, S, nw, w = nxt
-            if j + 1 < VD // BV:
-                nxt = _memory_block(v_ptr, s_ptr, NW, w_ptr, j + 1, VD, BV, HAS_PROJ)
-            S = _state_step(S, k, v, decay, beta, G_IDX >= 0, True, DELTA)
-            tl.store(s_ptr + j * BV + tl.arange(0, BV)[None, :], S)
-            o = tl.sum(S * q[:, None], 0) * scale
-            ss += o * o
-            if HAS_PROJ:
-                acc += tl.sum((o * nw)[:, None] * w.to(tl.float32), 0)
-            else:
-                acc = o * nw  # one block (BV == VD)
-        o = acc / tl.sqrt(tl.sum(ss, 0) / VD + eps)
-        tl.store(OUT + pid * VD + tl.arange(0, VD), o * gate / (1 + tl.exp(-gate)))
+        S = _state_step(S, k, v, decay, beta, G_IDX >= 0, True, DELTA)
+        tl.store(s_ptr, S)
+        o = tl.sum(S * q[:, None], 0) * scale
+        o = o / tl.sqrt(tl.sum(o * o, 0) / VD + eps) * nw
+        o = o * gate / (1 + tl.exp(-gate))
+        if HAS_PROJ:  # o @ OPROJ[h]
+            o = tl.sum(o[:, None] * w.to(tl.float32), 0)
+        tl.store(OUT + pid * VD + vv, o)
 
     @triton.jit
     def _cache_write_kernel(KEYS, VALUES, RING_G, SLOT_POS, K, V, GATES, REAL_SEEN, CURSOR, POS, n_kv_heads, HG,
@@ -374,10 +352,8 @@ if triton is not None:
         tl.store(CURSOR + b, cur + 1)
 
 
-# Warps per (sequence, head) program of the cached memory step and the state's value columns it steps at a
-# time (with a read-out projection; benchmarks/decode_step_timing.py).
+# Warps per (sequence, head) program of the cached memory step (benchmarks/decode_step_timing.py).
 MEMORY_STEP_WARPS = 8
-MEMORY_STEP_BV = 128
 
 
 def memory_step_from_cache(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ring_gates: torch.Tensor,
@@ -402,8 +378,7 @@ def memory_step_from_cache(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
             state if o_proj is None else o_proj, out, H, keys.shape[1], sinks, window, eps, scale, q.stride(0),
             q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1),
             values.stride(2), ring_gates.stride(0), ring_gates.stride(1), ring_gates.stride(2), KD=K, VD=V,
-            BV=V if o_proj is None else min(MEMORY_STEP_BV, V), G_IDX=g_idx, BETA_IDX=beta_idx, DELTA=delta,
-            HAS_PROJ=o_proj is not None, num_warps=MEMORY_STEP_WARPS)
+            G_IDX=g_idx, BETA_IDX=beta_idx, DELTA=delta, HAS_PROJ=o_proj is not None, num_warps=MEMORY_STEP_WARPS)
         return out
     return memory_step_from_cache_reference(q, keys, values, ring_gates, cursor, sinks, window, g_idx, beta_idx,
                                             delta, state, norm_weight, gate, eps, scale, o_proj)
