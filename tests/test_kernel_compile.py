@@ -27,10 +27,12 @@ OPERAND_PTRS = ("w_ptr", "u_ptr", "kd_ptr", "qw_ptr", "hs_ptr", "hd_ptr")
 DIVISIBLE = ("K", "V", "H", "n", "sB", "sH", "sT")
 
 
-def _compile(fn, consts: dict, options: dict, major: int, operand: str, operand_ptrs=(), ptr_types=None):
+def _compile(fn, consts: dict, options: dict, major: int, operand: str, operand_ptrs=(), ptr_types=None,
+             aligned=DIVISIBLE):
     """``fn`` compiled for ``major`` (9: sm_90, 8: sm_80): pointers in ``operand_ptrs`` of type
-    ``operand``, those in ``ptr_types`` of the type given there, other pointers float32, other
-    runtime arguments int32."""
+    ``operand``, those in ``ptr_types`` of the type given there, other pointers float32, ``scale`` and
+    ``eps`` float32, other runtime arguments int32; pointers and the integers in ``aligned`` marked
+    divisible by 16."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -44,11 +46,11 @@ def _compile(fn, consts: dict, options: dict, major: int, operand: str, operand_
             sig[name] = "*" + ptr_types[name]
         elif name in operand_ptrs:
             sig[name] = "*" + operand
-        elif name == "scale":
+        elif name in ("scale", "eps"):
             sig[name] = "fp32"
         else:
             sig[name] = "*fp32" if name.endswith("_ptr") else "i32"
-        if name.endswith("_ptr") or name in DIVISIBLE:
+        if sig[name].startswith("*") or name in aligned:
             attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", major * 10, 32), options=options)
 
@@ -247,18 +249,10 @@ def memory_step_compiled(major: int, proj: bool = True, warps: int | None = None
     consts = {"KD": 128, "VD": 128, "G_IDX": 0, "BETA_IDX": 1, "DELTA": True, "HAS_PROJ": proj}
     ptr_types = {name: "bf16" for name in ("Q", "KEYS", "VALUES", "RING_G", "NW", "GATE", "OPROJ")}
     ptr_types |= {"CURSOR": "i64", "STATE": "fp32", "OUT": "fp32"}
-    sig = {name: "constexpr" if name in consts else "*" + ptr_types[name] if name in ptr_types
-           else "fp32" if name in ("eps", "scale") else "i32" for name in fn.arg_names}
     # multiples of 16 at the Qwen2.5-3B decode shape (H = 16, 128 sinks + 32,640 window), as launched
-    aligned = set(ptr_types) | {"H", "sinks", "window", "sqb", "sqh", "skb", "skh", "sks", "svb", "svh", "svs", "sgb",
-                                "sgw"}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name in aligned}
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", major * 10, 32),
-                          options={"num_warps": warps or decode.MEMORY_STEP_WARPS})
+    aligned = ("H", "sinks", "window", "sqb", "sqh", "skb", "skh", "sks", "svb", "svh", "svs", "sgb", "sgw")
+    return _compile(fn, consts, {"num_warps": warps or decode.MEMORY_STEP_WARPS}, major, "bf16", (), ptr_types,
+                    aligned)
 
 
 @pytest.mark.parametrize("major", [9, 8])
