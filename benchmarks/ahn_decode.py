@@ -52,7 +52,8 @@ def time_steps(step, n: int, warmup: int = 3) -> float:
 
 def kernel_table(step, n: int = 5, top: int = 30) -> dict[str, float]:
     """GPU time per step of each kernel (name truncated to 90 characters), from the profiler over
-    ``n`` steps, the ``top`` largest in descending order, plus their total ("all kernels")."""
+    ``n`` steps, the ``top`` largest in descending order, plus their total ("all kernels") and the
+    kernels launched per step ("launches": in a CUDA graph each costs a gap of ~1 us)."""
     from torch.profiler import ProfilerActivity, profile
 
     step()
@@ -62,11 +63,14 @@ def kernel_table(step, n: int = 5, top: int = 30) -> dict[str, float]:
             step()
         torch.cuda.synchronize()
     sums: dict[str, float] = {}
+    launches = 0
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             sums[e.name[:90]] = sums.get(e.name[:90], 0.0) + e.device_time / 1e3 / n
+            launches += 1
     table = dict(sorted(sums.items(), key=lambda kv: -kv[1])[:top])
     table["all kernels"] = sum(sums.values())
+    table["launches"] = launches / n
     return table
 
 
@@ -270,6 +274,7 @@ def main() -> None:
                          "tokens_per_s": args.batch / ms * 1e3, "cache_bytes": kv,
                          "bytes_per_s": (weight_bytes + kv) / ms * 1e3})
             if kernels:
+                rows[-1]["kernel_launches_per_step"] = kernels.pop("launches")
                 rows[-1]["kernel_ms_per_step"] = kernels
             save()
         model = ahn_model(base, args.window, args.sinks, args.memory)
@@ -283,6 +288,7 @@ def main() -> None:
             if levels is not None:  # the mean number of level slots read per step (log-linear memories)
                 rows[-1]["levels_read"] = levels
             if kernels:
+                rows[-1]["kernel_launches_per_step"] = kernels.pop("launches")
                 rows[-1]["kernel_ms_per_step"] = kernels
             save()
     print(json.dumps(meta))
@@ -294,6 +300,8 @@ def main() -> None:
     for r in rows:
         for name, t in r.get("kernel_ms_per_step", {}).items():
             print(f"{r['model']:<16}{t:>8.3f} ms  {name}")
+        if "kernel_launches_per_step" in r:
+            print(f"{r['model']:<16}{r['kernel_launches_per_step']:>8.0f} kernel launches per step")
 
 
 if __name__ == "__main__":
