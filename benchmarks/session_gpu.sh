@@ -4,7 +4,8 @@
 #   decode   tests/test_decode_ops.py on CUDA (every decode kernel case, the ops' step kernels, a
 #            standalone LM decoding through them) -> test_decode_ops_cuda.log
 #   steps    benchmarks/step_ops_timing.py -> step_ops_timing.json
-#   memstep  benchmarks/decode_step_timing.py (the AHN memory's cached step per warps) -> decode_step_timing.json
+#   memstep  benchmarks/decode_step_timing.py $MEMSTEP_ARGS (the AHN memory's cached step per warps; with
+#            --splits the decode attention per split count) -> decode_step_timing.json
 #   kernels  tests/test_kernels.py -k "$TEST_K" -> test_kernels_cuda.log
 #   chunk    benchmarks/chunk_timing.py --configs "$CHUNK_CONFIGS" -> chunk_timing.json
 #   ab       kernels_gpu.sh bench $AB_ARGS on the tree in $AB_SRC (an older src, e.g. from
@@ -29,7 +30,7 @@ if has steps; then
   echo "step timing done at $(( $(date +%s) - t0 )) s"
 fi
 if has memstep; then
-  timeout ${MEMSTEP_TIMEOUT:-120} python3 benchmarks/decode_step_timing.py --json "$OUT/decode_step_timing.json" 2>&1 | tail -8
+  timeout ${MEMSTEP_TIMEOUT:-120} python3 benchmarks/decode_step_timing.py ${MEMSTEP_ARGS:-} --json "$OUT/decode_step_timing.json" 2>&1 | tail -30
   echo "memory step timing done at $(( $(date +%s) - t0 )) s"
 fi
 if has kernels; then

@@ -31,13 +31,16 @@ def attention_cases(device: str, dtypes=(torch.float32,)) -> list[str]:
                 add = None if mask is None else torch.randn(B, H, D, generator=gen)
                 ref = dc.decode_attention_reference(q.double(), k.double(), v.double(), D**-0.5, mask,
                                                     None if add is None else add.double())
-                got = dc._decode_attention_triton(*(x.to(device, dtype) for x in (q, k, v)), D**-0.5,
-                                                  None if mask is None else mask.to(device),
-                                                  None if add is None else add.to(device))
-                tol = 1e-3 if dtype == torch.float32 else 2e-2
-                if got.dtype != dtype or rel(got, ref) > tol:
-                    failures.append(f"attention B{B} H{H} Hkv{Hkv} S{S} D{D} {dtype} mask "
-                                    f"{mask is not None}: {rel(got, ref):.2e}")
+                for splits in (0, 3):  # the default rule; 3 splits (uneven, some past every visible key)
+                    dc.ATTENTION_SPLITS = splits
+                    got = dc._decode_attention_triton(*(x.to(device, dtype) for x in (q, k, v)), D**-0.5,
+                                                      None if mask is None else mask.to(device),
+                                                      None if add is None else add.to(device))
+                    tol = 1e-3 if dtype == torch.float32 else 2e-2
+                    if got.dtype != dtype or rel(got, ref) > tol:
+                        failures.append(f"attention B{B} H{H} Hkv{Hkv} S{S} D{D} {dtype} mask "
+                                        f"{mask is not None} splits {splits}: {rel(got, ref):.2e}")
+    dc.ATTENTION_SPLITS = 0
     return failures
 
 
@@ -66,13 +69,16 @@ def cache_attention_cases(device: str, dtypes=(torch.float32,)) -> list[str]:
                 add = torch.randn(B, H, D, generator=gen)
                 mask = dc.cache_visible(slot_pos, cur, qpos, S, W)
                 ref = dc.decode_attention_reference(q.double(), k.double(), v.double(), D**-0.5, mask, add.double())
-                got = dc.cache_attention(*(x.to(device, dtype) for x in (q, k, v)), slot_pos.to(device),
-                                         cur.to(device), S, W, D**-0.5, None if qpos is None else qpos.to(device),
-                                         add.to(device, dtype))
-                tol = 1e-3 if dtype == torch.float32 else 2e-2
-                if got.dtype != dtype or rel(got, ref) > tol:
-                    failures.append(f"cache attention B{B} S{S} W{W} D{D} {dtype} qpos {qpos is not None}: "
-                                    f"{rel(got, ref):.2e}")
+                for splits in (0, 3):
+                    dc.ATTENTION_SPLITS = splits
+                    got = dc.cache_attention(*(x.to(device, dtype) for x in (q, k, v)), slot_pos.to(device),
+                                             cur.to(device), S, W, D**-0.5, None if qpos is None else qpos.to(device),
+                                             add.to(device, dtype))
+                    tol = 1e-3 if dtype == torch.float32 else 2e-2
+                    if got.dtype != dtype or rel(got, ref) > tol:
+                        failures.append(f"cache attention B{B} S{S} W{W} D{D} {dtype} qpos {qpos is not None} "
+                                        f"splits {splits}: {rel(got, ref):.2e}")
+    dc.ATTENTION_SPLITS = 0
     return failures
 
 
