@@ -729,7 +729,6 @@ def test_loglinear_gated_delta_rule_syncs_the_host_once():
     from the host, no per-tensor checks), after a first call that compiles and caches."""
     import warnings
 
-
     q, k, v, g, beta = (x.cuda().requires_grad_() for x in make_inputs("gated_delta_rule", 2, 300, 2, 64, 64,
                                                                           dtype=torch.bfloat16))
     lam = torch.rand(2, 300, 2, ops.num_levels(300), device="cuda").add_(0.5).requires_grad_()
@@ -747,5 +746,6 @@ def test_loglinear_gated_delta_rule_syncs_the_host_once():
             run()
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    # (torch also warns once that the debug mode is a prototype: not a sync)
+    syncs = [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
     assert len(syncs) == 1, syncs
