@@ -145,8 +145,8 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
-# Splits of the key buffer per (sequence, KV head) in the decode attention; 0: enough programs to fill
-# every SM about twice (benchmarks/decode_step_timing.py --splits times others).
+# Splits of the key buffer per (sequence, KV head) in the decode attention; 0: at most two programs
+# per SM, one wave (benchmarks/decode_step_timing.py --splits times others).
 ATTENTION_SPLITS = 0
 
 
@@ -157,8 +157,9 @@ def _decode_attention_triton(q, k, v, scale, mask=None, add=None, slots=None):
     G = H // Hkv
     GP, BLOCK = max(16, triton.next_power_of_2(G)), 64
     blocks = triton.cdiv(S, BLOCK)
-    # Enough programs to fill every SM about twice; each split holds at least one block of keys.
-    want = ATTENTION_SPLITS or max(1, triton.cdiv(2 * _num_sms(q.device), B * Hkv))
+    # Up to two programs per SM in one wave (H100, 8 x 2 KV heads: 16 splits, 256 programs; rounding
+    # up to 17 left 8 programs for a second wave: 383 vs 349 us at 128k); each split >= one block.
+    want = ATTENTION_SPLITS or max(1, 2 * _num_sms(q.device) // (B * Hkv))
     split_len = triton.cdiv(blocks, min(blocks, want)) * BLOCK
     n_split = triton.cdiv(S, split_len)
     acc = torch.empty(B * Hkv, n_split, GP, Dv, device=q.device, dtype=torch.float32)
