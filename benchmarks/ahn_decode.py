@@ -52,8 +52,10 @@ def time_steps(step, n: int, warmup: int = 3) -> float:
 
 def kernel_table(step, n: int = 5, top: int = 30) -> dict[str, float]:
     """GPU time per step of each kernel (name truncated to 90 characters), from the profiler over
-    ``n`` steps, the ``top`` largest in descending order, plus their total ("all kernels") and the
-    kernels launched per step ("launches": in a CUDA graph each costs a gap of ~1 us)."""
+    ``n`` steps, the ``top`` largest in descending order, plus their total ("all kernels"), the
+    kernels launched per step ("launches") and the idle GPU time before each kernel ("gaps": per
+    name, the time since the previous kernel ended, within a step), which says where a step's time
+    between kernels goes."""
     from torch.profiler import ProfilerActivity, profile
 
     step()
@@ -62,16 +64,29 @@ def kernel_table(step, n: int = 5, top: int = 30) -> dict[str, float]:
         for _ in range(n):
             step()
         torch.cuda.synchronize()
-    sums: dict[str, float] = {}
-    launches = 0
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            sums[e.name[:90]] = sums.get(e.name[:90], 0.0) + e.device_time / 1e3 / n
-            launches += 1
+    kernels = [(e.name[:90], e.time_range.start, e.time_range.end) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    sums, gaps = kernel_times(kernels, n)
     table = dict(sorted(sums.items(), key=lambda kv: -kv[1])[:top])
     table["all kernels"] = sum(sums.values())
-    table["launches"] = launches / n
+    table["launches"] = len(kernels) / n
+    table["gaps"] = dict(sorted(gaps.items(), key=lambda kv: -kv[1])[:15]) | {"all gaps": sum(gaps.values())}
     return table
+
+
+def kernel_times(kernels: list[tuple[str, float, float]], n: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Per kernel name, ms per step of its runs and of the idle time before them (since the previous
+    kernel ended; gaps over 200 us lie between steps, where the host synchronises), from (name,
+    start us, end us) of ``n`` steps."""
+    sums: dict[str, float] = {}
+    gaps: dict[str, float] = {}
+    end = None
+    for name, start, stop in sorted(kernels, key=lambda k: k[1]):
+        sums[name] = sums.get(name, 0.0) + (stop - start) / 1e3 / n
+        if end is not None and 0 < start - end < 200:
+            gaps[name] = gaps.get(name, 0.0) + (start - end) / 1e3 / n
+        end = stop if end is None else max(end, stop)
+    return sums, gaps
 
 
 def graphed(step, advance):
@@ -275,6 +290,7 @@ def main() -> None:
                          "bytes_per_s": (weight_bytes + kv) / ms * 1e3})
             if kernels:
                 rows[-1]["kernel_launches_per_step"] = kernels.pop("launches")
+                rows[-1]["kernel_gap_ms_per_step"] = kernels.pop("gaps")
                 rows[-1]["kernel_ms_per_step"] = kernels
             save()
         model = ahn_model(base, args.window, args.sinks, args.memory)
@@ -289,6 +305,7 @@ def main() -> None:
                 rows[-1]["levels_read"] = levels
             if kernels:
                 rows[-1]["kernel_launches_per_step"] = kernels.pop("launches")
+                rows[-1]["kernel_gap_ms_per_step"] = kernels.pop("gaps")
                 rows[-1]["kernel_ms_per_step"] = kernels
             save()
     print(json.dumps(meta))
@@ -302,6 +319,8 @@ def main() -> None:
             print(f"{r['model']:<16}{t:>8.3f} ms  {name}")
         if "kernel_launches_per_step" in r:
             print(f"{r['model']:<16}{r['kernel_launches_per_step']:>8.0f} kernel launches per step")
+        for name, t in r.get("kernel_gap_ms_per_step", {}).items():
+            print(f"{r['model']:<16}{t:>8.3f} ms idle before  {name}")
 
 
 if __name__ == "__main__":
