@@ -12,7 +12,7 @@ source benchmarks/triton_cache.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider tests/test_ahn_cuda.py tests/test_decode_ops.py 2>&1 \
+  timeout -s INT -k 15 ${TEST_TIMEOUT:-200} python3 -m pytest -v -p no:cacheprovider tests/test_ahn_cuda.py tests/test_decode_ops.py 2>&1 \
     | tee "$OUT/test_ahn_cuda.log" | tail -30
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then

@@ -30,7 +30,7 @@ if has errors; then
   echo "errors took $(( $(date +%s) - t0 )) s"
 fi
 if has tests; then
-  timeout ${TEST_TIMEOUT:-210} python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py ${TEST_K:+-k "$TEST_K"} \
+  timeout -s INT -k 15 ${TEST_TIMEOUT:-210} python3 -m pytest -v -p no:cacheprovider tests/test_kernels.py ${TEST_K:+-k "$TEST_K"} \
     --durations=5 -rA 2>&1 \
     | tee "$OUT/test_kernels_cuda.log" | tail -30
   echo "tests took $(( $(date +%s) - t0 )) s"

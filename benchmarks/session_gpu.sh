@@ -21,7 +21,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 has() { [[ ",${STEPS:-decode,steps}," == *",$1,"* ]]; }
 t0=$(date +%s)
 if has decode; then
-  timeout ${DECODE_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider tests/test_decode_ops.py -rA --durations=3 2>&1 \
+  timeout -s INT -k 15 ${DECODE_TIMEOUT:-240} python3 -m pytest -v -p no:cacheprovider tests/test_decode_ops.py -rA --durations=3 2>&1 \
     | tee "$OUT/test_decode_ops_cuda.log" | tail -12
   echo "decode tests done at $(( $(date +%s) - t0 )) s"
 fi
@@ -34,7 +34,7 @@ if has memstep; then
   echo "memory step timing done at $(( $(date +%s) - t0 )) s"
 fi
 if has kernels; then
-  timeout ${TEST_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py ${TEST_K:+-k "$TEST_K"} -rA \
+  timeout -s INT -k 15 ${TEST_TIMEOUT:-150} python3 -m pytest -v -p no:cacheprovider tests/test_kernels.py ${TEST_K:+-k "$TEST_K"} -rA \
     2>&1 | tee "$OUT/test_kernels_cuda.log" | tail -12
   echo "kernel tests done at $(( $(date +%s) - t0 )) s"
 fi
