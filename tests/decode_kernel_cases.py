@@ -17,6 +17,22 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return err if math.isfinite(err) else math.inf
 
 
+def split_cases(fn, args: tuple, ref: torch.Tensor, dtype: torch.dtype, label: str) -> list[str]:
+    """``fn(*args)`` (an attention kernel) against ``ref`` at the default split rule and at 3 splits
+    (uneven; some hold no visible key): the failures."""
+    failures = []
+    try:
+        for splits in (0, 3):
+            dc.ATTENTION_SPLITS = splits
+            got = fn(*args)
+            tol = 1e-3 if dtype == torch.float32 else 2e-2
+            if got.dtype != dtype or rel(got, ref) > tol:
+                failures.append(f"{label} {dtype} splits {splits}: {rel(got, ref):.2e}")
+    finally:
+        dc.ATTENTION_SPLITS = 0
+    return failures
+
+
 def attention_cases(device: str, dtypes=(torch.float32,)) -> list[str]:
     failures = []
     for B, H, Hkv, S, D in [(2, 8, 2, 300, 64), (1, 4, 4, 65, 128), (3, 16, 2, 1000, 128), (2, 6, 1, 64, 32)]:
@@ -31,16 +47,10 @@ def attention_cases(device: str, dtypes=(torch.float32,)) -> list[str]:
                 add = None if mask is None else torch.randn(B, H, D, generator=gen)
                 ref = dc.decode_attention_reference(q.double(), k.double(), v.double(), D**-0.5, mask,
                                                     None if add is None else add.double())
-                for splits in (0, 3):  # the default rule; 3 splits (uneven, some past every visible key)
-                    dc.ATTENTION_SPLITS = splits
-                    got = dc._decode_attention_triton(*(x.to(device, dtype) for x in (q, k, v)), D**-0.5,
-                                                      None if mask is None else mask.to(device),
-                                                      None if add is None else add.to(device))
-                    tol = 1e-3 if dtype == torch.float32 else 2e-2
-                    if got.dtype != dtype or rel(got, ref) > tol:
-                        failures.append(f"attention B{B} H{H} Hkv{Hkv} S{S} D{D} {dtype} mask "
-                                        f"{mask is not None} splits {splits}: {rel(got, ref):.2e}")
-    dc.ATTENTION_SPLITS = 0
+                args = (*(x.to(device, dtype) for x in (q, k, v)), D**-0.5, None if mask is None else mask.to(device),
+                        None if add is None else add.to(device))
+                failures += split_cases(dc._decode_attention_triton, args, ref, dtype,
+                                        f"attention B{B} H{H} Hkv{Hkv} S{S} D{D} mask {mask is not None}")
     return failures
 
 
@@ -69,16 +79,10 @@ def cache_attention_cases(device: str, dtypes=(torch.float32,)) -> list[str]:
                 add = torch.randn(B, H, D, generator=gen)
                 mask = dc.cache_visible(slot_pos, cur, qpos, S, W)
                 ref = dc.decode_attention_reference(q.double(), k.double(), v.double(), D**-0.5, mask, add.double())
-                for splits in (0, 3):
-                    dc.ATTENTION_SPLITS = splits
-                    got = dc.cache_attention(*(x.to(device, dtype) for x in (q, k, v)), slot_pos.to(device),
-                                             cur.to(device), S, W, D**-0.5, None if qpos is None else qpos.to(device),
-                                             add.to(device, dtype))
-                    tol = 1e-3 if dtype == torch.float32 else 2e-2
-                    if got.dtype != dtype or rel(got, ref) > tol:
-                        failures.append(f"cache attention B{B} S{S} W{W} D{D} {dtype} qpos {qpos is not None} "
-                                        f"splits {splits}: {rel(got, ref):.2e}")
-    dc.ATTENTION_SPLITS = 0
+                args = (*(x.to(device, dtype) for x in (q, k, v)), slot_pos.to(device), cur.to(device), S, W,
+                        D**-0.5, None if qpos is None else qpos.to(device), add.to(device, dtype))
+                failures += split_cases(dc.cache_attention, args, ref, dtype,
+                                        f"cache attention B{B} S{S} W{W} D{D} qpos {qpos is not None}")
     return failures
 
 
