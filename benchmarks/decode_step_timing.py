@@ -30,9 +30,12 @@ def main() -> None:
                              "slots) per key-buffer split count (0: the default rule)")
     parser.add_argument("--full-context", type=int, default=131072)
     parser.add_argument("--layers", type=int, default=36)
+    parser.add_argument("--batch", type=int, default=8,
+                        help="sequences (the memory step runs one program per sequence and head: at 16, two "
+                             "per SM, which says whether splitting a state over programs would pay)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    B, H, Hkv, d, S, W, L = 8, 16, 2, 128, 128, 32640, args.layers
+    B, H, Hkv, d, S, W, L = args.batch, 16, 2, 128, 128, 32640, args.layers
     dev, bf = "cuda", torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(0)
     keys = torch.randn(B, Hkv, S + W, d, device=dev, dtype=bf, generator=gen)
