@@ -157,8 +157,9 @@ def _decode_attention_triton(q, k, v, scale, mask=None, add=None, slots=None):
     G = H // Hkv
     GP, BLOCK = max(16, triton.next_power_of_2(G)), 64
     blocks = triton.cdiv(S, BLOCK)
-    # Up to two programs per SM in one wave (H100, 8 x 2 KV heads: 16 splits, 256 programs; rounding
-    # up to 17 left 8 programs for a second wave: 383 vs 349 us at 128k); each split >= one block.
+    # At most two programs per SM (two fit by shared memory), rounded down: on an H100 with 8 x 2 KV
+    # heads 16 splits, 349 us at 128k; rounded up (17) 383, as slow as 32 or 33 (the split sweep of
+    # decode_step_timing.py). Each split holds at least one block of keys.
     want = ATTENTION_SPLITS or max(1, 2 * _num_sms(q.device) // (B * Hkv))
     split_len = triton.cdiv(blocks, min(blocks, want)) * BLOCK
     n_split = triton.cdiv(S, split_len)
