@@ -145,8 +145,8 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
-# Splits of the key buffer per (sequence, KV head) in the decode attention; 0: at most two programs
-# per SM, one wave (benchmarks/decode_step_timing.py --splits times others).
+# Splits of the key buffer per (sequence, KV head) in the decode attention; 0: the rule below (at
+# most two programs per SM); benchmarks/decode_step_timing.py --splits times others.
 ATTENTION_SPLITS = 0
 
 
