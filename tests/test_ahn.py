@@ -183,6 +183,30 @@ def test_decode_before_the_window_fills_needs_no_device_sync(memory, monkeypatch
 
 
 @pytest.mark.parametrize("memory", ["gdn", "loglinear_mamba2"])
+def test_decode_runs_the_memory_only_once_real_tokens_can_leave(memory, monkeypatch):
+    """Until the stream passes sinks + window tokens every token leaving the window is a sink (or
+    padding), so a decode step skips the memory (empty, it reads zero); from then on each layer
+    steps it once per token, and token-by-token decoding still equals one full forward."""
+    from hippolm.ahn.memory import MemoryModule
+
+    model = ahn("llama", memory, window=5, sinks=3)
+    ids = torch.randint(0, 97, (2, 14))
+    calls = []
+    original = MemoryModule.decode_step
+    monkeypatch.setattr(MemoryModule, "decode_step", lambda self, *a: calls.append(1) or original(self, *a))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache()
+        steps, per_step = [model(ids[:, :2], past_key_values=cache).logits], []
+        for t in range(2, 14):
+            calls.clear()
+            steps.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
+            per_step.append(len(calls))
+    assert per_step == [0] * 6 + [2] * 6  # stream lengths 2..7 skip it, 8..13 step both layers
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("memory", ["gdn", "loglinear_mamba2"])
 def test_decode_before_the_window_fills_reads_positions_from_the_device(memory):
     """A decode step before the window fills takes its slots from the cache's device cursor, not
     the host stream length (which a replayed CUDA graph does not advance): with the host counter

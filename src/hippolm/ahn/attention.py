@@ -121,15 +121,19 @@ class AHNAttentionMixin:
         attends to the buffer. Every index is a device tensor and every state update in place: no host
         syncs, and CUDA-graph replayable.
 
-        While the window fills, the slot taken holds zeros or a token stored with zero write gates
-        (padding, sinks: see cache_write) wherever no real token leaves, so the step leaves the state
-        as it is there and the still empty memory reads zero (a log-linear memory, whose Fenwick
-        position must not advance, takes no step there: the slot's position says so); the attention
-        reads only the filled slots, visible by their positions."""
+        Wherever no real token leaves, the slot taken holds zeros or a token stored with zero write
+        gates (padding, sinks: see cache_write), so the step leaves the state as it is (a log-linear
+        memory, whose Fenwick position must not advance, takes no step there: the slot's position
+        says so). Before the stream passes sinks + window tokens (host-side count, fixed for a
+        captured graph of this kind of step) every token that left was padding or a sink: the memory
+        is still empty, reads zero and is not run at all. The attention reads only the filled slots,
+        visible by their positions."""
         B = q.shape[0]
-        mem = self.ahn.decode_step(q[:, :, 0], cache.keys, cache.values, cache.ring_gates, cache.cursor, cache.sinks,
-                                   cache.window, out_gate[:, 0], None if lam is None else lam[:, 0], cache.memory,
-                                   cache.slot_pos)
+        mem = None
+        if cache.stream_len >= cache.window + cache.sinks:
+            mem = self.ahn.decode_step(q[:, :, 0], cache.keys, cache.values, cache.ring_gates, cache.cursor,
+                                       cache.sinks, cache.window, out_gate[:, 0], None if lam is None else lam[:, 0],
+                                       cache.memory, cache.slot_pos)
         full = cache.all_visible  # before the write: a write that fills the window checks it on the host
         cache.decode_write(k[:, :, 0], v[:, :, 0], write_gates[:, 0], pos)
         if full:
