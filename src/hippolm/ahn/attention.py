@@ -124,13 +124,13 @@ class AHNAttentionMixin:
         Wherever no real token leaves, the slot taken holds zeros or a token stored with zero write
         gates (padding, sinks: see cache_write), so the step leaves the state as it is (a log-linear
         memory, whose Fenwick position must not advance, takes no step there: the slot's position
-        says so). Before the stream passes sinks + window tokens (host-side count, fixed for a
-        captured graph of this kind of step) every token that left was padding or a sink: the memory
-        is still empty, reads zero and is not run at all. The attention reads only the filled slots,
-        visible by their positions."""
+        says so). Until the stream passes sinks + window tokens (:attr:`AHNLayerCache.past_sinks_and_window`,
+        host-side, fixed for a captured graph of this kind of step) the memory is still empty, reads
+        zero and is not run at all. The attention reads only the filled slots, visible by their
+        positions."""
         B = q.shape[0]
         mem = None
-        if cache.stream_len >= cache.window + cache.sinks:
+        if cache.past_sinks_and_window:
             mem = self.ahn.decode_step(q[:, :, 0], cache.keys, cache.values, cache.ring_gates, cache.cursor,
                                        cache.sinks, cache.window, out_gate[:, 0], None if lam is None else lam[:, 0],
                                        cache.memory, cache.slot_pos)

@@ -96,8 +96,15 @@ class AHNLayerCache(CacheLayerMixin):
         self.real_seen += (pos >= 0).sum(1)
         self._check_all_visible()
 
+    @property
+    def past_sinks_and_window(self) -> bool:
+        """Whether the stream has passed sinks + window tokens (host-side, no sync). Before that every
+        token that left the window (stream index < sinks) was a sink or padding, never written: the
+        memory is still empty and some slot may still hold no real token."""
+        return self.stream_len >= self.window + self.sinks
+
     def _check_all_visible(self) -> None:
-        if not self.all_visible and self.stream_len >= self.window + self.sinks:
+        if not self.all_visible and self.past_sinks_and_window:
             # Checked (one sync) only until it holds; after that no slot can become hidden again.
             self.all_visible = bool((self.visible_pos() >= 0).all())
 
