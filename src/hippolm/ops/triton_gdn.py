@@ -429,7 +429,10 @@ LEVEL_TREE_FWD = 1
 LEVEL_TREE_BWD = 1
 # With both: 1 keeps the forward's tree for the backward (2.1 GB more held per call at 64k tokens,
 # H = 16, d = 128, bf16), 0 (default: memory) rebuilds it there: fwd+bwd 28.54 -> 26.95 ms at 64k,
-# 26.17 -> 24.28 at 8k (flag_timing_h100_llgdn_tree_save.json).
+# 26.17 -> 24.28 at 8k (flag_timing_h100_llgdn_tree_save.json). Since o0 is written in place (2026-12-07):
+# 18.48 -> 17.33 ms at 8k, 20.55 -> 19.41 at 64k; with LEVEL_TREE_LEAVES_BWD = 0 (half the tree held)
+# 18.50 -> 17.37 and 20.81 -> 19.51 (flag_timing_h100_llgdn_tree_save_o0*.json): still slower than flash
+# attention at 8k (14.59), so memory stays the default.
 LEVEL_TREE_SAVE = 0
 # Leaf summaries of the tree (the forward's unless it is kept for the backward, and the backward's rebuilt
 # one): 1 stores every chunk's; 0 stores none (height 1, the level-0 reads and, in the backward, their
