@@ -22,6 +22,7 @@ import transformers
 from transformers import AttentionInterface, Qwen2Config, Qwen2ForCausalLM, StaticCache
 
 from hippolm import AHNForCausalLM
+from hippolm.hf_compat import cache_arg
 from hippolm.ops.decode import decode_attention
 from hippolm.ops.loglinear import occupied_levels
 
@@ -35,19 +36,31 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_la
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def time_steps(step, n: int, warmup: int = 3) -> float:
+def time_steps(step, n: int, warmup: int = 3) -> tuple[float, dict[str, float]]:
+    """Median ms per step, each step timed alone (synchronised before and after), and the medians of
+    where it goes: "enqueue_ms", the host's time to launch the step (until ``step`` returns), and on
+    CUDA "gpu_ms", between events recorded just before and after it (the GPU's span of the step,
+    including any wait for the host's launches). A step time well above gpu_ms is spent in the sync;
+    a gpu_ms well above the kernels' sum, in the GPU waiting for the host or idle between kernels."""
     for _ in range(warmup):
         step()
-    times = []
+    times, enqueue, gpu = [], [], []
+    cuda = DEV == "cuda"
     for _ in range(n):
-        if DEV == "cuda":
+        if cuda:
             torch.cuda.synchronize()
+            before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            before.record()
         start = time.perf_counter()
         step()
-        if DEV == "cuda":
+        enqueue.append((time.perf_counter() - start) * 1e3)
+        if cuda:
+            after.record()
             torch.cuda.synchronize()
+            gpu.append(before.elapsed_time(after))
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    split = {"enqueue_ms": statistics.median(enqueue)} | ({"gpu_ms": statistics.median(gpu)} if gpu else {})
+    return statistics.median(times), split
 
 
 def kernel_table(step, n: int = 5, top: int = 30) -> dict[str, float]:
@@ -121,7 +134,7 @@ AttentionInterface.register("hippolm_full_decode", full_decode_attention)
 
 
 def full_attention(model, B: int, L: int, n: int, use_graph: bool, kernel: bool,
-                   profiled: bool = False) -> tuple[float, int, dict | None]:
+                   profiled: bool = False) -> tuple[float, dict[str, float], int, dict | None]:
     cfg = model.config
     d = cfg.hidden_size // cfg.num_attention_heads
     # kernel: a cache of exactly L tokens whose last slot each step rewrites (same bytes read as a
@@ -142,7 +155,7 @@ def full_attention(model, B: int, L: int, n: int, use_graph: bool, kernel: bool,
         if kernel:  # newer transformers track the write position in the cache itself
             for t in lengths:
                 t.fill_(start)
-        model(input_ids=ids, past_key_values=cache, position_ids=position_ids, cache_position=cache_position,
+        model(input_ids=ids, **cache_arg(cache), position_ids=position_ids, cache_position=cache_position,
               use_cache=True, logits_to_keep=1)
 
     def advance():
@@ -156,9 +169,9 @@ def full_attention(model, B: int, L: int, n: int, use_graph: bool, kernel: bool,
         def run():
             step()
             advance()
-    ms = time_steps(run, n)
+    ms, split = time_steps(run, n)
     kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-    return ms, kv_bytes, kernel_table(run) if profiled else None
+    return ms, split, kv_bytes, kernel_table(run) if profiled else None
 
 
 def compile_pointwise(base) -> None:
@@ -191,10 +204,10 @@ def ahn_model(base, window: int, sinks: int, memory: str = "gdn") -> AHNForCausa
 
 
 def ahn_decode(model: AHNForCausalLM, B: int, L: int, n: int, use_graph: bool,
-               profiled: bool = False) -> tuple[float, int, float, dict | None]:
+               profiled: bool = False) -> tuple[float, dict[str, float], int, int, float | None, dict | None]:
     cache = model.new_cache()
     ids = torch.zeros(B, 1, dtype=torch.long, device=DEV)
-    model(ids, past_key_values=cache)  # allocates every layer's buffers
+    model(ids, cache=cache)  # allocates every layer's buffers
     S, W = cache.sinks, cache.window
     for layer in cache.layers:  # pretend L tokens went through: buffers full, memory non-empty
         layer.keys.normal_()
@@ -217,11 +230,11 @@ def ahn_decode(model: AHNForCausalLM, B: int, L: int, n: int, use_graph: bool,
     else:
         def step():
             p = cache.layers[0].real_seen[:, None]
-            model(ids, past_key_values=cache, position_ids=p, logits_to_keep=1)
+            model(ids, cache=cache, position_ids=p, logits_to_keep=1)
 
     memory = cache.layers[0].memory
     first = int(memory.position[0]) if hasattr(memory, "position") else None
-    ms = time_steps(step, n)
+    ms, split = time_steps(step, n)
     # bytes a step reads: while the window fills, the attention reads only the filled slots
     kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     read = cache.nbytes() - kv + kv * (S + min(L, W)) / (S + W)
@@ -231,7 +244,7 @@ def ahn_decode(model: AHNForCausalLM, B: int, L: int, n: int, use_graph: bool,
         levels = float(occupied_levels(visited, memory.num_levels).sum(-1).double().mean())
         slot_bytes = sum(layer.memory.slots.numel() * layer.memory.slots.element_size() for layer in cache.layers)
         read -= slot_bytes * (1 - levels / memory.num_levels)
-    return ms, cache.nbytes(), read, levels, kernel_table(step) if profiled else None
+    return ms, split, cache.nbytes(), read, levels, kernel_table(step) if profiled else None
 
 
 def main() -> None:
@@ -283,11 +296,11 @@ def main() -> None:
         compile_pointwise(base)
     with torch.no_grad():
         for L in contexts:
-            ms, kv, kernels = full_attention(base, args.batch, L, args.steps, use_graph, args.baseline == "kernel",
-                                             L in profiled)
+            ms, split, kv, kernels = full_attention(base, args.batch, L, args.steps, use_graph,
+                                                    args.baseline == "kernel", L in profiled)
             rows.append({"context": L, "model": "full_attention", "ms_per_step": ms,
                          "tokens_per_s": args.batch / ms * 1e3, "cache_bytes": kv,
-                         "bytes_per_s": (weight_bytes + kv) / ms * 1e3})
+                         "bytes_per_s": (weight_bytes + kv) / ms * 1e3, "step_split": split})
             if kernels:
                 rows[-1]["kernel_launches_per_step"] = kernels.pop("launches")
                 rows[-1]["kernel_gap_ms_per_step"] = kernels.pop("gaps")
@@ -297,10 +310,11 @@ def main() -> None:
         if args.compile:
             compile_memory(model)
         for L in contexts:
-            ms, cb, read, levels, kernels = ahn_decode(model, args.batch, L, args.steps, use_graph, L in profiled)
+            ms, split, cb, read, levels, kernels = ahn_decode(model, args.batch, L, args.steps, use_graph,
+                                                              L in profiled)
             rows.append({"context": L, "model": f"ahn_{args.memory}", "ms_per_step": ms,
                          "tokens_per_s": args.batch / ms * 1e3, "cache_bytes": cb,
-                         "bytes_per_s": (weight_bytes + read) / ms * 1e3})
+                         "bytes_per_s": (weight_bytes + read) / ms * 1e3, "step_split": split})
             if levels is not None:  # the mean number of level slots read per step (log-linear memories)
                 rows[-1]["levels_read"] = levels
             if kernels:
@@ -309,10 +323,13 @@ def main() -> None:
                 rows[-1]["kernel_ms_per_step"] = kernels
             save()
     print(json.dumps(meta))
-    print(f"{'context':>8} {'model':<16}{'ms/step':>9}{'tok/s':>9}{'cache GB':>10}{'TB/s':>7}")
+    print(f"{'context':>8} {'model':<16}{'ms/step':>9}{'gpu ms':>8}{'launch ms':>10}{'tok/s':>9}{'cache GB':>10}"
+          f"{'TB/s':>7}")
     for r in rows:
-        print(f"{r['context']:>8} {r['model']:<16}{r['ms_per_step']:>9.2f}{r['tokens_per_s']:>9.0f}"
-              f"{r['cache_bytes'] / 1e9:>10.2f}{r['bytes_per_s'] / 1e12:>7.2f}"
+        split = r["step_split"]
+        print(f"{r['context']:>8} {r['model']:<16}{r['ms_per_step']:>9.2f}{split.get('gpu_ms', float('nan')):>8.2f}"
+              f"{split['enqueue_ms']:>10.3f}{r['tokens_per_s']:>9.0f}{r['cache_bytes'] / 1e9:>10.2f}"
+              f"{r['bytes_per_s'] / 1e12:>7.2f}"
               + (f"  levels read {r['levels_read']:.1f}" if "levels_read" in r else ""))
     for r in rows:
         for name, t in r.get("kernel_ms_per_step", {}).items():
