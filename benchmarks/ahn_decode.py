@@ -102,6 +102,13 @@ def kernel_times(kernels: list[tuple[str, float, float]], n: int) -> tuple[dict[
     return sums, gaps
 
 
+def add_kernel_table(row: dict, table: dict) -> None:
+    """A profiled row's kernel_table() entries, under the row's keys."""
+    row["kernel_launches_per_step"] = table.pop("launches")
+    row["kernel_gap_ms_per_step"] = table.pop("gaps")
+    row["kernel_ms_per_step"] = table
+
+
 def graphed(step, advance):
     """``step`` captured in a CUDA graph after a warm-up on a side stream; ``advance`` moves the
     static position inputs on (outside the graph) before each replay."""
@@ -302,9 +309,7 @@ def main() -> None:
                          "tokens_per_s": args.batch / ms * 1e3, "cache_bytes": kv,
                          "bytes_per_s": (weight_bytes + kv) / ms * 1e3, "step_split": split})
             if kernels:
-                rows[-1]["kernel_launches_per_step"] = kernels.pop("launches")
-                rows[-1]["kernel_gap_ms_per_step"] = kernels.pop("gaps")
-                rows[-1]["kernel_ms_per_step"] = kernels
+                add_kernel_table(rows[-1], kernels)
             save()
         model = ahn_model(base, args.window, args.sinks, args.memory)
         if args.compile:
@@ -318,9 +323,7 @@ def main() -> None:
             if levels is not None:  # the mean number of level slots read per step (log-linear memories)
                 rows[-1]["levels_read"] = levels
             if kernels:
-                rows[-1]["kernel_launches_per_step"] = kernels.pop("launches")
-                rows[-1]["kernel_gap_ms_per_step"] = kernels.pop("gaps")
-                rows[-1]["kernel_ms_per_step"] = kernels
+                add_kernel_table(rows[-1], kernels)
             save()
     print(json.dumps(meta))
     print(f"{'context':>8} {'model':<16}{'ms/step':>9}{'gpu ms':>8}{'launch ms':>10}{'tok/s':>9}{'cache GB':>10}"
