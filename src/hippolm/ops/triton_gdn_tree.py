@@ -506,8 +506,8 @@ def _leaf_grads(w_ptr, u_ptr, kd_ptr, ge_ptr, m_ptr, up_ptr, qb_ptr, dqa_ptr, do
 # Columns per program: summaries (BN) and outputs (BV); warps per program. Timed on the H100
 # (flag_timing_h100_llgdn_tree_tiles_*.json, fwd / fwd+bwd ms at 8k; at 64k alike): a read program per
 # chunk, BV = 128, 4.32 / 18.02 against 4.71 / 18.56 with a program per 64-column V tile (each
-# carried the query through the same nodes); 8 warps 5.03 / 18.90; BN = 128 4.95 / 18.57, 256 7.65
-# / 23.61 against 64: 4.80 / 18.32.
+# carried the query through the same nodes); 8 warps 5.03 / 18.90; BN (with BV = 64) 128: 4.95 /
+# 18.57, 256: 7.65 / 23.61, against 64: 4.80 / 18.32.
 TREE_TILES = {"BN": 64, "BV": 128, "num_warps": 4}
 # Backward, per kernel: columns per step (pairs: V columns; node and leaf gradients: summary
 # columns, 16-bit / float32 operands) and warps; reader chunks per program of the per-node phase
