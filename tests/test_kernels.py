@@ -573,6 +573,30 @@ def test_loglinear_gated_delta_rule_tree_backward(bf16, save, do_copy, leaves_fw
     _assert_matches_reference(xs, run, torch.bfloat16 if bf16 else torch.float32, 2e-2 if bf16 else 1e-4)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_loglinear_gated_delta_rule_at_head_dim_128(bf16, device, monkeypatch):
+    """The default path at the head dims models use (K = V = 128, chunks of 64): the tiles the host
+    picks there (one read program per chunk over all 128 V columns, TREE_TILES["BV"]) run nowhere
+    else in this file (V = 32 elsewhere). Two packed sequences, 700 tokens: outputs and every
+    gradient == the float64 reference; buffers uninitialised come filled with NaN."""
+    _poison_empty(monkeypatch)
+    T, K, V = 700, 128, 128
+    xs = make_inputs("gated_delta_rule", 1, T, 1, K, V, seed=21)
+    if bf16:
+        xs = [x.to(torch.bfloat16).double() if i < 3 else x for i, x in enumerate(xs)]
+    xs.append(torch.rand(1, T, 1, ops.num_levels(T), generator=torch.Generator().manual_seed(3),
+                         dtype=torch.float64) + 0.25)
+    xs = [x.to(REF_DEV) for x in xs]
+    w = torch.randn(1, T, 1, V, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(REF_DEV)
+    cu_seqlens = torch.tensor([0, 450, T], device=REF_DEV)
+
+    def run(leaves, backend):
+        o, _ = ops.loglinear_gated_delta_rule(*leaves, backend=backend, cu_seqlens=cu_seqlens)
+        return o, torch.autograd.grad((o.double() * w).sum(), leaves)
+
+    _assert_matches_reference(xs, run, torch.bfloat16 if bf16 else torch.float32, 2e-2 if bf16 else 1e-4)
+
+
 def _poison_empty(monkeypatch) -> None:
     """torch.empty / empty_like return tensors filled with NaN (a kernel reading what nobody wrote fails)."""
     empty, empty_like = torch.empty, torch.empty_like
