@@ -415,18 +415,19 @@ def test_loglinear_gated_delta_rule_prefill_in_pieces(device):
     assert rel_err(state.slots.cpu(), s_one.slots.cpu()) < 1e-4 and state.position.tolist() == [T]
 
 
-def _level_case(T: int, seed: int, bf16: bool, H: int = 1, K: int = 8, chunk: int = 16, cu_seqlens=None):
+def _level_case(T: int, seed: int, bf16: bool, H: int = 1, K: int = 8, chunk: int = 16, cu_seqlens=None,
+                V: int = 32):
     """Log-linear Gated DeltaNet for the level and chunk kernels (B=1, V=32, chunk 16 unless given):
     float64 inputs (q, k, v rounded to bf16 if ``bf16``) and run(leaves, backend) -> (o, gradients
     of a weighted sum). Shared with benchmarks/kernel_cpu_checks.py."""
 
-    xs = make_inputs("gated_delta_rule", 1, T, H, K, 32, seed=seed)
+    xs = make_inputs("gated_delta_rule", 1, T, H, K, V, seed=seed)
     if bf16:
         xs = [x.to(torch.bfloat16).double() if i < 3 else x for i, x in enumerate(xs)]
     xs.append(torch.rand(1, T, H, ops.num_levels(T), generator=torch.Generator().manual_seed(3),
                          dtype=torch.float64) + 0.25)
     xs = [x.to(REF_DEV) for x in xs]  # on a GPU both paths run there
-    w = torch.randn(1, T, H, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(REF_DEV)
+    w = torch.randn(1, T, H, V, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(REF_DEV)
     cu_seqlens = None if cu_seqlens is None else cu_seqlens.to(REF_DEV)
 
     def run(leaves, backend):
@@ -580,20 +581,7 @@ def test_loglinear_gated_delta_rule_at_head_dim_128(bf16, device, monkeypatch):
     else in this file (V = 32 elsewhere). Two packed sequences, 700 tokens: outputs and every
     gradient == the float64 reference; buffers uninitialised come filled with NaN."""
     _poison_empty(monkeypatch)
-    T, K, V = 700, 128, 128
-    xs = make_inputs("gated_delta_rule", 1, T, 1, K, V, seed=21)
-    if bf16:
-        xs = [x.to(torch.bfloat16).double() if i < 3 else x for i, x in enumerate(xs)]
-    xs.append(torch.rand(1, T, 1, ops.num_levels(T), generator=torch.Generator().manual_seed(3),
-                         dtype=torch.float64) + 0.25)
-    xs = [x.to(REF_DEV) for x in xs]
-    w = torch.randn(1, T, 1, V, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(REF_DEV)
-    cu_seqlens = torch.tensor([0, 450, T], device=REF_DEV)
-
-    def run(leaves, backend):
-        o, _ = ops.loglinear_gated_delta_rule(*leaves, backend=backend, cu_seqlens=cu_seqlens)
-        return o, torch.autograd.grad((o.double() * w).sum(), leaves)
-
+    xs, run = _level_case(700, seed=21, bf16=bf16, K=128, V=128, chunk=64, cu_seqlens=torch.tensor([0, 450, 700]))
     _assert_matches_reference(xs, run, torch.bfloat16 if bf16 else torch.float32, 2e-2 if bf16 else 1e-4)
 
 
