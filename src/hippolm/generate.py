@@ -49,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--prefill-chunk", type=int, default=4096, help="prompt tokens per prefill forward (AHN)")
     p.add_argument("--no-stream", action="store_true", help="print the text at the end, not as it comes")
+    p.add_argument("--cuda-graph", action="store_true", help="AHN / SWA-only on CUDA: each new token from a "
+                   "replayed CUDA graph (generate(cuda_graph=True)), not transformers' loop")
 
 
 @dataclass
@@ -139,7 +141,8 @@ def encode_prompt(tokenizer, prompt: str, raw: bool = False) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model, tokenizer, input_ids: torch.Tensor, mode: str, *, max_new_tokens: int = 128,
-             temperature: float = 0.0, top_p: float = 1.0, prefill_chunk: int = 4096, streamer=None) -> Generation:
+             temperature: float = 0.0, top_p: float = 1.0, prefill_chunk: int = 4096, streamer=None,
+             cuda_graph: bool = False) -> Generation:
     """Generate from ``input_ids`` [1, T] and measure the cache the model kept."""
     from transformers import DynamicCache
 
@@ -159,7 +162,7 @@ def generate(model, tokenizer, input_ids: torch.Tensor, mode: str, *, max_new_to
     else:
         cache = model.new_cache()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
-                             prefill_chunk_size=prefill_chunk, **kwargs)
+                             prefill_chunk_size=prefill_chunk, cuda_graph=cuda_graph, **kwargs)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -194,11 +197,15 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
+    if args.cuda_graph and device.type != "cuda":
+        raise GenerateError(f"--cuda-graph needs a CUDA device (this run is on {device}); leave it out on CPU.")
     tokenizer, model, mode = load(args.base, args.memory, args.window, args.sinks, device, dtype, args.tokenizer)
+    if args.cuda_graph and mode == "full":
+        raise GenerateError("--cuda-graph decodes through the AHN cache: give --memory or --window.")
     ids = encode_prompt(tokenizer, prompt, args.raw)
     streamer = None if args.no_stream else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     g = generate(model, tokenizer, ids, mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                 top_p=args.top_p, prefill_chunk=args.prefill_chunk, streamer=streamer)
+                 top_p=args.top_p, prefill_chunk=args.prefill_chunk, streamer=streamer, cuda_graph=args.cuda_graph)
     if args.no_stream:
         print(g.text)
     if mode == "full":

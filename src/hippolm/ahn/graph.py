@@ -12,7 +12,16 @@ fast GPU) this is what makes decode time track the bytes it moves.
 
 from __future__ import annotations
 
+import copy
+
 import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from .cache import AHNCache
 
@@ -27,8 +36,8 @@ class GraphDecoder:
     replay.
     """
 
-    def __init__(self, model, cache: AHNCache):
-        if not torch.cuda.is_available() or model.device.type != "cuda":
+    def __init__(self, model, cache: AHNCache, capture: bool = True):
+        if capture and (not torch.cuda.is_available() or model.device.type != "cuda"):
             raise ValueError("GraphDecoder needs the model on a CUDA device; on CPU call the model directly.")
         if not all(layer.is_initialized and layer.stream_len > 0 for layer in cache.layers):
             raise ValueError("GraphDecoder needs a cache holding at least one token (prefill the prompt first).")
@@ -41,6 +50,7 @@ class GraphDecoder:
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self.warmed: set[str] = set()
+        self.capture = capture  # False: every step eager, the same inputs (what the graphs are checked against)
 
     @property
     def graph(self) -> torch.cuda.CUDAGraph | None:
@@ -73,7 +83,7 @@ class GraphDecoder:
                              f"got {tuple(ids.shape)}.")
         self._load_inputs(ids)
         kind = self._kind()
-        if kind == "eager":
+        if kind == "eager" or not self.capture:
             return self._step()
         if kind not in self.warmed:  # warm-up on a side stream, as torch.cuda.graphs asks
             self.warmed.add(kind)
@@ -97,3 +107,88 @@ class GraphDecoder:
         for layer in self.cache.layers:
             layer.stream_len += 1
         return self.outputs[kind]
+
+
+# generation_config fields graph_generate has no processor for, each with its neutral values
+_UNSUPPORTED = (("num_beams", (None, 1)), ("num_return_sequences", (None, 1)), ("no_repeat_ngram_size", (None, 0)),
+                ("min_new_tokens", (None, 0)), ("min_length", (None, 0)), ("bad_words_ids", (None,)),
+                ("suppress_tokens", (None,)), ("begin_suppress_tokens", (None,)), ("forced_bos_token_id", (None,)),
+                ("forced_eos_token_id", (None,)), ("min_p", (None,)), ("typical_p", (None, 1.0)),
+                ("epsilon_cutoff", (None, 0.0)), ("eta_cutoff", (None, 0.0)), ("sequence_bias", (None,)),
+                ("encoder_repetition_penalty", (None, 1.0)), ("penalty_alpha", (None,)), ("stop_strings", (None,)),
+                ("guidance_scale", (None, 1.0)), ("exponential_decay_length_penalty", (None,)),
+                ("watermarking_config", (None,)), ("renormalize_logits", (None, False)),
+                ("return_dict_in_generate", (None, False)), ("output_scores", (None, False)),
+                ("output_logits", (None, False)), ("output_attentions", (None, False)),
+                ("output_hidden_states", (None, False)))
+
+
+def _processors(gc) -> LogitsProcessorList:
+    """transformers' processors for the settings graph_generate takes, in generate's order."""
+    procs = LogitsProcessorList()
+    if gc.repetition_penalty not in (None, 1.0):
+        procs.append(RepetitionPenaltyLogitsProcessor(gc.repetition_penalty))
+    if gc.do_sample:
+        if gc.temperature not in (None, 1.0):
+            procs.append(TemperatureLogitsWarper(gc.temperature))
+        if gc.top_k not in (None, 0):
+            procs.append(TopKLogitsWarper(gc.top_k))
+        if gc.top_p not in (None, 1.0):
+            procs.append(TopPLogitsWarper(gc.top_p))
+    return procs
+
+
+@torch.no_grad()
+def graph_generate(model, input_ids: torch.Tensor, cache: AHNCache, capture: bool = True, streamer=None,
+                   **kwargs) -> torch.Tensor:
+    """``generate``'s decoding loop with each step replayed from a CUDA graph (:class:`GraphDecoder`),
+    for ``input_ids`` whose tokens but the last are in ``cache``. Greedy or sampling with the base's
+    generation config updated by ``kwargs``: max_new_tokens / max_length, do_sample, temperature,
+    top_k, top_p, repetition_penalty, eos_token_id, pad_token_id (finished rows get pad, as
+    transformers' generate); a ``streamer`` gets the prompt, then each token, as from generate.
+    Returns the prompt and the new tokens, [B, T + new]. ``capture``
+    False: every step eager (any device; what tests compare with transformers' generate)."""
+    gc = copy.deepcopy(model.base.generation_config)
+    unused = gc.update(**kwargs)
+    if unused:
+        raise ValueError(f"cuda_graph=True takes generation settings only; got {sorted(unused)}. Pass "
+                         "cuda_graph=False for transformers' generate with those.")
+    for name, neutral in _UNSUPPORTED:
+        if getattr(gc, name, None) not in neutral:
+            raise ValueError(f"cuda_graph=True has no support for {name}={getattr(gc, name)!r}; pass "
+                             "cuda_graph=False (transformers' generate) or leave it unset.")
+    steps = (gc.max_new_tokens if gc.max_new_tokens is not None
+             else (gc.max_length if gc.max_length is not None else 20) - input_ids.shape[1])  # generate's default
+    eos = gc.eos_token_id
+    eos = None if eos is None else torch.tensor([eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
+    pad = gc.pad_token_id if gc.pad_token_id is not None else (None if eos is None else int(eos[0]))
+    procs = _processors(gc)
+    out = input_ids
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    if steps <= 0:
+        return out
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    decoder = None
+    if cache.get_seq_length() == 0:  # nothing in the cache to capture against: the first step eagerly
+        logits = model(input_ids[:, -1:], cache=cache, position_ids=torch.zeros_like(input_ids[:, -1:]),
+                       logits_to_keep=1).logits
+    else:
+        decoder = GraphDecoder(model, cache, capture)
+        logits = decoder(input_ids[:, -1:])
+    for i in range(steps):
+        scores = procs(out, logits[:, -1].float())
+        nxt = torch.multinomial(scores.softmax(-1), 1)[:, 0] if gc.do_sample else scores.argmax(-1)
+        if eos is not None:
+            nxt = torch.where(unfinished, nxt, pad)
+            unfinished &= ~torch.isin(nxt, eos)
+        out = torch.cat([out, nxt[:, None]], 1)
+        if streamer is not None:
+            streamer.put(nxt.cpu())
+        if i == steps - 1 or (eos is not None and not bool(unfinished.any())):
+            break
+        decoder = decoder or GraphDecoder(model, cache, capture)
+        logits = decoder(nxt[:, None])
+    if streamer is not None:
+        streamer.end()
+    return out

@@ -23,7 +23,7 @@ from ..hf_compat import cache_arg, pick_cache
 from .attention import AHNAttentionMixin
 from .cache import AHNCache
 from .config import MEMORY_TYPES, AHNConfig, validate_window
-from .graph import GraphDecoder
+from .graph import GraphDecoder, graph_generate
 from .memory import MemoryModule
 
 # Our attention builds its own masks; an attention implementation transformers has no mask
@@ -231,14 +231,19 @@ class AHNForCausalLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  past_key_values: AHNCache | None = None, prefill_chunk_size: int = 4096, *,
-                 cache: AHNCache | None = None, **kwargs):
+                 cache: AHNCache | None = None, cuda_graph: bool = False, **kwargs):
         """``transformers`` generate with a bounded cache. The prompt (all but its last token) is
         prefilled in chunks of ``prefill_chunk_size``, so prompts of any length fit; pass the cache
-        of an earlier call (and the whole conversation as ``input_ids``) to continue it."""
+        of an earlier call (and the whole conversation as ``input_ids``) to continue it.
+        ``cuda_graph`` (model on CUDA): each new token from a replayed CUDA graph
+        (:func:`~hippolm.ahn.graph.graph_generate`: greedy or sampling with temperature, top-k, top-p,
+        repetition penalty, eos / pad; other settings get a clear error), not transformers' loop."""
         cache = pick_cache(cache, past_key_values)
         cache = cache if cache is not None else self.new_cache()
         if input_ids.shape[1] > 1:
             self.prefill(input_ids[:, :-1], None if attention_mask is None else attention_mask[:, :-1], cache,
                          prefill_chunk_size)
+        if cuda_graph:
+            return graph_generate(self, input_ids, cache, **kwargs)
         return self.base.generate(input_ids=input_ids, attention_mask=attention_mask, **cache_arg(cache),
                                   **kwargs)
