@@ -279,6 +279,18 @@ def test_graph_generate_loop_equals_transformers_generate(settings):
         assert (got[:, T:] == 0).any()
 
 
+def test_graph_generate_from_one_token_and_an_empty_cache():
+    """Nothing to prefill: the first step runs eagerly, then the decoder takes over."""
+    from hippolm.ahn.graph import graph_generate
+
+    model = ahn("llama", "gdn", window=6, sinks=2)
+    ids = torch.tensor([[7]])
+    want = model.generate(ids, max_new_tokens=15, do_sample=False, pad_token_id=0)
+    got = graph_generate(model, ids, model.new_cache(), capture=False, max_new_tokens=15, do_sample=False,
+                         pad_token_id=0)
+    assert got.tolist() == want.tolist()
+
+
 def test_graph_generate_refuses_what_it_does_not_do():
     from hippolm.ahn.graph import graph_generate
 

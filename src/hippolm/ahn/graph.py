@@ -166,7 +166,9 @@ def graph_generate(model, input_ids: torch.Tensor, cache: AHNCache, capture: boo
     out = input_ids
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    if steps <= 0:
+    if steps <= 0:  # max_length reached by the prompt
+        if streamer is not None:
+            streamer.end()
         return out
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     decoder = None
