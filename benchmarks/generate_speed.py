@@ -67,14 +67,14 @@ def main() -> None:
                      "seconds_1_token": t1, f"seconds_{1 + args.new}_tokens": tn})
         print(f"cuda_graph={cuda_graph!s:5}: {ms:8.2f} ms per new token (batch {args.batch}), "
               f"{args.batch * 1e3 / ms:8.1f} tok/s; prefill + 1 token {t1:.2f} s")
-    same = len(outputs) == 2 and torch.equal(outputs[False], outputs[True])
-    print("same tokens:", same if len(outputs) == 2 else "n/a (one mode)")
+    same = torch.equal(outputs[False], outputs[True]) if len(outputs) == 2 else None  # None: one mode ran
+    print("same tokens:", "n/a (one mode)" if same is None else same)
     meta = {"device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__,
             "transformers": transformers.__version__, "date": datetime.date.today().isoformat(),
             "model": "Qwen2.5-3B architecture, random weights, bf16" if not args.tiny else "tiny, float32",
             "memory": "gdn", "batch": args.batch, "prompt": args.prompt, "new_tokens_timed": args.new,
             "window": args.window, "sinks": args.sinks, "compiled_pointwise": args.compile,
-            "same_tokens": same if len(outputs) == 2 else None}
+            "same_tokens": same}
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": rows}, f, indent=2)

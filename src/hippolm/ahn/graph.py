@@ -163,34 +163,27 @@ def graph_generate(model, input_ids: torch.Tensor, cache: AHNCache, capture: boo
     eos = None if eos is None else torch.tensor([eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
     pad = gc.pad_token_id if gc.pad_token_id is not None else (None if eos is None else int(eos[0]))
     procs = _processors(gc)
-    out = input_ids
+    out, last = input_ids, input_ids[:, -1:]
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    if steps <= 0:  # max_length reached by the prompt
-        if streamer is not None:
-            streamer.end()
-        return out
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     decoder = None
-    if cache.get_seq_length() == 0:  # nothing in the cache to capture against: the first step eagerly
-        logits = model(input_ids[:, -1:], cache=cache, position_ids=torch.zeros_like(input_ids[:, -1:]),
-                       logits_to_keep=1).logits
-    else:
-        decoder = GraphDecoder(model, cache, capture)
-        logits = decoder(input_ids[:, -1:])
-    for i in range(steps):
+    for _ in range(max(steps, 0)):  # none when the prompt already fills max_length
+        if cache.get_seq_length() == 0:  # nothing in the cache to capture against: this first step eagerly
+            logits = model(last, cache=cache, position_ids=torch.zeros_like(last), logits_to_keep=1).logits
+        else:
+            decoder = decoder or GraphDecoder(model, cache, capture)
+            logits = decoder(last)
         scores = procs(out, logits[:, -1].float())
         nxt = torch.multinomial(scores.softmax(-1), 1)[:, 0] if gc.do_sample else scores.argmax(-1)
         if eos is not None:
             nxt = torch.where(unfinished, nxt, pad)
             unfinished &= ~torch.isin(nxt, eos)
-        out = torch.cat([out, nxt[:, None]], 1)
+        out, last = torch.cat([out, nxt[:, None]], 1), nxt[:, None]
         if streamer is not None:
             streamer.put(nxt.cpu())
-        if i == steps - 1 or (eos is not None and not bool(unfinished.any())):
+        if eos is not None and not bool(unfinished.any()):
             break
-        decoder = decoder or GraphDecoder(model, cache, capture)
-        logits = decoder(nxt[:, None])
     if streamer is not None:
         streamer.end()
     return out
