@@ -291,19 +291,40 @@ def memory_step_from_cache_reference(q, keys, values, ring_gates, cursor, sinks,
 if triton is not None:
 
     @triton.jit
+    def _evicted_token(Q, KEYS, VALUES, RING_G, CURSOR, SLOT_POS, pid, H, n_kv_heads, sinks, window, sqb, sqh, skb,
+                       skh, sks, svb, svh, svs, sgb, sgw, sgh, spb, v0, KD: tl.constexpr, BV: tl.constexpr,
+                       CHECK_SLOT: tl.constexpr):
+        """Loads of program pid = b * H + h of a cached decode step: (b, h, key and value column
+        offsets, its query and the key and value columns v0 .. v0 + BV of the token leaving the window
+        (float32, its GQA group's), its write gates' address, and with CHECK_SLOT whether that slot
+        holds a real token past the sinks, else True). Loads only, in this order (the callers issue
+        every load before the arithmetic; the compiled steps are the GPU-timed ones)."""
+        b, h = pid // H, pid % H
+        hk = h // (H // n_kv_heads)
+        slot = sinks + tl.load(CURSOR + b) % window
+        ok = True
+        if CHECK_SLOT:
+            ok = tl.load(SLOT_POS + b * spb + slot) >= sinks
+        kk, vv = tl.arange(0, KD), v0 + tl.arange(0, BV)
+        q = tl.load(Q + b * sqb + h * sqh + kk).to(tl.float32)
+        k = tl.load(KEYS + b * skb + hk * skh + slot * sks + kk).to(tl.float32)
+        v = tl.load(VALUES + b * svb + hk * svh + slot * svs + vv).to(tl.float32)
+        return b, h, kk, vv, q, k, v, RING_G + b * sgb + (slot - sinks) * sgw + h * sgh, ok
+
+    @triton.jit
+    def _l2_normalized(x):
+        """F.normalize of a vector."""
+        return x / tl.maximum(tl.sqrt(tl.sum(x * x, 0)), 1e-12)
+
+    @triton.jit
     def _memory_step_cache_kernel(Q, KEYS, VALUES, RING_G, CURSOR, STATE, NW, GATE, OPROJ, OUT, H, n_kv_heads,
                                   sinks, window, eps, scale, sqb, sqh, skb, skh, sks, svb, svh, svs, sgb, sgw, sgh,
                                   KD: tl.constexpr, VD: tl.constexpr, G_IDX: tl.constexpr, BETA_IDX: tl.constexpr,
                                   DELTA: tl.constexpr, HAS_PROJ: tl.constexpr):
         pid = tl.program_id(0)  # b * H + h
-        b, h = pid // H, pid % H
-        hk = h // (H // n_kv_heads)
-        slot = sinks + tl.load(CURSOR + b) % window
-        kk, vv = tl.arange(0, KD), tl.arange(0, VD)
-        q = tl.load(Q + b * sqb + h * sqh + kk).to(tl.float32)
-        k = tl.load(KEYS + b * skb + hk * skh + slot * sks + kk).to(tl.float32)
-        v = tl.load(VALUES + b * svb + hk * svh + slot * svs + vv).to(tl.float32)
-        gates = RING_G + b * sgb + (slot - sinks) * sgw + h * sgh
+        _, h, kk, vv, q, k, v, gates, _ = _evicted_token(Q, KEYS, VALUES, RING_G, CURSOR, CURSOR, pid, H, n_kv_heads,
+                                                         sinks, window, sqb, sqh, skb, skh, sks, svb, svh, svs, sgb,
+                                                         sgw, sgh, 0, 0, KD, VD, False)
         s_ptr = STATE + pid * KD * VD + kk[:, None] * VD + vv[None, :]
         S = tl.load(s_ptr)
         # every load issued before the arithmetic: a step is one latency-bound pass over ~100 KB
@@ -315,8 +336,7 @@ if triton is not None:
         gate = tl.load(GATE + pid).to(tl.float32)
         if HAS_PROJ:  # the head's block of the read-out projection
             w = tl.load(OPROJ + h * VD * VD + vv[:, None] * VD + vv[None, :])
-        q = q / tl.maximum(tl.sqrt(tl.sum(q * q, 0)), 1e-12)
-        k = k / tl.maximum(tl.sqrt(tl.sum(k * k, 0)), 1e-12)
+        q, k = _l2_normalized(q), _l2_normalized(k)
         S = _state_step(S, k, v, decay, beta, G_IDX >= 0, True, DELTA)
         tl.store(s_ptr, S)
         o = tl.sum(S * q[:, None], 0) * scale
@@ -601,17 +621,11 @@ if triton is not None:
         (-1: none; KSCALE_IDX scales k, Mamba-2's write strength); no step where the slot holds no
         real token past the sinks (its position < sinks)."""
         pid = tl.program_id(0)  # b * H + h
-        b, h = pid // H, pid % H
-        hk = h // (H // n_kv_heads)
-        slot = sinks + tl.load(CURSOR + b) % window
-        ok = tl.load(SLOT_POS + b * spb + slot) >= sinks
-        kk, vv = tl.arange(0, KD), tl.program_id(1) * BV + tl.arange(0, BV)
-        q = tl.load(Q + b * sqb + h * sqh + kk).to(tl.float32)
-        k = tl.load(KEYS + b * skb + hk * skh + slot * sks + kk).to(tl.float32)
-        v = tl.load(VALUES + b * svb + hk * svh + slot * svs + vv).to(tl.float32)
-        gates = RING_G + b * sgb + (slot - sinks) * sgw + h * sgh
-        q = q / tl.maximum(tl.sqrt(tl.sum(q * q, 0)), 1e-12)  # F.normalize
-        k = k / tl.maximum(tl.sqrt(tl.sum(k * k, 0)), 1e-12)
+        b, h, _, vv, q, k, v, gates, ok = _evicted_token(Q, KEYS, VALUES, RING_G, CURSOR, SLOT_POS, pid, H,
+                                                          n_kv_heads, sinks, window, sqb, sqh, skb, skh, sks, svb,
+                                                          svh, svs, sgb, sgw, sgh, spb, tl.program_id(1) * BV, KD,
+                                                          BV, True)
+        q, k = _l2_normalized(q), _l2_normalized(k)
         decay = 1.0
         beta = 1.0
         if G_IDX >= 0:
