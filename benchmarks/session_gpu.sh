@@ -8,6 +8,9 @@
 #            --splits the decode attention per split count) -> decode_step_timing.json
 #   kernels  tests/test_kernels.py -k "$TEST_K" -> test_kernels_cuda.log
 #   chunk    benchmarks/chunk_timing.py --configs "$CHUNK_CONFIGS" -> chunk_timing.json
+#   ahn      ahn_gpu.sh tests (the AHN CUDA tests and the decode kernel tests) -> ahn/test_ahn_cuda.log
+#   generate ahn_gpu.sh generate (generate() vs generate(cuda_graph=True), GEN_ARGS) -> ahn/generate_speed_<gpu>.json
+#   bench    kernels_gpu.sh bench $BENCH_ARGS (BENCH_TIMEOUT) -> bench/kernels_<gpu>.json
 #   ab       kernels_gpu.sh bench $AB_ARGS on the tree in $AB_SRC (an older src, e.g. from
 #            `git archive REV src | tar -x -C .gpu_stash/base`, carried), then on this one, each
 #            <= AB_TIMEOUT s -> base/kernels_<gpu>.json, new/kernels_<gpu>.json (one call: the rows compare)
@@ -42,6 +45,18 @@ if has chunk; then
   timeout ${CHUNK_TIMEOUT:-150} python3 benchmarks/chunk_timing.py --configs "${CHUNK_CONFIGS:-default}" \
     --json "$OUT/chunk_timing.json" 2>&1 | grep -v Warn | tail -12
   echo "chunk timing done at $(( $(date +%s) - t0 )) s"
+fi
+for step in ahn generate; do
+  if has $step; then
+    what=tests; [ $step = generate ] && what=generate
+    OUT=$OUT/ahn TEST_TIMEOUT=${AHN_TIMEOUT:-200} bash benchmarks/ahn_gpu.sh $what 2>&1 | grep -v Warn | tail -14
+    echo "ahn $what done at $(( $(date +%s) - t0 )) s"
+  fi
+done
+if has bench; then
+  OUT=$OUT/bench BENCH_BUDGET=$(( ${BENCH_TIMEOUT:-190} - 20 )) BENCH_TIMEOUT=${BENCH_TIMEOUT:-190} \
+    bash benchmarks/kernels_gpu.sh bench ${BENCH_ARGS:-} | grep -v Warn | tail -10
+  echo "bench done at $(( $(date +%s) - t0 )) s"
 fi
 if has ab; then  # kernels_gpu.sh's bench on the older tree (SRC), then on this one
   args=${AB_ARGS:---lengths 8192,16384,65536 --ops loglinear_gated_delta_rule,attention --phases ours}
