@@ -92,7 +92,7 @@ def main():
                     help="comma list of: gated_delta_rule, ssd, loglinear_gated_delta_rule, loglinear_ssd")
     ap.add_argument("--no-tune", action="store_true", help="skip the dqkwg config sweep")
     ap.add_argument("--set", action="append", default=[], metavar="module.ATTRIBUTE=INT",
-                    help="a kernel option under hippolm.ops, e.g. triton_gdn.LEVEL_TREE_BWD=1")
+                    help="a kernel option under hippolm.ops, e.g. triton_gdn.LEVEL_TREE_SAVE=1")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     set_options(args.set)

@@ -1,15 +1,14 @@
 """What can be measured about our Triton kernels without a GPU, as JSON (--json):
 
-* shared memory of the log-linear Gated DeltaNet level kernels compiled for sm_90 and sm_80 (Triton's
-  bundled ptxas) for several tilings (levels per program x V columns per level), with the launch
-  options the host picks;
 * the bf16 dg error of log-linear Mamba-2 at T = 3000 under Triton's CPU interpreter, against the
   float64 reference of the rounded inputs, for the per-position prefix/suffix sum and for the
   suffix sum alone (the case of tests/test_kernels.py::test_loglinear_ssd_bf16_dg_on_a_long_sequence);
 * the gradient errors of log-linear Gated DeltaNet with bf16 inputs under the interpreter (the fused
-  chunk kernels' 16-bit products, states and state gradients saved in bf16 between the backward's
-  scans and its gradient kernel). The interpreter rounds float32 -> bf16 to nearest even as the GPU
-  (hippolm.ops.triton_backend._patch_interpreter; from 2026-11-23 on, before it truncated).
+  chunk kernels' 16-bit products and the tree's bf16 summaries; before 2026-12-08 the level scans'
+  bf16 states between the backward's scans and its gradient kernel).
+
+The interpreter rounds float32 -> bf16 to nearest even as the GPU does
+(hippolm.ops.triton_backend._patch_interpreter; from 2026-11-23 on, before it truncated).
 
 Run: python benchmarks/kernel_cpu_checks.py --json benchmarks/results/kernel_cpu_checks.json
 (--parts to run some; the JSON keeps the others).
@@ -26,34 +25,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def shared_memory() -> list[dict]:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from test_kernel_compile import OPERAND_PTRS, _compile
-
-    from hippolm.ops import triton_gdn
-
-    rows = []
-    for which in ("fwd", "bwd"):
-        for prec, major in (("tf32", 9), ("tf32", 8), ("ieee", 9), ("ieee", 8)):
-            for NL, BV in ((4, 32), (2, 64), (2, 32), (1, 64), (1, 32)):
-                row = {"kernel": which, "operands": "bf16" if prec == "tf32" else "fp32", "sm": major * 10,
-                       "levels": NL, "BV": BV, **triton_gdn._level_launch(prec, major, which == "bwd")}
-                try:
-                    k = _compile(triton_gdn._level_fwd if which == "fwd" else triton_gdn._level_bwd,
-                                 {"C": 64, "BK": 128, "BV": BV, "NL": NL, "PREC": prec,
-                                  **({"FIRST": True, "HAS_O0": True} if which == "fwd"
-                                     else {"BLOCK_STORE": triton_gdn.LEVEL_BLOCK_STORE}),
-                                  "ADJ": bool(triton_gdn.LEVEL_V_ADJACENT)},
-                                 triton_gdn._level_launch(prec, major, which == "bwd"), major, row["operands"],
-                                 OPERAND_PTRS)
-                    row["shared_bytes"] = k.metadata.shared
-                except Exception as err:
-                    row["error"] = f"{type(err).__name__}: {str(err)[-200:]}"
-                print(row, flush=True)
-                rows.append(row)
-    return rows
 
 
 DG_CASE = r'''
@@ -74,14 +45,12 @@ print(json.dumps(out))
 
 
 # Log-linear GDN backward with bf16 inputs under the interpreter's bf16: gradient errors against the
-# float64 reference of the rounded inputs, one level per group (7 chunk levels, 6 in the lower lane).
+# float64 reference of the rounded inputs (7 chunk levels).
 GRADS_CASE = r'''
 import json, sys, torch
 sys.path.insert(0, "tests")
 from test_kernels import _level_case
-from hippolm.ops import triton_gdn
 xs, run = _level_case(2048, seed=7, bf16=True, H=2, K=32)
-triton_gdn.LEVEL_TILES.update(bwd=(1, 16), bwd_top=(1, 16))
 want = run([x.clone().requires_grad_() for x in xs], "torch")[1]
 def err(a, b): return ((a.double() - b).norm() / b.norm()).item()
 got = run([x.to(torch.bfloat16 if i < 3 else torch.float32).requires_grad_() for i, x in enumerate(xs)], "triton")[1]
@@ -100,9 +69,8 @@ def interpreted(case: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--json", default=None, help="updated in place: the parts not run keep their results")
-    ap.add_argument("--parts", default="shared,dg,grads",
-                    help="comma list of: shared (level-kernel shared memory), dg (log-linear SSD bf16 dg), "
-                         "grads (log-linear GDN bf16 gradient errors)")
+    ap.add_argument("--parts", default="dg,grads",
+                    help="comma list of: dg (log-linear SSD bf16 dg), grads (log-linear GDN bf16 gradient errors)")
     args = ap.parse_args()
     import torch
     import triton
@@ -111,10 +79,8 @@ def main() -> None:
     out = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).exists() else {}
     runs = out.get("meta", {}).get("parts", {})  # part -> date it was last run
     runs.update(dict.fromkeys(parts, datetime.date.today().isoformat()))
-    out["meta"] = {"device": "cpu (no GPU: compiled for sm_90/sm_80, interpreter)", "torch": torch.__version__,
+    out["meta"] = {"device": "cpu (no GPU: Triton's interpreter)", "torch": torch.__version__,
                    "triton": triton.__version__, "parts": runs}
-    if "shared" in parts:
-        out["level_kernel_shared_memory"] = shared_memory()
     if "dg" in parts:
         out["loglinear_ssd_bf16_dg_T3000_interpreter"] = interpreted(DG_CASE)
         print(json.dumps(out["loglinear_ssd_bf16_dg_T3000_interpreter"]))

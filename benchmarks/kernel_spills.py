@@ -30,8 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from flag_timing import set_options  # benchmarks/ is on the path when run as a script
 from test_kernel_compile import (  # tests/: the compile helpers
     chunk_kernel_compiled,
-    level_grads_compiled,
-    level_kernels_compiled,
     loglinear_mamba2_compiled,
     memory_step_compiled,
     tree_kernels_compiled,
@@ -80,11 +78,8 @@ def loglinear_ssd_kernels(warps: int | None, lines: int = 0) -> list[dict]:
 
 
 def loglinear_gdn_kernels(warps: int | None, lines: int = 0) -> list[dict]:
-    """The level kernels of both lanes at 64k tokens in chunks of 64 (forward: first group and the
-    others), the level gradient kernel and the fused chunk kernels, bf16 inputs (TF32 level dots)."""
-    named = [*level_kernels_compiled("fwd", "tf32", 9, warps), *level_kernels_compiled("bwd", "tf32", 9, warps),
-             ("_level_grads", level_grads_compiled("tf32", 9, warps)),
-             *((f"_chunk_{which}", chunk_kernel_compiled(which, "tf32", 9, warps))
+    """The fused chunk kernels and the tree's kernels at head dim 128, chunks of 64, bf16 inputs."""
+    named = [*((f"_chunk_{which}", chunk_kernel_compiled(which, "tf32", 9, warps))
                for which in ("fwd", "bwd", "bwd_qk")),
              *tree_kernels_compiled("tf32", 9, warps)]
     return _rows(named, lines)

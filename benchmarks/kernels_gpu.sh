@@ -5,7 +5,7 @@
 # budget a little shorter so it ends cleanly. Results and logs go to $OUT (default /tmp/out):
 #   kernels_<gpu>.json (copy to benchmarks/results/), test_kernels_cuda.log, kernels_<gpu>.log.
 # TEST_K: a pytest -k expression selecting some of the tests.
-# Usage: bash benchmarks/kernels_gpu.sh [what: tests|bench|errors|level|flags|profile|all, or a comma list like errors,tests]
+# Usage: bash benchmarks/kernels_gpu.sh [what: tests|bench|errors|flags|profile|all, or a comma list like errors,tests]
 #        [extra benchmark args, e.g. --quick]
 # errors: benchmarks/kernel_errors.py (every error per output/gradient and per chunk, <= ERR_TIMEOUT s)
 #   to kernel_errors_<gpu>.json (ERR_ARGS: its options, e.g. "--op loglinear_gated_delta_rule --shapes 1,3000,4");
@@ -35,11 +35,6 @@ if has tests; then
     | tee "$OUT/test_kernels_cuda.log" | tail -30
   echo "tests took $(( $(date +%s) - t0 )) s"
 fi
-if [[ ",$what," == *",level,"* ]]; then  # not in 'all'. level_timing.py: log-linear GDN level kernels
-  # per configuration (LEVEL_ARGS: its options, e.g. "--dtype float32 --configs default")
-  timeout ${LEVEL_TIMEOUT:-200} python3 benchmarks/level_timing.py ${LEVEL_ARGS:-} --json "$OUT/level_timing_$dev.json" 2>&1 \
-    | grep -v "^ \|Warn" | cut -c1-900
-fi
 if [[ ",$what," == *",flags,"* ]]; then  # not in 'all'. A/B timings of module-level kernel options, one
   # process each (benchmarks/flag_timing.py). FLAGS: space-separated module.ATTR=v1,v2[@module.ATTR=v,...]
   # (after @: options held fixed), e.g. "triton_loglinear.GRAD_OPERANDS=1,2 triton_loglinear.Q_V_PIECES=1,4@triton_loglinear.GRAD_OPERANDS=2";
@@ -56,7 +51,7 @@ if [[ ",$what," == *",flags,"* ]]; then  # not in 'all'. A/B timings of module-l
 fi
 if [[ ",$what," == *",profile,"* ]]; then  # not in 'all'. benchmarks/gdn_profile.py: CUDA kernel times of
   # one fwd+bwd (PROF_ARGS: its options, default the log-linear GDN at 64k tokens; PROF_SETS: comma-separated
-  # module.ATTR=v options, e.g. triton_gdn.LEVEL_TREE_FWD=1,triton_gdn.LEVEL_TREE_BWD=1) to gdn_profile_<gpu>.json
+  # module.ATTR=v options, e.g. triton_gdn.LEVEL_TREE_SAVE=1,triton_gdn.LEVEL_TREE_LEAVES_BWD=0) to gdn_profile_<gpu>.json
   sets=(); IFS=, read -ra fixed <<< "${PROF_SETS:-}"; for f in "${fixed[@]}"; do sets+=(--set "$f"); done
   timeout ${PROF_TIMEOUT:-120} python3 benchmarks/gdn_profile.py ${PROF_ARGS:---ops loglinear_gated_delta_rule --no-tune} \
     "${sets[@]}" --json "$OUT/gdn_profile_$dev.json" 2>&1 | grep -v Warn | cut -c1-300

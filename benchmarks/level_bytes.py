@@ -1,14 +1,12 @@
-"""Bytes that log-linear Gated DeltaNet's level kernels (hippolm.ops.triton_gdn._LevelReads) load and
-store per launch, counted from what each kernel reads and writes at the tiles of a configuration
-(no GPU needed), and, given a `benchmarks/level_timing.py` JSON, the bandwidth each launch of that
-run achieved with those bytes (against the H100's 3.0 TB/s): which launches are bandwidth-bound.
+"""Bytes that log-linear Gated DeltaNet's chunk levels move through the tree of block summaries
+(hippolm.ops.triton_gdn_tree), per phase, counted from what each kernel loads and stores (no GPU
+needed): the tree built, the forward's reads, and the backward's rebuild, pairs, node gradients and
+leaf gradients, with and without stored leaves. What the kernels would move if the L2 cache served
+nothing beyond the re-reads noted per function; divided by a peak bandwidth, a floor on their time.
+(Before 2026-12-08 it also counted the level-scan kernels, removed then; their counts are in
+level_bytes_h100_fwd_tiles.json.)
 
-Counted at the memory interface of each program, with no reuse between programs (what the
-kernels would move if the L2 cache served nothing): a launch above 100% got part of its loads
-from L2. Masked-off columns (levels that do not write / read a chunk) are not counted.
-
-    python benchmarks/level_bytes.py --timing benchmarks/results/level_timing_h100_fwd_tiles.json \
-        --config "4x16+2x32@2w4/2x64+2x64@2" --json benchmarks/results/level_bytes_h100.json
+    python benchmarks/level_bytes.py --T 8192 --batch 8 --json benchmarks/results/level_bytes_tree_T8192_B8_C64.json
 """
 
 from __future__ import annotations
@@ -17,67 +15,8 @@ import argparse
 import json
 
 import triton
-from level_timing import configure  # benchmarks/ is on the path when run as a script
-
-from hippolm.ops import triton_gdn as tg
 
 F32 = 4
-
-
-def _reads(i: int, j: int) -> bool:
-    return (i >> j) & 1 == 1
-
-
-def level_fwd(n: int, NH: int, K: int, C: int, op: int, lane, first: bool, has_o0: bool, group) -> int:
-    """One launch of _level_fwd: per program (segment, V tile) per chunk w, kd, ge, the writing
-    levels' u columns, and where a level of the group reads: qw, lam, o (read unless first, written)."""
-    j0, top, _ = group
-    levels = range(j0, top + 1)
-    total = 0
-    for i in range(n):  # the segments of 2^(top+1) chunks cover every chunk once
-        b = 2 * C * K * op + F32  # w, kd, ge
-        b += sum(C * lane.BV * op for j in levels if not _reads(i, j))  # u, writing levels
-        readers = [j for j in levels if _reads(i, j)]
-        if readers:
-            b += C * K * op + C * len(readers) * F32 + C * lane.BV * F32 * (1 if first else 2)
-        elif first:
-            b += C * lane.BV * F32
-        if first and has_o0:
-            b += C * lane.BV * F32
-        total += b * lane.NV
-    return total * NH
-
-
-def level_bwd(n: int, NH: int, K: int, C: int, op: int, do_b: int, lane, group) -> int:
-    """One launch of _level_bwd (both scans): the recompute scan stores each chunk's live level states
-    and reads w, kd, ge and the writing levels' u; the reverse scan stores the state gradients and
-    reads w, kd, ge and, where a level reads, qw, lam and do's columns (do_b bytes each) per reading level."""
-    j0, top, _ = group
-    levels = range(j0, top + 1)
-    total = 0
-    for i in range(n):  # the segments of 2^(top+1) chunks cover every chunk once
-        store = len(levels) * K * lane.BV * op
-        common = 2 * C * K * op + F32
-        hs = store + common + sum(C * lane.BV * op for j in levels if not _reads(i, j))
-        readers = [j for j in levels if _reads(i, j)]
-        hd = store + common
-        if readers:
-            hd += C * K * op + len(readers) * (C * F32 + C * lane.BV * do_b)
-        total += (hs + hd) * lane.NV
-    return total * NH
-
-
-def level_grads(n: int, NH: int, K: int, V: int, C: int, J: int, op: int, do_b: int) -> int:
-    """_level_grads: per chunk kd, qw, w, u, do (do_b bytes each), every level's state and state gradient,
-    lam of the reading levels; stores du, dw, dkd, dqw, dge, dlam."""
-    total = 0
-    for i in range(n):
-        readers = sum(_reads(i, j) for j in range(J))
-        loads = 3 * C * K * op + C * V * op + C * V * do_b + J * 2 * K * V * op + readers * C * F32
-        stores = C * V * op + 3 * C * K * op + F32 + C * J * F32
-        total += loads + stores
-    return total * NH
-
 
 def tree_build(n: int, K: int, V: int, C: int, J: int, op: int, leaves: bool = True) -> int:
     """triton_gdn_tree.build_tree, per sequence-head: per leaf w, kd, u, ge read and its summary
@@ -155,93 +94,34 @@ def tree_bwd_parts(n: int, NH: int, K: int, V: int, C: int, J: int, op: int, do_
     return {"rebuild": build * NH, "pairs": chunks * NH, "node_grads": nodes * NH, "leaf_grads_io": leaf_grads * NH}
 
 
-def count(T: int, H: int, d: int, C: int, op: int, prec: str) -> dict:
-    """Bytes per launch, in launch order per pass and lane (as level_timing.py's ``groups``)."""
-    n = T // C
-    J = (n - 1).bit_length()
-    do_b = F32 if tg.LEVEL_DO_COPY else op  # the float32 copy of do or do itself (the op's output type)
-    out = {"fwd": [], "bwd": [], "grads": level_grads(n, H, d, d, C, J, op, do_b)}
-    fwd_lanes = tg._level_lanes(n, J, d, d, "fwd", prec)
-    for li, lane in enumerate(fwd_lanes):
-        out["fwd"].append([level_fwd(n, H, d, C, op, lane, g == lane.groups[0], g == lane.groups[0] and li == 0, g)
-                           for g in lane.groups])
-    for lane in tg._level_lanes(n, J, d, d, "bwd", prec):
-        out["bwd"].append([level_bwd(n, H, d, C, op, do_b, lane, g) for g in lane.groups])
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--T", type=int, default=65536)
-    ap.add_argument("--batch", type=int, default=1, help="sequences of T tokens (the tree's counts scale with it)")
-    ap.add_argument("--config", default="default", help="as level_timing.py's --configs (one)")
-    ap.add_argument("--timing", default=None, help="a level_timing.py JSON with a row of this --config")
+    ap.add_argument("--batch", type=int, default=1, help="sequences of T tokens (the counts scale with it)")
     ap.add_argument("--chunk", type=int, default=64, help="tokens per chunk (what a larger chunk would save)")
     ap.add_argument("--peak-tb-s", type=float, default=3.0)
-    ap.add_argument("--do-in-place", action="store_true", help="LEVEL_DO_COPY = 0 (do read in bf16)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    H, d, C, op, prec = 16, 128, args.chunk, 2, "tf32"
-    tg.LEVEL_DO_COPY = 0 if args.do_in_place else tg.LEVEL_DO_COPY
-    configure(args.config)
-    counted = count(args.T, H * args.batch, d, C, op, prec)
-    rows = []
-    row = None
-    if args.timing:
-        with open(args.timing) as f:
-            row = next(r for r in json.load(f)["rows"] if r["config"] == args.config)
-
-    def launches(kernel: str, lanes_bytes: list[list[int]], names: list[str]) -> None:
-        times = {}
-        if row:  # a lane's launches: the stream with as many launches as the lane has groups
-            per_stream = [v for k, v in row["kernel_ms_per_launch"].items() if k.startswith(kernel + " ")]
-            for lane_i, lane_bytes in enumerate(lanes_bytes):
-                match = [v for v in per_stream if len(v) == len(lane_bytes)]
-                if len(match) == 1:
-                    times[lane_i] = match[0]
-        for lane_i, lane_bytes in enumerate(lanes_bytes):
-            for g, b in enumerate(lane_bytes):
-                r = {"kernel": kernel, "lane": names[lane_i], "group": g, "GB": round(b / 1e9, 3)}
-                if lane_i in times:
-                    ms = times[lane_i][g]
-                    r["ms"] = ms
-                    r["TB_s"] = round(b / ms / 1e9, 2)
-                    r["of_peak"] = round(b / ms / 1e9 / args.peak_tb_s, 2)
-                rows.append(r)
-
-    lanes = ["main", "top"]
-    launches("_level_fwd", counted["fwd"], lanes if len(counted["fwd"]) > 1 else ["top"])
-    launches("_level_bwd", counted["bwd"], lanes if len(counted["bwd"]) > 1 else ["top"])
-    launches("_level_grads", [[counted["grads"]]], ["all"])
-    for r in rows:
-        print(r)
-    total = sum(r["GB"] for r in rows)
-    print(f"all level kernels: {total:.1f} GB counted, {total / args.peak_tb_s:.1f} ms at {args.peak_tb_s} TB/s "
-          "if nothing came from L2 and nothing overlapped")
-    fwd = sum(r["GB"] for r in rows if r["kernel"] == "_level_fwd")
+    H, d, C, op = 16, 128, args.chunk, 2  # bf16 operands; do read in place in the output's type (op bytes)
     n = args.T // C
-    J, do_b = (n - 1).bit_length(), F32 if tg.LEVEL_DO_COPY else op
-    NH = H * args.batch
+    J, NH = (n - 1).bit_length(), H * args.batch
     tree, tree_nl = (tree_fwd(n, NH, d, d, C, J, op, leaves=lv) / 1e9 for lv in (True, False))
-    tree_b, tree_b_nl = (tree_bwd(n, NH, d, d, C, J, op, do_b, leaves=lv) / 1e9 for lv in (True, False))
+    tree_b, tree_b_nl = (tree_bwd(n, NH, d, d, C, J, op, op, leaves=lv) / 1e9 for lv in (True, False))
     build_nl = tree_build(n, d, d, C, J, op, leaves=False) * NH / 1e9
     parts = {"fwd_build_no_leaves": build_nl, "fwd_reads": tree_nl - build_nl}
-    parts |= {f"bwd_{k}": v / 1e9 for k, v in tree_bwd_parts(n, NH, d, d, C, J, op, do_b).items()}
+    parts |= {f"bwd_{k}": v / 1e9 for k, v in tree_bwd_parts(n, NH, d, d, C, J, op, op).items()}
     parts = {k: round(v, 2) for k, v in parts.items()}
     print("tree per phase, GB (ms at the peak if nothing came from L2):",
           ", ".join(f"{k} {v} ({v / args.peak_tb_s:.2f})" for k, v in parts.items()))
-    print(f"forward: {fwd:.1f} GB counted; the tree's (triton_gdn_tree.tree_reads) {tree:.1f} GB, "
-          f"{tree_nl:.1f} without stored leaves (LEVEL_TREE_LEAVES_FWD = 0)")
-    print(f"backward: {total - fwd:.1f} GB counted; the tree's (triton_gdn_tree.tree_backward) {tree_b:.1f} GB, "
-          f"{tree_b_nl:.1f} without stored leaves (LEVEL_TREE_LEAVES_BWD = 0)")
+    print(f"forward {tree:.1f} GB, {tree_nl:.1f} without stored leaves (LEVEL_TREE_LEAVES_FWD = 0); "
+          f"backward {tree_b:.1f} GB, {tree_b_nl:.1f} without stored leaves (LEVEL_TREE_LEAVES_BWD = 0)")
     if args.json:
-        meta = {"T": args.T, "batch": args.batch, "H": H, "d": d, "C": C, "operand_bytes": op, "config": args.config,
-                "timing": args.timing, "triton": triton.__version__, "peak_tb_s": args.peak_tb_s}
+        meta = {"T": args.T, "batch": args.batch, "H": H, "d": d, "C": C, "operand_bytes": op,
+                "triton": triton.__version__, "peak_tb_s": args.peak_tb_s}
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows, "total_GB": round(total, 2), "fwd_GB": round(fwd, 2),
-                       "tree_fwd_GB": round(tree, 2),
-                       "tree_fwd_no_leaves_GB": round(tree_nl, 2), "tree_bwd_GB": round(tree_b, 2),
-                       "tree_bwd_no_leaves_GB": round(tree_b_nl, 2), "tree_parts_GB": parts}, f, indent=1)
+            json.dump({"meta": meta, "tree_fwd_GB": round(tree, 2), "tree_fwd_no_leaves_GB": round(tree_nl, 2),
+                       "tree_bwd_GB": round(tree_b, 2), "tree_bwd_no_leaves_GB": round(tree_b_nl, 2),
+                       "tree_parts_GB": parts}, f, indent=1)
 
 
 if __name__ == "__main__":

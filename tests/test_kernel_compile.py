@@ -1,5 +1,6 @@
-"""Our Gated DeltaNet Triton kernels (state scan, log-linear level kernels) compiled for Hopper
-(sm_90) and Ampere (sm_80) without a GPU (Triton's bundled ptxas), with the tiles and launch options the host picks.
+"""Our Triton kernels (Gated DeltaNet state scan and chunk kernels, the log-linear trees, decode
+steps) compiled for Hopper (sm_90) and Ampere (sm_80) without a GPU (Triton's bundled ptxas), with the
+tiles and launch options the host picks.
 
 Catches what the CPU interpreter cannot: code the compiler rejects (a loop-carried float32 state
 re-assigned from a 16-bit load once broke the 16-bit backward) and tiles that need more shared
@@ -20,8 +21,6 @@ pytestmark = [
 
 # Shared memory per block (bytes): H100, A100.
 SHARED = {9: 232448, 8: 166912}
-# Pointers of the level kernels in the operand type (16-bit for 16-bit inputs); the others float32.
-OPERAND_PTRS = ("w_ptr", "u_ptr", "kd_ptr", "qw_ptr", "hs_ptr", "hd_ptr")
 # Integer arguments a multiple of 16 at the benchmarked shapes (H = 16, d = 128, chunks of 64, T = 8k or 64k:
 # n = T / 64, the output's strides): the launcher specialises them (divisibility 16), so these compiles do too.
 DIVISIBLE = ("K", "V", "H", "n", "sB", "sH", "sT")
@@ -59,37 +58,6 @@ def _options(options: dict, warps: int | None) -> dict:
     return options | ({"num_warps": warps} if warps else {})
 
 
-def level_kernels_compiled(which: str, prec: str, major: int, warps: int | None = None) -> list[tuple[str, object]]:
-    """(name, compiled kernel) of the log-linear GDN level kernels at 64k tokens in chunks of 64: the
-    lower levels' lane, then the top levels'; in the forward, a lane's first group and the others
-    (16-bit operands for "tf32", float32 for "ieee"; shared with benchmarks/kernel_spills.py)."""
-    from hippolm.ops import triton_gdn
-
-    adj = {"ADJ": bool(triton_gdn.LEVEL_V_ADJACENT)}
-    variants = ([{"BLOCK_STORE": triton_gdn.LEVEL_BLOCK_STORE} | adj] if which == "bwd"
-                else [{"FIRST": True, "HAS_O0": True} | adj, {"FIRST": False, "HAS_O0": False} | adj])
-    out = []
-    for lane_name, lane in zip(("main", "top"), triton_gdn._level_lanes(1024, 10, 128, 128, which, prec),
-                               strict=True):
-        for extra in variants:
-            tag = "" if which == "bwd" else (" first" if extra["FIRST"] else " rest")
-            kernel = _compile(triton_gdn._level_fwd if which == "fwd" else triton_gdn._level_bwd,
-                              {"C": 64, "BK": lane.BK, "BV": lane.BV, "NL": lane.NL, "PREC": prec, **extra},
-                              _options(triton_gdn._level_launch(prec, major, which == "bwd"), warps), major,
-                              "bf16" if prec == "tf32" else "fp32", OPERAND_PTRS)
-            out.append((f"_level_{which} {lane_name}{tag} NL={lane.NL} BV={lane.BV}", kernel))
-    return out
-
-
-def level_grads_compiled(prec: str, major: int, warps: int | None = None):
-    from hippolm.ops import triton_gdn
-
-    consts = {"C": 64, "BK": 128, "BV": triton_gdn.LEVEL_GRADS[prec]["BV"], "JP": 16,
-              "UNIFORM": bool(triton_gdn.LEVEL_GRADS_UNIFORM), "PREC": prec}
-    return _compile(triton_gdn._level_grads, consts, _options(triton_gdn._grads_launch(prec, major), warps), major,
-                    "bf16" if prec == "tf32" else "fp32", OPERAND_PTRS)
-
-
 def chunk_kernel_compiled(which: str, prec: str, major: int, warps: int | None = None):
     """The fused chunk kernels of log-linear Gated DeltaNet (head dim 128, chunks of 64): ``which`` fwd,
     bwd or bwd_qk (the backward's second kernel)."""
@@ -111,9 +79,8 @@ def chunk_kernel_compiled(which: str, prec: str, major: int, warps: int | None =
 
 def tree_kernels_compiled(prec: str, major: int, warps: int | None = None) -> list[tuple[str, object]]:
     """(name, compiled kernel) of the tree-of-summaries forward and backward (triton_gdn_tree) at
-    head dim 128, chunks of 64, with the host's tiles and do as LEVEL_DO_COPY has it (0: the output
+    head dim 128, chunks of 64, with the host's tiles and do as the op passes it (the output
     gradient itself, strided, in the op's type)."""
-    from hippolm.ops import triton_gdn as tg
     from hippolm.ops import triton_gdn_tree as tt
 
     operand = "bf16" if prec == "tf32" else "fp32"
@@ -121,8 +88,8 @@ def tree_kernels_compiled(prec: str, major: int, warps: int | None = None) -> li
             "dkd_ptr", "up_ptr")
     opts = {"num_warps": warps or tt.TREE_TILES["num_warps"]}
     BN, BV = tt.TREE_TILES["BN"], tt.TREE_TILES["BV"]
-    strided = not tg.LEVEL_DO_COPY
-    do = {"do_ptr": operand if strided else "fp32"}
+    strided = True
+    do = {"do_ptr": operand}
     bwd = tt.TREE_BWD_TILES
 
     def bwd_opts(kernel: str, key: str) -> tuple[int, dict]:
@@ -163,23 +130,6 @@ def tree_kernels_compiled(prec: str, major: int, warps: int | None = None) -> li
 def test_tree_kernels_compile_and_fit_shared_memory(prec, major):
     for name, kernel in tree_kernels_compiled(prec, major):
         assert 0 < kernel.metadata.shared <= SHARED[major], (name, kernel.metadata.shared)
-
-
-@pytest.mark.parametrize("which", ["fwd", "bwd"])
-@pytest.mark.parametrize("prec,major", [("tf32", 9), ("ieee", 8)])
-def test_level_kernels_compile_and_fit_shared_memory(which, prec, major):
-    """16-bit operands on Hopper (the fast path) and float32 on an A100 (the tightest shared memory)."""
-    from hippolm.ops import triton_gdn
-
-    assert len(triton_gdn._level_lanes(1024, 10, 128, 128, which, prec)) == 2  # 64k tokens in chunks of 64
-    for name, kernel in level_kernels_compiled(which, prec, major):
-        assert 0 < kernel.metadata.shared <= SHARED[major], (name, kernel.metadata.shared)
-
-
-@pytest.mark.parametrize("prec,major", [("tf32", 9), ("ieee", 8)])
-def test_level_gradient_kernel_compiles_and_fits_shared_memory(prec, major):
-    kernel = level_grads_compiled(prec, major)
-    assert 0 < kernel.metadata.shared <= SHARED[major], kernel.metadata.shared
 
 
 @pytest.mark.parametrize("which", ["fwd", "bwd", "bwd_qk"])
@@ -261,22 +211,3 @@ def test_memory_step_kernel_compiles(major, proj):
     """With and without the read-out projection (the AHN memories always have one)."""
     kernel = memory_step_compiled(major, proj)
     assert kernel.metadata.shared <= SHARED[major] and kernel.asm["cubin"]
-
-
-@pytest.mark.parametrize("n", [2, 3, 5, 64, 1000, 1024, 1025, 4096])
-def test_level_lanes_cover_every_chunk_level_once(n):
-    """Each chunk level 0..J-1 in exactly one group of one lane, no group wider than its lane's tile,
-    and its segments (of 2^(top+1) chunks) covering all n chunks; the top lane holds the top levels."""
-    from hippolm.ops import triton_gdn
-
-    J = (n - 1).bit_length()
-    for which in ("fwd", "bwd"):
-        for prec in ("tf32", "ieee"):
-            lanes = triton_gdn._level_lanes(n, J, 128, 128, which, prec)
-            levels = [j for lane in lanes for j0, top, _ in lane.groups for j in range(j0, top + 1)]
-            assert sorted(levels) == list(range(J)), (which, prec, lanes)
-            for lane in lanes:
-                assert lane.NV * lane.BV >= 128
-                for j0, top, nseg in lane.groups:
-                    assert top - j0 < lane.NL and nseg * (2 << top) >= n > (nseg - 1) * (2 << top)
-            assert max(top for _, top, _ in lanes[-1].groups) == J - 1

@@ -345,7 +345,7 @@ LL_GDN = [(1, [37, 1, 0, 50], 1), (1, [300], 1)] if not CUDA else [(1, [37, 1, 0
 
 @pytest.mark.parametrize("batch,lengths,heads", LL_GDN)
 def test_loglinear_gated_delta_rule_scans(batch, lengths, heads, device):
-    """Log-linear Gated DeltaNet (torch chunk parts + the Triton level kernels) == the reference:
+    """Log-linear Gated DeltaNet (the fused chunk kernels + the tree) == the reference:
     outputs, final slots and gradients of every input."""
 
     packed = batch == 1 and len(lengths) > 1
@@ -437,14 +437,6 @@ def _level_case(T: int, seed: int, bf16: bool, H: int = 1, K: int = 8, chunk: in
     return xs, run
 
 
-def _level_scans(monkeypatch) -> None:
-    """Run the chunk levels through the level scans (forward and backward), not the default tree."""
-    from hippolm.ops import triton_gdn
-
-    monkeypatch.setattr(triton_gdn, "LEVEL_TREE_FWD", 0)
-    monkeypatch.setattr(triton_gdn, "LEVEL_TREE_BWD", 0)
-
-
 def _assert_matches_reference(xs, run, dtype: torch.dtype, tol: float) -> None:
     """The Triton path with q, k, v in ``dtype`` (the rest float32) == the float64 reference:
     output and every gradient within ``tol``."""
@@ -453,36 +445,6 @@ def _assert_matches_reference(xs, run, dtype: torch.dtype, tol: float) -> None:
     assert rel_err(o, o_ref) < tol
     for a, b in zip(grads, g_ref, strict=True):
         assert rel_err(a, b) < tol
-
-
-@pytest.mark.skipif(CUDA, reason="CUDA runs the default tiles (each other tile is a compilation)")
-@pytest.mark.parametrize("fwd,bwd,block_store,uniform,adjacent", [((1, 16), (4, 16), 0, 1, 1),
-                                                                  ((4, 16), (2, 32), 1, 0, 0),
-                                                                  ((2, 16), (1, 16), 0, 0, 1),
-                                                                  ((1, 16), (4, 16), 1, 1, 0)])
-def test_loglinear_gated_delta_rule_level_groups(fwd, bwd, block_store, uniform, adjacent, device, monkeypatch):
-    """The level kernels with 1, 2 or 4 chunk levels per program (a group's last may not exist) and
-    one or two V tiles (V = 32) on their own grid axis or adjacent on one, over 7 chunk levels with
-    partial segments, K below the tile, the backward scans storing through offsets or as blocks
-    clipped at the group's top level, the gradient kernel with a branch per level or without:
-    outputs and every gradient == the reference.
-    The lanes run top lane first (on a GPU they run at once): a lower lane writing past its
-    group's top level would overwrite the top lane's levels."""
-    from hippolm.ops import triton_gdn
-
-    _level_scans(monkeypatch)
-    monkeypatch.setattr(triton_gdn, "LEVEL_BLOCK_STORE", block_store)
-    monkeypatch.setattr(triton_gdn, "LEVEL_GRADS_UNIFORM", uniform)
-    monkeypatch.setattr(triton_gdn, "LEVEL_V_ADJACENT", adjacent)
-    in_lanes = triton_gdn._in_lanes
-    monkeypatch.setattr(triton_gdn, "_in_lanes",
-                        lambda lanes, *args: in_lanes(lanes[::-1], *args)[::-1])
-
-    monkeypatch.setitem(triton_gdn.LEVEL_TILES, "fwd_fp32", fwd)  # float32 inputs: the float32 tiles
-    monkeypatch.setitem(triton_gdn.LEVEL_TILES, "bwd_fp32", bwd)
-    # 1100 tokens in chunks of 16: 69 chunks, chunk levels 0..6, the top one's segment cut short
-    xs, run = _level_case(1100, seed=5, bf16=False)
-    _assert_matches_reference(xs, run, torch.float32, 1e-4)
 
 
 @pytest.mark.skipif(CUDA, reason="CUDA runs the default solve and chunk 64 (each other one is a compilation)")
@@ -499,72 +461,38 @@ def test_loglinear_gated_delta_rule_chunk_solves(solve, chunk, device, monkeypat
     _assert_matches_reference(xs, run, torch.float32, 1e-4)
 
 
-@pytest.mark.skipif(CUDA, reason="interpreter only (CUDA runs the default tiles)")
-def test_loglinear_gated_delta_rule_lanes_with_their_own_tiles(device, monkeypatch):
-    """16-bit inputs: the lower-level and top-level lanes with different tiles (levels per program,
-    V columns), each lane into its own buffers, added up == the float64 reference of the rounded
-    inputs at bf16 tolerance (a level left out or counted twice is off by far more)."""
-    from hippolm.ops import triton_gdn
-
-    _level_scans(monkeypatch)
-    for key, tile in {"fwd": (2, 16), "fwd_top": (1, 32), "bwd": (1, 16), "bwd_top": (2, 32)}.items():
-        monkeypatch.setitem(triton_gdn.LEVEL_TILES, key, tile)
-    # 600 tokens in chunks of 16: 38 chunks, chunk levels 0..5; the top lane gets 1 (forward) or 2 (backward)
-    xs, run = _level_case(600, seed=9, bf16=True)
-    _assert_matches_reference(xs, run, torch.bfloat16, 2e-2)
-
-
-@pytest.mark.parametrize("bf16", [False, True])
-def test_loglinear_gated_delta_rule_reads_do_in_place(bf16, device, monkeypatch):
-    """The level backward reading the output gradient in its own type and [N, T, H, V] layout
-    (LEVEL_DO_COPY = 0: rows strided by H * V, sequences by T * H * V) == the float64 reference, with
-    two packed sequences and two heads (a stride mixed up reads another sequence's or head's rows)."""
-    from hippolm.ops import triton_gdn
-
-    _level_scans(monkeypatch)
-    monkeypatch.setattr(triton_gdn, "LEVEL_DO_COPY", 0)
-    xs, run = _level_case(300, seed=13, bf16=bf16, H=2, cu_seqlens=torch.tensor([0, 190, 300]))
-    _assert_matches_reference(xs, run, torch.bfloat16 if bf16 else torch.float32, 2e-2 if bf16 else 1e-4)
-
-
-@pytest.mark.parametrize("bf16,leaves", [(False, 1), (True, 1), (False, 0), (True, 0)])
-def test_loglinear_gated_delta_rule_tree_forward(bf16, leaves, device, monkeypatch):
-    """The forward through a tree of block summaries (LEVEL_TREE_FWD = 1; its backward is the level
-    scans') == the float64 reference, outputs and gradients, with two packed sequences (one ending
-    inside a block, so an odd last node) and two heads; buffers uninitialised come filled with NaN;
-    leaf summaries stored or made from the chunks' factors where read (LEVEL_TREE_LEAVES_FWD)."""
+@pytest.mark.parametrize("bf16,leaves", [(False, 1), (True, 0)])
+def test_loglinear_gated_delta_rule_tree_reads_in_v_tiles(bf16, leaves, device, monkeypatch):
+    """The tree's reads with two V tiles per chunk (TREE_TILES["BV"] = 16, V = 32: each tile carries
+    the query through the same nodes) == the float64 reference, outputs and every gradient, with two
+    packed sequences (one ending inside a block, so an odd last node) and two heads; buffers
+    uninitialised come filled with NaN; leaf summaries stored or made from the chunks' factors where
+    read (LEVEL_TREE_LEAVES_FWD)."""
     from hippolm.ops import triton_gdn, triton_gdn_tree
 
-    monkeypatch.setattr(triton_gdn, "LEVEL_TREE_FWD", 1)
-    monkeypatch.setattr(triton_gdn, "LEVEL_TREE_BWD", 0)
     monkeypatch.setattr(triton_gdn, "LEVEL_TREE_LEAVES_FWD", leaves)
-    monkeypatch.setitem(triton_gdn_tree.TREE_TILES, "BV", 16)  # two V tiles per chunk (V = 32)
+    monkeypatch.setitem(triton_gdn_tree.TREE_TILES, "BV", 16)
     _poison_empty(monkeypatch)
     xs, run = _level_case(500, seed=15, bf16=bf16, H=2, cu_seqlens=torch.tensor([0, 410, 500]))
     _assert_matches_reference(xs, run, torch.bfloat16 if bf16 else torch.float32, 2e-2 if bf16 else 1e-4)
 
 
-@pytest.mark.parametrize("bf16,save,do_copy,leaves_fwd,leaves_bwd,sides",
-                         [(False, 1, 1, 0, 1, 0), (True, 0, 0, 0, 1, 1), (False, 0, 1, 1, 0, 0), (True, 0, 0, 0, 0, 0),
-                          (True, 0, 0, 1, 0, 1)])
-def test_loglinear_gated_delta_rule_tree_backward(bf16, save, do_copy, leaves_fwd, leaves_bwd, sides, device,
-                                                  monkeypatch):
-    """Forward and backward through the tree of block summaries (LEVEL_TREE_FWD = LEVEL_TREE_BWD = 1)
-    == the float64 reference, outputs and every gradient: two packed sequences (one ending inside a
-    block: odd last nodes), two heads, 32 chunks (heights 0..4, so the top heights' readers are
-    summed by several programs added atomically), head dim 40 in float32 (two ragged column pieces of
-    the leaf gradients), buffers uninitialised come filled with NaN; the tree kept from the forward
-    (LEVEL_TREE_SAVE) or rebuilt, do read from its float32 copy or in place (LEVEL_DO_COPY: bf16,
-    rows H * V apart, a stride mixed up reads another head's or sequence's rows), leaf summaries
-    stored or made from the chunks' factors where read, in the forward's tree and in the backward's
-    (LEVEL_TREE_LEAVES_FWD / _BWD; a kept tree is built as the backward's), the leaf gradients compiled
-    per leaf side or once (TREE_BWD_TILES["leaf_sides"], 16-bit operands)."""
+@pytest.mark.parametrize("bf16,save,leaves_fwd,leaves_bwd,sides",
+                         [(False, 1, 0, 1, 0), (True, 0, 0, 1, 1), (False, 0, 1, 0, 0), (True, 0, 0, 0, 0),
+                          (True, 0, 1, 0, 1)])
+def test_loglinear_gated_delta_rule_tree_backward(bf16, save, leaves_fwd, leaves_bwd, sides, device, monkeypatch):
+    """Forward and backward through the tree of block summaries == the float64 reference, outputs and
+    every gradient: two packed sequences (one ending inside a block: odd last nodes), two heads, 32
+    chunks (heights 0..4, so the top heights' readers are summed by several programs added
+    atomically), head dim 40 in float32 (two ragged column pieces of the leaf gradients), buffers
+    uninitialised come filled with NaN; the tree kept from the forward (LEVEL_TREE_SAVE) or rebuilt,
+    do read in place (rows H * V apart: a stride mixed up reads another head's or sequence's rows),
+    leaf summaries stored or made from the chunks' factors where read, in the forward's tree and in
+    the backward's (LEVEL_TREE_LEAVES_FWD / _BWD; a kept tree is built as the backward's), the leaf
+    gradients compiled per leaf side or once (TREE_BWD_TILES["leaf_sides"], 16-bit operands)."""
     from hippolm.ops import triton_gdn, triton_gdn_tree
 
-    monkeypatch.setattr(triton_gdn, "LEVEL_TREE_FWD", 1)
-    monkeypatch.setattr(triton_gdn, "LEVEL_TREE_BWD", 1)
     monkeypatch.setattr(triton_gdn, "LEVEL_TREE_SAVE", save)
-    monkeypatch.setattr(triton_gdn, "LEVEL_DO_COPY", do_copy)
     monkeypatch.setattr(triton_gdn, "LEVEL_TREE_LEAVES_FWD", leaves_fwd)
     monkeypatch.setattr(triton_gdn, "LEVEL_TREE_LEAVES_BWD", leaves_bwd)
     monkeypatch.setitem(triton_gdn_tree.TREE_BWD_TILES, "readers", 4)
@@ -616,14 +544,10 @@ def test_loglinear_ssd_tree_built_in_blocks(levels, pieces, fwd_tile, device, mo
 
 @pytest.mark.skipif(CUDA, reason="interpreter only (its shapes are new compilations on CUDA)")
 def test_no_kernel_reads_memory_it_did_not_write(device, monkeypatch):
-    """Buffers the log-linear ops allocate uninitialised (the level outputs whose first group writes
-    every row, the LL-M2 backward's query-side states) come filled with NaN: outputs and every
-    gradient still equal the reference, so nothing reads a row before it is written. (The tree's
-    buffers: the tree tests.)"""
+    """Buffers log-linear Mamba-2 allocates uninitialised (its backward's query-side states) come
+    filled with NaN: outputs and every gradient still equal the reference, so nothing reads a row
+    before it is written. (Log-linear Gated DeltaNet's buffers: the tree tests.)"""
     _poison_empty(monkeypatch)
-    _level_scans(monkeypatch)
-    xs, run = _level_case(600, seed=11, bf16=False)  # 38 chunks: both lanes, levels 0..5
-    _assert_matches_reference(xs, run, torch.float32, 1e-4)
     xs = _inputs(1, 300, 2, 16, 16, seed=3)
     _assert_close(_run(xs, torch.float32, device, chunk_size=16), _reference(xs), 1e-3, 5e-3)
 

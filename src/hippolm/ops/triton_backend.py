@@ -341,7 +341,7 @@ def run_delta(q, k, v, g, beta, scale: float, initial_state, output_final_state:
 @_kernel_entry
 def run_loglinear_delta(q, k, v, g, beta, lam, scale: float, output_final_state: bool, cu_seqlens,
                         chunk_size: int, initial_state=None):
-    """Log-linear Gated DeltaNet: torch chunk parts + the Triton level kernels.
+    """Log-linear Gated DeltaNet: the fused chunk kernels + the tree of block summaries (Triton).
 
     Returns (o, final slots [N, H, L, K, V] or None, final positions [N])."""
     if interpreting():

@@ -1,5 +1,5 @@
 """The chunk-local parts of log-linear Gated DeltaNet as fused Triton kernels (one program per chunk
-and head): the forward reads q, k, v, g, beta, lam once and writes the WY factors the level kernels
+and head): the forward reads q, k, v, g, beta, lam once and writes the WY factors the tree kernels
 take (w, u, kd, qw, ge) and the chunk's own output; the backward (two kernels) recomputes the masks
 and products from the inputs and the saved inverse, and writes dq, dk, dv, dg, dbeta, dlam once.
 (They replace ~20 batched torch ops and their autograd, each a pass over memory.)
@@ -406,7 +406,7 @@ class ChunkParts(torch.autograd.Function):
         dw, du, dkd, dqw, dge, do = (x.contiguous() for x in (dw, du, dkd, dqw, dge, do))
         has_dmix = dmix.numel() > 0
         dq, dk, dv, dg, db = (torch.empty_like(x) for x in (q, k, v, g, beta))
-        dlam = torch.zeros_like(lam)  # the chunk levels' columns come from the level kernels
+        dlam = torch.zeros_like(lam)  # the chunk levels' columns come from the tree
         scratch = torch.empty_like(ainv)
         BK, BV = _blocks(K, V, "bwd")
         cc = q.new_empty(3, *ainv.shape)  # attn, dS, dKK in the operand type (what the dots of dq, dk take)
