@@ -88,7 +88,6 @@ def tree_kernels_compiled(prec: str, major: int, warps: int | None = None) -> li
             "dkd_ptr", "up_ptr")
     opts = {"num_warps": warps or tt.TREE_TILES["num_warps"]}
     BN, BV = tt.TREE_TILES["BN"], tt.TREE_TILES["BV"]
-    strided = True
     do = {"do_ptr": operand}
     bwd = tt.TREE_BWD_TILES
 
@@ -100,18 +99,18 @@ def tree_kernels_compiled(prec: str, major: int, warps: int | None = None) -> li
     BNn, nopts = bwd_opts("node", "node_BN")
     BNl, lopts = bwd_opts("leaf", "leaf_BN")
     backward = [*((f"_tree_pairs leaves={leaves}",
-                   _compile(tt._tree_pairs, {"C": 64, "K": 128, "BK": 128, "BV": BVp, "STRIDED": strided,
+                   _compile(tt._tree_pairs, {"C": 64, "K": 128, "BK": 128, "BV": BVp,
                                              "LEAVES": leaves, "PREC": prec},
                             popts, major, operand, ptrs, {"offs_ptr": "i32"} | do))
                   for leaves in (True, False)),
                 *((f"_tree_node_grads atomic={atomic}",
-                   _compile(tt._tree_node_grads, {"C": 64, "BK": 128, "BN": BNn, "ATOMIC": atomic, "STRIDED": strided,
+                   _compile(tt._tree_node_grads, {"C": 64, "BK": 128, "BN": BNn, "ATOMIC": atomic,
                                                     "PREC": prec},
                             nopts, major, operand, ptrs, {"offs_ptr": "i32"} | do | (
                                 {"dm_ptr": "fp32", "up_ptr": "fp32"} if atomic else {"dm_ptr": operand})))
                   for atomic in (False, True)),
                 *((f"_tree_leaf_grads leaves={leaves}" + (" split sides" if split else ""),
-                   _compile(tt._tree_leaf_grads, {"C": 64, "K": 128, "BK": 128, "BN": BNl, "STRIDED": strided,
+                   _compile(tt._tree_leaf_grads, {"C": 64, "K": 128, "BK": 128, "BN": BNl,
                                                   "LEAVES": leaves, "SPLIT_SIDES": split, "PREC": prec},
                             lopts, major, operand, ptrs, do))
                   for leaves in (True, False) for split in ((False, True) if prec == "tf32" else (False,)))]

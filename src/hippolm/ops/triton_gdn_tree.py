@@ -30,14 +30,11 @@ def _do_row0(bh, i, H, sB, sH, sT, C: tl.constexpr):
 
 
 @triton.jit
-def _do_tile(do_ptr, H, sB, sH, sT, bh, i, n, V, cols, mask, C: tl.constexpr, STRIDED: tl.constexpr):
-    """Chunk i's rows of do in columns ``cols``, float32: from the [N, H, n, C, V] float32 copy, or
-    (STRIDED) from do itself through its [N, H, T, V] view's strides."""
+def _do_tile(do_ptr, H, sB, sH, sT, bh, i, V, cols, mask, C: tl.constexpr):
+    """Chunk i's rows of do in columns ``cols``, float32, through the strides sB, sH, sT of do's
+    [N, H, T, V] view (the output's own [N, T, H, V] layout)."""
     cc = tl.arange(0, C)
-    if STRIDED:
-        offs = _do_row0(bh, i, H, sB, sH, sT, C) + cc[:, None] * sT + cols[None, :]
-    else:
-        offs = ((bh * n + i) * C + cc[:, None]) * V + cols[None, :]
+    offs = _do_row0(bh, i, H, sB, sH, sT, C) + cc[:, None] * sT + cols[None, :]
     return tl.load(do_ptr + offs, mask=mask, other=0).to(tl.float32)
 
 
@@ -223,7 +220,7 @@ def _pair_row(bh, j, i, n, J, C: tl.constexpr, K):
 
 @triton.jit
 def _pair_read_node(node, qb, dq, lam_ptr, pid, j, J, do_ptr, H, sB, sH, sT, bh, i, n, K: tl.constexpr, V,
-                    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STRIDED: tl.constexpr, PREC: tl.constexpr):
+                    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """(dq before the read, dlam of the read) of chunk pid's read of level j from a stored summary
     ``node`` by query qb, from dq after it: dq T^T + g D^T and rowsum(do * (qb D)), g = lam_j do."""
     W = K + V
@@ -239,7 +236,7 @@ def _pair_read_node(node, qb, dq, lam_ptr, pid, j, J, do_ptr, H, sB, sH, sT, bh,
         vv = v0 + tl.arange(0, BV)
         mv = vv < V
         d = tl.load(node + kk[:, None] * W + K + vv[None, :], mask=mk[:, None] & mv[None, :], other=0)
-        do = _do_tile(do_ptr, H, sB, sH, sT, bh, i, n, V, vv, mv[None, :], C, STRIDED)
+        do = _do_tile(do_ptr, H, sB, sH, sT, bh, i, V, vv, mv[None, :], C)
         read += tl.sum(do * tl.dot(qb, d, input_precision=PREC), axis=1)
         dq = tl.dot((lam[:, None] * do).to(dt), tl.trans(d), dq, input_precision=PREC)
     return dq, read
@@ -247,7 +244,7 @@ def _pair_read_node(node, qb, dq, lam_ptr, pid, j, J, do_ptr, H, sB, sH, sT, bh,
 
 @triton.jit
 def _pair_read_leaf(w_ptr, u_ptr, kd_ptr, ge_ptr, qb, dq, lam_ptr, pid, J, do_ptr, H, sB, sH, sT, bh, i, n,
-                    K: tl.constexpr, V, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, STRIDED: tl.constexpr,
+                    K: tl.constexpr, V, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                     PREC: tl.constexpr):
     """:func:`_pair_read_node` for level 0, its leaf not stored, from chunk prev = pid - 1's factors (T = ge I - kd^T w,
     D = kd^T u): dq T^T = ge dq - (dq w^T) kd, g D^T = (g u^T) kd, qb D = (qb kd^T) u."""
@@ -267,7 +264,7 @@ def _pair_read_leaf(w_ptr, u_ptr, kd_ptr, ge_ptr, qb, dq, lam_ptr, pid, J, do_pt
         vv = v0 + tl.arange(0, BV)
         mv = vv < V
         u = tl.load(u_ptr + prev * (C * V) + cc[:, None] * V + vv[None, :], mask=mv[None, :], other=0)
-        do = _do_tile(do_ptr, H, sB, sH, sT, bh, i, n, V, vv, mv[None, :], C, STRIDED)
+        do = _do_tile(do_ptr, H, sB, sH, sT, bh, i, V, vv, mv[None, :], C)
         read += tl.sum(do * tl.dot(p, u, input_precision=PREC), axis=1)
         gu = tl.dot((lam[:, None] * do).to(dt), tl.trans(u), input_precision=PREC).to(dt)  # g u^T, this tile's
         dq = tl.dot(gu, kd, dq, input_precision=PREC)
@@ -277,7 +274,7 @@ def _pair_read_leaf(w_ptr, u_ptr, kd_ptr, ge_ptr, qb, dq, lam_ptr, pid, J, do_pt
 @triton.jit
 def _tree_pairs(qw_ptr, lam_ptr, do_ptr, H, sB, sH, sT, m_ptr, offs_ptr, qb_ptr, dqa_ptr, dqw_ptr, dlam_ptr, w_ptr,
                 u_ptr, kd_ptr, ge_ptr, n, NN, K: tl.constexpr, V, J, C: tl.constexpr, BK: tl.constexpr,
-                BV: tl.constexpr, STRIDED: tl.constexpr, LEAVES: tl.constexpr, PREC: tl.constexpr):
+                BV: tl.constexpr, LEAVES: tl.constexpr, PREC: tl.constexpr):
     """The reads' backward, per chunk (program axis 0: sequence-head * n + chunk i): the query carried
     up through the blocks chunk i reads as the forward carries it (q before each read stored in qb,
     rows by :func:`_pair_row`), then from the highest read down, with g = lam_j do: dlam_j = rowsum(do *
@@ -312,7 +309,7 @@ def _tree_pairs(qw_ptr, lam_ptr, do_ptr, H, sB, sH, sT, m_ptr, offs_ptr, qb_ptr,
             tl.store(dqa_ptr + row + tile_ck, dq.to(dt), mask=mk[None, :])
             qb = tl.load(qb_ptr + row + tile_ck, mask=mk[None, :], other=0)
             dq, read = _pair_read_node(node, qb, dq, lam_ptr, pid, j, J, do_ptr, H, sB, sH, sT, bh, i, n, K, V, C,
-                                       BK, BV, STRIDED, PREC)
+                                       BK, BV, PREC)
             tl.store(dlam_ptr + (pid * C + cc) * J + j, read)
         else:  # a level chunk i does not read
             tl.store(dlam_ptr + (pid * C + cc) * J + j, tl.zeros((C,), dtype=tl.float32))
@@ -323,7 +320,7 @@ def _tree_pairs(qw_ptr, lam_ptr, do_ptr, H, sB, sH, sT, m_ptr, offs_ptr, qb_ptr,
             tl.store(dqa_ptr + row + tile_ck, dq.to(dt), mask=mk[None, :])
             qb = tl.load(qb_ptr + row + tile_ck, mask=mk[None, :], other=0)
             dq, read = _pair_read_leaf(w_ptr, u_ptr, kd_ptr, ge_ptr, qb, dq, lam_ptr, pid, J, do_ptr, H, sB, sH, sT,
-                                       bh, i, n, K, V, C, BK, BV, STRIDED, PREC)
+                                       bh, i, n, K, V, C, BK, BV, PREC)
         tl.store(dlam_ptr + (pid * C + cc) * J, read)  # level 0's column
     tl.store(dqw_ptr + pid * (C * K) + tile_ck, dq, mask=mk[None, :])
 
@@ -363,7 +360,7 @@ def _dm_parent_leaf(parent, w_ptr, u_ptr, kd_ptr, ge_ptr, c, is_left, col0, kk, 
 @triton.jit
 def _dm_tile(m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr, w_ptr, u_ptr, kd_ptr, ge_ptr, bh, m, h,
              n_h, n_up, off_h, r0, r1, n, NN, K, V, J, col0, PARENT, C: tl.constexpr, BK: tl.constexpr,
-             BN: tl.constexpr, STRIDED: tl.constexpr, LEAVES: tl.constexpr, SIDE: tl.constexpr, PREC: tl.constexpr):
+             BN: tl.constexpr, LEAVES: tl.constexpr, SIDE: tl.constexpr, PREC: tl.constexpr):
     """Columns col0 .. col0 + BN of the summary gradient dM = [dT | dD] of node m of height h (float32):
     from its parent P = T_right M_left + [0 | D_right] (if PARENT; up_ptr: the parent height's
     gradients [N * H, n_up, K, K + V]): a left node gets T_right^T dP, a right node dP M_left^T in its
@@ -408,8 +405,7 @@ def _dm_tile(m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr, w_p
         qb_tr = tl.load(qb_ptr + row + cc[None, :] * K + kk[:, None], mask=mk[:, None], other=0)  # [BK, C]
         dqa = tl.load(dqa_ptr + row + cc[:, None] * K + cols[None, :], mask=cols[None, :] < K, other=0)
         lam = tl.load(lam_ptr + ((bh * n + i) * C + cc) * J + h)
-        do = _do_tile(do_ptr, H, sB, sH, sT, bh, i, n, V, cols - K, (cols[None, :] >= K) & (cols[None, :] < W), C,
-                      STRIDED)
+        do = _do_tile(do_ptr, H, sB, sH, sT, bh, i, V, cols - K, (cols[None, :] >= K) & (cols[None, :] < W), C)
         rhs = tl.where(cols[None, :] < K, dqa.to(tl.float32), lam[:, None] * do).to(dt)
         acc = tl.dot(qb_tr, rhs, acc, input_precision=PREC)
     return acc
@@ -418,7 +414,7 @@ def _dm_tile(m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr, w_p
 @triton.jit
 def _tree_node_grads(m_ptr, dm_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr, h, n_h, n_up, off_h, n,
                      NN, K, V, J, SPLITS, R, C: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-                     ATOMIC: tl.constexpr, STRIDED: tl.constexpr, PREC: tl.constexpr):
+                     ATOMIC: tl.constexpr, PREC: tl.constexpr):
     """One column tile of the gradient of node m of height h >= 1 (:func:`_dm_tile`), the heights'
     launches running top down, into dm [N * H, n_h, K, K + V] (dm's type; added atomically into
     float32 with SPLITS > 1 programs per node, each summing R of its readers; the first adds the
@@ -433,7 +429,7 @@ def _tree_node_grads(m_ptr, dm_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, 
     r1 = tl.where(m % 2 == 0, tl.minimum(tl.minimum(r0 + R, (m + 2) << h), n), r0)  # readers: left nodes only
     acc = _dm_tile(m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr, m_ptr, m_ptr, m_ptr, m_ptr, bh, m,
                    h, n_h, n_up, off_h, r0, r1, n, NN, K, V, J, col0, (s == 0) & (m < 2 * n_up), C=C, BK=BK, BN=BN,
-                   STRIDED=STRIDED, LEAVES=True, SIDE=0, PREC=PREC)
+                   LEAVES=True, SIDE=0, PREC=PREC)
     kk = tl.arange(0, BK)
     cols = col0 + tl.arange(0, BN)
     out = dm_ptr + (bh * n_h + m) * (K * W) + kk[:, None] * W + cols[None, :]
@@ -447,7 +443,7 @@ def _tree_node_grads(m_ptr, dm_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, 
 @triton.jit
 def _tree_leaf_grads(w_ptr, u_ptr, kd_ptr, ge_ptr, m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr,
                      du_ptr, dw_ptr, dkd_ptr, dge_ptr, n, n_up, NN, K: tl.constexpr, V, J, C: tl.constexpr,
-                     BK: tl.constexpr, BN: tl.constexpr, STRIDED: tl.constexpr, LEAVES: tl.constexpr,
+                     BK: tl.constexpr, BN: tl.constexpr, LEAVES: tl.constexpr,
                      SPLIT_SIDES: tl.constexpr, PREC: tl.constexpr):
     """Chunk i's gradients (program axis 0: sequence-head * n + i) from its leaf's summary gradient
     [dT | dD] (leaf M = [ge I - kd^T w | kd^T u]), made here tile by tile (:func:`_dm_tile`, height
@@ -458,22 +454,22 @@ def _tree_leaf_grads(w_ptr, u_ptr, kd_ptr, ge_ptr, m_ptr, up_ptr, qb_ptr, dqa_pt
     pid, bh, i, _, _, _ = _chunk_program(n, K, BK, C)
     if not SPLIT_SIDES:
         _leaf_grads(w_ptr, u_ptr, kd_ptr, ge_ptr, m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr,
-                    du_ptr, dw_ptr, dkd_ptr, dge_ptr, n, n_up, NN, K, V, J, pid, bh, i, C, BK, BN, STRIDED, LEAVES, 0,
+                    du_ptr, dw_ptr, dkd_ptr, dge_ptr, n, n_up, NN, K, V, J, pid, bh, i, C, BK, BN, LEAVES, 0,
                     PREC)
     elif i % 2 == 0:  # each side compiled on its own: one arm's tiles live through the column loop
         _leaf_grads(w_ptr, u_ptr, kd_ptr, ge_ptr, m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr,
-                    du_ptr, dw_ptr, dkd_ptr, dge_ptr, n, n_up, NN, K, V, J, pid, bh, i, C, BK, BN, STRIDED, LEAVES, 1,
+                    du_ptr, dw_ptr, dkd_ptr, dge_ptr, n, n_up, NN, K, V, J, pid, bh, i, C, BK, BN, LEAVES, 1,
                     PREC)
     else:
         _leaf_grads(w_ptr, u_ptr, kd_ptr, ge_ptr, m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr,
-                    du_ptr, dw_ptr, dkd_ptr, dge_ptr, n, n_up, NN, K, V, J, pid, bh, i, C, BK, BN, STRIDED, LEAVES, 2,
+                    du_ptr, dw_ptr, dkd_ptr, dge_ptr, n, n_up, NN, K, V, J, pid, bh, i, C, BK, BN, LEAVES, 2,
                     PREC)
 
 
 @triton.jit
 def _leaf_grads(w_ptr, u_ptr, kd_ptr, ge_ptr, m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr, du_ptr,
                 dw_ptr, dkd_ptr, dge_ptr, n, n_up, NN, K: tl.constexpr, V, J, pid, bh, i, C: tl.constexpr,
-                BK: tl.constexpr, BN: tl.constexpr, STRIDED: tl.constexpr, LEAVES: tl.constexpr, SIDE: tl.constexpr,
+                BK: tl.constexpr, BN: tl.constexpr, LEAVES: tl.constexpr, SIDE: tl.constexpr,
                 PREC: tl.constexpr):
     """:func:`_tree_leaf_grads` for chunk i, a left (SIDE 1) or right (2) leaf or either (0)."""
     kk = tl.arange(0, BK)
@@ -487,7 +483,7 @@ def _leaf_grads(w_ptr, u_ptr, kd_ptr, ge_ptr, m_ptr, up_ptr, qb_ptr, dqa_ptr, do
     for col0 in range(0, W, BN):
         dm = _dm_tile(m_ptr, up_ptr, qb_ptr, dqa_ptr, do_ptr, H, sB, sH, sT, lam_ptr, w_ptr, u_ptr, kd_ptr, ge_ptr, bh,
                       i, 0, n, n_up, 0, i + 1, r1, n, NN, K, V, J, col0, i < 2 * n_up, C=C, BK=BK, BN=BN,
-                      STRIDED=STRIDED, LEAVES=LEAVES, SIDE=SIDE, PREC=PREC)
+                      LEAVES=LEAVES, SIDE=SIDE, PREC=PREC)
         cols = col0 + tl.arange(0, BN)
         is_t = cols < K
         dkd_tr = tl.dot(dm.to(dt), _factors(w_ptr, u_ptr, pid, cols, K, V, C, True), dkd_tr, input_precision=PREC)
@@ -605,8 +601,8 @@ def tree_backward(do: torch.Tensor, w: torch.Tensor, u: torch.Tensor, kd: torch.
                   qw: torch.Tensor, lam: torch.Tensor, prec: str, tree: _Tree | None = None,
                   leaves: bool = True) -> tuple[torch.Tensor, ...]:
     """Gradients (dw, du, dkd, dge, dqw, dlam) of sum(do * reads) for :func:`tree_reads`' reads (do
-    an [N, H, n * C, V] view with unit last stride, any type: the float32 copy made for o0 or the
-    output's gradient itself; the rest as tree_reads takes them). Four parallel phases,
+    an [N, H, n * C, V] view with unit last stride, any type: the output's gradient in its own [N, T,
+    H, V] layout, read through the strides; the rest as tree_reads takes them). Four parallel phases,
     no sequential scan: the tree (the forward's, else rebuilt); per chunk its reads' query pairs and
     dqw, dlam; per height >= 1 top down each node's summary gradient (its readers' pairs and its
     parent's, through the merge); per chunk its leaf's summary gradient and from it the chunk's.
@@ -625,10 +621,8 @@ def tree_backward(do: torch.Tensor, w: torch.Tensor, u: torch.Tensor, kd: torch.
     qb, dqa = (w.new_empty(N * H, J, (n + 1) // 2, C, K) for _ in range(2))  # per level, its readers' rows
     dqw, dlam = torch.empty_like(qw), torch.empty_like(lam)
     dos = (do, H, *do.stride()[:3])
-    strided = not do.is_contiguous()  # do itself (its [N, T, H, V] layout), not the [N, H, n * C, V] copy
     _tree_pairs[(N * H * n,)](qw, lam, *dos, tree.m, tree.offsets, qb, dqa, dqw, dlam, w, u, kd, ge, n, NN, K, V, J,
-                              C=C, BK=BK, BV=BV, STRIDED=strided, LEAVES=tree.leaves, PREC=prec,
-                              num_warps=cfg["pairs_warps"])
+                              C=C, BK=BK, BV=BV, LEAVES=tree.leaves, PREC=prec, num_warps=cfg["pairs_warps"])
     BN = cols("node_BN")
     up = None  # the gradients of the height above: [N * H, n_h, K, W], 16-bit where no program adds atomically
     for h in reversed(range(1, len(tree.sizes))):
@@ -641,13 +635,12 @@ def tree_backward(do: torch.Tensor, w: torch.Tensor, u: torch.Tensor, kd: torch.
             n_up = 0 if up is None else up.shape[1]
             _tree_node_grads[(N * H * n_h * splits * triton.cdiv(W, BN),)](
                 tree.m, dm, dm if up is None else up, qb, dqa, *dos, lam, h, n_h, n_up, tree.offs[h], n, NN, K, V, J,
-                splits, R, C=C, BK=BK, BN=BN, ATOMIC=splits > 1, STRIDED=strided, PREC=prec,
-                num_warps=cfg["node_warps"])
+                splits, R, C=C, BK=BK, BN=BN, ATOMIC=splits > 1, PREC=prec, num_warps=cfg["node_warps"])
         up = dm
     du, dw, dkd, dge = torch.empty_like(u), torch.empty_like(w), torch.empty_like(kd), torch.empty_like(ge)
     n_up = 0 if up is None else up.shape[1]
     _tree_leaf_grads[(N * H * n,)](w, u, kd, ge, tree.m, kd if up is None else up, qb, dqa, *dos, lam, du, dw, dkd,
-                                   dge, n, n_up, NN, K, V, J, C=C, BK=BK, BN=cols("leaf_BN"), STRIDED=strided,
-                                   LEAVES=tree.leaves, SPLIT_SIDES=bool(cfg["leaf_sides"]) and w.element_size() < 4,
-                                   PREC=prec, num_warps=cfg["leaf_warps"])
+                                   dge, n, n_up, NN, K, V, J, C=C, BK=BK, BN=cols("leaf_BN"), LEAVES=tree.leaves,
+                                   SPLIT_SIDES=bool(cfg["leaf_sides"]) and w.element_size() < 4, PREC=prec,
+                                   num_warps=cfg["leaf_warps"])
     return dw, du, dkd, dge, dqw, dlam
