@@ -255,12 +255,14 @@ def test_generate_greedy_batch_and_sampling():
 
 @pytest.mark.parametrize("settings", [dict(do_sample=False, pad_token_id=0, eos_token_id=[4, 96]),
                                       dict(do_sample=False, repetition_penalty=1.3, pad_token_id=0),
-                                      dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9, pad_token_id=0)])
+                                      dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9, pad_token_id=0),
+                                      dict(do_sample=True, pad_token_id=0)])
 def test_graph_generate_loop_equals_transformers_generate(settings):
     """The decoding loop of generate(cuda_graph=True), run with eager steps (capture=False: the steps
     its CUDA graphs replay, as test_ahn_cuda checks) == transformers' generate: a left-padded batch
     with window and memory in use; greedy with two eos ids (finished rows padded, as transformers
-    does), repetition penalty, and sampling with temperature, top-k and top-p under one seed."""
+    does), repetition penalty, and sampling with temperature, top-k and top-p under one seed, or with
+    none of them given (transformers' defaults then: top-k 50 over the whole vocabulary of 97)."""
     from hippolm.ahn.graph import graph_generate
 
     model = ahn("llama", "gdn", window=6, sinks=2)
@@ -304,6 +306,49 @@ def test_graph_generate_refuses_what_it_does_not_do():
         graph_generate(model, ids, cache, capture=False, output_scores=True)
     with pytest.raises(ValueError, match="CUDA device"):
         model.generate(ids, max_new_tokens=2, cuda_graph=True)
+
+
+@pytest.mark.parametrize("settings", [dict(num_beams=3, do_sample=False), dict(num_return_sequences=2, do_sample=True)])
+def test_beam_search_and_several_sequences_per_prompt(settings):
+    """transformers repeats each input row for beams / returned sequences; the cache generate
+    prefilled is repeated the same way: the same tokens as the converted model run without any cache
+    (every step a full forward under the sinks + window mask; a new memory reads zero)."""
+    model = AHNForCausalLM.from_base(tiny_base("llama"), "gdn", window=6, sinks=2)
+    ids = torch.randint(1, 97, (2, 10), generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(5)
+    got = model.generate(ids, max_new_tokens=6, pad_token_id=0, **settings)
+    torch.manual_seed(5)
+    want = model.base.generate(ids, max_new_tokens=6, pad_token_id=0, use_cache=False, **settings)
+    assert got.shape == (2 * settings.get("num_return_sequences", 1), 16)
+    assert got.tolist() == want.tolist()
+
+
+def test_generate_refuses_a_cache_holding_the_whole_prompt():
+    model = ahn("llama", "gdn", window=6, sinks=2)
+    ids = torch.randint(1, 97, (1, 15))
+    cache = model.prefill(ids)
+    with pytest.raises(ValueError, match="already holds 15 tokens"):
+        model.generate(ids, cache=cache, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with pytest.raises(ValueError, match="empty"):
+        model.generate(ids[:, :0], max_new_tokens=3)
+    # a cache of all but the last token continues as one call would
+    cache = model.prefill(ids[:, :-1])
+    got = model.generate(ids, cache=cache, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert got.tolist() == model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0).tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_dtype_change_after_a_forward_rebuilds_the_fused_projection(dtype):
+    """Module.to() swaps each parameter's data without bumping its version: the kept concatenation
+    of the k/v and gate projections must follow (else a float32 weight meets float64 inputs)."""
+    model = ahn("llama", "gdn", window=6, sinks=2)
+    ids = torch.randint(1, 97, (1, 12))
+    fresh = copy.deepcopy(model).to(dtype)
+    with torch.no_grad():
+        model(ids)  # keeps the float32 concatenation
+        model.to(dtype)
+        got, want = model(ids).logits, fresh(ids).logits
+    assert got.dtype == dtype and torch.equal(got, want)
 
 
 def test_multi_turn_continuation_reuses_the_cache():
@@ -413,6 +458,21 @@ def test_bad_input_is_a_clear_error():
     model(torch.randint(0, 97, (1, 5)), past_key_values=cache)
     with pytest.raises(ValueError, match="this cache was made for window=4"):
         model(torch.randint(0, 97, (1, 1)), past_key_values=cache, window=8)
+    model(torch.randint(0, 97, (1, 1)), past_key_values=cache, sinks=1)  # the cache's own sinks: fine
+    wide = model.new_cache(window=12)
+    model(torch.randint(0, 97, (1, 3)), past_key_values=wide, sinks=1)  # sinks given, window the cache's
+    with pytest.raises(ValueError, match="got sinks=3"):
+        model(torch.randint(0, 97, (1, 1)), past_key_values=wide, sinks=3)
+    with pytest.raises(ValueError, match="window must be a positive int"):
+        model.new_cache(window=0)
+    with pytest.raises(ValueError, match="window must be a positive int"):
+        AHNForCausalLM.from_base(tiny_base(), "gdn", window=0)
+    with pytest.raises(ValueError, match="levels must be an int >= 2"):
+        AHNForCausalLM.from_base(tiny_base(), "loglinear_gdn", levels=0)
+    with pytest.raises(ValueError, match="already has an AHN memory"):
+        AHNForCausalLM.from_base(model.base, "gdn")
+    with pytest.raises(ValueError, match="input_ids is empty"):
+        model(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="left padding only"):
         model(torch.randint(0, 97, (1, 12)), attention_mask=torch.tensor([[1] * 6 + [0] + [1] * 5]))
 

@@ -63,15 +63,16 @@ class AHNAttentionMixin:
         cos, sin = position_embeddings
         q, k = self.ahn_rope(q, k, cos, sin)
 
-        window, sinks = kwargs.get("ahn_window"), kwargs.get("ahn_sinks")
-        window = self.ahn_config.window if window is None else window
-        sinks = self.ahn_config.sinks if sinks is None else sinks
+        asked_window, asked_sinks = kwargs.get("ahn_window"), kwargs.get("ahn_sinks")
+        window = self.ahn_config.window if asked_window is None else asked_window
+        sinks = self.ahn_config.sinks if asked_sinks is None else asked_sinks
         if isinstance(store, AHNCache):
             cache = store.layers[self.layer_idx]
-            if (window, sinks) != (cache.window, cache.sinks) and (
-                    kwargs.get("ahn_window") is not None or kwargs.get("ahn_sinks") is not None):
+            if asked_window not in (None, cache.window) or asked_sinks not in (None, cache.sinks):
+                asked = ", ".join(f"{n}={v}" for n, v in (("window", asked_window), ("sinks", asked_sinks))
+                                  if v is not None)
                 raise ValueError(f"this cache was made for window={cache.window}, sinks={cache.sinks}; "
-                                 f"got window={window}, sinks={sinks}. Start a new cache to change them.")
+                                 f"got {asked}. Start a new cache to change them.")
             window, sinks = cache.window, cache.sinks
             persistent = True
             levels = self.ahn.levels

@@ -12,8 +12,6 @@ fast GPU) this is what makes decode time track the bytes it moves.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from transformers.generation.logits_process import (
     LogitsProcessorList,
@@ -23,6 +21,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from ..hf_compat import generation_config
 from .cache import AHNCache
 
 
@@ -142,14 +141,14 @@ def _processors(gc) -> LogitsProcessorList:
 def graph_generate(model, input_ids: torch.Tensor, cache: AHNCache, capture: bool = True, streamer=None,
                    **kwargs) -> torch.Tensor:
     """``generate``'s decoding loop with each step replayed from a CUDA graph (:class:`GraphDecoder`),
-    for ``input_ids`` whose tokens but the last are in ``cache``. Greedy or sampling with the base's
-    generation config updated by ``kwargs``: max_new_tokens / max_length, do_sample, temperature,
+    for ``input_ids`` whose tokens but the last are in ``cache``. Greedy or sampling with the settings
+    transformers' generate would resolve from ``kwargs`` (over the base's generation config and
+    transformers' defaults, e.g. top_k 50 when sampling): max_new_tokens / max_length, do_sample, temperature,
     top_k, top_p, repetition_penalty, eos_token_id, pad_token_id (finished rows get pad, as
     transformers' generate); a ``streamer`` gets the prompt, then each token, as from generate.
     Returns the prompt and the new tokens, [B, T + new]. ``capture``
     False: every step eager (any device; what tests compare with transformers' generate)."""
-    gc = copy.deepcopy(model.base.generation_config)
-    unused = gc.update(**kwargs)
+    gc, unused = generation_config(model.base, **kwargs)
     if unused:
         raise ValueError(f"cuda_graph=True takes generation settings only; got {sorted(unused)}. Pass "
                          "cuda_graph=False for transformers' generate with those.")

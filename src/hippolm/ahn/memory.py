@@ -77,10 +77,14 @@ class MemoryModule(nn.Module):
         name = tuple(id(layer) for layer in layers)
         kept = cache.get(name)
         # Weak references, not addresses: a parameter replaced by a new one (even at the same address,
-        # with the same version count) does not match; an in-place update bumps the version
+        # with the same version count) does not match; an in-place update bumps the version; Module.to()
+        # swaps p.data (new storage, dtype or device) and bumps nothing, so that is compared too
+        def key(p):
+            return p._version, p.data_ptr(), p.dtype, p.device
+
         if kept is None or len(kept[0]) != len(params) or any(
-                ref() is not p or version != p._version for (ref, version), p in zip(kept[0], params, strict=True)):
-            kept = cache[name] = ([(weakref.ref(p), p._version) for p in params], build())
+                ref() is not p or k != key(p) for (ref, k), p in zip(kept[0], params, strict=True)):
+            kept = cache[name] = ([(weakref.ref(p), key(p)) for p in params], build())
         return kept[1]
 
     def projections(self, x: torch.Tensor, layers: tuple[nn.Linear, ...] = ()

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AttentionInterface, AutoModelForCausalLM, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..hf_compat import cache_arg, pick_cache
+from ..hf_compat import cache_arg, expand_size, generation_config, pick_cache
 from .attention import AHNAttentionMixin
 from .cache import AHNCache
 from .config import MEMORY_TYPES, AHNConfig, validate_window
@@ -70,6 +70,9 @@ def _capture_padding(module, args, kwargs):
 def convert(model: PreTrainedModel, config: AHNConfig, memory_dtype: torch.dtype | None = None) -> PreTrainedModel:
     """Add a memory to every decoder layer of ``model`` in place, freeze the base, return it."""
     layers = _decoder_layers(model)
+    if any(isinstance(getattr(layer, "self_attn", None), AHNAttentionMixin) for layer in layers):
+        raise ValueError(f"{type(model).__name__} already has an AHN memory (it is an AHN model's .base). Convert "
+                         "a freshly loaded base, or load a saved memory with from_base(base, memory=folder).")
     fp = fingerprint(model)
     for i, layer in enumerate(layers):
         attn = getattr(layer, "self_attn", None)
@@ -140,12 +143,12 @@ class AHNForCausalLM(nn.Module):
                                  f"{saved.base_fingerprint}, which does not match this base {fingerprint(model)}.")
         config = AHNConfig(
             memory=saved.memory if saved else str(memory),
-            window=window or (saved.window if saved else 2048),
+            window=window if window is not None else (saved.window if saved else 2048),
             sinks=sinks if sinks is not None else (saved.sinks if saved else 128),
-            levels=levels or (saved.levels if saved else 21),
+            levels=levels if levels is not None else (saved.levels if saved else 21),
             base_model=name, base_fingerprint=fingerprint(model),
         )
-        if saved and levels and levels != saved.levels:
+        if saved and saved.loglinear and levels is not None and levels != saved.levels:
             raise ValueError(f"the saved memory has {saved.levels} levels; cannot load it with levels={levels}.")
         self = cls(convert(model, config, memory_dtype), config)
         if saved:
@@ -194,7 +197,7 @@ class AHNForCausalLM(nn.Module):
 
     def new_cache(self, window: int | None = None, sinks: int | None = None) -> AHNCache:
         """An empty bounded cache (defaults: the model's window and sinks)."""
-        return AHNCache(len(_decoder_layers(self.base)), window or self.ahn_config.window,
+        return AHNCache(len(_decoder_layers(self.base)), self.ahn_config.window if window is None else window,
                         self.ahn_config.sinks if sinks is None else sinks)
 
     def graph_decoder(self, cache: AHNCache) -> GraphDecoder:
@@ -207,6 +210,8 @@ class AHNForCausalLM(nn.Module):
         override the model's for this call (training samples them); a cache fixes its own. The cache
         goes in as ``cache`` or ``past_key_values`` (transformers' name for it before 5.25)."""
         past_key_values = pick_cache(cache, past_key_values)
+        if input_ids is not None and input_ids.shape[-1] == 0:
+            raise ValueError("input_ids is empty: pass at least one token.")
         if window is not None or sinks is not None:
             validate_window(self.ahn_config.window if window is None else window,
                             self.ahn_config.sinks if sinks is None else sinks)
@@ -240,9 +245,20 @@ class AHNForCausalLM(nn.Module):
         repetition penalty, eos / pad; other settings get a clear error), not transformers' loop."""
         cache = pick_cache(cache, past_key_values)
         cache = cache if cache is not None else self.new_cache()
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty: generate needs at least one prompt token (e.g. the BOS token).")
+        if cache.get_seq_length() >= input_ids.shape[1]:
+            raise ValueError(f"the cache already holds {cache.get_seq_length()} tokens and input_ids has "
+                             f"{input_ids.shape[1]}: pass the whole conversation including at least one new token "
+                             "(a cache from prefill(ids) holds every token of ids; prefill ids[:, :-1] instead).")
         if input_ids.shape[1] > 1:
             self.prefill(input_ids[:, :-1], None if attention_mask is None else attention_mask[:, :-1], cache,
                          prefill_chunk_size)
+        expand = expand_size(generation_config(self.base, **kwargs)[0])
+        if expand > 1 and cache.get_seq_length() and not cuda_graph:
+            # transformers repeats each row of input_ids for beams / returned sequences, not a cache
+            # passed in: the prefilled rows are repeated the same way
+            cache.batch_repeat_interleave(expand)
         if cuda_graph:
             return graph_generate(self, input_ids, cache, **kwargs)
         return self.base.generate(input_ids=input_ids, attention_mask=attention_mask, **cache_arg(cache),
