@@ -89,6 +89,9 @@ def test_demo_bad_input(tmp_path, capsys):
     (tmp_path / "y" / "notes.txt").write_text("mine")
     assert Demo.main(["--tiny", "--out", str(tmp_path / "y")]) == 2
     assert "not a demo run folder" in capsys.readouterr().err
+    assert Demo.main(["--tiny", "--out", str(tmp_path / "y"), "--restart"]) == 2  # deletes only a demo's folder
+    assert "not a demo run folder" in capsys.readouterr().err
+    assert (tmp_path / "y" / "notes.txt").read_text() == "mine"
 
 
 def test_demo_resumed_the_interrupted_distillation(demo_run):

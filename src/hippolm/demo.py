@@ -605,6 +605,9 @@ def run(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     saved = _read_json(out / "demo.json")
     if args.restart and out.exists():
+        if saved is None and any(out.iterdir()):  # only a demo's own folder is ever deleted
+            raise DemoError(f"--out {out} exists and is not a demo run folder (no demo.json): --restart deletes "
+                            "only a demo's folder; choose another --out.")
         import shutil
 
         shutil.rmtree(out)
