@@ -71,6 +71,11 @@ def test_eval_end_to_end_and_resume(tiny_dir, tmp_path, capsys):
     redone = lines_lenient(path)
     assert [r["id"] for r in redone] == ["passkey/L400/d0/s0", "passkey/L400/d1/s0"]
     assert json.loads((out / "summary.json").read_text()) == summary
+    # results of other settings are never mixed in: another window in the same --out is refused
+    other = [a if a != "16" else "24" for a in argv]
+    assert cli.main(other) == 2
+    assert "other settings (--window 16 -> 24)" in capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text()) == summary
 
 
 def lines_lenient(path: Path) -> list[dict]:
@@ -95,6 +100,10 @@ def test_eval_errors_name_what_to_do(tiny_dir, tmp_path, capsys):
     assert "hippolm mqar" in capsys.readouterr().err
     assert eval_main([*base, "--task", "niah_multiquery", "--lengths", "200"]) == 2
     assert "shorter than the prompt" in capsys.readouterr().err
+    for bad, says in ((["--limit", "-1"], "--limit must be >= 1"), (["--max-new-tokens", "0"], "--max-new-tokens must"),
+                      (["--device", "foo"], "--device 'foo' is not a device")):
+        assert eval_main([*base, "--task", "passkey", *bad]) == 2
+        assert says in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # input errors stop before anything is written
 
 
@@ -113,6 +122,48 @@ def test_eval_mqar_on_a_saved_standalone_model(tmp_path):
     x, y = mqar_data(16, 64, 8, vocab_size=64, seed=_seed("eval", 0, 64, 8))
     assert rows["L64 pairs=8"]["value"] == pytest.approx(evaluate(model, x, y))
     assert rows["L64 pairs=4"]["system"] == "model" and rows["L64 pairs=4"]["n"] == 16
+
+
+def test_generation_limit_caps_each_samples_own(monkeypatch):
+    """--max-new-tokens caps each sample's own limit (a passkey's 16 stays 16 under a cap of 64)."""
+    from hippolm.eval import runner
+
+    asked = []
+    monkeypatch.setattr(runner, "generate_batch", lambda model, tok, prompts, max_new_tokens, **kw:
+                        asked.append(max_new_tokens) or ["x"] * len(prompts))
+    samples = [{"id": "a", "prompt": "p", "max_new_tokens": 6}, {"id": "b", "prompt": "q", "max_new_tokens": 1200}]
+    model = torch.nn.Linear(1, 1)
+    runner.run_generation(model, None, samples, lambda s, o: {}, max_new_tokens=64, progress=False)
+    assert sorted(asked) == [6, 64]
+    asked.clear()
+    runner.run_generation(model, None, samples, lambda s, o: {}, progress=False)
+    assert sorted(asked) == [6, 1200]
+
+
+def test_cli_number_checks_exit_2(capsys, tmp_path):
+    """Bad numbers stop with one message and exit code 2, before any model is loaded or trained."""
+    for argv, says in ((["mqar", "--pairs", "0"], "pairs must be numbers >= 1"),
+                       (["mqar", "--batch-size", "0"], "batch_size must be >= 1"),
+                       (["mqar", "--steps", "0"], "steps must be >= 1"),
+                       (["mqar", "--seq-len", "4", "--pairs", "4"], "seq_len 4 is too short"),
+                       (["mqar", "--vocab", "2", "--pairs", "4"], "too few keys"),
+                       (["mqar", "--lr", "-1"], "lr must be > 0"),
+                       (["mqar", "--device", "foo"], "is not a device")):
+        assert cli.main(argv) == 2, argv
+        assert says in capsys.readouterr().err
+    for bad, says in ((["--min-lr-ratio", "-5"], "--min-lr-ratio must lie in [0, 1]"),
+                      (["--lr", "inf"], "--lr must be a finite number > 0"),
+                      (["--warmup", "nan"], "--warmup must be a finite number >= 0"),
+                      (["--max-grad-norm", "nan"], "--max-grad-norm must be"),
+                      (["--temperature", "nan"], "--temperature must be"),
+                      (["--device", "foo"], "is not a device")):
+        assert cli.main(["distill", "--out", str(tmp_path / "run"), "--steps", "1", *bad]) == 2, bad
+        assert says in capsys.readouterr().err
+    config = tmp_path / "config.json"
+    config.write_text('{"hidden_size": 64}')
+    with pytest.raises(SystemExit) as e:  # cost reports through its parser, as its other input errors
+        cli.main(["cost", "--base", str(config)])
+    assert e.value.code == 2 and "has no model_type" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path (measurement skipped)")

@@ -60,8 +60,8 @@ def test_classification_retrieval_count_code():
     # "Abbreviation" is inside the reference "Abbreviation expansion": it does not count as a second class
     assert M.classification_score("Abbreviation expansion", "Abbreviation expansion", classes) == 1.0
     assert M.classification_score("Number of something", "Individual", classes) == 0.0
-    # no class named: the most similar class name decides
-    assert M.classification_score("Individua", "Individual", classes) == 1.0
+    # no class named: 0, however close (LongBench's similarity fallback never ran)
+    assert M.classification_score("Individua", "Individual", classes) == 0.0
     assert M.retrieval_score("Paragraph 3, or maybe Paragraph 5", "Paragraph 3") == 0.5
     assert M.retrieval_score("no idea", "Paragraph 3") == 0.0
     assert M.count_score("There are 7 unique paragraphs, not 8", "7") == 0.5
@@ -89,10 +89,16 @@ def test_infinitebench_matches():
     assert M.choice_match("I think the answer is C", label) == 0.0
     assert M.choice_match("I would pick B here", label) == 1.0  # first standalone letter
     assert M.choice_match("", label) == 0.0
+    assert M.choice_match(" B", label) == 1.0  # outputs start with a space: stripped first
+    assert M.choice_match(" Paris", ["Paris", "B"]) == 1.0  # the option's text itself
+    assert M.choice_match("Paris, France", ["Paris", "B"]) == 0.0
+    assert M.choice_match(" At dawn", label) == 0.0  # as InfiniteBench: a first letter A-D decides first
     assert M.dialogue_match("It is probably Hamlet.", "HAMLET") == 1.0
     assert M.code_debug_match("B. func_b", ["func_b", "B"]) == 1.0
     assert M.code_debug_match("the answer is: func_b", ["func_b", "B"]) == 1.0
     assert M.code_debug_match("the answer is: func_c", ["func_b", "B"]) == 0.0
+    assert M.code_debug_match(" B. func_b", ["func_b", "B"]) == 1.0  # after "The correct option is:"
+    assert M.code_debug_match("So the correct option is: B", ["func_b", "B"]) == 1.0
 
 
 # ------------------------------------------------------------------------------------------------

@@ -179,6 +179,8 @@ def load_config(base: str):
     path = Path(base)
     if path.is_file():  # a config.json
         data = json.loads(path.read_text())
+        if "model_type" not in data:
+            raise ValueError(f"{path} has no model_type: pass a model's config.json (or its folder, or a hub id).")
         config = AutoConfig.for_model(data.pop("model_type"), **data)
         config._name_or_path = str(path)
         return config

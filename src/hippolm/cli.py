@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from collections.abc import Sequence
 
 
@@ -59,6 +60,11 @@ def _run_mqar(args: argparse.Namespace) -> int:
         eval_examples=args.eval_examples, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, seed=args.seed, device=args.device, a_init_range=tuple(args.a_init_range),
     )
+    try:
+        settings.check()
+    except ValueError as e:
+        print(f"hippolm mqar: error: {e}", file=sys.stderr)
+        return 2
     result = train_mqar(settings, progress=not args.quiet)
     print(f"MQAR {args.mixer} d_model={args.d_model} seq_len={args.seq_len} "
           f"({result['parameters']:,} parameters, {result['train_seconds']:.0f} s on {result['device']})")

@@ -596,11 +596,12 @@ def write_report(out: Path, summary: dict, plots: dict[str, Path | None]) -> Pat
 # --- main -------------------------------------------------------------------------------------------
 def run(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    from .generate import pick_device
+    from .runtime import pick_device
 
-    device = pick_device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DemoError(f"--device {args.device}: CUDA is not available.")
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        raise DemoError(str(e)) from None
     s = settings_from_args(args, device)
     out = Path(args.out)
     saved = _read_json(out / "demo.json")

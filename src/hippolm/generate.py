@@ -21,6 +21,7 @@ import torch
 
 from .ahn.config import MEMORY_TYPES
 from .hf_compat import cache_arg
+from .runtime import pick_device, pick_dtype
 
 
 class GenerateError(Exception):
@@ -62,18 +63,6 @@ class Generation:
     cache_bytes: int
     full_kv_bytes: int  # what full attention would hold for the same tokens (analytic)
     mode: str
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 def cache_nbytes(cache) -> int:
@@ -195,7 +184,10 @@ def run(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     torch.manual_seed(args.seed)
-    device = pick_device(args.device)
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        raise GenerateError(str(e)) from None
     dtype = pick_dtype(args.dtype, device)
     if args.cuda_graph and device.type != "cuda":
         raise GenerateError(f"--cuda-graph needs a CUDA device (this run is on {device}); leave it out on CPU.")

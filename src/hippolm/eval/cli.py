@@ -126,6 +126,15 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
             raise EvalError(f"--{name.replace('_', '-')} must be >= 1.")
     if (args.window is not None and args.window < 1) or (args.sinks is not None and args.sinks < 0):
         raise EvalError("--window must be >= 1 and --sinks >= 0.")
+    for name in ("limit", "max_new_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise EvalError(f"--{name.replace('_', '-')} must be >= 1 (or left out), got {getattr(args, name)}.")
+    from ..runtime import pick_device
+
+    try:
+        pick_device(args.device)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
     if args.data:
         missing = [d for d in args.data if not glob.glob(d)]
         if missing:
@@ -135,22 +144,6 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 
 # ----------------------------------------------------------------------------------------------
 # Loading
-
-
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _dtype(name: str, device):
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 def _model_type(base: str) -> str | None:
@@ -166,9 +159,10 @@ def load_model(args: argparse.Namespace):
     from transformers import AutoModelForCausalLM
 
     from ..ahn import AHNForCausalLM
+    from ..runtime import pick_device, pick_dtype
 
-    device = _device(args.device)
-    dtype = _dtype(args.dtype, device)
+    device = pick_device(args.device)  # checked by check_args
+    dtype = pick_dtype(args.dtype, device)
     if device.type == "cpu" and dtype == torch.bfloat16:
         print("note: bfloat16 on CPU is slow and lossy; float32 is the CPU default.", file=sys.stderr)
     if _model_type(args.base) == "hippolm":
@@ -327,7 +321,7 @@ def run_needle_task(args, name: str, samples: list[dict], model, tokenizer, syst
         path = out / name / f"{system.name}.jsonl"
         with system_context(model, system):
             results = run_needle(model, tokenizer, samples, batch_size=args.batch_size,
-                                 max_new_tokens=args.max_new_tokens or TASKS[name].max_new_tokens,
+                                 max_new_tokens=args.max_new_tokens,
                                  window=_win(model, system), sinks=_snk(model, system), out_jsonl=path,
                                  progress=not args.quiet, desc=f"{name} {system.name}")
         for (length,), (score, n) in sorted(mean_by(results, "length").items()):
@@ -407,6 +401,26 @@ def _say(args, text: str) -> None:
         print(text, flush=True)
 
 
+# What a stored result depends on beyond its sample id: a run continued in the same --out must keep
+# these (tasks, systems, lengths, limits and the like may change: they only add or pick samples)
+RESULT_SETTINGS = ("base", "memory", "tokenizer", "window", "sinks", "seed", "chat", "buckets", "max_length",
+                   "max_new_tokens", "dtype", "pairs", "mqar_examples")
+
+
+def _check_same_settings(out: Path, args: argparse.Namespace) -> None:
+    """Results in ``out`` are reused by sample id; refuse to mix them with results of other settings."""
+    path = out / "args.json"
+    if not path.is_file():
+        return
+    before = json.loads(path.read_text())
+    now = json.loads(json.dumps(vars(args), default=str))
+    changed = [f"--{k.replace('_', '-')} {before[k]} -> {now.get(k)}" for k in RESULT_SETTINGS
+               if k in before and before[k] != now.get(k)]
+    if changed:
+        raise EvalError(f"{out} holds results made with other settings ({'; '.join(changed)}): re-run with the same "
+                        "options to continue it, or choose another --out.")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -446,6 +460,7 @@ def _main(args: argparse.Namespace) -> int:
         else:
             prepared.append(("needle", *prepare_needle(args, task, tokenizer)))
     out = Path(args.out)
+    _check_same_settings(out, args)
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
     model, standalone = load_model(args)

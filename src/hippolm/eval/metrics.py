@@ -184,14 +184,12 @@ def rouge_l_zh(prediction: str, reference: str) -> float:
 
 def classification_score(prediction: str, reference: str, all_classes: Sequence[str]) -> float:
     """LongBench (trec, lsht): 1/k when the reference is among the k class names found in the
-    prediction (names that are substrings of the reference, other than itself, do not count)."""
+    prediction (names that are substrings of the reference, other than itself, do not count); 0 when
+    it names no class (LongBench's similarity fallback never ran: it sat behind a test of a list
+    against 0, and the current metrics.py has none)."""
     found = [c for c in all_classes if c in prediction]
     found = [c for c in found if not (c in reference and c != reference)]
-    if found:
-        return 1.0 / len(found) if reference in found else 0.0
-    # No class name in the output: the closest one by similarity (LongBench's fallback).
-    best = max(all_classes, key=lambda c: difflib.SequenceMatcher(None, c, prediction).ratio(), default=None)
-    return float(best == reference)
+    return 1.0 / len(found) if reference in found else 0.0
 
 
 def _id_fraction(prediction: str, target: str) -> float:
@@ -276,34 +274,41 @@ def dialogue_match(prediction: str, reference: str) -> float:
 
 
 def choice_match(prediction: str, references: Sequence[str]) -> float:
-    """InfiniteBench longbook_choice_eng: the chosen letter (first character, after an answer
-    prefix, or the first standalone A-D) is one of the references."""
-    if prediction and prediction[0] in "ABCD":
-        return float(prediction[0] in references)
-    text = " ".join(_words(prediction, "\n\"'.,?!{}"))
+    """InfiniteBench longbook_choice_eng, as its compute_scores.py: the stripped output's first
+    character if it is A-D, else the output being one of the references (an option's text), else
+    the text after an answer prefix, else the first word that is a substring of "ABCD"."""
+    pred = prediction.strip()
+    if not pred:
+        return 0.0
+    if pred[0] in "ABCD":
+        return float(pred[0] in references)
+    if pred in references:
+        return 1.0
+    text = " ".join(_words(pred, "\n\"'.,?!{}"))
     for prefix in ("answer is:", "answer:", "answer is", "option is"):
         idx = text.find(prefix)
         if idx != -1:
             after = text[idx + len(prefix) + 1:]
             return float(any(after.startswith(r) for r in references))
     for word in text.split():
-        if word in ("A", "B", "C", "D"):
+        if word in "ABCD":
             return float(word in references)
     return 0.0
 
 
 def code_debug_match(prediction: str, reference: Sequence[str]) -> float:
-    """InfiniteBench code_debug: the answer letter or function name follows an answer prefix, or
-    the output starts with the letter and a period or colon. ``reference`` = [name, letter]."""
+    """InfiniteBench code_debug, as its compute_scores.py: the stripped output starts with the letter
+    and a period or colon, or the letter or function name follows an answer prefix. ``reference`` =
+    [name, letter]."""
     name, letter = reference[0], reference[1]
-    if prediction[:2] in (f"{letter}.", f"{letter}:"):
+    text = prediction.strip()  # outputs usually start with a space ("The correct option is: A.")
+    if text[:2] in (f"{letter}.", f"{letter}:"):
         return 1.0
-    text = prediction.strip()
     for c in ("\n", "`", "'", '"', "-", "*", "Option", "option"):
         text = text.replace(c, " ")
     while "  " in text:
         text = text.replace("  ", " ")
-    for prefix in ("answer is:", "is:", "answer:"):
+    for prefix in ("answer is:", "is:", "answer:", "correct option is:"):
         idx = text.find(prefix)
         if idx != -1:
             after = text[idx + len(prefix) + 1:]

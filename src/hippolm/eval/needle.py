@@ -477,12 +477,13 @@ def score_needle(output: str, answers: Sequence[str]) -> float:
     return string_match_all(ruler_postprocess(output), answers)
 
 
-def run_needle(model, tokenizer, samples: list[dict], *, batch_size: int = 1, max_new_tokens: int = 32,
+def run_needle(model, tokenizer, samples: list[dict], *, batch_size: int = 1, max_new_tokens: int | None = None,
                window: int | None = None, sinks: int | None = None, out_jsonl: str | Path | None = None,
                progress: bool = True, desc: str = "needle") -> list[dict]:
-    """Generate greedily for each sample and score it; returns the samples with ``output`` and
-    ``score`` added (``prompt`` dropped). With ``out_jsonl``, results are appended one per line
-    and samples already in the file are not run again (resumable)."""
+    """Generate greedily for each sample (up to its task's tokens, capped at ``max_new_tokens`` if
+    given) and score it; returns the samples with ``output`` and ``score`` added (``prompt``
+    dropped). With ``out_jsonl``, results are appended one per line and samples already in the file
+    are not run again (resumable)."""
     from .runner import run_generation
 
     def score(sample: dict, output: str) -> dict:

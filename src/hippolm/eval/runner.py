@@ -190,14 +190,14 @@ def generate_batch(model, tokenizer, prompts: Sequence[str | Sequence[int]], *, 
 
 
 def run_generation(model, tokenizer, samples: list[dict], score: Callable[[dict, str], dict], *,
-                   batch_size: int = 1, max_new_tokens: int | None = 32, window: int | None = None,
+                   batch_size: int = 1, max_new_tokens: int | None = None, window: int | None = None,
                    sinks: int | None = None, out_jsonl: str | Path | None = None, progress: bool = True,
                    desc: str = "generate", extra: dict | None = None) -> list[dict]:
     """Generate for samples (``prompt``, ``id``, optional ``max_new_tokens``/``add_special_tokens``),
     score each with ``score(sample, output) -> dict``, append results to ``out_jsonl``; samples
     whose id is already there are skipped and their stored result returned.
 
-    ``max_new_tokens``: an int caps every sample at it; None uses each sample's own.
+    ``max_new_tokens``: an int caps every sample's own limit (default 32) at it; None uses each sample's own.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -214,7 +214,8 @@ def run_generation(model, tokenizer, samples: list[dict], score: Callable[[dict,
             batch = todo[i:i + batch_size]
             groups: dict[tuple[int, bool], list[dict]] = {}
             for s in batch:  # one generate call per (new tokens, special tokens) setting
-                n = s.get("max_new_tokens", 32) if max_new_tokens is None else max_new_tokens
+                n = s.get("max_new_tokens", 32)
+                n = n if max_new_tokens is None else min(n, max_new_tokens)
                 groups.setdefault((int(n), bool(s.get("add_special_tokens", True))), []).append(s)
             for (n, special), group in groups.items():
                 outputs = generate_batch(model, tokenizer, [s.get("input_ids") or s["prompt"] for s in group],

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..layers.common import A_INIT_RANGE
 from ..models import HippoConfig, HippoForCausalLM
+from ..runtime import pick_device
 
 IGNORE = -100
 
@@ -102,17 +103,30 @@ class MQARSettings:
     device: str = "auto"
     time_limit: float | None = None  # seconds of training: stop there (recorded); the schedule follows time too
 
+    def check(self) -> None:
+        """A ValueError naming the first setting that cannot train (before any data or model is made)."""
+        for name in ("d_model", "num_layers", "num_heads", "expand_v", "seq_len", "vocab_size", "train_examples",
+                     "eval_examples", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if not self.pairs or min(self.pairs) < 1:
+            raise ValueError(f"pairs must be numbers >= 1, got {self.pairs}.")
+        if self.seq_len < 4 * max(self.pairs):
+            raise ValueError(f"seq_len {self.seq_len} is too short for {max(self.pairs)} pairs: it must be >= 4 * "
+                             f"pairs = {4 * max(self.pairs)}.")
+        if self.vocab_size // 2 - 1 < max(self.pairs):
+            raise ValueError(f"vocab_size {self.vocab_size} has too few keys for {max(self.pairs)} distinct pairs "
+                             f"(it must be >= {2 * max(self.pairs) + 2}).")
+        if not (math.isfinite(self.lr) and self.lr > 0) or not (math.isfinite(self.weight_decay)
+                                                                  and self.weight_decay >= 0):
+            raise ValueError(f"lr must be > 0 and weight_decay >= 0 (finite), got {self.lr} and {self.weight_decay}.")
+        pick_device(self.device)
+
     def model_config(self) -> HippoConfig:
         return HippoConfig(vocab_size=self.vocab_size, hidden_size=self.d_model, num_hidden_layers=self.num_layers,
                            num_attention_heads=self.num_heads, expand_v=self.expand_v, state_size=self.state_size,
                            mixer=self.mixer, window=self.window, max_position=self.seq_len,
                            A_init_range=tuple(self.a_init_range))
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -146,7 +160,8 @@ def evaluate(model: HippoForCausalLM, inputs: torch.Tensor, targets: torch.Tenso
 
 def train_mqar(settings: MQARSettings, progress: bool = True) -> dict:
     """Train a fresh :class:`HippoForCausalLM` on MQAR; return accuracy per number of pairs and more."""
-    device = resolve_device(settings.device)
+    settings.check()
+    device = pick_device(settings.device)
     torch.manual_seed(settings.seed)
     model = HippoForCausalLM(settings.model_config()).to(device)
     s = settings

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..ahn.config import MEMORY_TYPES
+from ..runtime import pick_device
 from .data import DataError, PackedTokens, SampleOrder, rank_batch, resolve_files
 from .loss import distill_loss, next_token_labels
 
@@ -242,10 +243,11 @@ class Dist:
 def setup_distributed(device_arg: str | None) -> tuple[Dist, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = pick_device(device_arg)
+    except ValueError as e:
+        raise DistillError(str(e)) from None
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DistillError(f"--device {device_arg} asked for, but CUDA is not available.")
         if device.index is None:  # set_device needs an index; under torchrun each process takes its own GPU
             device = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
         torch.cuda.set_device(device)
@@ -500,14 +502,16 @@ def _validate_numbers(args) -> None:
     for name, value, low in checks:
         if value is None or value < low:
             raise DistillError(f"{name} must be >= {low}, got {value}.")
-    if not args.lr > 0:
-        raise DistillError(f"--lr must be positive, got {args.lr}.")
-    if args.temperature <= 0:
-        raise DistillError(f"--temperature must be positive, got {args.temperature}.")
-    if not 0 <= args.ce_weight <= 1:
-        raise DistillError(f"--ce-weight must lie in [0, 1], got {args.ce_weight}.")
-    if args.weight_decay < 0 or args.warmup < 0 or args.max_grad_norm < 0:
-        raise DistillError("--weight-decay, --warmup and --max-grad-norm must be >= 0.")
+    # `not (low <= x)` rather than `x < low`: NaN fails every comparison and must fail the check too
+    floats = [("--lr", args.lr, 0.0, False), ("--temperature", args.temperature, 0.0, False),
+              ("--weight-decay", args.weight_decay, 0.0, True), ("--warmup", args.warmup, 0.0, True),
+              ("--max-grad-norm", args.max_grad_norm, 0.0, True)]
+    for name, value, low, inclusive in floats:
+        if not (math.isfinite(value) and (value >= low if inclusive else value > low)):
+            raise DistillError(f"{name} must be a finite number {'>=' if inclusive else '>'} {low:g}, got {value}.")
+    for name, value in (("--ce-weight", args.ce_weight), ("--min-lr-ratio", args.min_lr_ratio)):
+        if not 0 <= value <= 1:
+            raise DistillError(f"{name} must lie in [0, 1], got {value}.")
 
 
 def _check_run_folder(args) -> Path:
