@@ -148,7 +148,17 @@ def test_cli_number_checks_exit_2(capsys, tmp_path):
                        (["mqar", "--seq-len", "4", "--pairs", "4"], "seq_len 4 is too short"),
                        (["mqar", "--vocab", "2", "--pairs", "4"], "too few keys"),
                        (["mqar", "--lr", "-1"], "lr must be > 0"),
-                       (["mqar", "--device", "foo"], "is not a device")):
+                       (["mqar", "--device", "foo"], "is not a device"),
+                       (["mqar", "--d-model", "63", "--heads", "2"], "not divisible"),
+                       (["mqar", "--mixer", "swa", "--window", "-1"], "window must be a positive int"),
+                       (["generate", "hi", "--sinks", "8", "--base", str(tmp_path)], "--sinks sets the sinks"),
+                       (["generate", "hi", "--base", "./no_such_model"], "no such file or folder"),
+                       (["cost", "--base", "./no_such_model"], None)):
+        if says is None:  # cost reports through its parser
+            with pytest.raises(SystemExit) as e:
+                cli.main(argv)
+            assert e.value.code == 2 and "no such file or folder" in capsys.readouterr().err
+            continue
         assert cli.main(argv) == 2, argv
         assert says in capsys.readouterr().err
     for bad, says in ((["--min-lr-ratio", "-5"], "--min-lr-ratio must lie in [0, 1]"),

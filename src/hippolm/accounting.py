@@ -87,6 +87,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from .ahn.config import MEMORY_TYPES, validate_window
+from .builtin import BuiltinError, is_builtin, resolve_base
 
 KV_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8": 1}
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -169,7 +170,9 @@ def load_config(base: str):
     from transformers import AutoConfig
 
     key = base.strip().lower()
-    if key in KNOWN_BASES:
+    if is_builtin(key):  # the built-in model's folder (converted on first use)
+        base = resolve_base(key)
+    elif key in KNOWN_BASES:
         data = json.loads((CONFIG_DIR / KNOWN_BASES[key]).read_text())
         data.pop("_comment", None)
         name = data.pop("_name_or_path", base)
@@ -184,7 +187,7 @@ def load_config(base: str):
         config = AutoConfig.for_model(data.pop("model_type"), **data)
         config._name_or_path = str(path)
         return config
-    return AutoConfig.from_pretrained(base)
+    return AutoConfig.from_pretrained(resolve_base(base))
 
 
 def shape_of(config_or_base) -> ModelShape:
@@ -561,7 +564,7 @@ def cost_main(argv: list[str] | None = None) -> int:
     try:
         report = compare(args.base, window=args.window, sinks=args.sinks, memory=args.memory, context=args.context,
                          levels=args.levels, kv_dtype=args.kv_dtype, logits=args.logits)
-    except ValueError as e:
+    except (ValueError, BuiltinError) as e:  # BuiltinError: `builtin` without its PyPI package
         parser.error(str(e))
     except OSError as e:  # a hub id that cannot be fetched, a folder without config.json
         parser.error(f"cannot read the config of --base {args.base!r} ({e}); pass a shipped name "

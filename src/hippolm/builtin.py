@@ -73,8 +73,16 @@ def is_builtin(name: object) -> bool:
 
 def resolve_base(name: str | os.PathLike) -> str:
     """A base model name as transformers takes it: the built-in names become the path of the
-    converted built-in model (converting it on first use); anything else is returned unchanged."""
-    return str(builtin_base_path()) if is_builtin(name) else os.fspath(name)
+    converted built-in model (converting it on first use); anything else is returned unchanged, but
+    a local path that does not exist (``./x``, ``/x``, ``~/x``, ``a/b/c``: not a hub id ``org/name``)
+    is a ValueError saying so, not transformers' complaint about hub ids."""
+    if is_builtin(name):
+        return str(builtin_base_path())
+    path = os.fspath(name)
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or (os.sep != "/" and os.sep in path)
+    if looks_local and not Path(path).expanduser().exists():
+        raise ValueError(f"{path}: no such file or folder (a local path; a hub id looks like org/name).")
+    return str(Path(path).expanduser()) if path.startswith("~") else path
 
 
 # --- locating the packages -----------------------------------------------------------------------

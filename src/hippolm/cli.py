@@ -7,6 +7,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from .runtime import HelpFormatter
+
 
 def _int_list(text: str) -> tuple[int, ...]:
     try:
@@ -24,7 +26,7 @@ def _add_mqar(sub: argparse._SubParsersAction) -> None:
 
     d = MQARSettings()
     p = sub.add_parser("mqar", help="train a small model on multi-query associative recall and report accuracy",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("--mixer", choices=MIXER_TYPES, default=d.mixer)
     p.add_argument("--d-model", type=int, default=d.d_model)
     p.add_argument("--layers", type=int, default=d.num_layers)
@@ -65,7 +67,11 @@ def _run_mqar(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"hippolm mqar: error: {e}", file=sys.stderr)
         return 2
-    result = train_mqar(settings, progress=not args.quiet)
+    try:
+        result = train_mqar(settings, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print("hippolm mqar: interrupted", file=sys.stderr)
+        return 130
     print(f"MQAR {args.mixer} d_model={args.d_model} seq_len={args.seq_len} "
           f"({result['parameters']:,} parameters, {result['train_seconds']:.0f} s on {result['device']})")
     print("pairs  accuracy")
@@ -104,7 +110,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     from .generate import add_arguments
 
     p = sub.add_parser("generate", help="generate text with full attention, SWA-only or an AHN memory; prints "
-                       "the cache bytes", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       "the cache bytes", formatter_class=HelpFormatter)
     add_arguments(p)
     p.set_defaults(func=_run_generate)
 

@@ -100,8 +100,8 @@ def load(base: str, memory: str | None, window: int | None, sinks: int | None, d
     except BuiltinError as e:
         raise GenerateError(str(e)) from e
     except (OSError, ValueError) as e:
-        raise GenerateError(f"cannot load the tokenizer of {tokenizer or base!r}: {e}") from e
-    if memory is None and window is None and sinks is None:
+        raise GenerateError(f"cannot load {tokenizer or base!r}: {e}") from e
+    if memory is None and window is None:
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         except (OSError, ValueError) as e:
@@ -116,6 +116,7 @@ def load(base: str, memory: str | None, window: int | None, sinks: int | None, d
     except (OSError, ValueError) as e:
         raise GenerateError(f"cannot load {base!r} with memory {memory!r}: {e}") from e
     model.ahn_config.base_model = str(base)
+    tok.model_max_length = 1 << 62  # the bounded cache reads any length: no "longer than the maximum" warning
     return tok, model.eval(), ("swa" if memory in MEMORY_TYPES else "ahn")
 
 
@@ -151,7 +152,7 @@ def generate(model, tokenizer, input_ids: torch.Tensor, mode: str, *, max_new_to
     else:
         cache = model.new_cache()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
-                             prefill_chunk_size=prefill_chunk, cuda_graph=cuda_graph, **kwargs)
+                             prefill_chunk_size=prefill_chunk, cuda_graph=cuda_graph, prefill_progress=True, **kwargs)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -181,6 +182,9 @@ def run(args: argparse.Namespace) -> int:
         raise GenerateError("give a prompt, or --prompt-file FILE.")
     if args.max_new_tokens < 1:
         raise GenerateError("--max-new-tokens must be >= 1.")
+    if args.memory is None and args.window is None and args.sinks is not None:
+        raise GenerateError("--sinks sets the sinks of SWA-only (with --window) or of a memory (with --memory); "
+                            "give one of them too.")
     from transformers import TextStreamer
 
     torch.manual_seed(args.seed)

@@ -1,8 +1,20 @@
-"""Device and dtype choices of the command-line tools, in one place (one rule, one message)."""
+"""What the command-line tools share: device and dtype choices (one rule, one message) and the
+help formatter."""
 
 from __future__ import annotations
 
+import argparse
+
 import torch
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except None (the help says what None means) and flags."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def pick_device(name: str | None = "auto") -> torch.device:

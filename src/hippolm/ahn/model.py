@@ -222,12 +222,17 @@ class AHNForCausalLM(nn.Module):
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: AHNCache | None = None, chunk_size: int = 4096) -> AHNCache:
-        """Feed the tokens of ``input_ids`` not yet in ``cache`` in chunks (no logits computed)."""
+                cache: AHNCache | None = None, chunk_size: int = 4096, progress: bool = False) -> AHNCache:
+        """Feed the tokens of ``input_ids`` not yet in ``cache`` in chunks (no logits computed);
+        ``progress``: a progress bar over the chunks."""
+        from tqdm.auto import tqdm
+
         cache = cache if cache is not None else self.new_cache()
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
-        for start in range(cache.get_seq_length(), input_ids.shape[1], chunk_size):
+        starts = range(cache.get_seq_length(), input_ids.shape[1], chunk_size)
+        for start in tqdm(starts, desc="prefill", unit="chunk", disable=not progress or len(starts) < 2,
+                          leave=False):
             end = min(start + chunk_size, input_ids.shape[1])
             self.base.get_decoder()(input_ids=input_ids[:, start:end], attention_mask=mask[:, :end],
                                     position_ids=positions[:, start:end], **cache_arg(cache), use_cache=True)
@@ -236,13 +241,14 @@ class AHNForCausalLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  past_key_values: AHNCache | None = None, prefill_chunk_size: int = 4096, *,
-                 cache: AHNCache | None = None, cuda_graph: bool = False, **kwargs):
+                 cache: AHNCache | None = None, cuda_graph: bool = False, prefill_progress: bool = False, **kwargs):
         """``transformers`` generate with a bounded cache. The prompt (all but its last token) is
         prefilled in chunks of ``prefill_chunk_size``, so prompts of any length fit; pass the cache
         of an earlier call (and the whole conversation as ``input_ids``) to continue it.
         ``cuda_graph`` (model on CUDA): each new token from a replayed CUDA graph
         (:func:`~hippolm.ahn.graph.graph_generate`: greedy or sampling with temperature, top-k, top-p,
-        repetition penalty, eos / pad; other settings get a clear error), not transformers' loop."""
+        repetition penalty, eos / pad; other settings get a clear error), not transformers' loop.
+        ``prefill_progress``: a progress bar over the prefill's chunks."""
         cache = pick_cache(cache, past_key_values)
         cache = cache if cache is not None else self.new_cache()
         if input_ids.shape[1] == 0:
@@ -253,7 +259,7 @@ class AHNForCausalLM(nn.Module):
                              "(a cache from prefill(ids) holds every token of ids; prefill ids[:, :-1] instead).")
         if input_ids.shape[1] > 1:
             self.prefill(input_ids[:, :-1], None if attention_mask is None else attention_mask[:, :-1], cache,
-                         prefill_chunk_size)
+                         prefill_chunk_size, prefill_progress)
         expand = expand_size(generation_config(self.base, **kwargs)[0])
         if expand > 1 and cache.get_seq_length() and not cuda_graph:
             # transformers repeats each row of input_ids for beams / returned sequences, not a cache

@@ -16,6 +16,7 @@ import math
 import sys
 from pathlib import Path
 
+from ..runtime import HelpFormatter
 from .needle import ALIASES, TASKS
 
 NEEDLE_TASKS = (*TASKS, *ALIASES)
@@ -47,7 +48,7 @@ def _floats(text: str) -> list[float]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="hippolm eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="hippolm eval", formatter_class=HelpFormatter,
         description="Evaluate a base model as full attention, SWA-only and AHN (perplexity by position, needle "
                     "tests, MQAR, LongBench / LV-Eval / InfiniteBench files) with resumable results.")
     p.add_argument("--base", required=True, help="hub id or local path of the base model (or a saved hippolm "
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--out", required=True, help="results folder (re-running continues it)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or progress lines (the table still prints)")
     return p
 
 
@@ -185,7 +186,11 @@ def load_tokenizer(args: argparse.Namespace):
 
     name = args.tokenizer or args.base
     try:
-        return AutoTokenizer.from_pretrained(resolve_base(name))
+        path = resolve_base(name)
+    except ValueError as e:
+        raise EvalError(f"--{'tokenizer' if args.tokenizer else 'base'} {e}") from None
+    try:
+        return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise EvalError(f"cannot load a tokenizer from {name} ({e}); pass --tokenizer <id or path>.") from None
 
@@ -481,8 +486,6 @@ def _main(args: argparse.Namespace) -> int:
         write_summary(out, task_rows)  # after every task, so an interrupted run still has its table
         rows += task_rows
     paths = write_summary(out, rows)
-    if not args.quiet:
-        print()
-        print(paths["markdown"].read_text(), end="")
-        print(f"\nwrote {paths['markdown']} and {paths['csv']}")
+    print(("" if args.quiet else "\n") + paths["markdown"].read_text(), end="")  # --quiet: no bars, still the table
+    print(f"\nwrote {paths['markdown']} and {paths['csv']}")
     return 0

@@ -120,6 +120,7 @@ class MQARSettings:
         if not (math.isfinite(self.lr) and self.lr > 0) or not (math.isfinite(self.weight_decay)
                                                                   and self.weight_decay >= 0):
             raise ValueError(f"lr must be > 0 and weight_decay >= 0 (finite), got {self.lr} and {self.weight_decay}.")
+        self.model_config()  # the model's own checks (head split, window of swa layers, ...)
         pick_device(self.device)
 
     def model_config(self) -> HippoConfig:
