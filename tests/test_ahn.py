@@ -362,6 +362,20 @@ def test_multi_turn_continuation_reuses_the_cache():
     assert out2.tolist() == fresh.tolist()
 
 
+def test_prefill_chunks_are_cut_to_the_window(monkeypatch):
+    """A chunk attends to itself and the window: chunks longer than the window (at least 512) are
+    cut to it (any chunking gives the same logits: test_one_call_equals_chunks_equals_token_by_token)."""
+    model = ahn("llama", "gdn", window=600, sinks=2)
+    seen = []
+    decoder = model.base.get_decoder()
+    monkeypatch.setattr(decoder, "forward", lambda *a, f=decoder.forward, **kw: seen.append(kw["input_ids"].shape[1])
+                        or f(*a, **kw))
+    ids = torch.randint(1, 97, (1, 1500))
+    cache = model.prefill(ids, chunk_size=4096)
+    assert seen == [600, 600, 300]
+    assert cache.get_seq_length() == 1500
+
+
 def test_prefill_computes_no_logits_and_generate_keeps_only_last(monkeypatch):
     model = ahn("llama", "gdn", window=6, sinks=2)
     shapes = []
