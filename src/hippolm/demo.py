@@ -237,6 +237,8 @@ class Demo:
                 argv.append("--no-grad-checkpointing")
             _say(f"distillation: {s.steps} steps of {s.batch_size} x {s.seq_len} tokens, windows {s.train_windows}, "
                  f"sinks {s.train_sinks}, lr {s.lr} -> {run_dir}")
+        if not self.progress:
+            argv.append("--quiet")
         try:
             result = self._timed("distill", lambda: D.run(argv))
         except D.DistillError as e:

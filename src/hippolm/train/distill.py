@@ -114,11 +114,12 @@ def build_parser(with_defaults: bool = True) -> argparse.ArgumentParser:
     add("--min-doc-tokens", type=int, default=0, help="drop documents shorter than this (default 0)")
     add("--cache-dir", help="datasets cache folder (default: the datasets default)")
     add("--log-every", type=int, default=1, help="write metrics every N steps (default 1)")
+    add("--quiet", action="store_true", help="no progress bar")
     add("--stop-after", type=int, help=argparse.SUPPRESS)  # tests: stop after N steps of this process
     return p
 
 
-NON_SAVED = {"resume", "stop_after"}
+NON_SAVED = {"resume", "stop_after", "quiet"}
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
@@ -634,8 +635,8 @@ def run(argv: list[str] | None = None) -> RunResult:
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=args.steps, initial=start, disable=not d.main, unit="step", dynamic_ncols=True,
-               desc="distill")
+    bar = tqdm(total=args.steps, initial=start, disable=not d.main or getattr(args, "quiet", False), unit="step",
+               dynamic_ncols=True, desc="distill")
     metrics_file = open(out / "metrics.jsonl", "a") if d.main else None  # noqa: SIM115
     tokens_per_step = global_batch * args.seq_len
     last_saved = start
