@@ -29,9 +29,11 @@ def test_alias_names_resolve_to_the_converted_folder(base_path):
     for name in ("builtin", "BUILTIN", " smollm2-135m ", "smollm2-135m-instruct"):
         assert B.is_builtin(name)
         assert B.resolve_base(name) == str(base_path)
-    for name in ("gpt2", "Qwen/Qwen2.5-3B-Instruct", "./builtin-model"):
+    for name in ("gpt2", "Qwen/Qwen2.5-3B-Instruct", str(base_path)):  # hub ids and existing paths: as given
         assert not B.is_builtin(name)
         assert B.resolve_base(name) == name
+    with pytest.raises(ValueError, match="no such file or folder"):  # not left to transformers' hub-id message
+        B.resolve_base("./builtin-model")
     assert (base_path / "config.json").is_file() and (base_path / "model.safetensors").is_file()
     assert (base_path / "tokenizer.json").is_file()
     config = json.loads((base_path / "config.json").read_text())
