@@ -229,6 +229,17 @@ def test_twenty_steps_learn_and_train_only_the_memory(fx, tmp_path):
         assert (swa(ids).logits - loaded(ids).logits).abs().max() > 1e-3
 
 
+def test_quiet_shows_no_progress_bar_and_is_not_saved(fx, tmp_path, capfd):
+    """--quiet turns the step bar off (tqdm draws it on stderr) and is not kept for --resume."""
+    out = tmp_path / "q"
+    D.run(args(fx, out, "--window", 16, "--sinks", 4, "--steps", 2, "--quiet"))
+    assert "2/2" not in capfd.readouterr().err
+    assert "quiet" not in json.loads((out / "args.json").read_text())
+    D.run(args(fx, tmp_path / "loud", "--window", 16, "--sinks", 4, "--steps", 2))
+    err = capfd.readouterr().err
+    assert "distill" in err and "2/2" in err  # the bar, so the check above can fail
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(fx):
     plan = D.window_plan(64, 16, 4, None, None)
     grads = []
