@@ -16,7 +16,7 @@ import time
 import torch
 
 import hippolm
-from hippolm.ahn import model as ahn_model
+from hippolm.hf_compat import cache_arg
 
 
 def main() -> None:
@@ -53,7 +53,7 @@ def _uncut_prefill(model, ids, chunk):
     for start in range(0, ids.shape[1], chunk):
         end = min(start + chunk, ids.shape[1])
         model.base.get_decoder()(input_ids=ids[:, start:end], attention_mask=torch.ones_like(ids[:, :end]),
-                                 position_ids=positions[:, start:end], **ahn_model.cache_arg(cache), use_cache=True)
+                                 position_ids=positions[:, start:end], **cache_arg(cache), use_cache=True)
     return cache
 
 

@@ -264,12 +264,12 @@ class AHNForCausalLM(nn.Module):
         if input_ids.shape[1] > 1:
             self.prefill(input_ids[:, :-1], None if attention_mask is None else attention_mask[:, :-1], cache,
                          prefill_chunk_size, prefill_progress)
+        if cuda_graph:  # resolves the settings itself, and refuses beams / several sequences
+            return graph_generate(self, input_ids, cache, **kwargs)
         expand = expand_size(generation_config(self.base, **kwargs)[0])
-        if expand > 1 and cache.get_seq_length() and not cuda_graph:
+        if expand > 1 and cache.get_seq_length():
             # transformers repeats each row of input_ids for beams / returned sequences, not a cache
             # passed in: the prefilled rows are repeated the same way
             cache.batch_repeat_interleave(expand)
-        if cuda_graph:
-            return graph_generate(self, input_ids, cache, **kwargs)
         return self.base.generate(input_ids=input_ids, attention_mask=attention_mask, **cache_arg(cache),
                                   **kwargs)

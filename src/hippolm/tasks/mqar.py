@@ -38,6 +38,16 @@ def _distinct(num_examples: int, pool: int, count: int, gen: torch.Generator) ->
     return torch.cat(parts) if parts else torch.empty(0, count, dtype=torch.long)
 
 
+def _check_fits(seq_len: int, num_pairs: int, vocab_size: int) -> None:
+    """A ValueError unless ``num_pairs`` distinct pairs and their queries fit the sequence and vocabulary."""
+    if seq_len < 4 * num_pairs:
+        raise ValueError(f"seq_len {seq_len} is too short for {num_pairs} pairs: the context takes 2 tokens a pair "
+                         f"and each query 2 more, so seq_len must be >= 4 * num_pairs = {4 * num_pairs}.")
+    if vocab_size // 2 - 1 < num_pairs:
+        raise ValueError(f"vocab_size {vocab_size} has too few keys for {num_pairs} distinct pairs "
+                         f"(it must be >= {2 * num_pairs + 2}).")
+
+
 def mqar_data(num_examples: int, seq_len: int, num_pairs: int, *, vocab_size: int = 8192, seed: int = 0,
               power_a: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """``num_examples`` MQAR sequences: (inputs [N, seq_len], targets [N, seq_len]) int64 on CPU.
@@ -46,12 +56,8 @@ def mqar_data(num_examples: int, seq_len: int, num_pairs: int, *, vocab_size: in
     """
     if num_pairs < 1 or num_examples < 1:
         raise ValueError(f"num_pairs and num_examples must be >= 1, got {num_pairs} and {num_examples}.")
-    if seq_len < 4 * num_pairs:
-        raise ValueError(f"seq_len {seq_len} is too short for {num_pairs} pairs: the context takes 2 tokens a pair "
-                         f"and each query 2 more, so seq_len must be >= 4 * num_pairs = {4 * num_pairs}.")
+    _check_fits(seq_len, num_pairs, vocab_size)
     half = vocab_size // 2
-    if half - 1 < num_pairs:
-        raise ValueError(f"vocab_size {vocab_size} has too few keys for {num_pairs} distinct pairs.")
     if not 0 < power_a <= 1:
         raise ValueError(f"power_a must be in (0, 1], got {power_a}.")
     gen = torch.Generator().manual_seed(seed)
@@ -111,12 +117,7 @@ class MQARSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if not self.pairs or min(self.pairs) < 1:
             raise ValueError(f"pairs must be numbers >= 1, got {self.pairs}.")
-        if self.seq_len < 4 * max(self.pairs):
-            raise ValueError(f"seq_len {self.seq_len} is too short for {max(self.pairs)} pairs: it must be >= 4 * "
-                             f"pairs = {4 * max(self.pairs)}.")
-        if self.vocab_size // 2 - 1 < max(self.pairs):
-            raise ValueError(f"vocab_size {self.vocab_size} has too few keys for {max(self.pairs)} distinct pairs "
-                             f"(it must be >= {2 * max(self.pairs) + 2}).")
+        _check_fits(self.seq_len, max(self.pairs), self.vocab_size)
         if not (math.isfinite(self.lr) and self.lr > 0) or not (math.isfinite(self.weight_decay)
                                                                   and self.weight_decay >= 0):
             raise ValueError(f"lr must be > 0 and weight_decay >= 0 (finite), got {self.lr} and {self.weight_decay}.")
